@@ -1,0 +1,271 @@
+"""The audit target protocol: how attacks query a (LoRA-adapted) diffusion model.
+
+Every attack scores samples only through :class:`AuditTarget`, so the same attacks serve the tiny
+demo model, a diffusers UNet carrying a peft/diffusers LoRA, and a kohya LoRA loaded into diffusers
+(:func:`load_lora_target`). diffusers, peft and transformers are imported lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+
+from ..errors import SmploraError
+
+
+class AuditError(SmploraError):
+    """Bad input to the audit (files, images, manifests, sample counts, model folders)."""
+
+
+@runtime_checkable
+class AuditTarget(Protocol):
+    """What an attack needs from a model (see docs/architecture.md)."""
+
+    num_train_timesteps: int  # T
+    alphas_cumprod: torch.Tensor  # (T,) on CPU
+    prediction_type: str  # "epsilon" | "v_prediction"
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(N, C, H, W)`` in [-1, 1] -> latents, deterministically (VAE posterior mean, scaled)."""
+
+    def condition(self, captions: Optional[Sequence[str]]) -> Any:
+        """Conditioning for a batch; ``None`` or ``""`` entries give the unconditional (null) condition."""
+
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, *, adapter: bool = True) -> torch.Tensor:
+        """Noise prediction at ``(z_t, t)``; ``adapter=False`` queries the public base model."""
+
+
+def check_target(target: Any) -> None:
+    """Raise :class:`AuditError` if ``target`` does not implement :class:`AuditTarget`."""
+    missing = [name for name in ("num_train_timesteps", "alphas_cumprod", "encode", "condition", "eps")
+               if not hasattr(target, name)]
+    if missing:
+        raise AuditError(
+            f"{type(target).__name__} is not an AuditTarget: it lacks {', '.join(missing)}. "
+            "Implement smplora_plugin.audit.target.AuditTarget or use DiffusersTarget / load_lora_target."
+        )
+    ac = torch.as_tensor(target.alphas_cumprod)
+    if ac.ndim != 1 or ac.numel() != int(target.num_train_timesteps):
+        raise AuditError(
+            f"alphas_cumprod has shape {tuple(ac.shape)} but num_train_timesteps is {target.num_train_timesteps}; "
+            "they must describe the same noise schedule."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers adapter
+
+
+class DiffusersTarget:
+    """:class:`AuditTarget` over diffusers components with a LoRA that can be switched off.
+
+    ``unet`` is a ``UNet2DConditionModel`` (or ``UNet2DModel``) carrying a peft / diffusers LoRA;
+    the base model is queried by disabling the adapters (``disable_adapters`` /
+    ``enable_adapters``, or a peft ``PeftModel.disable_adapter()`` context), or by ``base_unet``
+    when given. ``vae`` (optional ``AutoencoderKL``): latents are the scaled posterior mean.
+    ``text_encoder`` + ``tokenizer`` (optional): captions are encoded per call with the adapter
+    state of that call, so a text-encoder LoRA is switched off for the base model too.
+    """
+
+    def __init__(self, unet: Any, scheduler: Any, *, vae: Any = None, text_encoder: Any = None, tokenizer: Any = None,
+                 base_unet: Any = None, device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32):
+        self.unet = unet
+        self.base_unet = base_unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else next(unet.parameters()).device
+        self.dtype = dtype
+        cfg = scheduler.config
+        self.num_train_timesteps = int(cfg.num_train_timesteps)
+        self.alphas_cumprod = scheduler.alphas_cumprod.detach().float().cpu()
+        self.prediction_type = str(getattr(cfg, "prediction_type", "epsilon") or "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise AuditError(f"prediction_type {self.prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'.")
+        self._cross_attention_dim = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+        if self._cross_attention_dim is not None and (text_encoder is None or tokenizer is None):
+            raise AuditError("this UNet is text-conditional: give DiffusersTarget a text_encoder and a tokenizer.")
+        for m in (unet, base_unet, vae, text_encoder):
+            if m is not None:
+                m.eval().requires_grad_(False)
+
+    # -- protocol -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, self.dtype)
+        if self.vae is None:
+            return x.float().cpu()
+        dist = self.vae.encode(x).latent_dist
+        z = dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        scale = getattr(self.vae.config, "scaling_factor", 1.0)
+        return ((z - shift) * scale).float().cpu()
+
+    def condition(self, captions: Optional[Sequence[str]]) -> Any:
+        if self.tokenizer is None:
+            return None
+        if captions is None:
+            raise AuditError("condition(None) needs a batch size; pass a list of captions ('' for unconditional).")
+        return list(captions)
+
+    @torch.no_grad()
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, *, adapter: bool = True) -> torch.Tensor:
+        with self._adapter(adapter) as unet:
+            z = z_t.to(self.device, self.dtype)
+            tt = torch.as_tensor(t, device=self.device).long().reshape(-1).expand(z.shape[0])
+            if self.tokenizer is not None:
+                hidden = self._encode_text(cond)
+                out = unet(z, tt, encoder_hidden_states=hidden).sample
+            else:
+                out = unet(z, tt).sample
+        out = out.float().cpu()
+        if self.prediction_type == "v_prediction":
+            ac = self.alphas_cumprod[tt.cpu()].view(-1, *([1] * (z_t.ndim - 1)))
+            out = ac.sqrt() * out + (1 - ac).sqrt() * z_t.float()
+        return out
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        tok = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                             max_length=getattr(self.tokenizer, "model_max_length", 77), return_tensors="pt")
+        return self.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
+
+    @contextlib.contextmanager
+    def _adapter(self, enabled: bool) -> Iterator[Any]:
+        if enabled:
+            yield self.unet
+            return
+        if self.base_unet is not None:
+            yield self.base_unet
+            return
+        modules = [m for m in (self.unet, self.text_encoder) if m is not None]
+        if hasattr(self.unet, "disable_adapter") and not hasattr(self.unet, "disable_adapters"):
+            with self.unet.disable_adapter():  # peft PeftModel
+                yield self.unet
+            return
+        toggled = []
+        try:
+            for m in modules:
+                if _has_lora(m) and hasattr(m, "disable_adapters"):
+                    m.disable_adapters()
+                    toggled.append(m)
+                elif _has_lora(m):
+                    _set_peft_layers(m, enabled=False)
+                    toggled.append(m)
+            if not toggled:
+                raise AuditError(
+                    "no LoRA adapter found on the UNet or text encoder, so the base model cannot be queried: "
+                    "load a LoRA (load_lora_target) or pass base_unet."
+                )
+            yield self.unet
+        finally:
+            for m in toggled:
+                if hasattr(m, "enable_adapters"):
+                    m.enable_adapters()
+                else:
+                    _set_peft_layers(m, enabled=True)
+
+
+def _has_lora(module: Any) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is part of the audit extra
+        return False
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def _set_peft_layers(module: Any, *, enabled: bool) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in module.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(enabled)
+
+
+# --------------------------------------------------------------------------------------------
+# loading a LoRA file against a diffusers base model folder
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def load_lora_target(base_model: PathLike, lora: PathLike, *, device: Union[str, torch.device] = "cpu",
+                     dtype: torch.dtype = torch.float32, adapter_name: str = "audited") -> DiffusersTarget:
+    """Load a diffusers-format base model folder and a LoRA file (diffusers/peft or kohya format).
+
+    The folder needs ``unet/`` and ``scheduler/``; ``vae/``, ``text_encoder/`` and ``tokenizer/``
+    are used when present. The LoRA is converted by diffusers' Stable Diffusion LoRA loader
+    (which reads kohya ``lora_unet_*`` / ``lora_te_*`` keys) and injected into the UNet and, when
+    the file has text-encoder weights, the text encoder.
+    """
+    base_model, lora = Path(base_model), Path(lora)
+    if not base_model.is_dir():
+        raise AuditError(f"base model folder {base_model} does not exist: pass a diffusers-format model folder.")
+    for sub in ("unet", "scheduler"):
+        if not (base_model / sub).is_dir():
+            raise AuditError(
+                f"{base_model} has no {sub}/ subfolder: a diffusers-format model folder is needed "
+                "(e.g. one written by pipeline.save_pretrained)."
+            )
+    if not lora.is_file():
+        raise AuditError(f"LoRA file {lora} does not exist.")
+    if lora.suffix != ".safetensors":
+        raise AuditError(f"LoRA file {lora} is not a .safetensors file; only safetensors LoRA files are read (never pickles).")
+
+    import diffusers
+
+    unet_cfg = _read_json(base_model / "unet" / "config.json")
+    unet_cls = getattr(diffusers, unet_cfg.get("_class_name", "UNet2DConditionModel"))
+    unet = unet_cls.from_pretrained(base_model, subfolder="unet", torch_dtype=dtype).to(device)
+    sched_cfg = _read_json(base_model / "scheduler" / "scheduler_config.json")
+    scheduler = diffusers.DDPMScheduler.from_config(sched_cfg)
+    vae = None
+    if (base_model / "vae").is_dir():
+        vae = diffusers.AutoencoderKL.from_pretrained(base_model, subfolder="vae", torch_dtype=dtype).to(device)
+    text_encoder = tokenizer = None
+    if (base_model / "text_encoder").is_dir() and (base_model / "tokenizer").is_dir():
+        import transformers
+
+        te_cfg = _read_json(base_model / "text_encoder" / "config.json")
+        te_cls = getattr(transformers, (te_cfg.get("architectures") or ["CLIPTextModel"])[0])
+        text_encoder = te_cls.from_pretrained(base_model / "text_encoder", torch_dtype=dtype).to(device)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base_model / "tokenizer")
+
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        state, alphas = StableDiffusionPipeline.lora_state_dict(str(lora))
+    except Exception as exc:
+        raise AuditError(f"{lora} could not be read as a LoRA file (diffusers/peft or kohya format): {exc}") from exc
+    unet_keys = [k for k in state if k.startswith("unet.")]
+    te_keys = [k for k in state if k.startswith("text_encoder.")]
+    if not unet_keys and not te_keys:
+        raise AuditError(f"{lora} contains no UNet or text-encoder LoRA weights that diffusers recognises.")
+    try:
+        if unet_keys:
+            StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=unet, adapter_name=adapter_name)
+        if te_keys:
+            if text_encoder is None:
+                raise AuditError(f"{lora} has text-encoder LoRA weights but {base_model} has no text_encoder/ folder.")
+            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder=text_encoder,
+                                                                adapter_name=adapter_name)
+    except AuditError:
+        raise
+    except Exception as exc:
+        raise AuditError(f"the LoRA in {lora} does not fit the base model in {base_model}: {exc}") from exc
+    return DiffusersTarget(unet, scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                           device=device, dtype=dtype)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    if not path.is_file():
+        raise AuditError(f"{path} is missing: the model folder is incomplete.")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise AuditError(f"{path} is not valid JSON ({exc}).") from exc

@@ -1,0 +1,183 @@
+"""Validated configuration of the privacy regulariser."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Tuple, Union
+
+from .errors import ConfigError
+
+GridLike = Union[int, Tuple[int, int], None]
+
+_OBJECTIVES = {"smp": "smp", "smplora": "smp", "ratio": "smp", "mp": "mp", "mplora": "mp", "sum": "mp"}
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Hyperparameters of SMP-LoRA / MP-LoRA. Defaults follow the paper (Luo et al., AAAI 2025).
+
+    Attributes:
+        objective: ``"smp"`` minimises ``L / (beta + alpha * CE_m + delta)`` (bounded, stable;
+            the default); ``"mp"`` minimises ``L - alpha * CE_m`` (unbounded; a baseline only).
+        alpha: weight of the attacker's member cross-entropy ``CE_m``. Larger hides members
+            better and costs more utility (paper: 0.05; its launch scripts used 1).
+        beta: constant in the SMP denominator; the denominator is ``>= beta``, so ``beta``
+            caps how much the adaptation gradient can be scaled up. Must be > 0.
+        delta: numerical guard added to the denominator (paper: 1e-5).
+        k_steps: attacker updates per optimiser step. More steps give a stronger, faster
+            proxy (a harder adversary) at the cost of an MLP step each; 0 freezes it.
+        hidden: hidden widths of the proxy attacker MLP (paper: 512, 256). Wider learns more
+            at higher memory (the first layer has ``D * hidden[0]`` weights).
+        dropout: dropout of the attacker while it trains (paper: 0.5); off when it scores.
+        attacker_lr: Adam learning rate of the attacker (paper: 1e-5). Too low and the proxy
+            never catches the leakage of a small model; too high and it is noisy.
+        attacker_weight_decay: Adam weight decay of the attacker (paper: 1e-4).
+        feature_grid: loss maps are average-pooled per channel to this grid (int or (h, w))
+            so any resolution or bucket gives the same attacker input; 64 is the identity
+            for SD1.5's 64x64 latents. ``None`` flattens unpooled maps (sizes must not change).
+        seed: seeds the attacker's initialisation and dropout.
+        device: device of the attacker; ``None`` uses the device of the first features.
+    """
+
+    objective: str = "smp"
+    alpha: float = 0.05
+    beta: float = 1.0
+    delta: float = 1e-5
+    k_steps: int = 1
+    hidden: Tuple[int, ...] = (512, 256)
+    dropout: float = 0.5
+    attacker_lr: float = 1e-5
+    attacker_weight_decay: float = 1e-4
+    feature_grid: GridLike = 64
+    seed: int = 0
+    device: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        obj = self.objective
+        if not isinstance(obj, str) or obj.lower() not in _OBJECTIVES:
+            raise ConfigError(
+                f"objective={obj!r} is unknown: use 'smp' (SMP-LoRA, the ratio form, default) "
+                "or 'mp' (MP-LoRA, the sum form, a baseline)."
+            )
+        set_("objective", _OBJECTIVES[obj.lower()])
+        set_("alpha", _number("alpha", self.alpha, lo=0.0, hint="use 0 to switch the regulariser off"))
+        set_("beta", _number("beta", self.beta, lo=0.0, lo_open=True, hint="the paper uses 1"))
+        set_("delta", _number("delta", self.delta, lo=0.0, hint="the paper uses 1e-5"))
+        set_("k_steps", _integer("k_steps", self.k_steps, lo=0))
+        set_("hidden", _hidden(self.hidden))
+        set_("dropout", _number("dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True))
+        set_("attacker_lr", _number("attacker_lr", self.attacker_lr, lo=0.0, lo_open=True))
+        set_("attacker_weight_decay", _number("attacker_weight_decay", self.attacker_weight_decay, lo=0.0))
+        set_("feature_grid", _grid(self.feature_grid))
+        set_("seed", _integer("seed", self.seed, lo=0))
+        if self.device is not None:
+            try:
+                import torch
+
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ConfigError(f"device={self.device!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda:0'.") from None
+            set_("device", str(self.device))
+
+    # ------------------------------------------------------------------ conversion
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict of every field."""
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["feature_grid"] = None if self.feature_grid is None else list(self.feature_grid)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PrivacyConfig":
+        """Build from a mapping; unknown keys raise :class:`ConfigError` naming them."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected a mapping of config fields, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields are {sorted(known)}.")
+        kwargs = dict(data)
+        if isinstance(kwargs.get("hidden"), list):
+            kwargs["hidden"] = tuple(kwargs["hidden"])
+        if isinstance(kwargs.get("feature_grid"), list):
+            kwargs["feature_grid"] = tuple(kwargs["feature_grid"])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "PrivacyConfig":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def algorithm_fields(self) -> dict:
+        """Fields that define the algorithm and the state layout (all but ``device``)."""
+        d = self.to_dict()
+        d.pop("device")
+        return d
+
+
+def _number(name: str, value: Any, *, lo=None, hi=None, lo_open=False, hi_open=False, hint: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)  # accept numeric strings from TOML/argparse-free sources
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r} must be a number.") from None
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be finite.")
+    bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
+        hi is not None and (value > hi or (hi_open and value == hi))
+    )
+    if bad:
+        lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        hi_s = "" if hi is None else (f"< {hi}" if hi_open else f"<= {hi}")
+        rng = " and ".join(s for s in (lo_s, hi_s) if s)
+        raise ConfigError(f"{name}={value!r} is out of range: it must be {rng}." + (f" ({hint})" if hint else ""))
+    return value
+
+
+def _integer(name: str, value: Any, *, lo: int) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be an integer, not a bool.")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int):
+        raise ConfigError(f"{name}={value!r} must be an integer.")
+    if value < lo:
+        raise ConfigError(f"{name}={value!r} must be >= {lo}.")
+    return value
+
+
+def _hidden(value: Any) -> Tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    try:
+        widths = tuple(value)
+    except TypeError:
+        raise ConfigError(f"hidden={value!r} must be a sequence of positive ints, e.g. (512, 256).") from None
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
+        raise ConfigError(f"hidden={value!r} must be a non-empty sequence of positive ints, e.g. (512, 256).")
+    return widths
+
+
+def _grid(value: Any) -> Optional[Tuple[int, int]]:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        grid = tuple(value)
+    except TypeError:
+        grid = ()
+    if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in grid):
+        raise ConfigError(
+            f"feature_grid={value!r} must be a positive int, a pair (h, w) of positive ints, or None (no pooling)."
+        )
+    return grid  # type: ignore[return-value]

@@ -1,0 +1,347 @@
+"""`PrivacyRegularizer`: the one object a user meets.
+
+Per optimiser step (method.md, Algorithm 1): ``k_steps`` updates of the proxy attacker on
+detached, balanced member / non-member features in fp32, then the adversarial term ``CE_m`` on
+the members of the training forward with the updated attacker frozen, combined with the
+trainer's loss as the SMP ratio (default) or the MP sum.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed as dist_utils
+from . import state as state_io
+from .attacker import ProxyAttacker
+from .config import PrivacyConfig
+from .errors import FeatureError
+from .features import flatten_features
+from .metadata import annotate as _annotate
+from .metadata import validate_entries
+from .plugins import make_plugin_manager
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_METRIC_KEYS = (
+    "adaptation_loss", "regularized_loss", "attacker_ce_member", "attacker_ce_nonmember", "attacker_acc",
+    "attacker_loss", "denominator",
+)
+
+
+class PrivacyRegularizer:
+    """SMP-LoRA / MP-LoRA regulariser that wraps any trainer's loss.
+
+    Example::
+
+        reg = PrivacyRegularizer(alpha=0.05)
+        member = reg.features(pred, target)                  # from the training forward (with grad)
+        with torch.no_grad():
+            nonmember = reg.features(pred_nm, target_nm)     # a forward on held-out data
+        loss = reg.step(loss, member, nonmember)
+        loss.backward()
+
+    Args:
+        config: a :class:`PrivacyConfig`; keyword ``overrides`` are applied on top of it.
+        plugins: explicit plugin objects; when given, installed entry points are not loaded.
+        load_entry_points: load plugins of the ``smplora`` entry-point group on first use
+            (default true; also off when ``SMPLORA_DISABLE_PLUGINS=1``).
+        distributed: gather features across ``torch.distributed`` ranks; ``None`` = automatic
+            (on when a process group with more than one rank is initialised).
+        **overrides: any :class:`PrivacyConfig` field, e.g. ``alpha=1.0, attacker_lr=1e-3``.
+    """
+
+    def __init__(self, config: Optional[PrivacyConfig] = None, *, plugins: Optional[Iterable[object]] = None,
+                 load_entry_points: bool = True, distributed: Optional[bool] = None, **overrides: Any):
+        if config is None:
+            config = PrivacyConfig.from_dict(overrides)
+        else:
+            if not isinstance(config, PrivacyConfig):
+                config = PrivacyConfig.from_dict(config)
+            if overrides:
+                config = PrivacyConfig.from_dict({**config.to_dict(), **overrides})
+        self.config: PrivacyConfig = config
+        self._plugins = None if plugins is None else list(plugins)
+        self._load_entry_points = load_entry_points
+        self._pm = None
+        self._distributed = distributed
+        self.attacker: Optional[ProxyAttacker] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._generator: Optional[torch.Generator] = None
+        self.global_step = 0          # calls of step()
+        self.attacker_updates = 0     # calls that updated the attacker
+        self.attacker_steps = 0       # optimiser steps of the attacker (k per update)
+        self._last: Dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ plugins
+    @property
+    def plugin_manager(self):
+        """This regulariser's :class:`pluggy.PluginManager` (built, and entry points loaded, on first use)."""
+        if self._pm is None:
+            self._pm = make_plugin_manager(self._plugins, load_entry_points=self._load_entry_points)
+        return self._pm
+
+    @property
+    def hook(self):
+        return self.plugin_manager.hook
+
+    # ------------------------------------------------------------------ features
+    def features(self, pred: torch.Tensor, target: torch.Tensor, timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attacker features of a batch: per-sample loss maps pooled to the config grid, ``(B, D)`` fp32.
+
+        Dispatched through the ``smplora_extract_features`` hook (first result wins). Keeps the
+        graph of ``pred``: call it on the training forward's prediction for members, and under
+        ``torch.no_grad()`` on a held-out forward for non-members.
+        """
+        feats = self.hook.smplora_extract_features(reg=self, pred=pred, target=target, timesteps=timesteps)
+        if feats is None:
+            raise FeatureError("no plugin returned features for this batch (smplora_extract_features gave None).")
+        return flatten_features(feats, self.config.feature_grid, "features")
+
+    # ------------------------------------------------------------------ main entry point
+    def step(self, loss: torch.Tensor, member_feats: torch.Tensor, nonmember_feats: Optional[torch.Tensor] = None,
+             *, update_attacker: bool = True) -> torch.Tensor:
+        """Update the attacker (``k_steps``), then return the regularised loss.
+
+        Args:
+            loss: the trainer's scalar adaptation loss (after its own weighting).
+            member_feats: loss maps or features of the forward that produced ``loss`` (with grad).
+            nonmember_feats: features of a no-grad forward on held-out data; needed when the
+                attacker is updated.
+            update_attacker: ``False`` skips the attacker update (e.g. on gradient-accumulation
+                micro-steps; pass ``accelerator.sync_gradients``).
+        Returns:
+            ``loss / (beta + alpha * CE_m + delta)`` (smp) or ``loss - alpha * CE_m`` (mp).
+        """
+        cfg = self.config
+        # ---- validate everything before any state changes
+        if not isinstance(loss, torch.Tensor):
+            raise FeatureError(f"loss must be a torch.Tensor, got {type(loss).__name__}.")
+        if loss.numel() != 1 or loss.ndim > 1:
+            raise FeatureError(
+                f"loss must be a scalar (the batch mean the trainer backpropagates), got shape {tuple(loss.shape)}; "
+                "reduce it with .mean() first."
+            )
+        if not torch.isfinite(loss.detach()).all():
+            raise FeatureError(f"loss is {loss.item()}: the trainer's loss is not finite; fix the model/lr before regularising.")
+        member = flatten_features(member_feats, cfg.feature_grid, "member_feats")
+        if loss.requires_grad and not member.requires_grad:
+            raise FeatureError(
+                "member_feats carries no gradient but loss does: compute it from the same forward as loss "
+                "(reg.features(pred, target) without torch.no_grad() or .detach()), or the defense cannot act."
+            )
+        do_update = bool(update_attacker) and cfg.k_steps > 0
+        nonmember = None
+        if nonmember_feats is not None:
+            nonmember = flatten_features(nonmember_feats, cfg.feature_grid, "nonmember_feats").detach()
+            if nonmember.shape[1] != member.shape[1]:
+                raise FeatureError(
+                    f"nonmember_feats has {nonmember.shape[1]} features per sample but member_feats has "
+                    f"{member.shape[1]}: compute both with reg.features (same pooling grid and latent channels)."
+                )
+        elif do_update:
+            raise FeatureError(
+                "nonmember_feats is None but the attacker is due an update: pass features of a held-out batch, "
+                "or update_attacker=False on steps that skip the attacker update."
+            )
+        self._check_dim(member.shape[1], "member_feats")
+        _check_finite(member, "member_feats")
+        if nonmember is not None:
+            _check_finite(nonmember, "nonmember_feats")
+
+        # ---- state changes from here on
+        self._ensure_attacker(member.shape[1], member.device)
+        member = member.to(self._device)
+        if do_update:
+            self._update_attacker(member.detach(), nonmember.to(self._device))
+        ce_m = self._member_ce(member)
+        ada = loss.float()
+        if self._is_distributed():
+            ada, ce_m, scale = dist_utils.global_terms(ada, ce_m, member.shape[0])
+        else:
+            scale = None
+        if cfg.objective == "smp":
+            denominator = cfg.beta + cfg.alpha * ce_m + cfg.delta
+            out = ada / denominator
+        else:
+            denominator = torch.ones_like(ce_m)
+            out = ada - cfg.alpha * ce_m
+        if scale is not None:  # value of the global loss, gradient scaled for the ranks' averaging
+            out = out * scale - (scale - 1) * out.detach()
+        out = out.to(loss.dtype).reshape(loss.shape)
+        self.global_step += 1
+        self._last.update(adaptation_loss=ada.detach(), regularized_loss=out.detach().float(),
+                          attacker_ce_member=ce_m.detach(), denominator=denominator.detach())
+        self.hook.smplora_after_regularize(reg=self, step=self.global_step, adaptation_loss=ada.detach(),
+                                           member_ce=ce_m.detach(), denominator=denominator.detach(), loss=out)
+        if self.hook.smplora_on_metrics.get_hookimpls():
+            self.hook.smplora_on_metrics(reg=self, step=self.global_step, metrics=self.metrics())
+        return out
+
+    def update_attacker(self, member_feats: torch.Tensor, nonmember_feats: torch.Tensor) -> None:
+        """Run the ``k_steps`` attacker updates alone (features are detached)."""
+        member = flatten_features(member_feats, self.config.feature_grid, "member_feats").detach()
+        nonmember = flatten_features(nonmember_feats, self.config.feature_grid, "nonmember_feats").detach()
+        if nonmember.shape[1] != member.shape[1]:
+            raise FeatureError(
+                f"nonmember_feats has {nonmember.shape[1]} features per sample but member_feats has {member.shape[1]}."
+            )
+        self._check_dim(member.shape[1], "member_feats")
+        _check_finite(member, "member_feats")
+        _check_finite(nonmember, "nonmember_feats")
+        if self.config.k_steps == 0:
+            return
+        self._ensure_attacker(member.shape[1], member.device)
+        self._update_attacker(member.to(self._device), nonmember.to(self._device))
+
+    def member_ce(self, member_feats: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the frozen attacker on members (label 1); differentiable in the features."""
+        member = flatten_features(member_feats, self.config.feature_grid, "member_feats")
+        self._check_dim(member.shape[1], "member_feats")
+        self._ensure_attacker(member.shape[1], member.device)
+        return self._member_ce(member.to(self._device))
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """The frozen attacker's member logit margin per sample (higher = looks more like a member)."""
+        x = flatten_features(feats, self.config.feature_grid, "feats").detach()
+        self._check_dim(x.shape[1], "feats")
+        self._ensure_attacker(x.shape[1], x.device)
+        with torch.no_grad():
+            logits = self._frozen_logits(x.to(self._device))
+        return logits[:, 1] - logits[:, 0]
+
+    # ------------------------------------------------------------------ metrics & metadata
+    def metrics(self) -> Dict[str, float]:
+        """Latest values as Python floats (for ``accelerator.log``, TensorBoard, progress bars)."""
+        out = {key: float(self._last[key]) for key in _METRIC_KEYS if key in self._last}
+        out.update(step=float(self.global_step), attacker_updates=float(self.attacker_updates),
+                   attacker_steps=float(self.attacker_steps))
+        return out
+
+    def file_metadata(self) -> Dict[str, str]:
+        """``smplora.*`` header entries: version, method, config, metrics and plugins' extras."""
+        entries: Dict[str, str] = {}
+        for result in reversed(self.hook.smplora_file_metadata(reg=self, config=self.config, metrics=self.metrics())):
+            if result:
+                entries.update(validate_entries(result))
+        return entries
+
+    def annotate(self, lora_path: PathLike, extra: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+        """Write :meth:`file_metadata` (plus ``extra``) into an existing LoRA ``.safetensors`` file."""
+        entries = self.file_metadata()
+        if extra:
+            entries.update(validate_entries(extra))
+        return _annotate(lora_path, entries=entries)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """Attacker weights, optimiser state, RNG state, counters and config.
+
+        Tensors under ``attacker.*``, ``optimizer.*`` and ``rng.*``; strings (JSON) under ``meta.*``.
+        """
+        return state_io.regularizer_state(self)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; validated whole before anything changes."""
+        state_io.load_regularizer_state(self, state)
+
+    def save(self, path: PathLike) -> None:
+        """Save the state to a ``.safetensors`` file (atomic; no pickle)."""
+        state_io.save_state(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: PathLike, *, device: Optional[str] = None, **kwargs: Any) -> "PrivacyRegularizer":
+        """A regulariser restored from :meth:`save` output, with the saved config."""
+        state = state_io.read_state(path)
+        config = state_io.config_from_state(state, path)
+        if device is not None:
+            config = config.replace(device=device)
+        reg = cls(config, **kwargs)
+        reg.load_state_dict(state)
+        return reg
+
+    # ------------------------------------------------------------------ internals
+    @property
+    def _device(self) -> torch.device:
+        return next(self.attacker.parameters()).device
+
+    def _is_distributed(self) -> bool:
+        if self._distributed is None:
+            return dist_utils.is_active()
+        return bool(self._distributed)
+
+    def _check_dim(self, dim: int, name: str) -> None:
+        if self.attacker is not None and dim != self.attacker.in_features:
+            fix = ("set feature_grid=(h, w) so loss maps of every size are pooled to one size"
+                   if self.config.feature_grid is None else
+                   "keep the same latent channel count for the whole run (pooling fixes only H and W)")
+            raise FeatureError(
+                f"{name} has {dim} features per sample but the attacker was built for {self.attacker.in_features}: {fix}."
+            )
+
+    def _ensure_attacker(self, in_features: int, device: torch.device) -> None:
+        if self.attacker is not None:
+            return
+        cfg = self.config
+        device = torch.device(cfg.device) if cfg.device is not None else device
+        self.attacker = ProxyAttacker(in_features, cfg.hidden, cfg.dropout, seed=cfg.seed).to(device)
+        self.optimizer = torch.optim.Adam(self.attacker.parameters(), lr=cfg.attacker_lr,
+                                          weight_decay=cfg.attacker_weight_decay)
+        self._generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+
+    def _frozen_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Attacker logits in eval mode with detached parameters (no grad reaches the attacker)."""
+        params = {name: p.detach() for name, p in self.attacker.named_parameters()}
+        was_training = self.attacker.training
+        self.attacker.eval()
+        try:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return torch.func.functional_call(self.attacker, params, (x.float(),))
+        finally:
+            self.attacker.train(was_training)
+
+    def _member_ce(self, member: torch.Tensor) -> torch.Tensor:
+        logits = self._frozen_logits(member)
+        labels = torch.ones(member.shape[0], dtype=torch.long, device=member.device)
+        return F.cross_entropy(logits, labels)
+
+    def _update_attacker(self, member: torch.Tensor, nonmember: torch.Tensor) -> None:
+        if self._is_distributed():
+            member, nonmember = dist_utils.gather_rows(member), dist_utils.gather_rows(nonmember)
+        self.hook.smplora_before_attacker_update(reg=self, step=self.global_step, member_feats=member,
+                                                 nonmember_feats=nonmember)
+        x = torch.cat([member, nonmember])
+        y = torch.cat([torch.ones(len(member), dtype=torch.long, device=x.device),
+                       torch.zeros(len(nonmember), dtype=torch.long, device=x.device)])
+        # balanced log-likelihood: each class weighs 1/2 whatever the batch sizes
+        w = torch.cat([torch.full((len(member),), 0.5 / len(member), device=x.device),
+                       torch.full((len(nonmember),), 0.5 / len(nonmember), device=x.device)])
+        self.attacker.train()
+        with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            for _ in range(self.config.k_steps):
+                logits = self.attacker(x, generator=self._generator)
+                loss = (F.cross_entropy(logits, y, reduction="none") * w).sum()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.attacker_steps += 1
+        self.attacker.eval()
+        with torch.no_grad():
+            logits = self._frozen_logits(x)
+            ce = F.cross_entropy(logits, y, reduction="none")
+            correct = (logits.argmax(1) == y).float()
+            n_m = len(member)
+            acc = 0.5 * (correct[:n_m].mean() + correct[n_m:].mean())
+        self.attacker_updates += 1
+        self._last.update(attacker_loss=loss.detach(), attacker_ce_nonmember=ce[n_m:].mean(), attacker_acc=acc)
+        self.hook.smplora_after_attacker_update(reg=self, step=self.global_step, attacker_loss=loss.detach(),
+                                                attacker_accuracy=acc)
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(x.detach()).all():
+        raise FeatureError(f"{name} contains NaN or Inf: the model's forward diverged or the loss map was computed "
+                           "from non-finite values; check the learning rate / mixed-precision settings.")

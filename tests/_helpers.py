@@ -1,0 +1,34 @@
+"""Small shared builders for the core tests."""
+
+import torch
+
+from smplora_plugin import PrivacyRegularizer
+
+SMALL = dict(hidden=(16, 8), feature_grid=4, attacker_lr=1e-2, seed=3)
+
+
+def small_reg(**kw):
+    cfg = {**SMALL, **kw}
+    return PrivacyRegularizer(**cfg)
+
+
+class TinyDenoiser(torch.nn.Module):
+    """A per-pixel linear 'denoiser' on (B, 2, 4, 4) inputs."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.net = torch.nn.Conv2d(2, 2, 1)
+        with torch.no_grad():
+            self.net.weight.copy_(torch.randn(self.net.weight.shape, generator=g) * 0.5)
+            self.net.bias.zero_()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def batch(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 4, 4, generator=g)
+    noise = torch.randn(n, 2, 4, 4, generator=g)
+    return x, noise
