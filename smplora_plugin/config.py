@@ -38,6 +38,9 @@ class PrivacyConfig:
         feature_grid: loss maps are average-pooled per channel to this grid (int or (h, w))
             so any resolution or bucket gives the same attacker input; 64 is the identity
             for SD1.5's 64x64 latents. ``None`` flattens unpooled maps (sizes must not change).
+        nonmember_every: refresh the non-member features every this many attacker updates;
+            in between the attacker reuses the last non-member batch (a bank). 1 (the paper)
+            needs a held-out forward every step; larger amortises it (see ``wants_nonmembers``).
         seed: seeds the attacker's initialisation and dropout.
         device: device of the attacker; ``None`` uses the device of the first features.
     """
@@ -52,6 +55,7 @@ class PrivacyConfig:
     attacker_lr: float = 1e-5
     attacker_weight_decay: float = 1e-4
     feature_grid: GridLike = 64
+    nonmember_every: int = 1
     seed: int = 0
     device: Optional[str] = None
 
@@ -73,6 +77,7 @@ class PrivacyConfig:
         set_("attacker_lr", _number("attacker_lr", self.attacker_lr, lo=0.0, lo_open=True))
         set_("attacker_weight_decay", _number("attacker_weight_decay", self.attacker_weight_decay, lo=0.0))
         set_("feature_grid", _grid(self.feature_grid))
+        set_("nonmember_every", _integer("nonmember_every", self.nonmember_every, lo=1))
         set_("seed", _integer("seed", self.seed, lo=0))
         if self.device is not None:
             try:

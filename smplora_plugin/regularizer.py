@@ -75,6 +75,7 @@ class PrivacyRegularizer:
         self.attacker_updates = 0     # calls that updated the attacker
         self.attacker_steps = 0       # optimiser steps of the attacker (k per update)
         self._last: Dict[str, torch.Tensor] = {}
+        self._bank: Optional[torch.Tensor] = None  # last non-member features (detached)
 
     # ------------------------------------------------------------------ plugins
     @property
@@ -142,10 +143,11 @@ class PrivacyRegularizer:
                     f"nonmember_feats has {nonmember.shape[1]} features per sample but member_feats has "
                     f"{member.shape[1]}: compute both with reg.features (same pooling grid and latent channels)."
                 )
-        elif do_update:
+        elif do_update and self.wants_nonmembers():
             raise FeatureError(
-                "nonmember_feats is None but the attacker is due an update: pass features of a held-out batch, "
-                "or update_attacker=False on steps that skip the attacker update."
+                "nonmember_feats is None but the attacker is due an update with fresh non-member features "
+                "(see reg.wants_nonmembers()): pass features of a held-out batch, or update_attacker=False on "
+                "steps that skip the attacker update."
             )
         self._check_dim(member.shape[1], "member_feats")
         _check_finite(member, "member_feats")
@@ -155,8 +157,10 @@ class PrivacyRegularizer:
         # ---- state changes from here on
         self._ensure_attacker(member.shape[1], member.device)
         member = member.to(self._device)
+        if nonmember is not None:
+            self._bank = nonmember.to(self._device)
         if do_update:
-            self._update_attacker(member.detach(), nonmember.to(self._device))
+            self._update_attacker(member.detach(), self._bank)
         ce_m = self._member_ce(member)
         ada = loss.float()
         if self._is_distributed():
@@ -181,6 +185,17 @@ class PrivacyRegularizer:
             self.hook.smplora_on_metrics(reg=self, step=self.global_step, metrics=self.metrics())
         return out
 
+    def wants_nonmembers(self, update_attacker: bool = True) -> bool:
+        """Whether the next :meth:`step` needs fresh non-member features.
+
+        True when the attacker is due an update and the non-member bank is empty or due a
+        refresh (every ``nonmember_every`` updates). Integrations skip the held-out forward
+        when it is False, which is how the extra forward is amortised.
+        """
+        if not update_attacker or self.config.k_steps == 0:
+            return False
+        return self._bank is None or self.attacker_updates % self.config.nonmember_every == 0
+
     def update_attacker(self, member_feats: torch.Tensor, nonmember_feats: torch.Tensor) -> None:
         """Run the ``k_steps`` attacker updates alone (features are detached)."""
         member = flatten_features(member_feats, self.config.feature_grid, "member_feats").detach()
@@ -195,7 +210,8 @@ class PrivacyRegularizer:
         if self.config.k_steps == 0:
             return
         self._ensure_attacker(member.shape[1], member.device)
-        self._update_attacker(member.to(self._device), nonmember.to(self._device))
+        self._bank = nonmember.to(self._device)
+        self._update_attacker(member.to(self._device), self._bank)
 
     def member_ce(self, member_feats: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the frozen attacker on members (label 1); differentiable in the features."""

@@ -47,6 +47,8 @@ def regularizer_state(reg: "PrivacyRegularizer") -> Dict[str, Any]:
     sd["meta.optimizer"] = json.dumps({"param_groups": osd["param_groups"], "scalars": scalars,
                                        "indices": sorted(int(i) for i in osd["state"])})
     sd["rng.attacker"] = reg._generator.get_state().clone()
+    if reg._bank is not None:
+        sd["bank.nonmember"] = reg._bank.detach().cpu().clone()
     return sd
 
 
@@ -108,7 +110,11 @@ def load_regularizer_state(reg: "PrivacyRegularizer", state: Dict[str, Any]) -> 
         except (TypeError, RuntimeError) as exc:
             raise StateError(f"the attacker RNG state is missing or corrupt ({exc}).") from exc
 
+    bank = state.get("bank.nonmember")
+    if bank is not None and (attacker is None or bank.ndim != 2 or bank.shape[1] != attacker.in_features):
+        raise StateError("the non-member bank in the state does not match the attacker's input size; the file is corrupt.")
     reg.attacker, reg.optimizer, reg._generator = attacker, optimizer, generator
+    reg._bank = None if bank is None else bank.float().to(reg._device)
     reg.global_step = counters["global_step"]
     reg.attacker_updates = counters["attacker_updates"]
     reg.attacker_steps = counters["attacker_steps"]

@@ -190,3 +190,18 @@ def test_metrics_are_python_floats():
     for key in ("attacker_ce_member", "attacker_ce_nonmember", "attacker_acc", "denominator", "adaptation_loss",
                 "regularized_loss", "step", "attacker_updates", "attacker_steps"):
         assert key in m
+
+
+def test_nonmember_bank_is_refreshed_every_n_updates():
+    reg = small_reg(nonmember_every=3)
+    m = lambda: torch.rand(2, 2, 4, 4, requires_grad=True)  # noqa: E731
+    pattern = []
+    for i in range(7):
+        want = reg.wants_nonmembers()
+        pattern.append(want)
+        n = torch.rand(2, 2, 4, 4) if want else None
+        reg.step(torch.tensor(1.0, requires_grad=True), m(), n)
+    assert pattern == [True, False, False, True, False, False, True]
+    assert reg.attacker_updates == 7
+    assert not reg.wants_nonmembers(update_attacker=False)
+    assert not small_reg(k_steps=0).wants_nonmembers()

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -18,21 +19,25 @@ def _train(model, reg, opt, steps, start):
         xn, noisen = batch(3, seed=500 + i)
         pred = model(x + noise)
         loss = F.mse_loss(pred, noise)
-        with torch.no_grad():
-            nonmember = reg.features(model(xn + noisen), noisen)
-        out = reg.step(loss, reg.features(pred, noise), nonmember, update_attacker=(i % 2 == 0) or i > 5)
+        update = (i % 2 == 0) or i > 5
+        nonmember = None
+        if reg.wants_nonmembers(update):
+            with torch.no_grad():
+                nonmember = reg.features(model(xn + noisen), noisen)
+        out = reg.step(loss, reg.features(pred, noise), nonmember, update_attacker=update)
         opt.zero_grad(); out.backward(); opt.step()
         losses.append(out.item())
     return losses
 
 
-def test_save_and_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+@pytest.mark.parametrize("every", [1, 3])
+def test_save_and_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, every):
     torch.manual_seed(0)
-    model_a, reg_a = TinyDenoiser(), small_reg(dropout=0.5, k_steps=2)
+    model_a, reg_a = TinyDenoiser(), small_reg(dropout=0.5, k_steps=2, nonmember_every=every)
     opt_a = torch.optim.SGD(model_a.parameters(), lr=0.1)
     full = _train(model_a, reg_a, opt_a, 10, 0)
 
-    model_b, reg_b = TinyDenoiser(), small_reg(dropout=0.5, k_steps=2)
+    model_b, reg_b = TinyDenoiser(), small_reg(dropout=0.5, k_steps=2, nonmember_every=every)
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1)
     first = _train(model_b, reg_b, opt_b, 4, 0)
     reg_b.save(tmp_path / "smplora_state.safetensors")
