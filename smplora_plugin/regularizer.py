@@ -344,6 +344,7 @@ class PrivacyRegularizer:
                 loss.backward()
                 self.optimizer.step()
                 self.attacker_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)  # don't hold D x hidden gradients between steps
         self.attacker.eval()
         with torch.no_grad():
             logits = self._frozen_logits(x)

@@ -1,0 +1,265 @@
+"""Step overhead of SMP-LoRA against plain LoRA and the reference algorithm (issue 5, part 1).
+
+Time: every variant trains its own copy of the same tiny latent-diffusion UNet + LoRA, and the
+variants' steps are interleaved in one process (round-robin, rotating the order), so machine
+noise hits them alike; we report the median and the inter-quartile range of each variant's step
+time and the ratio of medians to plain LoRA. Memory: each variant runs alone in a child process
+and reports its peak resident memory (ru_maxrss), total and above the resident size before its
+first step.
+
+Variants:
+- plain: forward, MSE, backward, AdamW step.
+- smp-every: this project's SMP-LoRA with the paper's schedule: the member loss map comes from
+  the training forward; one no-grad forward on an equal-size non-member batch every step.
+- smp-default: this project's SMP-LoRA with the library defaults (``PrivacyConfig()``).
+- reference: the reference code's step: a second forward/backward with fresh noise for the
+  adversarial term, and per attacker step no-grad forwards of an auxiliary member batch and an
+  auxiliary non-member batch.
+
+Run:  python benchmarks/step_overhead.py --steps 20 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import header, write_section  # noqa: E402
+
+from smplora_plugin import PrivacyConfig, PrivacyRegularizer  # noqa: E402
+
+SIZES = {
+    # the attacker and the per-step bookkeeping weigh most here
+    "small": dict(blocks=(32, 64), latent=16, batch=8, grid=16, cross=32),
+    # the UNet dominates: wider blocks, 32x32 latents (identity feature grid)
+    "unet": dict(blocks=(64, 128, 128), latent=32, batch=4, grid=32, cross=64),
+}
+VARIANTS = ("plain", "smp-every", "smp-default", "reference")
+
+
+def build(size: dict, seed: int = 0):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    n = len(size["blocks"])
+    unet = UNet2DConditionModel(
+        sample_size=size["latent"], in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=size["blocks"], cross_attention_dim=size["cross"], attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1), norm_num_groups=32,
+    )
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    return unet, DDPMScheduler(num_train_timesteps=1000)
+
+
+class Batches:
+    """Fixed, seeded data: latents, text states, noise and timesteps per call."""
+
+    def __init__(self, size: dict, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        b, s = size["batch"], size["latent"]
+        self.latents = torch.randn(64, 4, s, s, generator=g)
+        self.text = torch.randn(64, 4, size["cross"], generator=g)
+        self.size, self.g, self.i = size, g, 0
+
+    def next(self, n: int):
+        idx = torch.arange(self.i, self.i + n) % len(self.latents)
+        self.i += n
+        noise = torch.randn(n, *self.latents.shape[1:], generator=self.g)
+        t = torch.randint(0, 1000, (n,), generator=self.g)
+        return self.latents[idx], self.text[idx], noise, t
+
+
+def forward(unet, sched, data):
+    latents, text, noise, t = data
+    pred = unet(sched.add_noise(latents, noise, t), t, text).sample
+    return pred, noise
+
+
+class Runner:
+    """One variant: its own model copy, optimiser and (for SMP) regulariser."""
+
+    def __init__(self, variant: str, size: dict, base, sched):
+        self.variant, self.size, self.sched = variant, size, sched
+        self.unet = copy.deepcopy(base)
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.members = Batches(size, seed=1)
+        self.nonmembers = Batches(size, seed=2)
+        self.sections = defaultdict(float)
+        if variant == "smp-every":
+            self.reg = PrivacyRegularizer(feature_grid=size["grid"], nonmember_every=1)
+        elif variant == "smp-default":
+            self.reg = PrivacyRegularizer(PrivacyConfig(feature_grid=size["grid"]))
+        elif variant == "reference":
+            self.reg = PrivacyRegularizer(feature_grid=size["grid"])  # only its attacker + optimiser are used
+            self.aux_m, self.aux_n = Batches(size, seed=3), Batches(size, seed=4)
+
+    def _tick(self, name: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        self.sections[name] += t1 - t0
+        return t1
+
+    def step(self) -> None:
+        b = self.size["batch"]
+        t0 = time.perf_counter()
+        smp = self.variant in ("smp-every", "smp-default")
+        nonmember = None
+        if smp and self.reg.wants_nonmembers():
+            # before the training forward, so its activations don't coexist with the training graph
+            with torch.no_grad():
+                nonmember = self.reg.features(*forward(self.unet, self.sched, self.nonmembers.next(b)))
+            t0 = self._tick("non-member forward", t0)
+        pred, target = forward(self.unet, self.sched, self.members.next(b))
+        loss = F.mse_loss(pred.float(), target.float())
+        t0 = self._tick("forward", t0)
+        if smp:
+            loss = self.reg.step(loss, self.reg.features(pred, target), nonmember)
+            t0 = self._tick("regulariser (attacker update + CE)", t0)
+        elif self.variant == "reference":
+            reg = self.reg
+            pred2, target2 = forward(self.unet, self.sched, self.members.next(b))  # fresh noise and t
+            t0 = self._tick("second forward", t0)
+            ce = reg.member_ce(reg.features(pred2, target2))
+            loss = loss / (reg.config.beta + reg.config.alpha * ce + reg.config.delta)
+            t0 = self._tick("regulariser (attacker update + CE)", t0)
+        loss.backward()
+        t0 = self._tick("backward", t0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t0 = self._tick("optimiser", t0)
+        if self.variant == "reference":  # after the LoRA step: k attacker steps on auxiliary batches
+            for _ in range(self.reg.config.k_steps):
+                with torch.no_grad():
+                    m = self.reg.features(*forward(self.unet, self.sched, self.aux_m.next(b)))
+                    n = self.reg.features(*forward(self.unet, self.sched, self.aux_n.next(b)))
+                t0 = self._tick("auxiliary forwards", t0)
+                self.reg.update_attacker(m, n)
+                t0 = self._tick("regulariser (attacker update + CE)", t0)
+
+
+def time_variants(size_name: str, steps: int, warmup: int):
+    size = SIZES[size_name]
+    base, sched = build(size)
+    runners = {v: Runner(v, size, base, sched) for v in VARIANTS}
+    times = defaultdict(list)
+    for r in range(warmup + steps):
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+        for v in order:
+            t0 = time.perf_counter()
+            runners[v].step()
+            if r >= warmup:
+                times[v].append(time.perf_counter() - t0)
+    sections = {v: {k: s / (warmup + steps) for k, s in runners[v].sections.items()} for v in VARIANTS}
+    return times, sections
+
+
+def memory_child(size_name: str, variant: str, steps: int) -> dict:
+    size = SIZES[size_name]
+    base, sched = build(size)
+    runner = Runner(variant, size, base, sched)
+    del base
+    import gc
+
+    gc.collect()
+    _reset_peak_rss()
+    before = _status_kib("VmRSS")
+    for _ in range(steps):
+        runner.step()
+    return {"before_kib": before, "peak_kib": _status_kib("VmHWM")}
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's resident high-water mark (VmHWM) so construction peaks don't count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_memory(size_name: str, steps: int) -> dict:
+    out = {}
+    for v in VARIANTS:
+        res = subprocess.run([sys.executable, __file__, "--memory-child", v, "--sizes", size_name,
+                              "--steps", str(steps)], capture_output=True, text=True, check=True)
+        out[v] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def report(size_name: str, times, sections, memory) -> str:
+    size = SIZES[size_name]
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    lines = [
+        f"**{size_name}**: UNet blocks {size['blocks']}, latents 4x{size['latent']}x{size['latent']}, "
+        f"batch {size['batch']}, feature grid {size['grid']}, LoRA r=8 on attention; {len(times['plain'])} "
+        "interleaved steps per variant.\n",
+        "| variant | median step (ms) | IQR (ms) | time vs plain | peak RSS (MiB) | peak vs plain | "
+        "growth over start (MiB) | growth vs plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base_peak = memory["plain"]["peak_kib"]
+    base_growth = max(memory["plain"]["peak_kib"] - memory["plain"]["before_kib"], 1)
+    for v in VARIANTS:
+        q = statistics.quantiles(times[v], n=4)
+        growth = memory[v]["peak_kib"] - memory[v]["before_kib"]
+        lines.append(f"| {v} | {med[v] * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | "
+                     f"{med[v] / med['plain']:.2f}x | {memory[v]['peak_kib'] / 1024:.0f} | "
+                     f"{memory[v]['peak_kib'] / base_peak:.2f}x | {growth / 1024:.0f} | {growth / base_growth:.2f}x |")
+    lines.append("\nWhere the time goes (mean ms per step, all steps):\n")
+    names = sorted({k for s in sections.values() for k in s})
+    lines.append("| section | " + " | ".join(VARIANTS) + " |")
+    lines.append("|---|" + "---|" * len(VARIANTS))
+    for k in names:
+        lines.append(f"| {k} | " + " | ".join(f"{sections[v].get(k, 0) * 1e3:.1f}" for v in VARIANTS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="small,unet", help="comma-separated: " + ",".join(SIZES))
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--memory-steps", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.sizes, args.memory_child, args.steps)))
+        return 0
+    body = [header(), f"Library defaults at the time of the run: `{PrivacyConfig().to_json()}`\n"]
+    for name in args.sizes.split(","):
+        times, sections = time_variants(name, args.steps, args.warmup)
+        memory = measure_memory(name, args.memory_steps)
+        table = report(name, times, sections, memory)
+        print(table, flush=True)
+        body.append(table)
+    if args.write:
+        write_section("step_overhead", "## Step overhead\n\n" + "\n".join(body))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
