@@ -1,0 +1,521 @@
+"""SMP-LoRA for the diffusers example training scripts (diffusers / peft / accelerate).
+
+Users copy ``train_text_to_image_lora.py`` or ``train_dreambooth_lora.py`` from diffusers and paste
+a handful of lines (see ``docs/diffusers.md``)::
+
+    from smplora_plugin.integrations.diffusers import HoldoutImages, PrivacyRegularizer, add_privacy_args
+    add_privacy_args(parser)
+    holdout = HoldoutImages.from_args(args, preprocess_train, collate_fn, accelerator)   # checks the folder
+    reg = PrivacyRegularizer.from_args(args, device=accelerator.device)    # None for --privacy none
+    if reg:
+        reg.attach(accelerator, holdout)                                   # checkpoint save/load hooks
+    ...                                    # predict(batch) -> (model_pred, target): the script's forward
+    if reg:
+        loss = reg.step(loss, reg.features(model_pred, target), reg.nonmember_features(predict),
+                        update_attacker=accelerator.sync_gradients)
+    ...
+    if reg:
+        accelerator.log(reg.log_dict(), step=global_step)
+    ...
+    if reg:
+        reg.annotate(os.path.join(args.output_dir, "pytorch_lora_weights.safetensors"))
+
+This module holds no algorithm code: it moves data (held-out images through the script's own
+preprocessing and forward) and state (accelerate checkpoint hooks) to the core
+:class:`smplora_plugin.PrivacyRegularizer`. It imports neither diffusers nor accelerate at import
+time; it works with any object that has accelerate's ``Accelerator`` interface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import PrivacyConfig
+from ..errors import HoldoutError, StateError
+from ..holdout import check_disjoint
+from ..regularizer import PrivacyRegularizer as _CoreRegularizer
+from ..state import read_state, save_state
+
+__all__ = [
+    "PrivacyRegularizer", "HoldoutImages", "add_privacy_args", "privacy_config_from_args",
+    "privacy_regularizer_from_args", "nonmember_loss_maps", "instance_half", "list_images",
+    "STATE_FILENAME", "IMAGE_EXTENSIONS",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+STATE_FILENAME = "smplora_state.safetensors"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_METHODS = {"none": None, "smplora": "smp", "smp": "smp", "mplora": "mp", "mp": "mp"}
+_HOLDOUT_KEY = "shim.diffusers.holdout"
+
+
+# ---------------------------------------------------------------------------------------------- args
+def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--privacy*`` options (an argument group) to a training script's parser."""
+    d = PrivacyConfig()
+    g = parser.add_argument_group("privacy (smplora-plugin: SMP-LoRA membership-inference defense)")
+    g.add_argument("--privacy", type=str.lower, default="none", choices=sorted(_METHODS),
+                   help="none (default), smplora (SMP-LoRA: loss / (beta + alpha * attacker CE)) or mplora "
+                        "(MP-LoRA baseline: loss - alpha * attacker CE); smp / mp are aliases.")
+    g.add_argument("--privacy_holdout_dir", type=str, default=None,
+                   help="Folder of held-out (non-member) images with captions (metadata.jsonl or .txt files). "
+                        "Required with --privacy; must not share any image with the training data.")
+    g.add_argument("--privacy_holdout_batch_size", type=int, default=None,
+                   help="Non-member images per process and optimiser step (default: --train_batch_size).")
+    g.add_argument("--privacy_holdout_caption_column", type=str, default=None,
+                   help="Caption field of the holdout metadata.jsonl (default: --caption_column or 'text').")
+    g.add_argument("--privacy_alpha", type=float, default=d.alpha, help="Weight of the attacker's member CE.")
+    g.add_argument("--privacy_beta", type=float, default=d.beta, help="SMP denominator constant (> 0).")
+    g.add_argument("--privacy_delta", type=float, default=d.delta, help="Numerical guard in the SMP denominator.")
+    g.add_argument("--privacy_k_steps", type=int, default=d.k_steps, help="Attacker updates per optimiser step.")
+    g.add_argument("--privacy_attacker_lr", type=float, default=d.attacker_lr, help="Attacker Adam learning rate.")
+    g.add_argument("--privacy_attacker_weight_decay", type=float, default=d.attacker_weight_decay,
+                   help="Attacker Adam weight decay.")
+    g.add_argument("--privacy_attacker_hidden", type=int, nargs="+", default=list(d.hidden),
+                   help="Hidden widths of the attacker MLP.")
+    g.add_argument("--privacy_attacker_dropout", type=float, default=d.dropout, help="Attacker dropout.")
+    g.add_argument("--privacy_feature_grid", type=int, default=d.feature_grid[0],
+                   help="Loss maps are pooled per channel to this square grid (64 = SD1.5 latents at 512 px; "
+                        "0 = no pooling).")
+    g.add_argument("--privacy_nonmember_every", type=int, default=getattr(d, "nonmember_every", 1),
+                   help="Run the held-out forward every this many attacker updates and reuse its features in "
+                        "between (1 = every optimiser step, as in the paper; larger saves compute).")
+    g.add_argument("--privacy_seed", type=int, default=None,
+                   help="Seed of the attacker and of the holdout order (default: --seed, else 0).")
+    return parser
+
+
+def privacy_config_from_args(args: argparse.Namespace, device: Optional[Union[str, torch.device]] = None
+                             ) -> Optional[PrivacyConfig]:
+    """The :class:`PrivacyConfig` selected by ``--privacy*`` options; ``None`` for ``--privacy none``.
+
+    Raises :class:`smplora_plugin.errors.ConfigError` for invalid values and
+    :class:`HoldoutError` when a privacy method is chosen without ``--privacy_holdout_dir``.
+    """
+    method = _arg(args, "privacy", "none")
+    method = str(method).lower()
+    if method not in _METHODS:
+        raise HoldoutError(f"--privacy {method!r} is unknown; choose one of none, smplora, mplora.")
+    objective = _METHODS[method]
+    if objective is None:
+        return None
+    if not _arg(args, "privacy_holdout_dir"):
+        raise HoldoutError(
+            f"--privacy {method} needs non-member images: pass --privacy_holdout_dir pointing to held-out images "
+            "of the same kind as the training set (never trained on), e.g. 10-20% of your data set aside."
+        )
+    d = PrivacyConfig()
+    grid = _arg(args, "privacy_feature_grid", d.feature_grid)
+    values = dict(
+        objective=objective,
+        alpha=_arg(args, "privacy_alpha", d.alpha),
+        beta=_arg(args, "privacy_beta", d.beta),
+        delta=_arg(args, "privacy_delta", d.delta),
+        k_steps=_arg(args, "privacy_k_steps", d.k_steps),
+        hidden=tuple(_arg(args, "privacy_attacker_hidden", d.hidden)),
+        dropout=_arg(args, "privacy_attacker_dropout", d.dropout),
+        attacker_lr=_arg(args, "privacy_attacker_lr", d.attacker_lr),
+        attacker_weight_decay=_arg(args, "privacy_attacker_weight_decay", d.attacker_weight_decay),
+        feature_grid=None if grid == 0 else grid,
+        seed=_privacy_seed(args),
+        device=None if device is None else str(device),
+    )
+    if _arg(args, "privacy_nonmember_every") not in (None, 1):  # a core field newer than some configs
+        values["nonmember_every"] = _arg(args, "privacy_nonmember_every")
+    return PrivacyConfig.from_dict(values)
+
+
+def privacy_regularizer_from_args(args: argparse.Namespace, device: Optional[Union[str, torch.device]] = None,
+                                  **kwargs: Any) -> Optional["PrivacyRegularizer"]:
+    """A :class:`PrivacyRegularizer` from ``--privacy*`` options, or ``None`` for ``--privacy none``."""
+    cfg = privacy_config_from_args(args, device=device)
+    return None if cfg is None else PrivacyRegularizer(cfg, **kwargs)
+
+
+def _arg(args: Any, name: str, default: Any = None) -> Any:
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def _privacy_seed(args: Any) -> int:
+    seed = _arg(args, "privacy_seed")
+    if seed is None:
+        seed = _arg(args, "seed", 0)
+    return int(seed)
+
+
+# ---------------------------------------------------------------------------------------------- holdout
+def list_images(folder: PathLike) -> List[Path]:
+    """Image files under ``folder`` (recursive, sorted), by extension."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _read_captions(folder: Path, files: Sequence[Path], caption_column: str) -> List[str]:
+    """Captions from ``metadata.jsonl`` (``file_name`` + caption column) or sidecar ``.txt`` / ``.caption`` files."""
+    by_name: Dict[str, str] = {}
+    meta = folder / "metadata.jsonl"
+    if meta.is_file():
+        try:
+            lines = meta.read_text(encoding="utf-8").splitlines()
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if "file_name" in row and caption_column in row:
+                    value = row[caption_column]
+                    by_name[os.path.normpath(row["file_name"])] = value if isinstance(value, str) else value[0]
+        except (OSError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            raise HoldoutError(f"{meta} is not valid JSON lines with 'file_name' and {caption_column!r} "
+                               f"({exc}); fix or remove it.") from exc
+    captions = []
+    for f in files:
+        rel = os.path.normpath(os.path.relpath(f, folder))
+        if rel in by_name:
+            captions.append(by_name[rel])
+            continue
+        for ext in (".txt", ".caption"):
+            side = f.with_suffix(ext)
+            if side.is_file():
+                try:
+                    captions.append(side.read_text(encoding="utf-8").strip())
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise HoldoutError(f"caption file {side} cannot be read ({exc}).") from exc
+                break
+        else:
+            captions.append("")
+    return captions
+
+
+class HoldoutImages:
+    """Cycling, seeded batches of held-out (non-member) images through the script's own preprocessing.
+
+    Each draw reads ``batch_size`` images (and captions) for this process, calls the script's batched
+    ``preprocess`` (Hugging Face ``datasets`` style: a dict of columns in, the dict with e.g.
+    ``pixel_values`` / ``input_ids`` added out), splits the columns into rows and calls the script's
+    ``collate_fn``. The order is a fresh permutation per pass, drawn from ``seed``; under multi-process
+    training every process reads a disjoint slice of the same global draw (``batch_size *
+    num_processes`` images), so the attacker update, which gathers features from every rank, sees the
+    same non-members in the same order as a single process with the global batch.
+
+    Every image is opened (and decoded) once on construction; an empty, missing or unreadable folder,
+    or any image byte-identical to a training image, raises :class:`HoldoutError` before training.
+
+    Args:
+        folder: the held-out image folder (recursive; captions from ``metadata.jsonl`` or ``.txt`` files).
+        preprocess: the script's batched preprocessing (``preprocess_train``); ``None`` keeps raw columns.
+        collate_fn: the script's collate function; ``None`` returns the list of rows.
+        batch_size: images per process per draw.
+        seed: seeds the order.
+        image_column / caption_column: column names ``preprocess`` expects.
+        train_files / train_dir: the training images to check against (content hash).
+        process_index / num_processes: this process's rank and the world size.
+    """
+
+    def __init__(self, folder: PathLike, *, preprocess: Optional[Callable[[Dict[str, list]], Mapping[str, Any]]] = None,
+                 collate_fn: Optional[Callable[[List[Dict[str, Any]]], Any]] = None, batch_size: int = 1, seed: int = 0,
+                 image_column: str = "image", caption_column: str = "text",
+                 train_files: Optional[Sequence[PathLike]] = None, train_dir: Optional[PathLike] = None,
+                 process_index: int = 0, num_processes: int = 1):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise HoldoutError(f"holdout batch_size={batch_size!r} must be a positive int.")
+        if not (0 <= int(process_index) < int(num_processes)):
+            raise HoldoutError(f"process_index={process_index} must be in [0, num_processes={num_processes}).")
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise HoldoutError(f"holdout folder {self.folder} does not exist or is not a folder; pass "
+                               "--privacy_holdout_dir with held-out images of the training domain.")
+        files = list_images(self.folder)
+        if not files:
+            raise HoldoutError(f"holdout folder {self.folder} contains no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                               "put held-out, never-trained-on images there.")
+        _verify_images(files)
+        train = [Path(p) for p in (train_files or [])]
+        if train_dir is not None:
+            if not Path(train_dir).is_dir():
+                raise HoldoutError(f"training folder {train_dir} does not exist; cannot check the holdout against it.")
+            train += list_images(train_dir)
+        if train:
+            check_disjoint(train, files, train_name=f"training ({train_dir or 'train_files'})",
+                           holdout_name=f"holdout ({self.folder})")
+        self.files = files
+        self.captions = _read_captions(self.folder, files, caption_column)
+        self.preprocess, self.collate_fn = preprocess, collate_fn
+        self.image_column, self.caption_column = image_column, caption_column
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.process_index, self.num_processes = int(process_index), int(num_processes)
+        self.train_checked = len(train)
+        self.epoch = 0          # current pass over the files
+        self.position = 0       # next index within the pass's permutation
+        self.draws = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, preprocess: Optional[Callable] = None,
+                  collate_fn: Optional[Callable] = None, accelerator: Any = None, *,
+                  train_files: Optional[Sequence[PathLike]] = None, **kwargs: Any) -> Optional["HoldoutImages"]:
+        """Holdout batches from ``--privacy_holdout_dir`` etc.; ``None`` for ``--privacy none``.
+
+        Checks against the images of ``args.train_data_dir`` (and ``train_files``); uses the
+        script's ``args.image_column`` / ``args.caption_column`` names when it has them.
+        """
+        if privacy_config_from_args(args) is None:
+            return None
+        batch = _arg(args, "privacy_holdout_batch_size") or _arg(args, "train_batch_size", 1)
+        opts = dict(
+            preprocess=preprocess, collate_fn=collate_fn, batch_size=int(batch), seed=_privacy_seed(args),
+            image_column=_arg(args, "image_column", "image"),
+            caption_column=_arg(args, "privacy_holdout_caption_column") or _arg(args, "caption_column", "text"),
+            train_files=train_files, train_dir=_arg(args, "train_data_dir") or _arg(args, "instance_data_dir"),
+            process_index=getattr(accelerator, "process_index", 0) if accelerator is not None else 0,
+            num_processes=getattr(accelerator, "num_processes", 1) if accelerator is not None else 1,
+        )
+        opts.update(kwargs)
+        if not opts.get("train_files") and not opts.get("train_dir"):
+            warnings.warn(
+                "the holdout images are not checked against the training images (no --train_data_dir / "
+                "--instance_data_dir, e.g. a hub dataset): pass train_files=[...] to HoldoutImages.from_args so that "
+                "overlapping (byte-identical) images are refused.", UserWarning, stacklevel=2)
+        return cls(args.privacy_holdout_dir, **opts)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def _permutation(self, epoch: int) -> List[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.files), generator=gen).tolist()
+
+    def next_indices(self) -> List[int]:
+        """Advance the cursor by one global draw; return this process's file indices."""
+        need = self.batch_size * self.num_processes
+        out: List[int] = []
+        while len(out) < need:
+            perm = self._permutation(self.epoch)
+            take = perm[self.position:self.position + need - len(out)]
+            out += take
+            self.position += len(take)
+            if self.position >= len(perm):
+                self.epoch, self.position = self.epoch + 1, 0
+        self.draws += 1
+        lo = self.process_index * self.batch_size
+        return out[lo:lo + self.batch_size]
+
+    def __next__(self) -> Any:
+        from PIL import Image
+
+        idx = self.next_indices()
+        images = []
+        for i in idx:
+            with Image.open(self.files[i]) as im:
+                im.load()
+                images.append(im.copy())
+        columns: Dict[str, list] = {self.image_column: images, self.caption_column: [self.captions[i] for i in idx]}
+        if self.preprocess is not None:
+            columns = dict(self.preprocess(columns))
+        rows = [{k: v[j] for k, v in columns.items()} for j in range(len(idx))]
+        return self.collate_fn(rows) if self.collate_fn is not None else rows
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "draws": self.draws, "seed": self.seed,
+                "n_files": len(self.files), "batch_size": self.batch_size, "num_processes": self.num_processes}
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise :class:`StateError` if ``state`` was saved for another holdout size, seed or batch layout."""
+        mine = {"seed": self.seed, "n_files": len(self.files), "batch_size": self.batch_size,
+                "num_processes": self.num_processes}
+        try:
+            diff = {k: int(state[k]) for k in mine if k in state and int(state[k]) != mine[k]}
+            int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"the checkpoint's holdout cursor is corrupt ({exc}).") from exc
+        if diff:
+            details = ", ".join(f"{k}: saved {v} vs this run {mine[k]}" for k, v in diff.items())
+            raise StateError(
+                f"the checkpoint's holdout cursor does not fit this run ({details}): resume with the same "
+                "--privacy_holdout_dir, --privacy_seed, holdout batch size and number of processes."
+            )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the cursor (validated first)."""
+        self.check_state(state)
+        self.epoch, self.position, self.draws = int(state["epoch"]), int(state["position"]), int(state.get("draws", 0))
+
+
+def _verify_images(files: Sequence[Path]) -> None:
+    from PIL import Image
+
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+        except Exception as exc:  # PIL raises many types for corrupt data; OSError for permissions
+            bad.append(f"{f} ({type(exc).__name__}: {exc})")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise HoldoutError(f"{len(bad)} holdout image(s) cannot be read: {shown}. Fix their permissions, "
+                           "re-export them or remove them from the holdout folder.")
+
+
+# ---------------------------------------------------------------------------------------------- forward helpers
+def nonmember_loss_maps(reg: _CoreRegularizer, forward_fn: Callable[[Any], Tuple[torch.Tensor, torch.Tensor]],
+                        batch: Any) -> torch.Tensor:
+    """Run the script's own ``forward_fn(batch) -> (model_pred, target)`` without grad; return ``reg.features``."""
+    with torch.no_grad():
+        pred, target = forward_fn(batch)
+        return reg.features(pred, target).detach()
+
+
+def instance_half(*tensors: torch.Tensor,
+                  with_prior_preservation: bool = True) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """The instance (member) half of DreamBooth prior-preservation tensors.
+
+    ``train_dreambooth_lora.py`` stacks instance images first and class images second and splits
+    them with ``torch.chunk(x, 2, dim=0)``; only the instance half is member data, so only it may
+    reach the attacker. Without prior preservation the tensors are returned unchanged.
+    """
+    out = []
+    for t in tensors:
+        if with_prior_preservation:
+            if t.shape[0] % 2:
+                raise ValueError(f"prior-preservation batch has odd size {t.shape[0]}: expected instance images "
+                                 "followed by as many class images.")
+            t = torch.chunk(t, 2, dim=0)[0]
+        out.append(t)
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _to_device(batch: Any, device: Any) -> Any:
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------- regulariser
+class PrivacyRegularizer(_CoreRegularizer):
+    """The core regulariser plus accelerate wiring: checkpoint hooks, holdout batches, logging.
+
+    Adds no algorithm: :meth:`step`, :meth:`features` and the state are the core's.
+    """
+
+    accelerator: Any = None
+    holdout: Optional[HoldoutImages] = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: Optional[Union[str, torch.device]] = None,
+                  **kwargs: Any) -> Optional["PrivacyRegularizer"]:
+        """Build from ``add_privacy_args`` options; ``None`` for ``--privacy none``."""
+        cfg = privacy_config_from_args(args, device=device)
+        return None if cfg is None else cls(cfg, **kwargs)
+
+    # ---------------------------------------------------------------- accelerate
+    def attach(self, accelerator: Any, holdout: Optional[HoldoutImages] = None, *,
+               state_filename: str = STATE_FILENAME) -> Tuple[Any, Any]:
+        """Register accelerate save / load pre-hooks and remember the holdout batches.
+
+        ``accelerator.save_state(dir)`` then also writes ``dir/smplora_state.safetensors`` (attacker,
+        its optimiser and RNG, counters, the holdout cursor) and ``accelerator.load_state(dir)``
+        restores it. The attacker is never passed through ``accelerator.prepare`` and never
+        registered with ``register_for_checkpointing`` (which pickles). Returns the two hook handles.
+        """
+        if self.accelerator is not None:
+            raise StateError("this regulariser is already attached to an accelerator; attach it once.")
+        self.accelerator = accelerator
+        if holdout is not None:
+            self.holdout = holdout
+        self._state_filename = state_filename
+
+        def save_hook(models: list, weights: list, output_dir: str) -> None:
+            if getattr(accelerator, "is_main_process", True):
+                self.save_checkpoint(output_dir)
+
+        def load_hook(models: list, input_dir: str) -> None:
+            self.load_checkpoint(input_dir)
+
+        return (accelerator.register_save_state_pre_hook(save_hook),
+                accelerator.register_load_state_pre_hook(load_hook))
+
+    # keep the name used in the ecosystem notes
+    attach_accelerator = attach
+
+    def save_checkpoint(self, folder: PathLike) -> Path:
+        """Write the regulariser state and holdout cursor to ``folder/smplora_state.safetensors``."""
+        state = self.state_dict()
+        if self.holdout is not None:
+            state[_HOLDOUT_KEY] = json.dumps(self.holdout.state_dict(), sort_keys=True)
+        return save_state(state, Path(folder) / getattr(self, "_state_filename", STATE_FILENAME))
+
+    def load_checkpoint(self, folder: PathLike) -> None:
+        """Restore :meth:`save_checkpoint` output (validated whole before anything changes)."""
+        path = Path(folder) / getattr(self, "_state_filename", STATE_FILENAME)
+        if not path.is_file():
+            raise StateError(
+                f"checkpoint {folder} has no {path.name}: it was saved without --privacy (or by another tool). "
+                "Resume it without --privacy, or start a new run with --privacy."
+            )
+        state = read_state(path)
+        holdout_state = None
+        if _HOLDOUT_KEY in state:
+            try:
+                holdout_state = json.loads(state.pop(_HOLDOUT_KEY))
+            except ValueError as exc:
+                raise StateError(f"{path} holds a corrupt holdout cursor ({exc}).") from exc
+        if self.holdout is not None and holdout_state is not None:
+            self.holdout.check_state(holdout_state)  # raises before any change
+        self.load_state_dict(state)
+        if self.holdout is not None and holdout_state is not None:
+            self.holdout.load_state_dict(holdout_state)
+
+    # ---------------------------------------------------------------- data
+    def nonmember_features(self, forward_fn: Callable[[Any], Tuple[torch.Tensor, torch.Tensor]],
+                           batch: Any = None, *, sync: Optional[bool] = None) -> Optional[torch.Tensor]:
+        """Features of the next held-out batch through the script's forward, or ``None`` when not needed.
+
+        Returns ``None`` (and draws nothing) when the core does not need fresh non-members
+        (``reg.wants_nonmembers``): on gradient-accumulation micro-steps, i.e. when ``sync``
+        (default: ``accelerator.sync_gradients``) is false, so the attacker updates once per
+        optimiser step; when ``k_steps == 0``; and between refreshes of ``nonmember_every``.
+        ``forward_fn(batch)`` must return ``(model_pred, target)`` exactly as the training forward
+        does; it runs under ``no_grad``.
+        """
+        if sync is None:
+            sync = bool(getattr(self.accelerator, "sync_gradients", True))
+        if not self.wants_nonmembers(update_attacker=sync):
+            return None
+        if batch is None:
+            if self.holdout is None:
+                raise HoldoutError("no holdout batches attached: pass HoldoutImages to reg.attach(accelerator, "
+                                   "holdout) or give the batch explicitly.")
+            batch = next(self.holdout)
+        batch = _to_device(batch, getattr(self.accelerator, "device", None))
+        return nonmember_loss_maps(self, forward_fn, batch)
+
+    # ---------------------------------------------------------------- logging
+    def log_dict(self, prefix: str = "smplora/") -> Dict[str, float]:
+        """:meth:`metrics` with a prefix, for ``accelerator.log(..., step=global_step)``."""
+        return {prefix + k: float(v) for k, v in self.metrics().items()}
+
+    def progress_postfix(self) -> Dict[str, str]:
+        """A compact dict for ``progress_bar.set_postfix``: attacker member CE and balanced accuracy."""
+        m = self.metrics()
+        out = {}
+        if "attacker_ce_member" in m:
+            out["ce_m"] = f"{m['attacker_ce_member']:.3f}"
+        if "attacker_acc" in m:
+            out["att_acc"] = f"{m['attacker_acc']:.2f}"
+        return out

@@ -1,0 +1,179 @@
+"""Two accelerate / DDP processes (gloo, CPU) with a peft LoRA on the tiny UNet and the diffusers shim.
+
+After N steps both ranks hold bit-identical attacker (and LoRA) weights, and the result matches one
+process that trains on the same global batch (members and held-out non-members) within float tolerance.
+"""
+
+import argparse
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+pytest.importorskip("sklearn")
+
+STEPS = 3
+GLOBAL_BATCH = 4       # members per step over all ranks (and non-members per step)
+TINY = dict(unet_channels=(8, 16), unet_norm_groups=4, attention_head_dim=4, vae_channels=(8, 8), vae_norm_groups=4,
+            cross_attention_dim=16, text_layers=1, text_heads=2, text_intermediate=32, max_length=8)
+
+
+def _privacy_args(holdout_dir):
+    from smplora_plugin.integrations.diffusers import add_privacy_args
+
+    parser = add_privacy_args(argparse.ArgumentParser())
+    return parser.parse_args([
+        "--privacy", "smplora", "--privacy_holdout_dir", str(holdout_dir), "--privacy_alpha", "1.0",
+        "--privacy_k_steps", "2", "--privacy_attacker_hidden", "16", "8", "--privacy_attacker_lr", "1e-2",
+        "--privacy_feature_grid", "8", "--privacy_seed", "5",
+    ])
+
+
+def _worker(rank, world, port, root, out_dir):
+    """One accelerate process (gloo on CPU); saves its result to ``out_dir``."""
+    torch.set_num_threads(1)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == world, accelerator.state
+    result = _train(rank, world, root, accelerator)
+    save_file(result, os.path.join(out_dir, f"rank{rank}_of{world}.safetensors"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _train(rank, world, root, accelerator=None):
+    """STEPS LoRA steps with the shim; ``accelerator=None`` is the plain single-process reference loop."""
+    import contextlib
+
+    import numpy as np
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from PIL import Image
+
+    from smplora_plugin.integrations.diffusers import HoldoutImages, PrivacyRegularizer, list_images
+    from smplora_plugin.tiny_sd import TinySDConfig, build_components
+
+    parts = build_components(TinySDConfig(**TINY))
+    unet, vae, text_encoder, tok, sched = (parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=2.0)  # SGD: a wrong gradient scale would show (Adam would hide it)
+    if accelerator is not None:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    def preprocess(examples):  # the script's batched preprocessing
+        examples["pixel_values"] = [
+            torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+            for im in examples["image"]]
+        examples["input_ids"] = tok(examples["text"], max_length=tok.model_max_length, padding="max_length",
+                                    truncation=True, return_tensors="pt").input_ids
+        return examples
+
+    def collate(rows):
+        return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+                "input_ids": torch.stack([r["input_ids"] for r in rows])}
+
+    def forward(batch, seeds):  # per-sample noise and timesteps, so any batch split gives the same samples
+        latents = vae.encode(batch["pixel_values"]).latent_dist.mean * vae.config.scaling_factor
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+        t = torch.tensor([(s * 7919) % sched.config.num_train_timesteps for s in seeds])
+        ehs = text_encoder(batch["input_ids"], return_dict=False)[0]
+        pred = unet(sched.add_noise(latents, noise, t), t, ehs, return_dict=False)[0]
+        return pred, noise
+
+    args = _privacy_args(os.path.join(root, "holdout"))
+    reg = PrivacyRegularizer.from_args(args, device="cpu")
+    holdout = HoldoutImages.from_args(args, preprocess, collate, accelerator,
+                                      batch_size=GLOBAL_BATCH // world, train_dir=os.path.join(root, "train"))
+    if accelerator is not None:
+        reg.attach(accelerator, holdout)
+    else:
+        reg.holdout = holdout
+    train_files = list_images(os.path.join(root, "train"))
+    captions = [open(str(f)[:-4] + ".txt").read().strip() for f in train_files]
+    per = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        gids = [step * GLOBAL_BATCH + j for j in range(rank * per, (rank + 1) * per)]
+        images = []
+        for g in gids:
+            with Image.open(train_files[g % len(train_files)]) as im:
+                images.append(im.convert("RGB"))
+        cols = preprocess({"image": images, "text": [captions[g % len(train_files)] for g in gids]})
+        batch = collate([{"pixel_values": cols["pixel_values"][i], "input_ids": cols["input_ids"][i]}
+                         for i in range(len(gids))])
+        with (accelerator.accumulate(unet) if accelerator is not None else contextlib.nullcontext()):
+            pred, target = forward(batch, [1000 * step + g for g in gids])
+            loss = F.mse_loss(pred.float(), target.float())
+            sync = accelerator.sync_gradients if accelerator is not None else True
+            nonmember = reg.nonmember_features(lambda b: forward(b, [500_000 + 1000 * step + g for g in gids]),
+                                               sync=sync)
+            loss = reg.step(loss, reg.features(pred, target), nonmember, update_attacker=sync)
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    result = {f"attacker.{k}": v for k, v in reg.attacker.state_dict().items()}
+    model = accelerator.unwrap_model(unet) if accelerator is not None else unet
+    result.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(model).items()})
+    result["loss"] = loss.detach().reshape(1)
+    result["updates"] = torch.tensor([reg.attacker_updates, holdout.draws])
+    return {k: v.detach().contiguous().clone() for k, v in result.items()}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_each_other_and_a_single_process(tmp_path):
+    from safetensors.torch import load_file
+
+    from smplora_plugin.tiny_sd import write_digit_images
+
+    root = tmp_path / "data"
+    write_digit_images(root / "train", n=12, start=0)
+    write_digit_images(root / "holdout", n=12, start=12)
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.start_processes(_worker, args=(2, _free_port(), str(root), str(out)), nprocs=2, join=True, start_method="spawn")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _train(0, 1, str(root))  # the reference: one process, the global batch, no accelerate
+    finally:
+        torch.set_num_threads(threads)
+    r0, r1 = (load_file(str(out / name)) for name in ("rank0_of2.safetensors", "rank1_of2.safetensors"))
+    assert set(r0) == set(r1) == set(single)
+    attacker_keys = [k for k in r0 if k.startswith("attacker.")]
+    lora_keys = [k for k in r0 if k.startswith("lora.")]
+    assert attacker_keys and lora_keys
+    for k in attacker_keys + lora_keys:
+        assert torch.equal(r0[k], r1[k]), f"{k} differs between ranks"
+    # the attacker updated once per step on every rank; each rank drew its holdout slice once per step
+    assert r0["updates"].tolist() == r1["updates"].tolist() == single["updates"].tolist() == [STEPS, STEPS]
+    for k in attacker_keys + lora_keys + ["loss"]:
+        torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    # training moved the LoRA and the attacker far beyond the tolerance (the comparison is meaningful)
+    b_keys = [k for k in lora_keys if "lora_B" in k]
+    assert max(single[k].abs().max().item() for k in b_keys) > 1e-3
