@@ -1,1 +1,73 @@
-"""placeholder"""
+"""Membership-inference audit: attacks, honest metrics, reports (``smplora audit``).
+
+Entry point::
+
+    from smplora_plugin.audit import run_audit, AuditSamples, AuditConfig
+
+    report = run_audit(
+        target,                      # an AuditTarget (see smplora_plugin.audit.target)
+        members, nonmembers,         # AuditSamples(images (N,C,H,W) in [-1,1], captions=None, ids=None),
+                                     # or an image tensor, or (images, captions)
+        *,
+        calibration_members=None,    # give both calibration sets explicitly, or neither: then
+        calibration_nonmembers=None, # members/nonmembers are split by identity into calibration/eval
+        calibration_fraction=0.5,
+        attacks=None,                # names/classes/instances; None = whole suite (CLiD only with captions)
+        config=None,                 # AuditConfig or dict: seed, batch_size, timesteps, draws, ...
+        out_dir=None,                # writes report.json, report.md, roc.png, manifest.json
+        utility=None,                # extra utility fields for the report (ratio to plain LoRA, quality...)
+        manifest_sets=None,          # extra id lists, e.g. {"member_defense": [...], "nonmember_defense": [...]}
+        info=None,                   # free-form run facts (steps per image, model, ...)
+        title="Membership-inference audit",
+        progress=True,               # tqdm bars on stderr
+        load_plugins=True,           # third-party attacks via the smplora_register_attacks hook
+        num_threads=None,            # torch CPU threads during the audit (restored afterwards)
+    ) -> AuditReport
+
+    report.to_dict()                 # == report.json
+    report.max_over_attacks["auc"]   # {"value", "attack", "ci95"}
+    report.attacks["secmi"]["auc"], ["auc_ci95"], ["leakage"], ["tpr_at_1pct_fpr"], ...
+    report.markdown(); report.write(out_dir)
+    side_by_side({"plain LoRA": r1, "SMP-LoRA": r2})   # Markdown comparison table (demo)
+
+Each report has: splits, null_band_auc95, max_over_attacks {auc (value, attack, ci95), leakage,
+tpr_at_1pct_fpr, tpr_at_0.1pct_fpr, balanced_accuracy, paper_tpr_at_5pct_fpr,
+paper_asr_best_threshold_on_eval}, attacks[name] {title, auc, auc_ci95, leakage, tpr_at_1pct_fpr,
+tpr_at_0.1pct_fpr, balanced_accuracy, threshold, paper_comparison {tpr_at_5pct_fpr,
+asr_best_threshold_on_eval, aucn}, calibration {what was tuned}, curves_eval_auc, seconds},
+utility {heldout_denoising_loss, member_denoising_loss, heldout_denoising_loss_base, + yours},
+info, config, timesteps, model_passes_per_sample, seconds, manifest.
+
+CPU speed: small UNets on near-black images hit denormal floats (~10x slower); run_audit sets
+torch.set_flush_denormal(True) while it runs (do the same in CPU training loops), and
+num_threads=1 avoids OpenMP threads spinning against each other on a busy 2-core machine.
+
+Built-in attacks (``available_attacks()``): loss, loss_calibrated, loss_best_t, sima, secmi, pia,
+clid, mlp, logreg, gboost and the blind baseline ``blind``. Known-answer target for checks:
+:class:`smplora_plugin.audit.synthetic.MemorizingTarget`.
+"""
+
+from .attacks import Attack, AttackOutput, available_attacks, register_attack
+from .engine import AuditConfig, ScoreContext
+from .metrics import MetricError
+from .protocol import AuditReport, AuditSamples, run_audit
+from .report import side_by_side
+from .target import AuditError, AuditTarget, DiffusersTarget, load_lora_target
+
+__all__ = [
+    "Attack",
+    "AttackOutput",
+    "AuditConfig",
+    "AuditError",
+    "AuditReport",
+    "AuditSamples",
+    "AuditTarget",
+    "DiffusersTarget",
+    "MetricError",
+    "ScoreContext",
+    "available_attacks",
+    "load_lora_target",
+    "register_attack",
+    "run_audit",
+    "side_by_side",
+]

@@ -13,7 +13,7 @@ the ``smplora_register_attacks(register)`` hook in an ``smplora`` entry-point pl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Type
+from typing import Any, ClassVar, Dict, List, Optional, Type
 
 import numpy as np
 
@@ -127,7 +127,7 @@ class SimAAttack(Attack):
     """SimA: squared norm of the noise prediction on the clean latent at small t (low = member)."""
 
     name = "sima"
-    title = "SimA (|eps(z0, t)|, t on calibration)"
+    title = "SimA (norm of eps(z0, t), t on calibration)"
 
     def candidates(self, ctx):
         s = ctx.sima(True)
@@ -192,7 +192,9 @@ class MLPAttack(Attack):
         # balanced class weights, so an unbalanced split does not bias the logits
         counts = torch.bincount(y[fit_t], minlength=2).clamp_min(1).float()
         weight = counts.sum() / (2 * counts)
-        best = (-1.0, -1, None)
+        vcounts = torch.bincount(y[torch.as_tensor(val_idx)], minlength=2).clamp_min(1).float()
+        val_weight = vcounts.sum() / (2 * vcounts)
+        best = (-float("inf"), -1, None)
         bad = 0
         bs = 64
         for epoch in range(cfg.mlp_max_epochs):
@@ -205,13 +207,10 @@ class MLPAttack(Attack):
                 loss.backward()
                 opt.step()
             model.eval()
-            with torch.no_grad():
-                s = torch.log_softmax(model(X[torch.as_tensor(val_idx)]), 1)
-                s = (s[:, 1] - s[:, 0]).double().numpy()
-            vl = lab[val_idx]
-            a = M.auc(s[vl == 1], s[vl == 0])
-            score = abs(a - 0.5)
-            if score > best[0] + 1e-9:
+            with torch.no_grad():  # balanced validation cross-entropy picks the checkpoint
+                vi = torch.as_tensor(val_idx)
+                score = -float(torch.nn.functional.cross_entropy(model(X[vi]), y[vi], weight=val_weight))
+            if score > best[0] + 1e-6:
                 best = (score, epoch, {k: v.clone() for k, v in model.state_dict().items()})
                 bad = 0
             else:
@@ -228,7 +227,7 @@ class MLPAttack(Attack):
         sign = 1.0 if a >= 0.5 else -1.0
         return AttackOutput(
             scores=sign * scores, calibration_index=val_idx,
-            chosen={"epoch": best[1] + 1, "epochs_run": epoch + 1, "input_dim": int(X.shape[1]),
+            chosen={"epoch": best[1] + 1, "early_stop_ce": -best[0], "epochs_run": epoch + 1, "input_dim": int(X.shape[1]),
                     "fit_samples": int(len(fit_idx)), "early_stop_samples": int(len(val_idx)),
                     "sign": "as expected" if sign > 0 else "flipped (anti-member direction)",
                     "calibration_auc": max(a, 1 - a)},
@@ -423,15 +422,23 @@ def register_attack(name: str, cls: Type[Attack]) -> None:
         raise AuditError(f"attack {name!r} must be a subclass of smplora_plugin.audit.attacks.Attack, got {cls!r}.")
     if not name or name in BUILTIN_ATTACKS:
         raise AuditError(f"attack name {name!r} is empty or taken by a built-in attack.")
+    if not getattr(cls, "name", ""):
+        cls.name = name
+    elif cls.name != name:
+        raise AuditError(f"attack class {cls.__name__} is named {cls.name!r} but registered as {name!r}.")
     _EXTRA[name] = cls
 
 
-def available_attacks(load_plugins: bool = True) -> Dict[str, Type[Attack]]:
-    """Built-in attacks plus registered ones, plus those of ``smplora_register_attacks`` plugins."""
-    if load_plugins:
+def available_attacks(load_plugins: bool = True, plugins: Optional[List[object]] = None) -> Dict[str, Type[Attack]]:
+    """Built-in attacks plus registered ones, plus those of ``smplora_register_attacks`` plugins.
+
+    Plugins are the installed ``smplora`` entry points (unless ``SMPLORA_DISABLE_PLUGINS``), or
+    the explicit ``plugins`` list when given.
+    """
+    if load_plugins or plugins is not None:
         from ..plugins import make_plugin_manager
 
-        make_plugin_manager().hook.smplora_register_attacks(register=register_attack)
+        make_plugin_manager(plugins).hook.smplora_register_attacks(register=register_attack)
     return {**BUILTIN_ATTACKS, **_EXTRA}
 
 

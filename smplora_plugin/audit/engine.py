@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -39,10 +39,10 @@ class AuditConfig:
     map_grid: int = 32  # loss maps for the trained MLP are pooled to at most this size per side
     mlp_hidden: Tuple[int, ...] = (512, 256)
     mlp_dropout: float = 0.5
-    mlp_lr: float = 1e-4
+    mlp_lr: float = 1e-3
     mlp_weight_decay: float = 1e-4
-    mlp_max_epochs: int = 300
-    mlp_patience: int = 40
+    mlp_max_epochs: int = 200
+    mlp_patience: int = 30
     mlp_fit_fraction: float = 0.6  # of the calibration split; the rest early-stops the MLP
     n_boot: int = 1000
     cv_folds: int = 5
@@ -124,8 +124,8 @@ class ScoreContext:
 
     def _cond(self, sl: slice, captions: Optional[List[str]] = None) -> Any:
         caps = captions if captions is not None else self.captions
-        if caps is None:
-            return self.target.condition(None if self.captions is None else [""] * (sl.stop - sl.start))
+        if caps is None:  # no captions: the unconditional (null) condition, one per sample
+            return self.target.condition([""] * (sl.stop - sl.start))
         return self.target.condition(list(caps[sl]))
 
     def _eps(self, z: torch.Tensor, t: int, cond: Any, adapter: bool, what: str) -> torch.Tensor:
@@ -133,7 +133,7 @@ class ScoreContext:
         out = torch.as_tensor(self.target.eps(z, tt, cond, adapter=adapter)).float().cpu()
         if out.shape != z.shape:
             raise AuditError(f"target.eps returned shape {tuple(out.shape)} for latents of shape {tuple(z.shape)}.")
-        self.passes[what] = self.passes.get(what, 0) + 1
+        self.passes[what] = self.passes.get(what, 0) + int(z.shape[0])
         return out
 
     def _noisy(self, z0: torch.Tensor, t: int, e: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ class DiffusersTarget:
             raise AuditError("this UNet is text-conditional: give DiffusersTarget a text_encoder and a tokenizer.")
         for m in (unet, base_unet, vae, text_encoder):
             if m is not None:
-                m.eval().requires_grad_(False)
+                m.eval()  # queries run under torch.no_grad(); parameters are left as they are
 
     # -- protocol -------------------------------------------------------------------------
     @torch.no_grad()
@@ -136,54 +136,44 @@ class DiffusersTarget:
 
     @contextlib.contextmanager
     def _adapter(self, enabled: bool) -> Iterator[Any]:
+        """Yield the UNet to query; with ``enabled=False`` every LoRA layer is switched off meanwhile.
+
+        Works on peft tuner layers directly (diffusers ``add_adapter``/``load_lora_weights``, peft
+        ``PeftModel``, transformers text encoders alike); each layer's previous on/off state and
+        every parameter's ``requires_grad`` are restored afterwards.
+        """
         if enabled:
             yield self.unet
             return
         if self.base_unet is not None:
             yield self.base_unet
             return
-        modules = [m for m in (self.unet, self.text_encoder) if m is not None]
-        if hasattr(self.unet, "disable_adapter") and not hasattr(self.unet, "disable_adapters"):
-            with self.unet.disable_adapter():  # peft PeftModel
-                yield self.unet
-            return
-        toggled = []
+        layers = [m for mod in (self.unet, self.text_encoder) if mod is not None for m in _lora_layers(mod)]
+        if not layers:
+            raise AuditError(
+                "no LoRA adapter found on the UNet or text encoder, so the base model cannot be queried: "
+                "load a LoRA (load_lora_target) or pass base_unet."
+            )
+        was_off = [bool(m.disable_adapters) for m in layers]
+        grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
         try:
-            for m in modules:
-                if _has_lora(m) and hasattr(m, "disable_adapters"):
-                    m.disable_adapters()
-                    toggled.append(m)
-                elif _has_lora(m):
-                    _set_peft_layers(m, enabled=False)
-                    toggled.append(m)
-            if not toggled:
-                raise AuditError(
-                    "no LoRA adapter found on the UNet or text encoder, so the base model cannot be queried: "
-                    "load a LoRA (load_lora_target) or pass base_unet."
-                )
+            for m in layers:
+                m.enable_adapters(False)
             yield self.unet
         finally:
-            for m in toggled:
-                if hasattr(m, "enable_adapters"):
-                    m.enable_adapters()
-                else:
-                    _set_peft_layers(m, enabled=True)
+            for m, off in zip(layers, was_off):
+                if not off:
+                    m.enable_adapters(True)
+            for p, g in grads:
+                p.requires_grad_(g)
 
 
-def _has_lora(module: Any) -> bool:
+def _lora_layers(module: Any) -> list:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # pragma: no cover - peft is part of the audit extra
-        return False
-    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
-
-
-def _set_peft_layers(module: Any, *, enabled: bool) -> None:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for m in module.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.enable_adapters(enabled)
+        return []
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,230 @@
+"""``smplora audit``: arguments, image-folder and manifest loading, and the command body."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .target import AuditError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_EXTS = (".txt", ".caption")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-model", required=True, metavar="DIR",
+                   help="diffusers-format base model folder (unet/, scheduler/, optional vae/, text_encoder/, tokenizer/)")
+    p.add_argument("--lora", required=True, metavar="FILE",
+                   help="LoRA .safetensors file, diffusers/peft or kohya format")
+    src = p.add_argument_group("data (image folders, or a manifest)")
+    src.add_argument("--members", metavar="DIR", help="folder of member (trained-on) images; captions from "
+                     "NAME.txt / NAME.caption or metadata.jsonl when present")
+    src.add_argument("--nonmembers", metavar="DIR", help="folder of held-out non-member images")
+    src.add_argument("--manifest", metavar="FILE", help="smplora holdout manifest (JSON) with sets 'member'/'nonmember' "
+                     "(split here) or member_calibration/nonmember_calibration/member_eval/nonmember_eval")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for report.json, report.md, roc.png, manifest.json")
+    p.add_argument("--attacks", default=None, help="comma-separated attack names (default: the whole suite; "
+                   "see --list-attacks)")
+    p.add_argument("--calibration-fraction", type=float, default=0.5,
+                   help="share of each side used for attack training / calibration (default 0.5)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    p.add_argument("--no-captions", action="store_true", help="ignore caption files (unconditional scoring)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--draws", type=int, default=None, help="noise draws per timestep (default 4)")
+    p.add_argument("--config", metavar="JSON", default=None,
+                   help="AuditConfig fields as JSON text or a .json file, e.g. '{\"timesteps\": [100, 200]}'")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the audit (default: torch's choice; 1 is fastest on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def list_attacks() -> str:
+    from .attacks import DEFAULT_ATTACKS, available_attacks
+
+    reg = available_attacks()
+    return "\n".join(f"{n:16s} {reg[n].title or ''}{'' if n in DEFAULT_ATTACKS else '  (plugin)'}" for n in reg)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Body of ``smplora audit``; raises :class:`AuditError` on bad input."""
+    from .protocol import run_audit
+
+    if args.manifest and (args.members or args.nonmembers):
+        raise AuditError("give either --manifest or --members/--nonmembers, not both.")
+    if not args.manifest and not (args.members and args.nonmembers):
+        raise AuditError("give --members DIR and --nonmembers DIR (image folders), or --manifest FILE.")
+    if not 0 < args.calibration_fraction < 1:
+        raise AuditError(f"--calibration-fraction {args.calibration_fraction} must be in (0, 1).")
+    cfg = _config(args)
+    # cheap checks of every input before loading the model
+    if args.manifest:
+        groups = manifest_groups(args.manifest)
+    else:
+        groups = {"members": folder_images(args.members, "--members"),
+                  "nonmembers": folder_images(args.nonmembers, "--nonmembers")}
+    for name, paths in groups.items():
+        if not paths:
+            raise AuditError(f"the {name} set is empty.")
+    for path in (Path(args.base_model), Path(args.lora)):
+        if not path.exists():
+            raise AuditError(f"{path} does not exist.")
+
+    from .target import load_lora_target
+
+    target = load_lora_target(args.base_model, args.lora, device=args.device)
+    size = args.resolution or _model_resolution(target)
+    channels = 3 if target.vae is not None else int(target.unet.config.in_channels)
+    samples = {name: load_images(paths, size, channels, captions=not args.no_captions) for name, paths in groups.items()}
+    kw = dict(config=cfg, out_dir=args.out, progress=not args.no_progress, num_threads=args.threads,
+              attacks=None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()],
+              info={"base_model": str(args.base_model), "lora": str(args.lora), "resolution": size},
+              title=f"Membership-inference audit of {Path(args.lora).name}")
+    if "members" in samples:
+        report = run_audit(target, samples["members"], samples["nonmembers"],
+                           calibration_fraction=args.calibration_fraction, **kw)
+    else:
+        report = run_audit(target, samples["member_eval"], samples["nonmember_eval"],
+                           calibration_members=samples["member_calibration"],
+                           calibration_nonmembers=samples["nonmember_calibration"], **kw)
+    print(report.markdown())
+    out = Path(args.out)
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'roc.png'}, {out / 'manifest.json'}")
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    from .engine import AuditConfig
+
+    d: Dict[str, object] = {}
+    if args.config:
+        text = args.config
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise AuditError(f"--config {text}: not JSON text and not an existing file.")
+            text = path.read_text()
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise AuditError(f"--config is not valid JSON ({exc}).") from exc
+        if not isinstance(d, dict):
+            raise AuditError("--config must be a JSON object of AuditConfig fields.")
+    d.setdefault("seed", args.seed)
+    d.setdefault("batch_size", args.batch_size)
+    if args.draws is not None:
+        d["draws"] = args.draws
+    cfg = AuditConfig.from_dict(d)
+    cfg.validate()
+    return cfg
+
+
+def _model_resolution(target) -> int:
+    s = int(getattr(target.unet.config, "sample_size", 64) or 64)
+    if target.vae is not None:
+        s *= 2 ** (len(target.vae.config.block_out_channels) - 1)
+    return s
+
+
+def folder_images(folder: str, what: str) -> List[Path]:
+    path = Path(folder)
+    if not path.is_dir():
+        raise AuditError(f"{what} {folder}: folder does not exist.")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise AuditError(f"{what} {folder} contains no images ({', '.join(IMAGE_EXTS)}).")
+    return files
+
+
+_ALIASES = {"member": "members", "members": "members", "nonmember": "nonmembers", "nonmembers": "nonmembers",
+            "non_member": "nonmembers", "non_members": "nonmembers"}
+_EXPLICIT = ("member_calibration", "nonmember_calibration", "member_eval", "nonmember_eval")
+
+
+def manifest_groups(path: str) -> Dict[str, List[Path]]:
+    """Image paths per set from a manifest (relative ids resolve against the manifest's folder)."""
+    from ..errors import HoldoutError
+    from ..holdout import read_manifest
+
+    try:
+        sets = read_manifest(path)  # raises if two sets share an image
+    except HoldoutError as exc:
+        raise AuditError(f"manifest {path}: {exc}") from exc
+    root = Path(path).resolve().parent
+    resolve = lambda ids: [p if p.is_absolute() else root / p for p in map(Path, ids)]  # noqa: E731
+    if all(k in sets for k in _EXPLICIT):
+        groups = {k: resolve(sets[k]) for k in _EXPLICIT}
+    else:
+        groups = {}
+        for k, v in sets.items():
+            if k in _ALIASES:
+                groups.setdefault(_ALIASES[k], []).extend(resolve(v))
+        if set(groups) != {"members", "nonmembers"}:
+            raise AuditError(
+                f"manifest {path} has sets {sorted(sets)}; it needs 'member' and 'nonmember' (split here), or all of "
+                f"{', '.join(_EXPLICIT)}."
+            )
+    for name, files in groups.items():
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise AuditError(f"manifest {path}: {len(missing)} file(s) of set {name!r} do not exist, e.g. {missing[0]}.")
+    return groups
+
+
+def load_images(paths: Sequence[Path], size: int, channels: int, *, captions: bool = True):
+    """Images resized (shorter side) and centre-cropped to ``size``, in [-1, 1], with captions when found."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .protocol import AuditSamples
+
+    arrs, caps = [], []
+    meta_cache: Dict[Path, Dict[str, str]] = {}
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB" if channels == 3 else "L")
+                w, h = im.size
+                scale = size / min(w, h)
+                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+                a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise AuditError(f"cannot read image {p}: {exc}. Remove or replace the file.") from exc
+        arrs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        caps.append(_caption(p, meta_cache) if captions else None)
+    images = torch.from_numpy(np.stack(arrs))
+    have = [c is not None for c in caps]
+    if any(have) and not all(have):
+        missing = [str(p) for p, h in zip(paths, have) if not h]
+        raise AuditError(f"{len(missing)} image(s) have no caption file while others do, e.g. {missing[0]}; "
+                         "add NAME.txt captions for all, or pass --no-captions.")
+    return AuditSamples(images, caps if all(have) else None, [str(p) for p in paths])
+
+
+def _caption(p: Path, cache: Dict[Path, Dict[str, str]]) -> Optional[str]:
+    for ext in CAPTION_EXTS:
+        c = p.with_suffix(ext)
+        if c.is_file():
+            return c.read_text(encoding="utf-8").strip()
+    meta = p.parent / "metadata.jsonl"
+    if meta.is_file():
+        if p.parent not in cache:
+            rows: Dict[str, str] = {}
+            for line in meta.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except ValueError as exc:
+                        raise AuditError(f"{meta} has an invalid line ({exc}).") from exc
+                    if "file_name" in row and isinstance(row.get("text"), str):
+                        rows[row["file_name"]] = row["text"]
+            cache[p.parent] = rows
+        return cache[p.parent].get(p.name)
+    return None

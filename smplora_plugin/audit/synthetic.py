@@ -1,0 +1,88 @@
+"""A known-answer audit target: an analytic denoiser that memorised a set of training samples.
+
+``MemorizingTarget`` needs no training and no weights, so it checks the attack suite in seconds:
+with ``strength=1`` the "adapted" model is the ideal denoiser of the empirical distribution of its
+members (a perfect memoriser: every attack should reach AUC near 1); with ``strength=0`` it equals
+the base model, the ideal denoiser of a Gaussian prior (every attack must sit at chance).
+In between, its prediction is the ``strength``-weighted mix of the two.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Sequence
+
+import torch
+
+
+def linear_alphas_cumprod(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """The DDPM linear-beta schedule's cumulative alphas, ``(T,)`` fp32."""
+    betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0).float()
+
+
+class MemorizingTarget:
+    """:class:`~.target.AuditTarget` whose adapter memorised ``members`` (pixel space, no VAE).
+
+    ``captions`` (optional, one per member) make it text-conditional: a caption that equals a
+    member's caption restricts the memorised mixture to those members, any other caption
+    (reduced, null) uses all members. ``prior_std`` is the per-pixel std of the base model's
+    Gaussian prior.
+    """
+
+    prediction_type = "epsilon"
+
+    def __init__(self, members: torch.Tensor, *, captions: Optional[Sequence[str]] = None, strength: float = 1.0,
+                 prior_std: float = 0.58, num_train_timesteps: int = 1000):
+        self.members = members.float().flatten(1)  # (K, D)
+        self.shape = tuple(members.shape[1:])
+        self.member_captions = None if captions is None else [str(c) for c in captions]
+        self.strength = float(strength)
+        self.prior_var = float(prior_std) ** 2
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.alphas_cumprod = linear_alphas_cumprod(self.num_train_timesteps)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float()
+
+    def condition(self, captions: Optional[Sequence[str]]) -> Any:
+        return None if captions is None else [str(c) for c in captions]
+
+    @torch.no_grad()
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, *, adapter: bool = True) -> torch.Tensor:
+        z = z_t.float().flatten(1)
+        a = self.alphas_cumprod[torch.as_tensor(t).long().reshape(-1).expand(z.shape[0])].double()[:, None]
+        zd = z.double()
+        x_prior = (a.sqrt() * self.prior_var / (a * self.prior_var + 1 - a)) * zd
+        if adapter and self.strength > 0:
+            x_mem = self._mixture(zd, a, cond)
+            x0 = self.strength * x_mem + (1 - self.strength) * x_prior
+        else:
+            x0 = x_prior
+        eps = (zd - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps.float().reshape(z_t.shape)
+
+    def _mixture(self, z: torch.Tensor, a: torch.Tensor, cond: Any) -> torch.Tensor:
+        m = self.members.double()  # (K, D)
+        d2 = (z[:, None, :] - a.sqrt()[:, :, None] * m[None]).pow(2).sum(-1)  # (B, K)
+        logits = -d2 / (2 * (1 - a))
+        if cond is not None and self.member_captions is not None:
+            mask = torch.tensor([[mc == c for mc in self.member_captions] for c in cond], dtype=torch.bool)
+            has = mask.any(1, keepdim=True)
+            logits = torch.where(has & ~mask, torch.full_like(logits, -math.inf), logits)
+        w = torch.softmax(logits, 1)
+        return w @ m
+
+
+def synthetic_pool(n: int, shape: Sequence[int] = (1, 8, 8), *, seed: int = 0) -> torch.Tensor:
+    """``n`` i.i.d. images uniform in [-1, 1] (a pool to split into members and non-members)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.rand((n, *shape), generator=g) * 2 - 1
+
+
+def synthetic_captions(n: int, *, seed: int = 0) -> List[str]:
+    """One distinct caption per sample ("a photo of item 17 with a red texture" style)."""
+    g = torch.Generator().manual_seed(int(seed) + 7)
+    colours = ["red", "green", "blue", "grey", "gold", "white"]
+    idx = torch.randint(0, len(colours), (n,), generator=g).tolist()
+    return [f"a photo of item {i} with a {colours[c]} texture" for i, c in enumerate(idx)]
