@@ -38,6 +38,12 @@ class PrivacyConfig:
         feature_grid: loss maps are average-pooled per channel to this grid (int or (h, w))
             so any resolution or bucket gives the same attacker input; 64 is the identity
             for SD1.5's 64x64 latents. ``None`` flattens unpooled maps (sizes must not change).
+        calibrated: the attacker sees base-calibrated loss maps, ``(pred - target)^2 -
+            (base_pred - target)^2``, where ``base_pred`` is the prediction of the model with the
+            LoRA disabled at the same noisy input (pass ``reference=`` to ``reg.features``). It
+            removes each sample's and noise draw's own difficulty, the noise that keeps a proxy on
+            raw maps near chance on small models, at the price of a no-grad base forward for the
+            member batch (and the non-member batch when it is refreshed). Off by default.
         nonmember_every: refresh the non-member features every this many attacker updates;
             in between the attacker reuses the last non-member batch (a bank). 1 (the paper)
             needs a held-out forward every step; larger amortises it (see ``wants_nonmembers``).
@@ -55,6 +61,7 @@ class PrivacyConfig:
     attacker_lr: float = 1e-5
     attacker_weight_decay: float = 1e-4
     feature_grid: GridLike = 64
+    calibrated: bool = False
     nonmember_every: int = 1
     seed: int = 0
     device: Optional[str] = None
@@ -77,6 +84,8 @@ class PrivacyConfig:
         set_("attacker_lr", _number("attacker_lr", self.attacker_lr, lo=0.0, lo_open=True))
         set_("attacker_weight_decay", _number("attacker_weight_decay", self.attacker_weight_decay, lo=0.0))
         set_("feature_grid", _grid(self.feature_grid))
+        if not isinstance(self.calibrated, bool):
+            raise ConfigError(f"calibrated={self.calibrated!r} must be True or False.")
         set_("nonmember_every", _integer("nonmember_every", self.nonmember_every, lo=1))
         set_("seed", _integer("seed", self.seed, lo=0))
         if self.device is not None:

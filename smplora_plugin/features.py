@@ -12,7 +12,8 @@ from .errors import FeatureError
 Grid = Union[int, Tuple[int, int], None]
 
 
-def loss_maps(pred: torch.Tensor, target: torch.Tensor, grid: Grid = 64) -> torch.Tensor:
+def loss_maps(pred: torch.Tensor, target: torch.Tensor, grid: Grid = 64,
+              reference: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-element squared error ``(pred - target)^2`` in fp32, pooled per channel to ``grid``.
 
     ``pred`` and ``target`` are ``(B, C, H, W)`` (noise or velocity prediction and its target).
@@ -21,6 +22,9 @@ def loss_maps(pred: torch.Tensor, target: torch.Tensor, grid: Grid = 64) -> torc
     identity (SD1.5 at 512 px with the default 64). ``grid=None`` returns the unpooled map of any
     shape. The result keeps the autograd graph of ``pred``; take it *before* any per-sample loss
     weighting (min-SNR etc.).
+
+    ``reference`` (the base model's prediction at the same noisy input, LoRA disabled) gives the
+    base-calibrated map ``(pred - target)^2 - (reference - target)^2``.
     """
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise FeatureError("pred and target must be torch tensors (the model output and its training target).")
@@ -32,6 +36,13 @@ def loss_maps(pred: torch.Tensor, target: torch.Tensor, grid: Grid = 64) -> torc
     if pred.ndim < 2 or pred.shape[0] == 0:
         raise FeatureError(f"pred must have a batch dimension and at least one sample, got shape {tuple(pred.shape)}.")
     maps = (pred.float() - target.float()).pow(2)
+    if reference is not None:
+        if not isinstance(reference, torch.Tensor) or reference.shape != pred.shape:
+            raise FeatureError(
+                f"reference must be the base model's prediction with the shape of pred {tuple(pred.shape)}, got "
+                f"{tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference).__name__}."
+            )
+        maps = maps - (reference.detach().float() - target.float()).pow(2)
     if grid is None:
         return maps
     size = (grid, grid) if isinstance(grid, int) else tuple(grid)

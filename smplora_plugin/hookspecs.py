@@ -20,8 +20,9 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 
 
 @hookspec(firstresult=True)
-def smplora_extract_features(reg, pred, target, timesteps):
-    """Turn a batch's ``(pred, target)`` (and optional ``timesteps``) into attacker features.
+def smplora_extract_features(reg, pred, target, timesteps, reference):
+    """Turn a batch's ``(pred, target)`` (optional ``timesteps``, and ``reference``, the base
+    model's prediction at the same input) into attacker features.
 
     Return a ``(B, ...)`` float tensor that keeps the graph of ``pred``, or ``None`` to let the
     next implementation decide. The first non-``None`` result wins; the built-in default

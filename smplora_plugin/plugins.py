@@ -19,11 +19,11 @@ hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
 
 
 class DefaultFeatures:
-    """Built-in feature extraction: the squared-error map pooled to the configured grid."""
+    """Built-in feature extraction: the (base-calibrated) squared-error map pooled to the configured grid."""
 
     @hookimpl(trylast=True)
-    def smplora_extract_features(self, reg, pred, target):
-        return loss_maps(pred, target, reg.config.feature_grid)
+    def smplora_extract_features(self, reg, pred, target, reference):
+        return loss_maps(pred, target, reg.config.feature_grid, reference=reference)
 
 
 class DefaultMetadata:

@@ -90,14 +90,26 @@ class PrivacyRegularizer:
         return self.plugin_manager.hook
 
     # ------------------------------------------------------------------ features
-    def features(self, pred: torch.Tensor, target: torch.Tensor, timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def features(self, pred: torch.Tensor, target: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
+                 reference: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attacker features of a batch: per-sample loss maps pooled to the config grid, ``(B, D)`` fp32.
 
         Dispatched through the ``smplora_extract_features`` hook (first result wins). Keeps the
         graph of ``pred``: call it on the training forward's prediction for members, and under
-        ``torch.no_grad()`` on a held-out forward for non-members.
+        ``torch.no_grad()`` on a held-out forward for non-members. With ``calibrated=True`` pass
+        ``reference``, the base model's prediction (LoRA disabled, no grad) at the same input.
         """
-        feats = self.hook.smplora_extract_features(reg=self, pred=pred, target=target, timesteps=timesteps)
+        if self.config.calibrated and reference is None:
+            raise FeatureError(
+                "this regulariser has calibrated=True, so reg.features needs reference=, the base model's "
+                "prediction at the same noisy input with the LoRA disabled (e.g. under torch.no_grad() with "
+                "unet.disable_adapters()); or construct it with calibrated=False."
+            )
+        if not self.config.calibrated and reference is not None:
+            raise FeatureError("reference= was given but calibrated=False: set calibrated=True to use base-calibrated "
+                               "features, or drop reference= (member and non-member features must match).")
+        feats = self.hook.smplora_extract_features(reg=self, pred=pred, target=target, timesteps=timesteps,
+                                                   reference=reference)
         if feats is None:
             raise FeatureError("no plugin returned features for this batch (smplora_extract_features gave None).")
         return flatten_features(feats, self.config.feature_grid, "features")

@@ -205,3 +205,21 @@ def test_nonmember_bank_is_refreshed_every_n_updates():
     assert reg.attacker_updates == 7
     assert not reg.wants_nonmembers(update_attacker=False)
     assert not small_reg(k_steps=0).wants_nonmembers()
+
+
+def test_calibrated_features_subtract_the_base_models_error_and_require_reference():
+    from smplora_plugin import FeatureError
+
+    pred = torch.randn(2, 2, 4, 4, requires_grad=True)
+    base, target = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)
+    reg = small_reg(calibrated=True)
+    feats = reg.features(pred, target, reference=base)
+    torch.testing.assert_close(feats, ((pred - target) ** 2 - (base - target) ** 2).reshape(2, -1))
+    feats.sum().backward()
+    torch.testing.assert_close(pred.grad, 2 * (pred - target).detach())  # no gradient through the reference
+    with pytest.raises(FeatureError, match="reference="):
+        reg.features(pred, target)
+    with pytest.raises(FeatureError, match="calibrated=False"):
+        small_reg().features(pred, target, reference=base)
+    with pytest.raises(FeatureError, match="shape of pred"):
+        reg.features(pred, target, reference=base[:1])
