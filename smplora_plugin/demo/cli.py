@@ -1,0 +1,77 @@
+"""``smplora demo``: arguments and entry point (dispatched from :mod:`smplora_plugin.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Dict
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the demo's options to ``parser``."""
+    from .pipeline import DemoConfig
+
+    d = DemoConfig()
+    parser.add_argument("--out", default="smplora_demo", help="output folder for reports, LoRA files and samples "
+                                                              "(default: ./smplora_demo)")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced size for CI (16 members, 200 steps, 64 evaluation non-members, fewer audit draws)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the private splits, LoRA and audit")
+    parser.add_argument("--members", type=int, default=None, help=f"number of members (default {d.members})")
+    parser.add_argument("--steps", type=int, default=None, help=f"LoRA steps (default {d.steps})")
+    parser.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {d.lora_rank})")
+    parser.add_argument("--lr", type=float, default=None, help=f"LoRA learning rate (default {d.lora_lr})")
+    parser.add_argument("--alpha", type=float, default=None, help=f"SMP-LoRA alpha (default {d.smp_alpha})")
+    parser.add_argument("--attacker-lr", type=float, default=None,
+                        help=f"learning rate of SMP-LoRA's proxy attacker (default {d.attacker_lr})")
+    parser.add_argument("--mp", action="store_true", help="also train and audit MP-LoRA (the unstable baseline)")
+    parser.add_argument("--k-steps", type=int, default=None,
+                        help=f"proxy attacker updates per LoRA step (default {d.k_steps})")
+    parser.add_argument("--mp-alpha", type=float, default=None, help=f"MP-LoRA alpha (default {d.mp_alpha})")
+    parser.add_argument("--retrain-base", action="store_true",
+                        help="train the base model and classifier here instead of loading the shipped weights")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the tiny model's ops are too small to gain from more, "
+                             "and extra threads slow down badly on a shared machine)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .pipeline import DemoConfig
+
+    kw: Dict[str, Any] = {"seed": args.seed}
+    for name, field in (("members", "members"), ("steps", "steps"), ("rank", "lora_rank"), ("lr", "lora_lr"),
+                        ("alpha", "smp_alpha"), ("attacker_lr", "attacker_lr"), ("mp_alpha", "mp_alpha"), ("k_steps", "k_steps")):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[field] = v
+    if args.mp:
+        kw["variants"] = ("plain", "smp", "mp")
+    cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
+    cfg.validate()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; print the side-by-side table. Returns the exit status."""
+    import torch
+
+    from .pipeline import ASSETS, render_table, run_demo
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"smplora demo: error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads < 1:
+        print("smplora demo: error: --threads must be >= 1.", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    summary = run_demo(cfg, args.out, progress=not args.no_progress, assets=None if args.retrain_base else ASSETS,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(render_table(summary))
+    print(f"\nReports written to {args.out}/ (summary.md, summary.json, <variant>/report.md|json, roc.png, "
+          f"samples.png, lora.safetensors). Wall time {time.time() - t0:.0f} s.")
+    return 0

@@ -1,0 +1,41 @@
+"""The tiny model seen through the audit's :class:`~smplora_plugin.audit.target.AuditTarget` protocol."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .model import TinyLDM
+
+
+class TinyLDMTarget:
+    """AuditTarget over a :class:`TinyLDM` carrying a LoRA; ``adapter=False`` disables it (the public base).
+
+    ``condition`` returns the caption encoder's states; the caption encoder is not adapted, so
+    the same states serve the adapted and the base model.
+    """
+
+    prediction_type = "epsilon"
+
+    def __init__(self, model: TinyLDM):
+        if not model.has_lora():
+            raise ValueError("TinyLDMTarget needs a model with a LoRA (model.add_lora), so the base can be queried.")
+        self.model = model.eval()
+        self.num_train_timesteps = int(model.cfg.num_train_timesteps)
+        self.alphas_cumprod = model.alphas_cumprod.detach().float().cpu().clone()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(images.float())
+
+    @torch.no_grad()
+    def condition(self, captions: Optional[Sequence[str]]) -> Any:
+        if captions is None:
+            raise ValueError("condition(None) needs a batch size: pass a list of captions ('' for unconditional).")
+        return self.model.text(list(captions))
+
+    @torch.no_grad()
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, *, adapter: bool = True) -> torch.Tensor:
+        with self.model.adapter(adapter):
+            return self.model.predict(z_t.float(), t, cond)

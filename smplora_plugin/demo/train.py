@@ -1,0 +1,147 @@
+"""Training loops of the demo: base pretraining on the public pool, LoRA with or without SMP-LoRA.
+
+Both loops are plain PyTorch. Every random draw (batches, timesteps, noise, caption dropout)
+comes from a seeded ``torch.Generator``; the member batches of the LoRA loop come from their own
+generator, so plain LoRA and SMP-LoRA see exactly the same member batches, timesteps and noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .data import DigitSet
+from .model import TinyLDM
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def train_base(model: TinyLDM, data: DigitSet, *, steps: int = 3000, batch_size: int = 64, lr: float = 2e-3,
+               p_uncond: float = 0.1, seed: int = 0, progress: bool = True) -> List[float]:
+    """Pretrain the caption encoder and UNet on ``data`` (the public pool); returns the loss per step.
+
+    Captions are replaced by the empty caption with probability ``p_uncond`` (classifier-free
+    guidance needs the unconditional model). AdamW with a cosine learning-rate decay.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError("steps and batch_size must be >= 1.")
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    params = list(model.text.parameters()) + list(model.unet.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
+    z_all = model.encode(data.images)
+    caps_all = data.captions
+    T = model.cfg.num_train_timesteps
+    losses: List[float] = []
+    bar = _bar(steps, "base pretraining", progress)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data), (batch_size,), generator=g)
+        z0 = z_all[idx]
+        drop = torch.rand(batch_size, generator=g) < p_uncond
+        caps = ["" if d else caps_all[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, T, (batch_size,), generator=g)
+        loss = F.mse_loss(model.predict(model.add_noise(z0, t, noise), t, caps), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    model.eval()
+    model.requires_grad_(False)
+    return losses
+
+
+@dataclass
+class LoRAResult:
+    """What a LoRA run returns: its loss history and, with a regulariser, the attacker metrics."""
+
+    name: str
+    losses: List[float] = field(default_factory=list)
+    reg_metrics: List[Dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self, last: int = 100) -> Dict[str, Any]:
+        tail = self.losses[-last:]
+        out: Dict[str, Any] = {"adaptation_loss_last": sum(tail) / max(1, len(tail)), "steps": len(self.losses),
+                               "seconds": round(self.seconds, 1)}
+        if self.reg_metrics:
+            out["proxy_attacker"] = self.reg_metrics[-1]
+        return out
+
+
+def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batch_size: int, seed: int,
+               reg: Optional[Any] = None, nonmembers: Optional[DigitSet] = None, name: str = "lora",
+               progress: bool = True) -> LoRAResult:
+    """Fine-tune the LoRA already added to ``model`` (``model.add_lora``) on ``members``.
+
+    With ``reg`` (a :class:`smplora_plugin.PrivacyRegularizer`), every step also runs a no-grad
+    forward on a batch of ``nonmembers`` (the defense's held-out set) and optimises
+    ``reg.step(loss, member_feats, nonmember_feats)``; without it, the plain adaptation loss.
+    """
+    import time
+
+    if not model.has_lora():
+        raise ValueError("the model has no LoRA: call model.add_lora(...) first.")
+    if reg is not None and nonmembers is None:
+        raise ValueError("SMP-LoRA needs the defense's non-member set (nonmembers=...).")
+    t_start = time.time()
+    g = torch.Generator().manual_seed(seed)             # member batches, t, noise: same with and without reg
+    g_nm = torch.Generator().manual_seed(seed + 7919)    # non-member draws of the defense
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    with torch.no_grad():
+        z_m, c_m = model.encode(members.images), model.text(members.captions)
+        if nonmembers is not None:
+            z_n, c_n = model.encode(nonmembers.images), model.text(nonmembers.captions)
+    T = model.cfg.num_train_timesteps
+    bs = min(batch_size, len(members))
+    res = LoRAResult(name)
+    model.unet.train()
+    bar = _bar(steps, f"LoRA ({name})", progress)
+    for step in range(steps):
+        idx = torch.randperm(len(members), generator=g)[:bs]
+        noise = torch.randn(z_m[idx].shape, generator=g)
+        t = torch.randint(0, T, (bs,), generator=g)
+        pred = model.predict(model.add_noise(z_m[idx], t, noise), t, c_m[idx])
+        loss = F.mse_loss(pred, noise)
+        res.losses.append(loss.item())
+        if reg is not None:
+            member_feats = reg.features(pred, noise)
+            nonmember_feats = None
+            if reg.wants_nonmembers():
+                j = torch.randperm(len(nonmembers), generator=g_nm)[:bs]
+                noise_n = torch.randn(z_n[j].shape, generator=g_nm)
+                t_n = torch.randint(0, T, (len(j),), generator=g_nm)
+                with torch.no_grad():
+                    pred_n = model.predict(model.add_noise(z_n[j], t_n, noise_n), t_n, c_n[j])
+                nonmember_feats = reg.features(pred_n, noise_n)
+            loss = reg.step(loss, member_feats, nonmember_feats)
+            if step % 10 == 0 or step == steps - 1:
+                res.reg_metrics.append(reg.metrics())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        post = {"loss": f"{res.losses[-1]:.4f}"}
+        if reg is not None and res.reg_metrics:
+            post["att_acc"] = f"{res.reg_metrics[-1].get('attacker_acc', float('nan')):.2f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update(1)
+    bar.close()
+    model.eval()
+    res.seconds = time.time() - t_start
+    return res
