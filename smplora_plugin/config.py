@@ -45,8 +45,9 @@ class PrivacyConfig:
             raw maps near chance on small models, at the price of a no-grad base forward for the
             member batch (and the non-member batch when it is refreshed). Off by default.
         nonmember_every: refresh the non-member features every this many attacker updates;
-            in between the attacker reuses the last non-member batch (a bank). 1 (the paper)
-            needs a held-out forward every step; larger amortises it (see ``wants_nonmembers``).
+            in between the attacker reuses the last non-member batch (a bank). 1 (the paper's
+            schedule) needs a held-out forward every step; the default 4 amortises it to a quarter
+            (see ``wants_nonmembers`` and benchmarks/RESULTS.md).
         seed: seeds the attacker's initialisation and dropout.
         device: device of the attacker; ``None`` uses the device of the first features.
     """
@@ -62,7 +63,7 @@ class PrivacyConfig:
     attacker_weight_decay: float = 1e-4
     feature_grid: GridLike = 64
     calibrated: bool = False
-    nonmember_every: int = 1
+    nonmember_every: int = 4
     seed: int = 0
     device: Optional[str] = None
 
@@ -123,6 +124,20 @@ class PrivacyConfig:
         if isinstance(kwargs.get("feature_grid"), list):
             kwargs["feature_grid"] = tuple(kwargs["feature_grid"])
         return cls(**kwargs)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "PrivacyConfig":
+        """A named setting, with ``overrides`` applied on top.
+
+        - ``"paper"``: the paper's hyperparameters (the dataclass defaults).
+        - ``"robust"``: what this project's frontier supports against the full attack suite
+          (benchmarks/RESULTS.md): base-calibrated features, a 20x stronger attacker term and
+          a faster attacker. Costs a no-grad base forward per step (about +1/3 of a step).
+        """
+        presets = {"paper": {}, "robust": dict(calibrated=True, alpha=20.0, attacker_lr=1e-3)}
+        if name not in presets:
+            raise ConfigError(f"preset {name!r} is unknown: use one of {sorted(presets)}.")
+        return cls.from_dict({**presets[name], **overrides})
 
     def replace(self, **changes: Any) -> "PrivacyConfig":
         """A copy with some fields changed (validated)."""

@@ -4,7 +4,7 @@ import torch
 
 from smplora_plugin import PrivacyRegularizer
 
-SMALL = dict(hidden=(16, 8), feature_grid=4, attacker_lr=1e-2, seed=3)
+SMALL = dict(hidden=(16, 8), feature_grid=4, attacker_lr=1e-2, seed=3, nonmember_every=1)
 
 
 def small_reg(**kw):

@@ -32,7 +32,7 @@ def test_quick_demo_writes_wellformed_reports(quick_demo, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["format"] == "smplora-demo-summary/1"
     assert summary["base"].startswith("shipped weights")  # CI must not retrain the base
-    assert set(summary["variants"]) == {"plain", "smp"}
+    assert set(summary["variants"]) == {"plain", "smp", "smp-robust"}
     table = (out / "summary.md").read_text()
     assert "plain LoRA" in table and "SMP-LoRA" in table and "max-attack AUC" in table
     lo, hi = summary["null_band_auc95"]

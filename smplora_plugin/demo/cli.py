@@ -47,7 +47,7 @@ def config_from_args(args: argparse.Namespace):
         if v is not None:
             kw[field] = v
     if args.mp:
-        kw["variants"] = ("plain", "smp", "mp")
+        kw["variants"] = ("plain", "smp", "smp-robust", "mp")
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
     cfg.validate()
     return cfg

@@ -42,7 +42,7 @@ class DemoConfig:
     batch_size: int = 32
     lora_rank: int = 8
     lora_lr: float = 1e-3
-    variants: Tuple[str, ...] = ("plain", "smp")
+    variants: Tuple[str, ...] = ("plain", "smp", "smp-robust")
     smp_alpha: float = 10.0
     mp_alpha: float = 0.05
     attacker_lr: float = 1e-3
@@ -84,9 +84,10 @@ class DemoConfig:
             raise ValueError(f"k_steps must be a whole number >= 0, got {self.k_steps!r}.")
         if self.smp_alpha < 0 or self.mp_alpha < 0:
             raise ValueError("smp_alpha and mp_alpha must be >= 0.")
-        bad = [v for v in self.variants if v not in ("plain", "smp", "mp")]
+        bad = [v for v in self.variants if v not in VARIANT_TITLES]
         if bad or "plain" not in self.variants:
-            raise ValueError(f"variants must include 'plain' and may add 'smp' and 'mp'; got {list(self.variants)}.")
+            raise ValueError(f"variants must include 'plain' and may add 'smp', 'smp-robust' and 'mp'; "
+                             f"got {list(self.variants)}.")
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -176,17 +177,21 @@ def _member_halves(members: DigitSet, seed: int) -> Tuple[DigitSet, DigitSet]:
 
 
 def _regularizer(cfg: DemoConfig, variant: str):
-    from .. import PrivacyRegularizer
+    from .. import PrivacyConfig, PrivacyRegularizer
 
     if variant == "plain":
         return None
-    alpha = cfg.smp_alpha if variant == "smp" else cfg.mp_alpha
     lat = TinyLDMConfig().latent_size
-    return PrivacyRegularizer(objective=variant, alpha=alpha, attacker_lr=cfg.attacker_lr, k_steps=cfg.k_steps,
-                              feature_grid=lat, seed=cfg.seed, load_entry_points=False)
+    common = dict(feature_grid=lat, seed=cfg.seed)
+    if variant == "smp-robust":  # the library's preset as it ships, only sized for the tiny latents
+        return PrivacyRegularizer(PrivacyConfig.preset("robust", **common), load_entry_points=False)
+    objective = "mp" if variant == "mp" else "smp"
+    alpha = cfg.smp_alpha if variant == "smp" else cfg.mp_alpha
+    return PrivacyRegularizer(objective=objective, alpha=alpha, attacker_lr=cfg.attacker_lr, k_steps=cfg.k_steps,
+                              load_entry_points=False, **common)
 
 
-VARIANT_TITLES = {"plain": "plain LoRA", "smp": "SMP-LoRA", "mp": "MP-LoRA"}
+VARIANT_TITLES = {"plain": "plain LoRA", "smp": "SMP-LoRA", "smp-robust": "SMP-LoRA robust", "mp": "MP-LoRA"}
 
 
 def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = True, assets: Union[str, Path, None] = ASSETS,

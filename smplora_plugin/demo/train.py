@@ -84,6 +84,14 @@ class LoRAResult:
         return out
 
 
+def _base_pred(model: TinyLDM, reg: Any, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
+    """The base model's prediction (LoRA off, no grad) when the regulariser uses calibrated features."""
+    if not reg.config.calibrated:
+        return None
+    with torch.no_grad(), model.adapter(False):
+        return model.predict(z_t, t, cond)
+
+
 def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batch_size: int, seed: int,
                reg: Optional[Any] = None, nonmembers: Optional[DigitSet] = None, name: str = "lora",
                progress: bool = True) -> LoRAResult:
@@ -117,19 +125,21 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
         idx = torch.randperm(len(members), generator=g)[:bs]
         noise = torch.randn(z_m[idx].shape, generator=g)
         t = torch.randint(0, T, (bs,), generator=g)
-        pred = model.predict(model.add_noise(z_m[idx], t, noise), t, c_m[idx])
+        z_t = model.add_noise(z_m[idx], t, noise)
+        pred = model.predict(z_t, t, c_m[idx])
         loss = F.mse_loss(pred, noise)
         res.losses.append(loss.item())
         if reg is not None:
-            member_feats = reg.features(pred, noise)
+            member_feats = reg.features(pred, noise, reference=_base_pred(model, reg, z_t, t, c_m[idx]))
             nonmember_feats = None
             if reg.wants_nonmembers():
                 j = torch.randperm(len(nonmembers), generator=g_nm)[:bs]
                 noise_n = torch.randn(z_n[j].shape, generator=g_nm)
                 t_n = torch.randint(0, T, (len(j),), generator=g_nm)
+                z_tn = model.add_noise(z_n[j], t_n, noise_n)
                 with torch.no_grad():
-                    pred_n = model.predict(model.add_noise(z_n[j], t_n, noise_n), t_n, c_n[j])
-                nonmember_feats = reg.features(pred_n, noise_n)
+                    pred_n = model.predict(z_tn, t_n, c_n[j])
+                nonmember_feats = reg.features(pred_n, noise_n, reference=_base_pred(model, reg, z_tn, t_n, c_n[j]))
             loss = reg.step(loss, member_feats, nonmember_feats)
             if step % 10 == 0 or step == steps - 1:
                 res.reg_metrics.append(reg.metrics())

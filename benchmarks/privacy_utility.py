@@ -1,0 +1,310 @@
+"""Privacy-utility frontier of SMP-LoRA against rival defenses (issue 5, part 2).
+
+On the demo's tiny latent diffusion model (digits; shipped base weights), the same members and
+the same step budget, every defense is trained and audited with the audit suite:
+
+- plain LoRA at several step counts (early stopping, the cheapest defense);
+- SMP-LoRA with the paper's features (the demo's setting) and the ``robust`` preset (base-
+  calibrated features) at several alphas; MP-LoRA;
+- DP-SGD on the LoRA parameters: per-sample gradients with Opacus' GradSampleModule, flat
+  clipping, Gaussian noise; epsilon from Opacus' RDP accountant at delta = 1e-5 (assuming
+  Poisson sampling at rate batch/members, the standard approximation for shuffled batches);
+- a RelaxLoss-style loss floor: gradient ascent whenever the member batch loss falls below the
+  running non-member loss level.
+
+Utility: held-out denoising loss (the audit's fixed draws) as a ratio to plain LoRA at the full
+step count, and the digit classifier's accuracy on generated samples. Privacy: max-attack AUC
+and max-attack TPR@1%FPR over the attacks run. Each seed re-draws LoRA init, batches, noise and
+the audit's draws; the member / non-member split is fixed.
+
+Run:  python benchmarks/privacy_utility.py --seeds 0,1,2 --jobs 2 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import header, write_section  # noqa: E402
+
+OUT = Path(__file__).with_name("privacy_utility.png")
+# name -> (kind, parameters)
+CONFIGS: Dict[str, Dict[str, Any]] = {
+    "plain@150": dict(kind="plain", steps=150),
+    "plain@300": dict(kind="plain", steps=300),
+    "plain": dict(kind="plain"),
+    "smp-paper-features a10 k5": dict(kind="smp", alpha=10.0, k_steps=5, attacker_lr=1e-3),
+    "smp-robust a5": dict(kind="robust", alpha=5.0),
+    "smp-robust a20": dict(kind="robust", alpha=20.0),
+    "smp-robust a50": dict(kind="robust", alpha=50.0),
+    "mp a0.05": dict(kind="mp", alpha=0.05, attacker_lr=1e-3),
+    "dp-sgd s0.5": dict(kind="dpsgd", noise=0.5, clip=0.05),
+    "dp-sgd s1": dict(kind="dpsgd", noise=1.0, clip=0.05),
+    "loss-floor": dict(kind="floor"),
+}
+ATTACKS = ["loss", "loss_calibrated", "loss_best_t", "sima", "secmi", "pia", "clid", "logreg", "gboost"]
+
+
+def _setup(seed: int):
+    from smplora_plugin.demo.pipeline import DemoConfig, load_assets, train_assets
+    from smplora_plugin.demo.data import make_splits
+
+    cfg = DemoConfig()
+    loaded = load_assets(cfg)
+    base, clf = loaded if loaded is not None else train_assets(cfg, progress=False)
+    splits = make_splits({"member": cfg.members, "nonmember_defense": cfg.nonmember_defense,
+                          "nonmember_calibration": cfg.nonmember_calibration,
+                          "nonmember_eval": cfg.nonmember_eval}, seed=0)
+    return cfg, base, clf, splits
+
+
+def _model(base, cfg, seed):
+    from smplora_plugin.demo.model import TinyLDM, TinyLDMConfig
+
+    model = TinyLDM(TinyLDMConfig(), seed=0)
+    model.load_base_state_dict(base.base_state_dict())
+    model.add_lora(cfg.lora_rank, seed=seed)
+    return model
+
+
+def _batches(model, data, steps, bs, seed):
+    """Yield (z_t, t, cond, noise) member batches exactly as the demo's train_lora draws them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        z, c = model.encode(data.images), model.text(data.captions)
+    T = model.cfg.num_train_timesteps
+    bs = min(bs, len(data))
+    for _ in range(steps):
+        idx = torch.randperm(len(data), generator=g)[:bs]
+        noise = torch.randn(z[idx].shape, generator=g)
+        t = torch.randint(0, T, (bs,), generator=g)
+        yield model.add_noise(z[idx], t, noise), t, c[idx], noise
+
+
+def train_dpsgd(model, members, *, steps, lr, bs, seed, noise, clip) -> float:
+    """DP-SGD on the LoRA parameters (per-sample clipping + Gaussian noise); returns epsilon at delta 1e-5."""
+    from opacus import GradSampleModule
+    from opacus.accountants import RDPAccountant
+
+    gsm = GradSampleModule(model.unet)
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g_noise = torch.Generator().manual_seed(seed + 1234)
+    acc = RDPAccountant()
+    q = min(bs, len(members)) / len(members)
+    for z_t, t, cond, eps in _batches(model, members, steps, bs, seed):
+        pred = gsm(z_t, t, encoder_hidden_states=cond).sample
+        per_sample = F.mse_loss(pred, eps, reduction="none").mean((1, 2, 3))
+        opt.zero_grad(set_to_none=True)
+        per_sample.sum().backward()
+        gs = [p.grad_sample.reshape(len(z_t), -1) for p in params]
+        norms = torch.cat(gs, 1).norm(dim=1)
+        factor = (clip / (norms + 1e-12)).clamp(max=1.0)
+        for p in params:
+            clipped = (p.grad_sample * factor.view(-1, *[1] * (p.grad_sample.ndim - 1))).sum(0)
+            p.grad = (clipped + torch.randn(p.shape, generator=g_noise) * noise * clip) / len(z_t)
+            p.grad_sample = None
+        opt.step()
+        acc.step(noise_multiplier=noise, sample_rate=q)
+    gsm._close()
+    model.unet = gsm._module
+    return float(acc.get_epsilon(delta=1e-5))
+
+
+def train_floor(model, members, nonmembers, *, steps, lr, bs, seed, momentum=0.9) -> None:
+    """RelaxLoss-style: descend above the running non-member loss level, ascend below it."""
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    nm = _batches(model, nonmembers, steps, bs, seed + 7919)
+    floor: Optional[float] = None
+    for z_t, t, cond, eps in _batches(model, members, steps, bs, seed):
+        with torch.no_grad():
+            zn, tn, cn, en = next(nm)
+            level = F.mse_loss(model.predict(zn, tn, cn), en).item()
+        floor = level if floor is None else momentum * floor + (1 - momentum) * level
+        loss = F.mse_loss(model.predict(z_t, t, cond), eps)
+        objective = loss if loss.item() >= floor else -loss
+        opt.zero_grad(set_to_none=True)
+        objective.backward()
+        opt.step()
+
+
+def run_one(name: str, seed: int, steps_full: Optional[int] = None) -> Dict[str, Any]:
+    from smplora_plugin import PrivacyConfig, PrivacyRegularizer
+    from smplora_plugin.audit import AuditSamples, run_audit
+    from smplora_plugin.demo.data import DigitSet
+    from smplora_plugin.demo.model import TinyLDMConfig
+    from smplora_plugin.demo.pipeline import _member_halves
+    from smplora_plugin.demo.quality import sample_quality
+    from smplora_plugin.demo.target import TinyLDMTarget
+    from smplora_plugin.demo.train import train_lora
+
+    torch.manual_seed(seed)
+    torch.set_flush_denormal(True)
+    cfg, base, clf, splits = _setup(seed)
+    spec = dict(CONFIGS[name])
+    kind = spec.pop("kind")
+    steps = spec.pop("steps", steps_full or cfg.steps)
+    model = _model(base, cfg, seed)
+    members, nonmembers = splits["member"], splits["nonmember_defense"]
+    lat = TinyLDMConfig().latent_size
+    t0 = time.time()
+    epsilon = None
+    if kind == "dpsgd":
+        epsilon = train_dpsgd(model, members, steps=steps, lr=cfg.lora_lr, bs=cfg.batch_size, seed=seed, **spec)
+    elif kind == "floor":
+        train_floor(model, members, nonmembers, steps=steps, lr=cfg.lora_lr, bs=cfg.batch_size, seed=seed)
+    else:
+        reg = None
+        if kind == "robust":
+            reg = PrivacyRegularizer(PrivacyConfig.preset("robust", feature_grid=lat, seed=seed, **spec),
+                                     load_entry_points=False)
+        elif kind in ("smp", "mp"):
+            reg = PrivacyRegularizer(objective=kind, feature_grid=lat, seed=seed, load_entry_points=False, **spec)
+        train_lora(model, members, steps=steps, lr=cfg.lora_lr, batch_size=cfg.batch_size, seed=seed, reg=reg,
+                   nonmembers=nonmembers, name=name, progress=False)
+    train_s = time.time() - t0
+    m_cal, m_eval = _member_halves(members, 0)
+    samples = lambda d: AuditSamples(d.images, d.captions, d.ids)  # noqa: E731
+    report = run_audit(TinyLDMTarget(model), samples(m_eval), samples(splits["nonmember_eval"]),
+                       calibration_members=samples(m_cal), calibration_nonmembers=samples(splits["nonmember_calibration"]),
+                       attacks=ATTACKS, config={"seed": seed, "n_boot": 200}, progress=False, num_threads=1)
+    reference = DigitSet(torch.cat([splits["nonmember_calibration"].images, splits["nonmember_eval"].images]),
+                         torch.cat([splits["nonmember_calibration"].labels, splits["nonmember_eval"].labels]),
+                         splits["nonmember_calibration"].ids + splits["nonmember_eval"].ids)
+    quality = sample_quality(model, clf, reference, per_label=cfg.samples_per_label, steps=cfg.sample_steps, seed=seed)
+    mx = report.max_over_attacks
+    return {"config": name, "seed": seed, "steps": steps, "epsilon": epsilon, "train_seconds": round(train_s, 1),
+            "max_auc": mx["auc"]["value"], "max_auc_attack": mx["auc"]["attack"],
+            "max_tpr_1pct": mx.get("tpr_at_1pct_fpr", {}).get("value"),
+            "heldout_loss": report.utility["heldout_denoising_loss"],
+            "classifier_accuracy": quality["classifier_accuracy"], "frechet_distance": quality["frechet_distance"],
+            "per_attack_auc": {k: v["auc"] for k, v in report.attacks.items()}}
+
+
+def _mean_sd(xs: List[float]) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def table(rows: List[Dict[str, Any]]) -> str:
+    plain = {r["seed"]: r["heldout_loss"] for r in rows if r["config"] == "plain"}
+    lines = ["| defense | seeds | max-attack AUC | max TPR@1%FPR | held-out loss / plain | classifier acc. | "
+             "Fréchet dist. | epsilon (δ=1e-5) | strongest attack |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in CONFIGS:
+        rs = [r for r in rows if r["config"] == name]
+        if not rs:
+            continue
+        ratio = [r["heldout_loss"] / plain[r["seed"]] for r in rs if r["seed"] in plain]
+        attacks = sorted({r["max_auc_attack"] for r in rs})
+        eps = _mean_sd([r["epsilon"] for r in rs]) if rs[0]["epsilon"] is not None else "—"
+        lines.append(f"| {name} | {len(rs)} | {_mean_sd([r['max_auc'] for r in rs])} | "
+                     f"{_mean_sd([r['max_tpr_1pct'] for r in rs])} | {_mean_sd(ratio)} | "
+                     f"{_mean_sd([r['classifier_accuracy'] for r in rs])} | {_mean_sd([r['frechet_distance'] for r in rs])} | "
+                     f"{eps} | {', '.join(attacks)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plain = {r["seed"]: r["heldout_loss"] for r in rows if r["config"] == "plain"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name in CONFIGS:
+        rs = [r for r in rows if r["config"] == name and r["seed"] in plain]
+        if not rs:
+            continue
+        x = [r["classifier_accuracy"] for r in rs]
+        for ax, key in zip(axes, ("max_auc", "max_tpr_1pct")):
+            ys = [r[key] if r[key] is not None else float("nan") for r in rs]
+            ax.scatter(x, ys, label=name, s=25)
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[0].set_ylabel("max-attack AUC (lower = more private)")
+    axes[1].set_ylabel("max-attack TPR at 1% FPR")
+    for ax in axes:
+        ax.set_xlabel("classifier accuracy on generated samples (higher = more useful)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle("Privacy-utility frontier, tiny LDM on digits (one point per seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 torch thread each)")
+    p.add_argument("--rows", default=str(Path(__file__).with_name("privacy_utility_rows.jsonl")),
+                   help="append each finished run here; runs already there are skipped")
+    p.add_argument("--write", action="store_true", help="write the table into RESULTS.md and the PNG")
+    p.add_argument("--one", nargs=2, metavar=("CONFIG", "SEED"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.one:
+        print(json.dumps(run_one(args.one[0], int(args.one[1]))), flush=True)
+        return 0
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown config(s) {unknown}")
+    rows_path = Path(args.rows)
+    done = set()
+    if rows_path.exists():
+        for line in rows_path.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["config"], r["seed"]))
+    todo = [(c, int(s)) for s in args.seeds.split(",") for c in configs if (c, int(s)) not in done]
+    running: List[subprocess.Popen] = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            c, s = todo.pop(0)
+            proc = subprocess.Popen([sys.executable, __file__, "--one", c, str(s)], stdout=subprocess.PIPE, text=True)
+            proc.job = (c, s)  # type: ignore[attr-defined]
+            running.append(proc)
+        time.sleep(1)
+        for proc in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove(proc)
+            out = proc.stdout.read().strip().splitlines()
+            if proc.returncode != 0 or not out:
+                print(f"FAILED {proc.job} (exit {proc.returncode})", file=sys.stderr)  # type: ignore[attr-defined]
+                continue
+            with rows_path.open("a") as f:
+                f.write(out[-1] + "\n")
+            r = json.loads(out[-1])
+            print(f"{r['config']:<28} seed {r['seed']}: max AUC {r['max_auc']:.3f} ({r['max_auc_attack']}), "
+                  f"held-out {r['heldout_loss']:.4f}, clf acc {r['classifier_accuracy']:.3f}", flush=True)
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    rows = [r for r in rows if r["config"] in configs]
+    text = table(rows)
+    print(text)
+    if args.write:
+        plot(rows, OUT)
+        write_section("privacy_utility", "## Privacy-utility frontier (digits)\n\n" + header() +
+                      f"- attacks: {', '.join(ATTACKS)}; demo sizes (members, steps, LoRA) from `DemoConfig()`\n\n"
+                      + text + f"\n![frontier]({OUT.name})\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
