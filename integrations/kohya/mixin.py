@@ -1,0 +1,370 @@
+"""``SmploraTrainerMixin``: SMP-LoRA for any sd-scripts ``NetworkTrainer`` subclass.
+
+Put it first in the MRO (``make_private_trainer`` / the launcher do that). It overrides only
+methods every kohya network trainer shares, each calling ``super()`` with the arguments passed
+through unchanged:
+
+- ``train``: validate the privacy settings and prepare the non-member dataset, before anything else;
+- ``assert_extra_args``: reach the dataset groups (members / non-members / regularisation), check
+  that they are disjoint by content, write the manifest, announce the split;
+- ``get_noise_pred_and_target``: capture ``(pred, target, timesteps)`` of a forward;
+- ``process_batch``: while training only, feed the core (``reg.features``, ``reg.step``), with one
+  no-grad forward on a kohya validation batch when the attacker is due an update;
+- ``on_step_start``: after ``super()``, one-time hookup of checkpoint / ``--save_state`` saving;
+- ``get_sai_model_spec``: ``smplora.*`` keys in every saved LoRA;
+- ``generate_step_logs``: metrics for kohya's trackers (TensorBoard / wandb).
+
+All algorithm code lives in the core (:class:`smplora_plugin.PrivacyRegularizer`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from smplora_plugin import PrivacyRegularizer, __version__
+from smplora_plugin.errors import SmploraError
+from smplora_plugin.state import read_state
+
+from . import data
+from .options import KohyaPrivacySettings, settings_from_namespace
+
+logger = logging.getLogger("smplora.kohya")
+
+STATE_DIR_FILE = "smplora_state.safetensors"   # inside a kohya --save_state folder
+STATE_SUFFIX = ".smplora_state"                # next to each LoRA checkpoint (safetensors format;
+                                               # no .safetensors suffix so LoRA pickers don't list it)
+CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt")
+
+
+def state_path_for_checkpoint(ckpt_file: str) -> Path:
+    """Where the attacker state of a LoRA checkpoint is saved: ``<ckpt without ext>.smplora_state``."""
+    p = Path(ckpt_file)
+    return p.with_name(p.stem + STATE_SUFFIX)
+
+
+class _Run:
+    """Per-``train()`` state of the privacy regulariser inside a kohya run."""
+
+    def __init__(self, settings: KohyaPrivacySettings):
+        self.settings = settings
+        self.reg = PrivacyRegularizer(config=settings.config)
+        self.capturing = False
+        self.captured = None
+        self.val_group = None
+        self.pool: Optional[data.NonmemberPool] = None
+        self.hooked = False
+        self.manifest: Optional[Path] = None
+        self.counts: Dict[str, int] = {}
+        self.source = ""
+        self.is_main = True
+        self.reg_only_batches = 0
+        self.output_dir = Path(".")
+
+    # ------------------------------------------------------------------ before kohya's train()
+    def prepare_args(self, args) -> None:
+        s = self.settings
+        self.output_dir = Path(getattr(args, "output_dir", None) or ".")
+        name = getattr(args, "output_name", None) or "last"
+        self.manifest = s.manifest or self.output_dir / f"{name}_smplora_manifest.json"
+        carve_out = data.uses_validation_split(args)   # before the holdout block (split 1.0) is added
+        # 1. everything that can fail, before anything is written or changed
+        holdout_cfg = data.holdout_dataset_config(args, s.holdout_dir) if s.holdout_dir is not None else None
+        state_file = s.attacker_state
+        resume = getattr(args, "resume", None)
+        if state_file is None and resume and not getattr(args, "resume_from_huggingface", False):
+            candidate = Path(resume) / STATE_DIR_FILE
+            if candidate.is_file():
+                state_file = candidate
+            else:
+                logger.warning(f"SMP-LoRA: --resume {resume} holds no {STATE_DIR_FILE}; the proxy attacker starts "
+                               "from scratch (pass --privacy_attacker_state FILE to continue one)")
+        if state_file is not None:
+            self.reg.load_state_dict(read_state(state_file))  # validated whole; config must match
+            logger.warning(f"SMP-LoRA: attacker state restored from {state_file} "
+                           f"(step {self.reg.global_step}, {self.reg.attacker_updates} attacker updates)")
+        # 2. then point kohya at the non-member data
+        if holdout_cfg is not None:
+            path = data.write_dataset_config(holdout_cfg, self.output_dir / f"{name}_smplora_dataset.json")
+            logger.warning(f"SMP-LoRA: --privacy_holdout_dir {s.holdout_dir} is added to your datasets as a "
+                           f"validation-only dataset (never trained on); kohya now reads the combined dataset config "
+                           f"{path}")
+            args.dataset_config = str(path)
+            self.source = f"holdout_dir:{Path(s.holdout_dir).name}"   # folder name only: metadata gets published
+        if carve_out:
+            if getattr(args, "validation_seed", None) is None:
+                args.validation_seed = s.config.seed
+                logger.warning(f"SMP-LoRA: validation_split carve-out is seeded with validation_seed={s.config.seed} "
+                               "(without a seed kohya shuffles the training and validation sides differently, "
+                               "so an image could land on both)")
+            self.source = (self.source + "+" if self.source else "") + \
+                f"validation_split:{getattr(args, 'validation_split', 0.0)}@seed{args.validation_seed}"
+
+    # ------------------------------------------------------------------ assert_extra_args
+    def setup_datasets(self, args, train_group, val_group) -> None:
+        holdout = self.settings.holdout_dir
+        splits = data.check_and_record(
+            train_group, val_group, manifest=self.manifest, seed=self.settings.config.seed,
+            source=self.source or "validation",
+            extra={"holdout_dir": str(holdout.resolve()) if holdout is not None else None,
+                   "validation_split": getattr(args, "validation_split", None),
+                   "validation_seed": getattr(args, "validation_seed", None), "smplora_version": __version__})
+        data.tag_subsets(train_group, lambda sub: "reg" if getattr(sub, "is_reg", False) else "member")
+        data.tag_subsets(val_group, lambda sub: "nonmember")
+        self.val_group = val_group
+        self.counts = {k: len(v) for k, v in splits.items()}
+        carved = [p for p in splits["nonmember"]
+                  if holdout is None or not Path(p).resolve().is_relative_to(Path(holdout).resolve())]
+        lines = [
+            "=" * 40,
+            f"SMP-LoRA (smplora-plugin {__version__}): {self.settings.config.objective} objective, "
+            f"alpha={self.settings.config.alpha}, beta={self.settings.config.beta}, k_steps={self.settings.config.k_steps}",
+            f"  members (trained on, shown to the proxy attacker): {len(splits['member'])} images",
+            f"  non-members (NEVER trained on):                    {len(splits['nonmember'])} images "
+            f"[{self.source or 'validation dataset'}]",
+        ]
+        if carved:
+            lines.append(f"  !! {len(carved)} image(s) were CARVED OUT of your training folders as non-members and "
+                         f"will NOT be trained on: {data.describe(carved)}")
+        if splits.get("regularization"):
+            lines.append(f"  regularisation images (trained on, never shown to the attacker): "
+                         f"{len(splits['regularization'])}")
+        lines += [f"  manifest: {self.manifest}", "=" * 40]
+        for line in lines:
+            logger.warning(line)
+
+    # ------------------------------------------------------------------ per step
+    def hook_up(self, trainer, bound: inspect.BoundArguments) -> None:
+        """One-time: state next to each checkpoint, state in --save_state folders, progress bar."""
+        self.hooked = True
+        acc = bound.arguments["accelerator"]
+        self.is_main = bool(getattr(acc, "is_main_process", True))
+        network = bound.arguments["network"]
+        unwrap = getattr(acc, "unwrap_model", None)
+        net = unwrap(network) if unwrap is not None else network
+        original = net.save_weights
+        run = self
+
+        def save_weights(file, *a, **kw):
+            out = original(file, *a, **kw)
+            run.after_checkpoint(file)
+            return out
+
+        net.save_weights = save_weights
+        register = getattr(acc, "register_save_state_pre_hook", None)
+        if register is not None:
+            def save_state_hook(models, weights, output_dir):
+                if run.is_main:
+                    run.reg.save(Path(output_dir) / STATE_DIR_FILE)
+            register(save_state_hook)
+        self._wrap_progress_bar()
+
+    def _wrap_progress_bar(self) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - kohya depends on tqdm
+            return
+        bars = [b for b in list(getattr(tqdm, "_instances", ())) if getattr(b, "desc", "") == "steps"]
+        if not bars:
+            return
+        bar = bars[-1]
+        original = bar.set_postfix
+        run = self
+
+        def set_postfix(ordered_dict=None, refresh=True, **kwargs):
+            kwargs.update(run.postfix())
+            return original(ordered_dict, refresh, **kwargs)
+
+        bar.set_postfix = set_postfix
+
+    def postfix(self) -> Dict[str, str]:
+        m = self.reg.metrics()
+        out = {}
+        if "attacker_ce_member" in m:
+            out["mia_ce"] = f"{m['attacker_ce_member']:.3f}"
+        if "attacker_acc" in m:
+            out["mia_acc"] = f"{m['attacker_acc']:.2f}"
+        return out
+
+    def regularize(self, trainer, loss: torch.Tensor, bound: inspect.BoundArguments) -> torch.Tensor:
+        captured, self.captured = self.captured, None
+        if captured is None:
+            raise SmploraError(
+                f"{type(trainer).__name__}.process_batch did not call get_noise_pred_and_target, so SMP-LoRA has "
+                "no prediction to regularise; this trainer class is not supported.")
+        pred, target, timesteps = captured
+        batch = bound.arguments["batch"]
+        acc = bound.arguments["accelerator"]
+        sync = bool(getattr(acc, "sync_gradients", True))
+        rows = data.member_rows(batch, pred.shape[0])
+        if not _all_ranks_have(bool(rows), pred.device):
+            # every process must call reg.step together (it gathers features across ranks)
+            self.reg_only_batches += 1
+            return loss
+        if len(rows) < pred.shape[0]:
+            idx = torch.tensor(rows, device=pred.device)
+            pred, target = pred.index_select(0, idx), target.index_select(0, idx)
+            if isinstance(timesteps, torch.Tensor) and timesteps.ndim > 0 and timesteps.shape[0] > max(rows):
+                timesteps = timesteps.index_select(0, idx.to(timesteps.device))
+        member = self.reg.features(pred, target, timesteps)
+        nonmember = None
+        if sync and self.reg.wants_nonmembers(update_attacker=True):
+            nonmember = self.nonmember_features(trainer, bound)
+        return self.reg.step(loss, member, nonmember, update_attacker=sync)
+
+    def nonmember_features(self, trainer, bound: inspect.BoundArguments) -> torch.Tensor:
+        """One no-grad forward of the current model on a kohya validation (non-member) batch."""
+        acc = bound.arguments["accelerator"]
+        if self.pool is None:
+            self.pool = data.NonmemberPool(self.val_group, self.settings.config.seed,
+                                           rank=getattr(acc, "process_index", 0),
+                                           world_size=getattr(acc, "num_processes", 1))
+        counter = self.reg.attacker_updates
+        a = bound.arguments
+        device = getattr(acc, "device", None)
+        with data.forked_rng(self.settings.config.seed * 7919 + counter, device), torch.no_grad():
+            nm_batch = self.pool.batch(counter)
+            hook_args = (a["args"], acc, a["network"], a["text_encoders"], a["unet"], nm_batch, a["weight_dtype"])
+            trainer.on_step_start(*hook_args, is_train=False)
+            call = inspect.BoundArguments(bound.signature, bound.arguments.copy())
+            call.arguments["batch"] = nm_batch
+            call.arguments["is_train"] = False
+            self.captured, self.capturing = None, True
+            try:
+                trainer.process_batch(*call.args, **call.kwargs)
+            finally:
+                self.capturing = False
+            captured, self.captured = self.captured, None
+            trainer.on_validation_step_end(*hook_args)
+            if captured is None:
+                raise SmploraError("the non-member forward did not reach get_noise_pred_and_target.")
+            pred, target, timesteps = captured
+            return self.reg.features(pred, target, timesteps)
+
+    # ------------------------------------------------------------------ saving
+    def after_checkpoint(self, ckpt_file: str) -> None:
+        if not self.is_main:
+            return
+        path = state_path_for_checkpoint(ckpt_file)
+        self.reg.save(path)
+        m = self.reg.metrics()
+        logger.info(f"SMP-LoRA: attacker state saved to {path} (step {int(m['step'])}, attacker CE on members "
+                    f"{m.get('attacker_ce_member', float('nan')):.4f}, attacker accuracy "
+                    f"{m.get('attacker_acc', float('nan')):.3f})")
+        # drop states whose checkpoint kohya has removed (--save_last_n_steps / --save_last_n_epochs)
+        for old in path.parent.glob(f"*{STATE_SUFFIX}"):
+            stem = old.name[: -len(STATE_SUFFIX)]
+            if old != path and not any((old.parent / f"{stem}{ext}").exists() for ext in CHECKPOINT_EXTS):
+                old.unlink(missing_ok=True)
+
+    def file_metadata(self) -> Dict[str, str]:
+        meta = self.reg.file_metadata()
+        meta["smplora.integration"] = "kohya-sd-scripts"
+        meta["smplora.data"] = json.dumps({"source": self.source or "validation", "counts": self.counts,
+                                           "manifest": self.manifest.name if self.manifest else None,
+                                           "reg_only_batches": self.reg_only_batches}, sort_keys=True)
+        return meta
+
+
+class SmploraTrainerMixin:
+    """Mixin for kohya ``NetworkTrainer`` subclasses; must come first in the MRO."""
+
+    _smplora_override: Optional[KohyaPrivacySettings] = None
+    _smplora: Optional[_Run] = None
+
+    # -------------------------------------------------------------- train
+    def train(self, args, *rest, **kw):
+        settings = self._smplora_override
+        if settings is None:
+            settings = settings_from_namespace(args)
+        elif settings.holdout_dir is None and getattr(args, "privacy_holdout_dir", None):
+            settings.holdout_dir = Path(args.privacy_holdout_dir)
+        if not settings.enabled:
+            self._smplora = None
+            return super().train(args, *rest, **kw)
+        run = _Run(settings)
+        run.prepare_args(args)     # every check that needs no dataset runs here, before kohya starts
+        self._smplora = run
+        try:
+            return super().train(args, *rest, **kw)
+        finally:
+            if run.reg_only_batches:
+                logger.info(f"SMP-LoRA: {run.reg_only_batches} batch(es) held only regularisation images and "
+                            "were trained without the privacy term")
+
+    # -------------------------------------------------------------- hooks
+    def assert_extra_args(self, args, train_dataset_group, val_dataset_group, *rest, **kw):
+        out = super().assert_extra_args(args, train_dataset_group, val_dataset_group, *rest, **kw)
+        if self._smplora is not None:
+            self._smplora.setup_datasets(args, train_dataset_group, val_dataset_group)
+        return out
+
+    def get_noise_pred_and_target(self, *a, **kw):
+        out = super().get_noise_pred_and_target(*a, **kw)
+        run = self._smplora
+        if run is not None and run.capturing:
+            run.captured = (out[0], out[1], out[2] if len(out) > 2 else None)
+        return out
+
+    def process_batch(self, *a, **kw):
+        run = self._smplora
+        if run is None:
+            return super().process_batch(*a, **kw)
+        sig = inspect.signature(super().process_batch)
+        bound = sig.bind(*a, **kw)
+        is_train = bound.arguments.get("is_train", sig.parameters["is_train"].default)
+        if not is_train or run.capturing:
+            return super().process_batch(*a, **kw)
+        run.captured, run.capturing = None, True
+        try:
+            loss = super().process_batch(*a, **kw)
+        finally:
+            run.capturing = False
+        return run.regularize(self, loss, bound)
+
+    def on_step_start(self, *a, **kw):
+        out = super().on_step_start(*a, **kw)
+        run = self._smplora
+        if run is not None and not run.hooked:
+            sig = inspect.signature(super().on_step_start)
+            bound = sig.bind(*a, **kw)
+            if bound.arguments.get("is_train", True):
+                run.hook_up(self, bound)
+        return out
+
+    def get_sai_model_spec(self, *a, **kw):
+        spec = super().get_sai_model_spec(*a, **kw)
+        run = self._smplora
+        if run is None:
+            return spec
+        spec = dict(spec or {})
+        spec.update(run.file_metadata())
+        return spec
+
+    def generate_step_logs(self, *a, **kw):
+        logs = super().generate_step_logs(*a, **kw)
+        run = self._smplora
+        if run is not None and isinstance(logs, dict):
+            logs.update({f"smplora/{k}": v for k, v in run.reg.metrics().items()})
+        return logs
+
+    # -------------------------------------------------------------- access
+    @property
+    def privacy_regularizer(self) -> Optional[PrivacyRegularizer]:
+        """The run's :class:`PrivacyRegularizer` (None before ``train()`` or with privacy off)."""
+        return None if self._smplora is None else self._smplora.reg
+
+
+def _all_ranks_have(flag: bool, device: torch.device) -> bool:
+    """``flag`` on every process of a torch.distributed run (just ``flag`` in a single process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

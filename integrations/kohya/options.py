@@ -1,0 +1,229 @@
+"""Kohya-style ``--privacy*`` arguments, their TOML form, and their validation.
+
+sd-scripts reads ``--config_file x.toml`` by flattening every section into one namespace and
+letting argparse fill only what is missing, so TOML values skip argparse's ``type=`` and
+``choices=`` checks. Everything is therefore validated here, whatever its source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from smplora_plugin.config import PrivacyConfig
+from smplora_plugin.errors import ConfigError
+
+MODES = {"none": None, "smplora": "smp", "smp": "smp", "mplora": "mp", "mp": "mp"}
+TOML_SECTION = "smplora"
+
+# kohya option name -> (PrivacyConfig field, argparse type, help)
+CONFIG_OPTIONS: Dict[str, tuple] = {
+    "privacy_alpha": ("alpha", float, "weight of the attacker's member cross-entropy (paper: 0.05)"),
+    "privacy_beta": ("beta", float, "constant of the SMP denominator, > 0 (paper: 1)"),
+    "privacy_delta": ("delta", float, "numerical guard of the SMP denominator (paper: 1e-5)"),
+    "privacy_k_steps": ("k_steps", int, "proxy-attacker updates per optimiser step; 0 freezes it (paper: 1)"),
+    "privacy_attacker_lr": ("attacker_lr", float, "Adam learning rate of the proxy attacker (paper: 1e-5)"),
+    "privacy_attacker_weight_decay": ("attacker_weight_decay", float, "Adam weight decay of the attacker (paper: 1e-4)"),
+    "privacy_attacker_hidden": ("hidden", str, "hidden widths of the attacker MLP, comma separated (paper: 512,256)"),
+    "privacy_attacker_dropout": ("dropout", float, "dropout of the attacker while it trains (paper: 0.5)"),
+    "privacy_feature_grid": ("feature_grid", str, "loss maps are pooled per channel to this grid: N or H,W; 0 = no pooling (default 64)"),
+    "privacy_nonmember_every": ("nonmember_every", int, "refresh the held-out forward every N attacker updates (default 1)"),
+    "privacy_seed": ("seed", int, "seed of the attacker and of the non-member draws (default: --seed, else 0)"),
+}
+PATH_OPTIONS: Dict[str, str] = {
+    "privacy_holdout_dir": "non-member images in kohya's folder layout (DIR/<repeats>_<name>/*.png), never trained on",
+    "privacy_manifest": "where to write the member / non-member manifest (default: OUTPUT_DIR/OUTPUT_NAME_smplora_manifest.json)",
+    "privacy_attacker_state": "an attacker state .safetensors to start from (default: the one in --resume DIR, if any)",
+}
+ALL_OPTIONS = {"privacy", *CONFIG_OPTIONS, *PATH_OPTIONS}
+
+
+@dataclass
+class KohyaPrivacySettings:
+    """Validated privacy settings of one kohya run."""
+
+    objective: Optional[str]                      # "smp", "mp", or None (off)
+    config: Optional[PrivacyConfig] = None
+    holdout_dir: Optional[Path] = None
+    manifest: Optional[Path] = None
+    attacker_state: Optional[Path] = None
+    sources: Dict[str, str] = field(default_factory=dict)  # option -> "cli/toml" provenance, for messages
+
+    @property
+    def enabled(self) -> bool:
+        return self.objective is not None
+
+
+def add_privacy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--privacy*`` options to a kohya parser (snake_case, no ``required=``)."""
+    group = parser.add_argument_group("privacy (smplora-plugin: SMP-LoRA membership-inference defense)")
+    existing = {a.dest for a in parser._actions}
+    if "privacy" in existing:  # already extended (e.g. setup_parser called twice)
+        return parser
+    group.add_argument("--privacy", type=str, default=None, choices=["none", "smplora", "mplora"],
+                       help="membership-inference defense: smplora (SMP-LoRA, recommended), mplora (baseline) or none")
+    for name, (_, typ, help_) in CONFIG_OPTIONS.items():
+        group.add_argument(f"--{name}", type=typ, default=None, help=help_)
+    for name, help_ in PATH_OPTIONS.items():
+        group.add_argument(f"--{name}", type=str, default=None, help=help_)
+    return parser
+
+
+def check_toml_section(path: Optional[str]) -> None:
+    """Refuse keys in the ``[smplora]`` TOML section that kohya would flatten into its own options."""
+    if not path:
+        return
+    file = Path(path if str(path).endswith(".toml") else f"{path}.toml")
+    if not file.is_file():
+        return  # kohya itself reports a missing --config_file
+    data = _load_toml(file)
+    section = data.get(TOML_SECTION)
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ConfigError(f"{file}: '{TOML_SECTION}' must be a table ([{TOML_SECTION}]), got {type(section).__name__}.")
+    for key in section:
+        if key not in ALL_OPTIONS:
+            hint = _suggest(key if key.startswith("privacy") else f"privacy_{key}")
+            raise ConfigError(
+                f"{file}: key '{key}' in [{TOML_SECTION}] is not a privacy option. sd-scripts flattens every TOML "
+                f"section into its own arguments, so only privacy / privacy_* keys belong there.{hint}"
+            )
+
+
+def settings_from_namespace(args: argparse.Namespace) -> KohyaPrivacySettings:
+    """Validate the ``privacy*`` attributes of a kohya namespace (CLI or TOML) into settings.
+
+    Raises :class:`ConfigError` naming the option, its value and the accepted values.
+    """
+    values = vars(args)
+    unknown = sorted(k for k in values if k.startswith("privacy") and k not in ALL_OPTIONS)
+    if unknown:
+        raise ConfigError(f"unknown privacy option(s) {unknown}.{_suggest(unknown[0])} "
+                          f"Valid options: {sorted(ALL_OPTIONS)}.")
+    check_toml_section(values.get("config_file"))
+    raw_mode = values.get("privacy")
+    mode = "none" if raw_mode is None else raw_mode
+    if not isinstance(mode, str) or mode.lower() not in MODES:
+        raise ConfigError(f"privacy={raw_mode!r} is unknown: use 'smplora' (SMP-LoRA, recommended), 'mplora' "
+                          "(MP-LoRA baseline) or 'none'.")
+    objective = MODES[mode.lower()]
+    cfg_values = {k: values.get(k) for k in CONFIG_OPTIONS if values.get(k) is not None}
+    path_values = {k: values.get(k) for k in PATH_OPTIONS if values.get(k) is not None}
+    if objective is None:
+        if cfg_values or path_values:
+            given = sorted({*cfg_values, *path_values})
+            logging.getLogger("smplora.kohya").warning(
+                f"privacy options {given} are ignored because --privacy is 'none': this run has NO membership-"
+                "inference defense (add --privacy smplora to enable it).")
+        return KohyaPrivacySettings(objective=None)
+    fields: Dict[str, Any] = {"objective": objective}
+    for name, value in cfg_values.items():
+        field_name = CONFIG_OPTIONS[name][0]
+        try:
+            if field_name == "hidden":
+                value = _int_list(value, name)
+            elif field_name == "feature_grid":
+                value = _grid(value, name)
+            fields[field_name] = value
+        except ConfigError:
+            raise
+    if "seed" not in fields:
+        seed = values.get("seed")
+        fields["seed"] = int(seed) if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else 0
+    try:
+        config = PrivacyConfig.from_dict(fields)
+    except ConfigError as exc:
+        raise ConfigError(f"invalid privacy option: {exc} (kohya option names: --privacy_<field>, e.g. "
+                          "--privacy_alpha; TOML values are checked the same way).") from None
+    settings = KohyaPrivacySettings(objective=objective, config=config)
+    for name, value in path_values.items():
+        if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+            raise ConfigError(f"{name}={value!r} must be a path.")
+    if "privacy_holdout_dir" in path_values:
+        settings.holdout_dir = Path(path_values["privacy_holdout_dir"]).expanduser()
+    if "privacy_manifest" in path_values:
+        settings.manifest = Path(path_values["privacy_manifest"]).expanduser()
+    if "privacy_attacker_state" in path_values:
+        settings.attacker_state = Path(path_values["privacy_attacker_state"]).expanduser()
+        if not settings.attacker_state.is_file():
+            raise ConfigError(f"privacy_attacker_state={str(settings.attacker_state)!r} does not exist; pass a "
+                              "*.smplora_state.safetensors file written by an earlier run.")
+    return settings
+
+
+def settings_from_mapping(config: Any, base: Optional[KohyaPrivacySettings] = None) -> KohyaPrivacySettings:
+    """Settings for in-process callers: a :class:`PrivacyConfig`, or a mapping of core fields
+    (``alpha``...) and/or kohya option names (``privacy_alpha``, ``privacy_holdout_dir``...)."""
+    if isinstance(config, PrivacyConfig):
+        out = base or KohyaPrivacySettings(objective=config.objective)
+        out.objective, out.config = config.objective, config
+        return out
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config must be a PrivacyConfig or a mapping, got {type(config).__name__}.")
+    kohya_style = {k: v for k, v in config.items() if k == "privacy" or k.startswith("privacy_")}
+    core = {k: v for k, v in config.items() if k not in kohya_style}
+    ns = argparse.Namespace(**kohya_style)
+    if "privacy" not in kohya_style:
+        ns.privacy = "mplora" if str(core.get("objective", "smp")).lower() in ("mp", "mplora", "sum") else "smplora"
+    settings = settings_from_namespace(ns)
+    if core:
+        try:
+            settings.config = PrivacyConfig.from_dict({**settings.config.to_dict(), **core})
+        except ConfigError as exc:
+            raise ConfigError(f"invalid privacy config: {exc}") from None
+        settings.objective = settings.config.objective
+    return settings
+
+
+def _int_list(value: Any, name: str):
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, str):
+        items = [v for v in value.replace(" ", "").split(",") if v]
+    else:
+        raise ConfigError(f"{name}={value!r} must be comma-separated positive ints, e.g. '512,256'.")
+    try:
+        out = tuple(int(v) for v in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} must be comma-separated positive ints, e.g. '512,256'.") from None
+    if not out or any(v <= 0 for v in out):
+        raise ConfigError(f"{name}={value!r} must be comma-separated positive ints, e.g. '512,256'.")
+    return out
+
+
+def _grid(value: Any, name: str):
+    if value in (0, "0", "none", "None"):
+        return None
+    grid = _int_list(value, name)
+    if len(grid) == 1:
+        return grid[0]
+    if len(grid) != 2:
+        raise ConfigError(f"{name}={value!r} must be N, H,W or 0 (no pooling).")
+    return grid
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, sorted(ALL_OPTIONS), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _load_toml(file: Path) -> dict:
+    try:
+        import tomllib  # Python >= 3.11
+
+        with open(file, "rb") as f:
+            return tomllib.load(f)
+    except ModuleNotFoundError:
+        import toml  # sd-scripts' own dependency on Python 3.10
+
+        return toml.load(str(file))
+    except Exception as exc:  # noqa: BLE001 - report any parse error clearly
+        raise ConfigError(f"{file} is not valid TOML ({exc}).") from exc

@@ -1,0 +1,280 @@
+"""Stand-in for sd-scripts' train_network.py: NetworkTrainer with the v0.10.x hook names and
+signatures, and a small training loop that calls them in sd-scripts' order."""
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from library import config_util, train_util
+
+
+class TinyUNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(4, 16, 3, padding=1)
+        self.time = torch.nn.Linear(1, 16)
+        self.conv_out = torch.nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.conv_in(x) + self.time(t.float().view(-1, 1) / 1000.0)[:, :, None, None]
+        return self.conv_out(F.silu(h))
+
+
+class TinyLoRANetwork(torch.nn.Module):
+    """A low-rank residual on the UNet input, with sd-scripts' network method names."""
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.lora_down = torch.nn.Conv2d(4, dim, 1, bias=False)
+        self.lora_up = torch.nn.Conv2d(dim, 4, 1, bias=False)
+        torch.nn.init.normal_(self.lora_up.weight, std=0.1)
+
+    def forward(self, x):
+        return self.lora_up(self.lora_down(x))
+
+    def on_epoch_start(self, text_encoder, unet):
+        self.train()
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+    def save_weights(self, file, dtype, metadata):
+        sd = {k: v.detach().clone().cpu() for k, v in self.state_dict().items()}
+        save_file(sd, file, metadata or None)
+
+    def load_weights(self, file):
+        return self.load_state_dict(load_file(file))
+
+
+class NoiseScheduler:
+    def __init__(self):
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+
+
+class NetworkTrainer:
+    def __init__(self):
+        self.vae_scale_factor = 1.0
+        self.is_sdxl = False
+        self.step_logs = []          # what a tracker would receive (the stand-in keeps it for tests)
+
+    def generate_step_logs(self, args, current_loss, avr_loss, lr_scheduler, lr_descriptions, optimizer=None,
+                           keys_scaled=None, mean_norm=None, maximum_norm=None, mean_grad_norm=None,
+                           mean_combined_norm=None):
+        logs = {"loss/current": current_loss, "loss/average": avr_loss}
+        for i, lr in enumerate(lr_scheduler.get_last_lr()):
+            logs[f"lr/group{i}"] = lr
+        return logs
+
+    def assert_extra_args(self, args, train_dataset_group, val_dataset_group):
+        pass
+
+    def load_target_model(self, args, weight_dtype, accelerator):
+        torch.manual_seed(1234)
+        return "standin_v1", [], None, TinyUNet()
+
+    def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds, batch, weight_dtype, **kwargs):
+        return unet(noisy_latents, timesteps) + self._network(noisy_latents)
+
+    def get_noise_scheduler(self, args, device):
+        return NoiseScheduler()
+
+    def get_noise_pred_and_target(self, args, accelerator, noise_scheduler, latents, batch, text_encoder_conds, unet,
+                                  network, weight_dtype, train_unet, is_train=True):
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
+        abar = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps][:, None, None, None]
+        noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+        with torch.set_grad_enabled(is_train):
+            pred = self.call_unet(args, accelerator, unet, noisy, timesteps, text_encoder_conds, batch, weight_dtype)
+        return pred, noise, timesteps, None
+
+    def post_process_loss(self, loss, args, timesteps, noise_scheduler):
+        return loss
+
+    def get_sai_model_spec(self, args):
+        return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "standin-v1/lora",
+                "modelspec.title": str(args.output_name)}
+
+    def update_metadata(self, metadata, args):
+        pass
+
+    def on_step_start(self, args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train: bool = True):
+        pass
+
+    def on_validation_step_end(self, args, accelerator, network, text_encoders, unet, batch, weight_dtype):
+        pass
+
+    def process_batch(self, batch, text_encoders, unet, network, vae, noise_scheduler, vae_dtype, weight_dtype,
+                      accelerator, args, text_encoding_strategy, tokenize_strategy, is_train=True,
+                      train_text_encoder=True, train_unet=True):
+        with torch.no_grad():
+            latents = batch["latents"].to(accelerator.device) * self.vae_scale_factor
+        pred, target, timesteps, weighting = self.get_noise_pred_and_target(
+            args, accelerator, noise_scheduler, latents, batch, [], unet, network, weight_dtype, train_unet,
+            is_train=is_train)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if weighting is not None:
+            loss = loss * weighting
+        loss = loss.mean(dim=list(range(1, loss.ndim)))
+        loss = loss * batch["loss_weights"].to(loss.device)
+        loss = self.post_process_loss(loss, args, timesteps, noise_scheduler)
+        return loss.mean()
+
+    def train(self, args):
+        if args.seed is None:
+            args.seed = random.randint(0, 2**31)
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        if args.dataset_config:
+            user_config = config_util.load_user_config(args.dataset_config)
+        else:
+            user_config = {"datasets": [{"subsets": config_util.generate_dreambooth_subsets_config_by_subdirs(
+                args.train_data_dir, args.reg_data_dir)}]}
+        train_group, val_group = config_util.generate_dataset_groups(user_config, args)
+        if len(train_group) == 0:
+            print("No data found.")
+            return
+        self.assert_extra_args(args, train_group, val_group)
+
+        accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=True)
+        weight_dtype = torch.float32
+        model_version, text_encoder, vae, unet = self.load_target_model(args, weight_dtype, accelerator)
+        text_encoders = text_encoder if isinstance(text_encoder, list) else [text_encoder]
+        unet.requires_grad_(False)
+        torch.manual_seed(args.seed)
+        network = TinyLoRANetwork(args.network_dim or 4)
+        self._network = network
+        optimizer = torch.optim.AdamW(network.parameters(), lr=args.learning_rate)
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        g = torch.Generator().manual_seed(args.seed)
+        train_loader = torch.utils.data.DataLoader(train_group, batch_size=1, shuffle=True, generator=g,
+                                                   collate_fn=lambda xs: xs[0])
+        val_loader = torch.utils.data.DataLoader(val_group if val_group is not None else [], batch_size=1,
+                                                 shuffle=False, collate_fn=lambda xs: xs[0])
+        network, optimizer, train_loader, lr_scheduler = accelerator.prepare(network, optimizer, train_loader, lr_scheduler)
+        self._network = network
+        noise_scheduler = self.get_noise_scheduler(args, accelerator.device)
+        state = {"step": 0}
+
+        def save_model_hook(models, weights, output_dir):
+            with open(os.path.join(output_dir, "train_state.json"), "w") as f:
+                json.dump({"current_step": state["step"]}, f)
+
+        accelerator.register_save_state_pre_hook(save_model_hook)
+        if args.resume:
+            accelerator.load_state(args.resume)
+        metadata = {"ss_session_id": random.randint(0, 2**31), "ss_training_started_at": time.time(),
+                    "ss_output_name": args.output_name, "ss_learning_rate": args.learning_rate,
+                    "ss_network_dim": args.network_dim, "ss_num_train_images": train_group.num_train_images,
+                    "ss_num_reg_images": train_group.num_reg_images,
+                    "ss_num_validation_images": val_group.num_train_images if val_group is not None else 0,
+                    "ss_validation_split": args.validation_split}
+        self.update_metadata(metadata, args)
+        metadata = {k: str(v) for k, v in metadata.items()}
+
+        def save_model(ckpt_name, unwrapped_nw, steps, epoch_no):
+            os.makedirs(args.output_dir, exist_ok=True)
+            metadata["ss_steps"] = str(steps)
+            metadata["ss_epoch"] = str(epoch_no)
+            to_save = {k: metadata[k] for k in ("ss_output_name",)} if args.no_metadata else metadata
+            to_save.update(self.get_sai_model_spec(args))
+            unwrapped_nw.save_weights(os.path.join(args.output_dir, ckpt_name), None, to_save)
+
+        num_epochs = math.ceil(args.max_train_steps / max(1, len(train_loader) // args.gradient_accumulation_steps))
+        progress_bar = tqdm(range(args.max_train_steps), desc="steps", disable=not args.progress)
+        global_step, losses = 0, []
+        for epoch in range(num_epochs):
+            accelerator.unwrap_model(network).on_epoch_start(text_encoder, unet)
+            for step, batch in enumerate(train_loader):
+                with accelerator.accumulate(network):
+                    self.on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train=True)
+                    loss = self.process_batch(batch, text_encoders, unet, network, vae, noise_scheduler, weight_dtype,
+                                              weight_dtype, accelerator, args, None, None, is_train=True,
+                                              train_text_encoder=False, train_unet=True)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    progress_bar.update(1)
+                    global_step += 1
+                    state["step"] = global_step
+                    if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
+                        save_model(f"{args.output_name}-step{global_step:08d}.safetensors",
+                                   accelerator.unwrap_model(network), global_step, epoch)
+                        if args.save_state:
+                            accelerator.save_state(os.path.join(args.output_dir,
+                                                                f"{args.output_name}-step{global_step:08d}-state"))
+                current_loss = loss.detach().item()
+                losses.append(current_loss)
+                avr_loss = sum(losses[-10:]) / len(losses[-10:])
+                progress_bar.set_postfix(avr_loss=avr_loss)
+                self.step_logs.append(self.generate_step_logs(args, current_loss, avr_loss, lr_scheduler, None, optimizer))
+                if global_step >= args.max_train_steps:
+                    break
+            if len(val_loader) > 0:   # epoch validation, as sd-scripts: process_batch with is_train=False
+                accelerator.unwrap_model(network).eval()
+                for batch in val_loader:
+                    self.on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train=False)
+                    self.process_batch(batch, text_encoders, unet, network, vae, noise_scheduler, weight_dtype,
+                                       weight_dtype, accelerator, args, None, None, is_train=False,
+                                       train_text_encoder=False, train_unet=True)
+                    self.on_validation_step_end(args, accelerator, network, text_encoders, unet, batch, weight_dtype)
+                accelerator.unwrap_model(network).train()
+            if global_step >= args.max_train_steps:
+                break
+        progress_bar.close()
+        if args.save_state:
+            accelerator.save_state(os.path.join(args.output_dir, f"{args.output_name}-state"))
+        save_model(f"{args.output_name}.safetensors", accelerator.unwrap_model(network), global_step, num_epochs)
+        self.final_global_step = global_step
+
+
+def setup_parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config_file", type=str, default=None)
+    p.add_argument("--output_config", action="store_true")
+    p.add_argument("--train_data_dir", type=str, default=None)
+    p.add_argument("--reg_data_dir", type=str, default=None)
+    p.add_argument("--dataset_config", type=str, default=None)
+    p.add_argument("--in_json", type=str, default=None)
+    p.add_argument("--caption_extension", type=str, default=".caption")
+    p.add_argument("--prior_loss_weight", type=float, default=1.0)
+    p.add_argument("--output_dir", type=str, default=None)
+    p.add_argument("--output_name", type=str, default=None)
+    p.add_argument("--train_batch_size", type=int, default=1)
+    p.add_argument("--max_train_steps", type=int, default=4)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--network_dim", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--save_every_n_steps", type=int, default=None)
+    p.add_argument("--save_state", action="store_true")
+    p.add_argument("--resume", type=str, default=None)
+    p.add_argument("--resume_from_huggingface", action="store_true")
+    p.add_argument("--no_metadata", action="store_true")
+    p.add_argument("--validation_split", type=float, default=0.0)
+    p.add_argument("--validation_seed", type=int, default=None)
+    p.add_argument("--progress", action="store_true", help="show the progress bar")
+    return p
+
+
+if __name__ == "__main__":
+    parser = setup_parser()
+
+    args = parser.parse_args()
+    train_util.verify_command_line_training_args(args)
+    args = train_util.read_config_from_file(args, parser)
+
+    trainer = NetworkTrainer()
+    trainer.train(args)
