@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._io import atomic_write
 from .errors import HoldoutError
 
 MANIFEST_FORMAT = "smplora-holdout-manifest/1"
@@ -120,11 +121,8 @@ def write_manifest(path: Union[str, "os.PathLike[str]"], splits: Mapping[str, Se
     if extra:
         doc["extra"] = dict(extra)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_manifest(path: Union[str, "os.PathLike[str]"]) -> Dict[str, List[str]]:

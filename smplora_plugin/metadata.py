@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
+from ._io import atomic_write
 from .errors import SmploraError
 
 PREFIX = "smplora."
@@ -98,17 +98,11 @@ def annotate(lora_path: PathLike, config: Any = None, metrics: Optional[Mapping[
     merged.update(new)
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=merged)
+    def verify(tmp: str) -> None:
         check_header, check_tensors = _read(Path(tmp))
         if check_header != merged or set(check_tensors) != set(tensors):
             raise SmploraError(f"verification of the rewritten copy of {path} failed; the file was not changed.")
-        os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=merged), mode=os.stat(path).st_mode & 0o7777,
+                 verify=verify)
     return new

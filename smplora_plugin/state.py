@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Union
 
 import torch
 
+from ._io import atomic_write
 from .attacker import ProxyAttacker
 from .config import PrivacyConfig
 from .errors import ConfigError, StateError
@@ -131,17 +131,7 @@ def save_state(state: Dict[str, Any], path: PathLike) -> Path:
     metadata = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
     if not all(isinstance(v, str) for v in metadata.values()):
         raise StateError("state values must be tensors or strings.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_state(path: PathLike) -> Dict[str, Any]:

@@ -73,6 +73,7 @@ def test_state_dict_round_trip_and_file_layout(tmp_path):
     assert any(k.startswith("attacker.") for k in keys) and any(k.startswith("optimizer.") for k in keys)
     assert "rng.attacker" in keys
     assert not list(tmp_path.glob("*.tmp"))
+    assert path.stat().st_mode & 0o044, "state file should be readable like any file the user writes"
 
 
 def test_state_of_an_unbuilt_regulariser_round_trips(tmp_path):
