@@ -32,7 +32,7 @@ CONFIG_OPTIONS: Dict[str, tuple] = {
     "privacy_attacker_hidden": ("hidden", str, "hidden widths of the attacker MLP, comma separated (paper: 512,256)"),
     "privacy_attacker_dropout": ("dropout", float, "dropout of the attacker while it trains (paper: 0.5)"),
     "privacy_feature_grid": ("feature_grid", str, "loss maps are pooled per channel to this grid: N or H,W; 0 = no pooling (default 64)"),
-    "privacy_nonmember_every": ("nonmember_every", int, "refresh the held-out forward every N attacker updates (default 1)"),
+    "privacy_nonmember_every": ("nonmember_every", int, "refresh the held-out forward every N attacker updates (default 4)"),
     "privacy_seed": ("seed", int, "seed of the attacker and of the non-member draws (default: --seed, else 0)"),
 }
 PATH_OPTIONS: Dict[str, str] = {
