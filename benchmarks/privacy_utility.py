@@ -139,7 +139,8 @@ def train_floor(model, members, nonmembers, *, steps, lr, bs, seed, momentum=0.9
         opt.step()
 
 
-def run_one(name: str, seed: int, steps_full: Optional[int] = None) -> Dict[str, Any]:
+def run_one(name: str, seed: int, steps_full: Optional[int] = None, toy: bool = False) -> Dict[str, Any]:
+    """Train and audit one defense; ``toy`` shrinks everything for the smoke test."""
     from smplora_plugin import PrivacyConfig, PrivacyRegularizer
     from smplora_plugin.audit import AuditSamples, run_audit
     from smplora_plugin.demo.data import DigitSet
@@ -155,6 +156,10 @@ def run_one(name: str, seed: int, steps_full: Optional[int] = None) -> Dict[str,
     spec = dict(CONFIGS[name])
     kind = spec.pop("kind")
     steps = spec.pop("steps", steps_full or cfg.steps)
+    attacks, per_label, audit_cfg = ATTACKS, cfg.samples_per_label, {"seed": seed, "n_boot": 200}
+    if toy:
+        steps, attacks, per_label = 3, ["loss", "loss_calibrated"], 2
+        audit_cfg.update(draws=1, timesteps=[100, 300])
     model = _model(base, cfg, seed)
     members, nonmembers = splits["member"], splits["nonmember_defense"]
     lat = TinyLDMConfig().latent_size
@@ -178,11 +183,11 @@ def run_one(name: str, seed: int, steps_full: Optional[int] = None) -> Dict[str,
     samples = lambda d: AuditSamples(d.images, d.captions, d.ids)  # noqa: E731
     report = run_audit(TinyLDMTarget(model), samples(m_eval), samples(splits["nonmember_eval"]),
                        calibration_members=samples(m_cal), calibration_nonmembers=samples(splits["nonmember_calibration"]),
-                       attacks=ATTACKS, config={"seed": seed, "n_boot": 200}, progress=False, num_threads=1)
+                       attacks=attacks, config=audit_cfg, progress=False, num_threads=1)
     reference = DigitSet(torch.cat([splits["nonmember_calibration"].images, splits["nonmember_eval"].images]),
                          torch.cat([splits["nonmember_calibration"].labels, splits["nonmember_eval"].labels]),
                          splits["nonmember_calibration"].ids + splits["nonmember_eval"].ids)
-    quality = sample_quality(model, clf, reference, per_label=cfg.samples_per_label, steps=cfg.sample_steps, seed=seed)
+    quality = sample_quality(model, clf, reference, per_label=per_label, steps=cfg.sample_steps, seed=seed)
     mx = report.max_over_attacks
     return {"config": name, "seed": seed, "steps": steps, "epsilon": epsilon, "train_seconds": round(train_s, 1),
             "max_auc": mx["auc"]["value"], "max_auc_attack": mx["auc"]["attack"],

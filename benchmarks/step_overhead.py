@@ -12,6 +12,8 @@ Variants:
 - smp-every: this project's SMP-LoRA with the paper's schedule: the member loss map comes from
   the training forward; one no-grad forward on an equal-size non-member batch every step.
 - smp-default: this project's SMP-LoRA with the library defaults (``PrivacyConfig()``).
+- smp-robust: the ``robust`` preset: base-calibrated features, i.e. one more no-grad forward with
+  the LoRA disabled for the member batch (and for the non-member batch when it is refreshed).
 - reference: the reference code's step: a second forward/backward with fresh noise for the
   adversarial term, and per attacker step no-grad forwards of an auxiliary member batch and an
   auxiliary non-member batch.
@@ -44,8 +46,10 @@ SIZES = {
     "small": dict(blocks=(32, 64), latent=16, batch=8, grid=16, cross=32),
     # the UNet dominates: wider blocks, 32x32 latents (identity feature grid)
     "unet": dict(blocks=(64, 128, 128), latent=32, batch=4, grid=32, cross=64),
+    # for the smoke test only
+    "toy": dict(blocks=(32, 32), latent=8, batch=2, grid=8, cross=32),
 }
-VARIANTS = ("plain", "smp-every", "smp-default", "reference")
+VARIANTS = ("plain", "smp-every", "smp-default", "smp-robust", "reference")
 
 
 def build(size: dict, seed: int = 0):
@@ -105,9 +109,22 @@ class Runner:
             self.reg = PrivacyRegularizer(feature_grid=size["grid"], nonmember_every=1)
         elif variant == "smp-default":
             self.reg = PrivacyRegularizer(PrivacyConfig(feature_grid=size["grid"]))
+        elif variant == "smp-robust":
+            self.reg = PrivacyRegularizer(PrivacyConfig.preset("robust", feature_grid=size["grid"]))
         elif variant == "reference":
             self.reg = PrivacyRegularizer(feature_grid=size["grid"])  # only its attacker + optimiser are used
             self.aux_m, self.aux_n = Batches(size, seed=3), Batches(size, seed=4)
+
+    def _base(self, data):
+        """The base model's prediction (LoRA off) when the regulariser wants calibrated features."""
+        if not self.reg.config.calibrated:
+            return None
+        self.unet.disable_adapters()
+        try:
+            with torch.no_grad():
+                return forward(self.unet, self.sched, data)[0]
+        finally:
+            self.unet.enable_adapters()
 
     def _tick(self, name: str, t0: float) -> float:
         t1 = time.perf_counter()
@@ -117,18 +134,22 @@ class Runner:
     def step(self) -> None:
         b = self.size["batch"]
         t0 = time.perf_counter()
-        smp = self.variant in ("smp-every", "smp-default")
+        smp = self.variant in ("smp-every", "smp-default", "smp-robust")
         nonmember = None
         if smp and self.reg.wants_nonmembers():
             # before the training forward, so its activations don't coexist with the training graph
+            data = self.nonmembers.next(b)
             with torch.no_grad():
-                nonmember = self.reg.features(*forward(self.unet, self.sched, self.nonmembers.next(b)))
+                nonmember = self.reg.features(*forward(self.unet, self.sched, data), reference=self._base(data))
             t0 = self._tick("non-member forward", t0)
-        pred, target = forward(self.unet, self.sched, self.members.next(b))
+        data = self.members.next(b)
+        pred, target = forward(self.unet, self.sched, data)
         loss = F.mse_loss(pred.float(), target.float())
         t0 = self._tick("forward", t0)
         if smp:
-            loss = self.reg.step(loss, self.reg.features(pred, target), nonmember)
+            reference = self._base(data)
+            t0 = self._tick("base forward (calibration)", t0)
+            loss = self.reg.step(loss, self.reg.features(pred, target, reference=reference), nonmember)
             t0 = self._tick("regulariser (attacker update + CE)", t0)
         elif self.variant == "reference":
             reg = self.reg
