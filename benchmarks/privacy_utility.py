@@ -47,6 +47,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "smp-robust a5": dict(kind="robust", alpha=5.0),
     "smp-robust a20": dict(kind="robust", alpha=20.0),
     "smp-robust a50": dict(kind="robust", alpha=50.0),
+    "smp-robust a20 every-step": dict(kind="robust", alpha=20.0, nonmember_every=1),
     "mp a0.05": dict(kind="mp", alpha=0.05, attacker_lr=1e-3),
     "dp-sgd s0.5": dict(kind="dpsgd", noise=0.5, clip=0.05),
     "dp-sgd s1": dict(kind="dpsgd", noise=1.0, clip=0.05),
