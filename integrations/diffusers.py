@@ -9,10 +9,13 @@ a handful of lines (see ``docs/diffusers.md``)::
     reg = PrivacyRegularizer.from_args(args, device=accelerator.device)    # None for --privacy none
     if reg:
         reg.attach(accelerator, holdout)                                   # checkpoint save/load hooks
-    ...                                    # predict(batch) -> (model_pred, target): the script's forward
+    ...                  # predict(batch) -> (model_pred, target, base_pred): the script's forward, plus
+    base_pred = reg.reference(unet, lambda: unet(noisy_latents, timesteps, encoder_hidden_states,
+                                                 return_dict=False)[0]) if reg else None   # None unless calibrated
+    ...
     if reg:
-        loss = reg.step(loss, reg.features(model_pred, target), reg.nonmember_features(predict),
-                        update_attacker=accelerator.sync_gradients)
+        loss = reg.step(loss, reg.features(model_pred, target, reference=base_pred),
+                        reg.nonmember_features(predict), update_attacker=accelerator.sync_gradients)
     ...
     if reg:
         accelerator.log(reg.log_dict(), step=global_step)
@@ -32,20 +35,22 @@ import argparse
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import PrivacyConfig
-from ..errors import HoldoutError, StateError
+from ..errors import FeatureError, HoldoutError, StateError
 from ..holdout import check_disjoint
 from ..regularizer import PrivacyRegularizer as _CoreRegularizer
 from ..state import read_state, save_state
 
 __all__ = [
     "PrivacyRegularizer", "HoldoutImages", "add_privacy_args", "privacy_config_from_args",
-    "privacy_regularizer_from_args", "nonmember_loss_maps", "instance_half", "list_images",
+    "privacy_regularizer_from_args", "nonmember_loss_maps", "instance_half", "list_images", "unwrap_model",
+    "adapters_disabled", "base_prediction",
     "STATE_FILENAME", "IMAGE_EXTENSIONS",
 ]
 
@@ -54,16 +59,28 @@ STATE_FILENAME = "smplora_state.safetensors"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _METHODS = {"none": None, "smplora": "smp", "smp": "smp", "mplora": "mp", "mp": "mp"}
 _HOLDOUT_KEY = "shim.diffusers.holdout"
+_PRESETS = ("paper", "robust")
 
 
 # ---------------------------------------------------------------------------------------------- args
 def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``--privacy*`` options (an argument group) to a training script's parser."""
+    """Add the ``--privacy*`` options (an argument group) to a training script's parser.
+
+    ``--privacy_preset`` picks the base values (:meth:`PrivacyConfig.preset`); each ``--privacy_*``
+    hyperparameter flag overrides the preset only when it is given on the command line.
+    """
     d = PrivacyConfig()
     g = parser.add_argument_group("privacy (smplora-plugin: SMP-LoRA membership-inference defense)")
     g.add_argument("--privacy", type=str.lower, default="none", choices=sorted(_METHODS),
                    help="none (default), smplora (SMP-LoRA: loss / (beta + alpha * attacker CE)) or mplora "
                         "(MP-LoRA baseline: loss - alpha * attacker CE); smp / mp are aliases.")
+    g.add_argument("--privacy_preset", type=str.lower, default="paper", choices=_PRESETS,
+                   help="paper (default): the paper's hyperparameters. robust: base-calibrated features, alpha 20, "
+                        "attacker lr 1e-3 (stronger against the full attack suite; one extra no-grad base forward "
+                        "per step). --privacy_* flags below override the preset's values.")
+    g.add_argument("--privacy_calibrated", action=argparse.BooleanOptionalAction, default=None,
+                   help="Attacker sees loss maps minus the base model's (LoRA disabled) at the same noisy input; "
+                        "costs a no-grad base forward per step (default: the preset's; robust turns it on).")
     g.add_argument("--privacy_holdout_dir", type=str, default=None,
                    help="Folder of held-out (non-member) images with captions (metadata.jsonl or .txt files). "
                         "Required with --privacy; must not share any image with the training data.")
@@ -71,32 +88,47 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="Non-member images per process and optimiser step (default: --train_batch_size).")
     g.add_argument("--privacy_holdout_caption_column", type=str, default=None,
                    help="Caption field of the holdout metadata.jsonl (default: --caption_column or 'text').")
-    g.add_argument("--privacy_alpha", type=float, default=d.alpha, help="Weight of the attacker's member CE.")
-    g.add_argument("--privacy_beta", type=float, default=d.beta, help="SMP denominator constant (> 0).")
-    g.add_argument("--privacy_delta", type=float, default=d.delta, help="Numerical guard in the SMP denominator.")
-    g.add_argument("--privacy_k_steps", type=int, default=d.k_steps, help="Attacker updates per optimiser step.")
-    g.add_argument("--privacy_attacker_lr", type=float, default=d.attacker_lr, help="Attacker Adam learning rate.")
-    g.add_argument("--privacy_attacker_weight_decay", type=float, default=d.attacker_weight_decay,
-                   help="Attacker Adam weight decay.")
-    g.add_argument("--privacy_attacker_hidden", type=int, nargs="+", default=list(d.hidden),
-                   help="Hidden widths of the attacker MLP.")
-    g.add_argument("--privacy_attacker_dropout", type=float, default=d.dropout, help="Attacker dropout.")
-    g.add_argument("--privacy_feature_grid", type=int, default=d.feature_grid[0],
-                   help="Loss maps are pooled per channel to this square grid (64 = SD1.5 latents at 512 px; "
-                        "0 = no pooling).")
-    g.add_argument("--privacy_nonmember_every", type=int, default=getattr(d, "nonmember_every", 1),
+    # default=None throughout: only flags given on the command line override the preset
+    g.add_argument("--privacy_alpha", type=float, default=None,
+                   help=f"Weight of the attacker's member CE (paper {d.alpha}, robust 20).")
+    g.add_argument("--privacy_beta", type=float, default=None, help=f"SMP denominator constant (> 0; {d.beta}).")
+    g.add_argument("--privacy_delta", type=float, default=None,
+                   help=f"Numerical guard in the SMP denominator ({d.delta}).")
+    g.add_argument("--privacy_k_steps", type=int, default=None,
+                   help=f"Attacker updates per optimiser step ({d.k_steps}).")
+    g.add_argument("--privacy_attacker_lr", type=float, default=None,
+                   help=f"Attacker Adam learning rate (paper {d.attacker_lr}, robust 1e-3).")
+    g.add_argument("--privacy_attacker_weight_decay", type=float, default=None,
+                   help=f"Attacker Adam weight decay ({d.attacker_weight_decay}).")
+    g.add_argument("--privacy_attacker_hidden", type=int, nargs="+", default=None,
+                   help=f"Hidden widths of the attacker MLP ({' '.join(map(str, d.hidden))}).")
+    g.add_argument("--privacy_attacker_dropout", type=float, default=None, help=f"Attacker dropout ({d.dropout}).")
+    g.add_argument("--privacy_feature_grid", type=int, default=None,
+                   help="Loss maps are pooled per channel to this square grid (default 64 = SD1.5 latents at "
+                        "512 px; 0 = no pooling).")
+    g.add_argument("--privacy_nonmember_every", type=int, default=None,
                    help="Run the held-out forward every this many attacker updates and reuse its features in "
-                        "between (1 = every optimiser step, as in the paper; larger saves compute).")
+                        f"between (1 = every optimiser step, as in the paper; default {d.nonmember_every}).")
     g.add_argument("--privacy_seed", type=int, default=None,
                    help="Seed of the attacker and of the holdout order (default: --seed, else 0).")
     return parser
+
+
+# option name -> PrivacyConfig field
+_ARG_FIELDS = {
+    "privacy_alpha": "alpha", "privacy_beta": "beta", "privacy_delta": "delta", "privacy_k_steps": "k_steps",
+    "privacy_attacker_lr": "attacker_lr", "privacy_attacker_weight_decay": "attacker_weight_decay",
+    "privacy_attacker_dropout": "dropout", "privacy_calibrated": "calibrated",
+    "privacy_nonmember_every": "nonmember_every",
+}
 
 
 def privacy_config_from_args(args: argparse.Namespace, device: Optional[Union[str, torch.device]] = None
                              ) -> Optional[PrivacyConfig]:
     """The :class:`PrivacyConfig` selected by ``--privacy*`` options; ``None`` for ``--privacy none``.
 
-    Raises :class:`smplora_plugin.errors.ConfigError` for invalid values and
+    Starts from ``--privacy_preset`` (default ``paper``) and applies the ``--privacy_*`` values that
+    were given (not ``None``). Raises :class:`smplora_plugin.errors.ConfigError` for invalid values and
     :class:`HoldoutError` when a privacy method is chosen without ``--privacy_holdout_dir``.
     """
     method = _arg(args, "privacy", "none")
@@ -111,25 +143,14 @@ def privacy_config_from_args(args: argparse.Namespace, device: Optional[Union[st
             f"--privacy {method} needs non-member images: pass --privacy_holdout_dir pointing to held-out images "
             "of the same kind as the training set (never trained on), e.g. 10-20% of your data set aside."
         )
-    d = PrivacyConfig()
-    grid = _arg(args, "privacy_feature_grid", d.feature_grid)
-    values = dict(
-        objective=objective,
-        alpha=_arg(args, "privacy_alpha", d.alpha),
-        beta=_arg(args, "privacy_beta", d.beta),
-        delta=_arg(args, "privacy_delta", d.delta),
-        k_steps=_arg(args, "privacy_k_steps", d.k_steps),
-        hidden=tuple(_arg(args, "privacy_attacker_hidden", d.hidden)),
-        dropout=_arg(args, "privacy_attacker_dropout", d.dropout),
-        attacker_lr=_arg(args, "privacy_attacker_lr", d.attacker_lr),
-        attacker_weight_decay=_arg(args, "privacy_attacker_weight_decay", d.attacker_weight_decay),
-        feature_grid=None if grid == 0 else grid,
-        seed=_privacy_seed(args),
-        device=None if device is None else str(device),
-    )
-    if _arg(args, "privacy_nonmember_every") not in (None, 1):  # a core field newer than some configs
-        values["nonmember_every"] = _arg(args, "privacy_nonmember_every")
-    return PrivacyConfig.from_dict(values)
+    overrides: Dict[str, Any] = {f: getattr(args, a) for a, f in _ARG_FIELDS.items() if _arg(args, a) is not None}
+    if _arg(args, "privacy_attacker_hidden") is not None:
+        overrides["hidden"] = tuple(args.privacy_attacker_hidden)
+    grid = _arg(args, "privacy_feature_grid")
+    if grid is not None:
+        overrides["feature_grid"] = None if grid == 0 else grid
+    overrides.update(objective=objective, seed=_privacy_seed(args), device=None if device is None else str(device))
+    return PrivacyConfig.preset(str(_arg(args, "privacy_preset", "paper")).lower(), **overrides)
 
 
 def privacy_regularizer_from_args(args: argparse.Namespace, device: Optional[Union[str, torch.device]] = None,
@@ -367,12 +388,104 @@ def _verify_images(files: Sequence[Path]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- forward helpers
-def nonmember_loss_maps(reg: _CoreRegularizer, forward_fn: Callable[[Any], Tuple[torch.Tensor, torch.Tensor]],
+def nonmember_loss_maps(reg: _CoreRegularizer, forward_fn: Callable[[Any], Tuple[torch.Tensor, ...]],
                         batch: Any) -> torch.Tensor:
-    """Run the script's own ``forward_fn(batch) -> (model_pred, target)`` without grad; return ``reg.features``."""
+    """Run the script's own forward without grad; return ``reg.features`` of the held-out batch.
+
+    ``forward_fn(batch)`` returns ``(model_pred, target)`` or, with calibrated features,
+    ``(model_pred, target, base_pred)`` where ``base_pred = reg.reference(unet, ...)``.
+    """
     with torch.no_grad():
-        pred, target = forward_fn(batch)
-        return reg.features(pred, target).detach()
+        out = forward_fn(batch)
+        if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+            raise FeatureError("the non-member forward_fn must return (model_pred, target) or (model_pred, target, "
+                               f"base_pred), got {type(out).__name__}"
+                               + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "") + ".")
+        pred, target = out[0], out[1]
+        reference = out[2] if len(out) == 3 else None
+        if reg.config.calibrated and reference is None:
+            raise FeatureError(
+                "calibrated features (--privacy_preset robust / --privacy_calibrated) need the base prediction of "
+                "the held-out batch too: make the forward passed to reg.nonmember_features return (model_pred, "
+                "target, base_pred) with base_pred = reg.reference(unet, lambda: unet(<same inputs>)[0]) (see "
+                "docs/diffusers.md).")
+        if reference is not None and (not isinstance(reference, torch.Tensor) or reference.shape != pred.shape):
+            got = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference).__name__
+            raise FeatureError(f"the third value of the non-member forward must be the base prediction, shaped like "
+                               f"model_pred {tuple(pred.shape)}; got {got}.")
+        return reg.features(pred, target, reference=reference).detach()
+
+
+def unwrap_model(model: Any, accelerator: Any = None) -> Any:
+    """The model under accelerate / DDP / ``torch.compile`` wrappers (where the peft adapter methods live)."""
+    if accelerator is not None and hasattr(accelerator, "unwrap_model"):
+        model = accelerator.unwrap_model(model)
+    for _ in range(8):  # DDP / DataParallel / DeepSpeed (.module), torch.compile (._orig_mod)
+        if _has_adapter_switch(model):
+            break
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    return model
+
+
+def _has_adapter_switch(model: Any) -> bool:
+    return callable(getattr(model, "disable_adapter", None)) or (
+        callable(getattr(model, "disable_adapters", None)) and callable(getattr(model, "enable_adapters", None)))
+
+
+def _peft_layer_flags(model: torch.nn.Module) -> List[bool]:
+    """``disable_adapters`` flags of the peft tuner layers (a bool property on peft's BaseTunerLayer)."""
+    return [m.disable_adapters for m in model.modules() if isinstance(getattr(m, "disable_adapters", None), bool)]
+
+
+@contextmanager
+def adapters_disabled(model: Any, accelerator: Any = None) -> Iterator[Any]:
+    """Run the block with the model's LoRA adapters off (the base model), then switch them back on.
+
+    ``model`` may be wrapped by ``accelerator.prepare`` (DDP, autocast, ``torch.compile``): the
+    adapters are switched on the unwrapped model, and calling the wrapped one inside the block is
+    fine. Works with diffusers / transformers models (``disable_adapters`` / ``enable_adapters``)
+    and peft ``PeftModel`` (``disable_adapter()``). Adapters already off stay off.
+    """
+    base = unwrap_model(model, accelerator)
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft absent: only the diffusers methods can apply
+        PeftModel = ()  # type: ignore[assignment]
+    if isinstance(base, PeftModel):
+        with base.disable_adapter():
+            yield base
+        return
+    if not (callable(getattr(base, "disable_adapters", None)) and callable(getattr(base, "enable_adapters", None))):
+        raise FeatureError(
+            f"cannot disable the LoRA of {type(base).__name__}: it has no disable_adapters()/enable_adapters() "
+            "(diffusers/transformers with peft) nor disable_adapter() (peft PeftModel). Add the LoRA with "
+            "unet.add_adapter(LoraConfig(...)), or pass calibrated=False.")
+    flags = _peft_layer_flags(base)
+    if flags and all(flags):  # already the base model
+        yield base
+        return
+    base.disable_adapters()
+    try:
+        yield base
+    finally:
+        base.enable_adapters()
+
+
+def base_prediction(model: Any, fn: Callable[[], torch.Tensor], accelerator: Any = None) -> torch.Tensor:
+    """``fn()`` (the script's model call, e.g. ``lambda: unet(x, t, c, return_dict=False)[0]``) run under
+    ``torch.no_grad()`` with the adapters of ``model`` disabled: the base model's prediction, detached."""
+    with torch.no_grad(), adapters_disabled(model, accelerator):
+        out = fn()
+    if not isinstance(out, torch.Tensor):
+        raise FeatureError(f"the base forward returned {type(out).__name__}, not the prediction tensor: make it "
+                           "return the tensor, e.g. lambda: unet(noisy_latents, timesteps, encoder_hidden_states, "
+                           "return_dict=False)[0].")
+    return out.detach()
 
 
 def instance_half(*tensors: torch.Tensor,
@@ -481,8 +594,34 @@ class PrivacyRegularizer(_CoreRegularizer):
         if self.holdout is not None and holdout_state is not None:
             self.holdout.load_state_dict(holdout_state)
 
+    # ---------------------------------------------------------------- calibration
+    def reference(self, model: Any, fn: Callable[[], torch.Tensor]) -> Optional[torch.Tensor]:
+        """The base prediction for calibrated features, or ``None`` (and no forward) when not calibrated.
+
+        ``fn`` repeats the training forward's model call at the same inputs, e.g.
+        ``reg.reference(unet, lambda: unet(noisy_latents, timesteps, encoder_hidden_states,
+        return_dict=False)[0])``; it runs once more under ``no_grad`` with the LoRA of ``model``
+        disabled (see :func:`base_prediction`). Pass the result as ``reference=`` to :meth:`features`
+        and as the third value of the forward given to :meth:`nonmember_features`.
+        """
+        if not self.config.calibrated:
+            return None
+        return base_prediction(model, fn, self.accelerator)
+
+    def features(self, pred: torch.Tensor, target: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
+                 reference: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The core's :meth:`~smplora_plugin.PrivacyRegularizer.features`, with a script-level hint when
+        calibrated features lack ``reference``."""
+        if self.config.calibrated and reference is None:
+            raise FeatureError(
+                "calibrated features (--privacy_preset robust / --privacy_calibrated) need the base model's "
+                "prediction at the same noisy input: compute base_pred = reg.reference(unet, lambda: "
+                "unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]) next to the training "
+                "forward and call reg.features(model_pred, target, reference=base_pred) (see docs/diffusers.md).")
+        return super().features(pred, target, timesteps=timesteps, reference=reference)
+
     # ---------------------------------------------------------------- data
-    def nonmember_features(self, forward_fn: Callable[[Any], Tuple[torch.Tensor, torch.Tensor]],
+    def nonmember_features(self, forward_fn: Callable[[Any], Tuple[torch.Tensor, ...]],
                            batch: Any = None, *, sync: Optional[bool] = None) -> Optional[torch.Tensor]:
         """Features of the next held-out batch through the script's forward, or ``None`` when not needed.
 
@@ -491,7 +630,8 @@ class PrivacyRegularizer(_CoreRegularizer):
         (default: ``accelerator.sync_gradients``) is false, so the attacker updates once per
         optimiser step; when ``k_steps == 0``; and between refreshes of ``nonmember_every``.
         ``forward_fn(batch)`` must return ``(model_pred, target)`` exactly as the training forward
-        does; it runs under ``no_grad``.
+        does, plus ``base_pred`` (``reg.reference(...)``) as a third value with calibrated features;
+        it runs under ``no_grad``.
         """
         if sync is None:
             sync = bool(getattr(self.accelerator, "sync_gradients", True))

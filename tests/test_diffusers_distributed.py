@@ -31,7 +31,7 @@ def _privacy_args(holdout_dir):
     return parser.parse_args([
         "--privacy", "smplora", "--privacy_holdout_dir", str(holdout_dir), "--privacy_alpha", "1.0",
         "--privacy_k_steps", "2", "--privacy_attacker_hidden", "16", "8", "--privacy_attacker_lr", "1e-2",
-        "--privacy_feature_grid", "8", "--privacy_seed", "5",
+        "--privacy_feature_grid", "8", "--privacy_seed", "5", "--privacy_nonmember_every", "1",
     ])
 
 

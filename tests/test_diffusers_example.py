@@ -2,8 +2,8 @@
 
 Runs the script (subprocess, offline) with gradient accumulation and checkpoints, resumes a second run
 from the first run's mid-way checkpoint, and checks exact continuation, the smplora.* metadata, the
-logs, that the LoRA loads into a pipeline that generates an image, and that an overlapping holdout
-stops the run before training.
+logs, that the LoRA loads into a pipeline that generates an image, that an overlapping holdout
+stops the run before training, and a two-process run with --privacy_preset robust (calibrated features).
 """
 
 import importlib.util
@@ -159,6 +159,7 @@ def test_overlapping_holdout_stops_before_training(runs, tmp_path):
 
 
 def test_script_runs_with_two_cpu_processes(runs, tmp_path):
+    """Two processes (DDP-wrapped UNet) with --privacy_preset robust: base predictions through the wrapper."""
     from safetensors import safe_open
 
     root, _, _ = runs
@@ -175,7 +176,8 @@ def test_script_runs_with_two_cpu_processes(runs, tmp_path):
            "--resolution", "32", "--center_crop", "--train_batch_size", "2", "--max_train_steps", "2",
            "--checkpointing_steps", "2", "--lr_warmup_steps", "0", "--seed", "0", "--privacy", "smplora",
            "--privacy_holdout_dir", str(root / "holdout"), "--privacy_feature_grid", "8",
-           "--privacy_attacker_hidden", "32", "16", "--output_dir", str(out)]
+           "--privacy_attacker_hidden", "32", "16", "--privacy_preset", "robust", "--privacy_nonmember_every", "1",
+           "--output_dir", str(out)]
     proc = subprocess.run(cmd, env=dict(_env(), ACCELERATE_USE_CPU="true"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -184,3 +186,7 @@ def test_script_runs_with_two_cpu_processes(runs, tmp_path):
     with safe_open(str(out / "checkpoint-2" / "smplora_state.safetensors"), "pt") as f:
         cursor = json.loads(f.metadata()["shim.diffusers.holdout"])
     assert cursor["num_processes"] == 2 and cursor["draws"] == 2 and cursor["position"] == 2 * 2 * 2
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["smplora.config"])
+    # calibrated=True makes reg.features refuse a missing base prediction, so this run used one every step
+    assert (config["calibrated"], config["alpha"], config["attacker_lr"]) == (True, 20.0, 1e-3)

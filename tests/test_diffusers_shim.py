@@ -13,10 +13,11 @@ pytest.importorskip("sklearn")
 pytest.importorskip("PIL")
 
 from smplora_plugin import PrivacyRegularizer as CoreRegularizer  # noqa: E402
-from smplora_plugin.errors import ConfigError, HoldoutError, StateError  # noqa: E402
+from smplora_plugin import PrivacyConfig  # noqa: E402
+from smplora_plugin.errors import ConfigError, FeatureError, HoldoutError, StateError  # noqa: E402
 from smplora_plugin.integrations.diffusers import (  # noqa: E402
-    STATE_FILENAME, HoldoutImages, PrivacyRegularizer, add_privacy_args, instance_half, privacy_config_from_args,
-    privacy_regularizer_from_args,
+    STATE_FILENAME, HoldoutImages, PrivacyRegularizer, adapters_disabled, add_privacy_args, instance_half,
+    privacy_config_from_args, privacy_regularizer_from_args,
 )
 from smplora_plugin.tiny_sd import write_digit_images  # noqa: E402
 
@@ -82,6 +83,23 @@ def test_args_map_to_the_core_config(folders):
         PrivacyRegularizer.from_args(parse("--privacy", "smplora"))
     with pytest.raises(ConfigError, match="beta"):
         PrivacyRegularizer.from_args(parse("--privacy", "smp", "--privacy_holdout_dir", "x", "--privacy_beta", "0"))
+
+
+def test_preset_gives_the_base_values_and_only_given_flags_override_it():
+    base = ("--privacy", "smplora", "--privacy_holdout_dir", "x", "--seed", "3")
+    paper = privacy_config_from_args(parse(*base))
+    assert paper == PrivacyConfig.preset("paper", seed=3)                     # defaults: the core's, untouched
+    robust = privacy_config_from_args(parse(*base, "--privacy_preset", "robust"))
+    assert (robust.calibrated, robust.alpha, robust.attacker_lr) == (True, 20.0, 1e-3)
+    assert robust == PrivacyConfig.preset("robust", seed=3)
+    # an explicit flag wins even when it equals the paper default
+    mixed = privacy_config_from_args(parse(*base, "--privacy_preset", "ROBUST", "--privacy_alpha", "0.05",
+                                           "--no-privacy_calibrated"))
+    assert (mixed.calibrated, mixed.alpha, mixed.attacker_lr) == (False, 0.05, 1e-3)
+    cal = privacy_config_from_args(parse(*base, "--privacy_calibrated"))
+    assert (cal.calibrated, cal.alpha, cal.attacker_lr) == (True, paper.alpha, paper.attacker_lr)
+    with pytest.raises(SystemExit):
+        parse(*base, "--privacy_preset", "strong")
 
 
 def test_instance_half_keeps_only_the_instance_images():
@@ -179,7 +197,8 @@ def _tiny_setup(folders, accelerator, *argv):
     model, opt = accelerator.prepare(model, opt)
     args = parse("--privacy", "smplora", "--privacy_holdout_dir", str(folders / "holdout"), "--privacy_feature_grid",
                  "4", "--privacy_attacker_hidden", "8", "--privacy_attacker_lr", "1e-2", "--seed", "1",
-                 "--train_batch_size", "2", "--train_data_dir", str(folders / "train"), *argv)
+                 "--train_batch_size", "2", "--train_data_dir", str(folders / "train"),
+                 "--privacy_nonmember_every", "1", *argv)  # a held-out draw per update unless argv says otherwise
     reg = PrivacyRegularizer.from_args(args, device=accelerator.device)
     holdout = HoldoutImages.from_args(args, to_tensor_preprocess, collate, accelerator)
     handles = reg.attach(accelerator, holdout)
@@ -265,3 +284,108 @@ def test_checkpoint_hooks_write_safetensors_and_resume_exactly(folders, tmp_path
     with pytest.raises(StateError, match="saved without --privacy"):
         reg2.load_checkpoint(tmp_path / "ckpt")
     assert all(torch.equal(before[k], v) for k, v in reg2.attacker.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------- calibrated features
+@pytest.fixture(scope="module")
+def peft_unet():
+    """A tiny diffusers UNet with a (non-zero) peft LoRA, its inputs, and its outputs before the LoRA was added."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    from smplora_plugin.tiny_sd import TinySDConfig, build_components
+
+    torch.manual_seed(0)
+    unet = build_components(TinySDConfig())["unet"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500])
+    c = torch.randn(2, 5, 32, generator=g)
+    x_n = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        before = unet(x, t, c, return_dict=False)[0], unet(x_n, t, c, return_dict=False)[0]
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        torch.nn.init.normal_(next(p for n, p in unet.named_parameters() if "lora_B" in n), std=0.5)
+    return unet, (x, t, c, x_n), before
+
+
+def test_robust_preset_feeds_the_base_prediction_for_members_and_nonmembers(peft_unet):
+    unet, (x, t, c, x_n), (base_m, base_n) = peft_unet
+    wrapped = torch.nn.DataParallel(unet)                      # .module, as accelerate's DDP wrapping
+    args = parse("--privacy", "smplora", "--privacy_preset", "robust", "--privacy_holdout_dir", "x",
+                 "--privacy_feature_grid", "4", "--privacy_attacker_hidden", "8", "--seed", "0",
+                 "--privacy_nonmember_every", "1")
+    reg = PrivacyRegularizer.from_args(args, device="cpu")
+    assert reg.config.calibrated
+    core = CoreRegularizer(reg.config)
+
+    def predict(latents):                                      # the script's forward: pred, target, base_pred
+        target = torch.zeros_like(latents)
+        pred = wrapped(latents, t, c, return_dict=False)[0]
+        return pred, target, reg.reference(wrapped, lambda: wrapped(latents, t, c, return_dict=False)[0])
+
+    pred, target, ref = predict(x)
+    assert torch.allclose(ref, base_m, atol=1e-5) and not ref.requires_grad   # the LoRA was off ...
+    assert not torch.allclose(pred.detach(), base_m, atol=1e-3) and pred.requires_grad  # ... and is back on
+    feats = reg.features(pred, target, reference=ref)
+    assert feats.requires_grad
+    assert torch.allclose(feats, core.features(pred, target, reference=base_m), atol=1e-5)
+    raw = CoreRegularizer(reg.config.replace(calibrated=False)).features(pred, target)
+    assert not torch.allclose(feats, raw, atol=1e-4)           # the reference changed the features
+    nm = reg.nonmember_features(predict, batch=x_n)
+    pred_n = predict(x_n)[0].detach()
+    assert torch.allclose(nm, core.features(pred_n, torch.zeros_like(x_n), reference=base_n), atol=1e-5)
+    assert not nm.requires_grad
+    loss = reg.step(F.mse_loss(pred, target), feats, nm)
+    assert torch.isfinite(loss) and reg.attacker_updates == 1
+
+    # a script that forgets the base prediction gets told how to add it, before any state changes
+    with pytest.raises(FeatureError, match=r"reg\.reference\(unet"):
+        reg.features(pred, target)
+    with pytest.raises(FeatureError, match="base_pred"):
+        reg.nonmember_features(lambda b: predict(b)[:2], batch=x_n)
+    with pytest.raises(FeatureError, match="shaped like model_pred"):
+        reg.nonmember_features(lambda b: (*predict(b)[:2], t), batch=x_n)
+    assert reg.attacker_updates == 1
+
+
+def test_reference_costs_nothing_without_calibration_and_restores_adapters(peft_unet):
+    unet, (x, t, c, _), (base_m, _) = peft_unet
+    paper = PrivacyRegularizer(PrivacyConfig(feature_grid=4, hidden=(8,)))
+
+    def boom():
+        raise AssertionError("the base forward must not run with calibrated=False")
+
+    assert paper.reference(unet, boom) is None
+    with torch.no_grad():
+        adapted = unet(x, t, c, return_dict=False)[0]
+    with pytest.raises(RuntimeError, match="inside"):
+        with adapters_disabled(unet):
+            raise RuntimeError("inside")
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, c, return_dict=False)[0], adapted)           # re-enabled after the error
+        unet.disable_adapters()                                                     # already off: stays off
+        with adapters_disabled(unet):
+            pass
+        assert torch.allclose(unet(x, t, c, return_dict=False)[0], base_m, atol=1e-5)
+        unet.enable_adapters()
+    cal = PrivacyRegularizer(PrivacyConfig(feature_grid=4, hidden=(8,), calibrated=True))
+
+    def lora_grads(with_reference):                # peft toggles requires_grad while the LoRA is off
+        unet.zero_grad(set_to_none=True)
+        pred = unet(x, t, c, return_dict=False)[0]
+        if with_reference:
+            cal.reference(unet, lambda: unet(x, t, c, return_dict=False)[0])
+        pred.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in unet.named_parameters() if "lora" in n and p.grad is not None}
+
+    plain, with_ref = lora_grads(False), lora_grads(True)
+    unet.zero_grad(set_to_none=True)
+    assert plain and plain.keys() == with_ref.keys() and all(torch.equal(plain[k], with_ref[k]) for k in plain)
+    with pytest.raises(FeatureError, match="cannot disable the LoRA of Conv2d"):
+        cal.reference(torch.nn.Conv2d(4, 4, 1), lambda: x)
+    with pytest.raises(FeatureError, match="not the prediction tensor"):
+        cal.reference(unet, lambda: unet(x, t, c, return_dict=False))

@@ -16,6 +16,9 @@ Runs offline, e.g. on the tiny pipeline of ``make_tiny_pipeline.py``::
         --train_data_dir /tmp/tiny/train --resolution 32 --train_batch_size 4 --max_train_steps 8 \
         --privacy smplora --privacy_holdout_dir /tmp/tiny/holdout --privacy_feature_grid 8 \
         --output_dir /tmp/tiny/out
+
+Add ``--privacy_preset robust`` for base-calibrated features (alpha 20, attacker lr 1e-3): one extra
+no-grad forward of the UNet with the LoRA disabled per training and held-out forward.
 """
 
 import argparse
@@ -412,7 +415,10 @@ def main(args):
         else:
             raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-        return model_pred, target, timesteps
+        # [smplora] calibrated features (--privacy_preset robust): the same call with the LoRA off, no grad
+        base_pred = reg.reference(unet, lambda: unet(noisy_latents, timesteps, encoder_hidden_states,  # [smplora]
+                                                     return_dict=False)[0]) if reg else None  # [smplora]
+        return model_pred, target, base_pred, timesteps  # [smplora] base_pred: None unless calibrated
 
     for epoch in range(first_epoch, args.num_train_epochs):
         unet.train()
@@ -424,7 +430,7 @@ def main(args):
             active_dataloader = train_dataloader
         for step, batch in enumerate(active_dataloader):
             with accelerator.accumulate(unet):
-                model_pred, target, timesteps = predict(batch)
+                model_pred, target, base_pred, timesteps = predict(batch)  # [smplora] + base_pred
 
                 if args.snr_gamma is None:
                     loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
@@ -441,8 +447,8 @@ def main(args):
                     loss = loss.mean()
 
                 if reg is not None:  # [smplora] member loss maps (before SNR weighting) + held-out ones
-                    loss = reg.step(loss, reg.features(model_pred, target),  # [smplora]
-                                    reg.nonmember_features(lambda b: predict(b)[:2]),  # [smplora]
+                    loss = reg.step(loss, reg.features(model_pred, target, reference=base_pred),  # [smplora]
+                                    reg.nonmember_features(lambda b: predict(b)[:3]),  # [smplora]
                                     update_attacker=accelerator.sync_gradients)  # [smplora]
 
                 avg_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
