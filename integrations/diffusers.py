@@ -652,10 +652,4 @@ class PrivacyRegularizer(_CoreRegularizer):
 
     def progress_postfix(self) -> Dict[str, str]:
         """A compact dict for ``progress_bar.set_postfix``: attacker member CE and balanced accuracy."""
-        m = self.metrics()
-        out = {}
-        if "attacker_ce_member" in m:
-            out["ce_m"] = f"{m['attacker_ce_member']:.3f}"
-        if "attacker_acc" in m:
-            out["att_acc"] = f"{m['attacker_acc']:.2f}"
-        return out
+        return super().progress_postfix(ce_label="ce_m", acc_label="att_acc")

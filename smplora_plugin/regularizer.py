@@ -249,6 +249,16 @@ class PrivacyRegularizer:
                    attacker_steps=float(self.attacker_steps))
         return out
 
+    def progress_postfix(self, ce_label: str = "mia_ce", acc_label: str = "mia_acc") -> Dict[str, str]:
+        """A compact dict for a progress bar: the attacker's member CE and balanced accuracy."""
+        m = self.metrics()
+        out = {}
+        if "attacker_ce_member" in m:
+            out[ce_label] = f"{m['attacker_ce_member']:.3f}"
+        if "attacker_acc" in m:
+            out[acc_label] = f"{m['attacker_acc']:.2f}"
+        return out
+
     def file_metadata(self) -> Dict[str, str]:
         """``smplora.*`` header entries: version, method, config, metrics and plugins' extras."""
         entries: Dict[str, str] = {}

@@ -190,6 +190,7 @@ def test_metrics_are_python_floats():
     for key in ("attacker_ce_member", "attacker_ce_nonmember", "attacker_acc", "denominator", "adaptation_loss",
                 "regularized_loss", "step", "attacker_updates", "attacker_steps"):
         assert key in m
+    assert reg.progress_postfix() == {"mia_ce": f"{m['attacker_ce_member']:.3f}", "mia_acc": f"{m['attacker_acc']:.2f}"}
 
 
 def test_nonmember_bank_is_refreshed_every_n_updates():

@@ -183,13 +183,7 @@ class _Run:
         bar.set_postfix = set_postfix
 
     def postfix(self) -> Dict[str, str]:
-        m = self.reg.metrics()
-        out = {}
-        if "attacker_ce_member" in m:
-            out["mia_ce"] = f"{m['attacker_ce_member']:.3f}"
-        if "attacker_acc" in m:
-            out["mia_acc"] = f"{m['attacker_acc']:.2f}"
-        return out
+        return self.reg.progress_postfix()
 
     def regularize(self, trainer, loss: torch.Tensor, bound: inspect.BoundArguments) -> torch.Tensor:
         captured, self.captured = self.captured, None
