@@ -234,14 +234,16 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
 
     plain = {r["seed"]: r["heldout_loss"] for r in rows if r["config"] == "plain"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for name in CONFIGS:
+    colors = plt.get_cmap("tab20").colors
+    for i, name in enumerate(CONFIGS):
         rs = [r for r in rows if r["config"] == name and r["seed"] in plain]
         if not rs:
             continue
         x = [r["classifier_accuracy"] for r in rs]
         for ax, key in zip(axes, ("max_auc", "max_tpr_1pct")):
             ys = [r[key] if r[key] is not None else float("nan") for r in rs]
-            ax.scatter(x, ys, label=name, s=25)
+            ax.scatter(x, ys, label=name, s=28, color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                       marker="os^Dv<>pPX*h"[i % 12])
     axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
     axes[0].set_ylabel("max-attack AUC (lower = more private)")
     axes[1].set_ylabel("max-attack TPR at 1% FPR")
