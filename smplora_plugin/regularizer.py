@@ -140,31 +140,19 @@ class PrivacyRegularizer:
             )
         if not torch.isfinite(loss.detach()).all():
             raise FeatureError(f"loss is {loss.item()}: the trainer's loss is not finite; fix the model/lr before regularising.")
-        member = flatten_features(member_feats, cfg.feature_grid, "member_feats")
+        member, nonmember = self._validated_pair(member_feats, nonmember_feats)
         if loss.requires_grad and not member.requires_grad:
             raise FeatureError(
                 "member_feats carries no gradient but loss does: compute it from the same forward as loss "
                 "(reg.features(pred, target) without torch.no_grad() or .detach()), or the defense cannot act."
             )
         do_update = bool(update_attacker) and cfg.k_steps > 0
-        nonmember = None
-        if nonmember_feats is not None:
-            nonmember = flatten_features(nonmember_feats, cfg.feature_grid, "nonmember_feats").detach()
-            if nonmember.shape[1] != member.shape[1]:
-                raise FeatureError(
-                    f"nonmember_feats has {nonmember.shape[1]} features per sample but member_feats has "
-                    f"{member.shape[1]}: compute both with reg.features (same pooling grid and latent channels)."
-                )
-        elif do_update and self.wants_nonmembers():
+        if nonmember is None and do_update and self.wants_nonmembers():
             raise FeatureError(
                 "nonmember_feats is None but the attacker is due an update with fresh non-member features "
                 "(see reg.wants_nonmembers()): pass features of a held-out batch, or update_attacker=False on "
                 "steps that skip the attacker update."
             )
-        self._check_dim(member.shape[1], "member_feats")
-        _check_finite(member, "member_feats")
-        if nonmember is not None:
-            _check_finite(nonmember, "nonmember_feats")
 
         # ---- state changes from here on
         self._ensure_attacker(member.shape[1], member.device)
@@ -210,15 +198,8 @@ class PrivacyRegularizer:
 
     def update_attacker(self, member_feats: torch.Tensor, nonmember_feats: torch.Tensor) -> None:
         """Run the ``k_steps`` attacker updates alone (features are detached)."""
-        member = flatten_features(member_feats, self.config.feature_grid, "member_feats").detach()
-        nonmember = flatten_features(nonmember_feats, self.config.feature_grid, "nonmember_feats").detach()
-        if nonmember.shape[1] != member.shape[1]:
-            raise FeatureError(
-                f"nonmember_feats has {nonmember.shape[1]} features per sample but member_feats has {member.shape[1]}."
-            )
-        self._check_dim(member.shape[1], "member_feats")
-        _check_finite(member, "member_feats")
-        _check_finite(nonmember, "nonmember_feats")
+        member, nonmember = self._validated_pair(member_feats, nonmember_feats, require_nonmember=True)
+        member = member.detach()
         if self.config.k_steps == 0:
             return
         self._ensure_attacker(member.shape[1], member.device)
@@ -227,15 +208,13 @@ class PrivacyRegularizer:
 
     def member_ce(self, member_feats: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the frozen attacker on members (label 1); differentiable in the features."""
-        member = flatten_features(member_feats, self.config.feature_grid, "member_feats")
-        self._check_dim(member.shape[1], "member_feats")
+        member = self._validated(member_feats, "member_feats")
         self._ensure_attacker(member.shape[1], member.device)
         return self._member_ce(member.to(self._device))
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """The frozen attacker's member logit margin per sample (higher = looks more like a member)."""
-        x = flatten_features(feats, self.config.feature_grid, "feats").detach()
-        self._check_dim(x.shape[1], "feats")
+        x = self._validated(feats, "feats").detach()
         self._ensure_attacker(x.shape[1], x.device)
         with torch.no_grad():
             logits = self._frozen_logits(x.to(self._device))
@@ -310,6 +289,29 @@ class PrivacyRegularizer:
         if self._distributed is None:
             return dist_utils.is_active()
         return bool(self._distributed)
+
+    def _validated(self, feats: torch.Tensor, name: str) -> torch.Tensor:
+        """Flat fp32 ``(B, D)`` features, checked for size against the attacker and for finiteness."""
+        x = flatten_features(feats, self.config.feature_grid, name)
+        self._check_dim(x.shape[1], name)
+        _check_finite(x, name)
+        return x
+
+    def _validated_pair(self, member_feats, nonmember_feats, *, require_nonmember: bool = False):
+        """Validated member features and detached non-member features (or ``None``) of equal width."""
+        member = self._validated(member_feats, "member_feats")
+        if nonmember_feats is None:
+            if require_nonmember:
+                raise FeatureError("nonmember_feats is None: the attacker update needs features of a held-out batch.")
+            return member, None
+        nonmember = flatten_features(nonmember_feats, self.config.feature_grid, "nonmember_feats").detach()
+        if nonmember.shape[1] != member.shape[1]:
+            raise FeatureError(
+                f"nonmember_feats has {nonmember.shape[1]} features per sample but member_feats has "
+                f"{member.shape[1]}: compute both with reg.features (same pooling grid and latent channels)."
+            )
+        _check_finite(nonmember, "nonmember_feats")
+        return member, nonmember
 
     def _check_dim(self, dim: int, name: str) -> None:
         if self.attacker is not None and dim != self.attacker.in_features:
