@@ -40,39 +40,44 @@ from _results import header, write_section  # noqa: E402
 OUT = Path(__file__).with_name("privacy_utility.png")
 # name -> (kind, parameters)
 CONFIGS: Dict[str, Dict[str, Any]] = {
+    "null: untrained LoRA (base model)": dict(kind="plain", steps=0),
     "plain@150": dict(kind="plain", steps=150),
     "plain@300": dict(kind="plain", steps=300),
     "plain": dict(kind="plain"),
     "smp-paper-features a10 k5": dict(kind="smp", alpha=10.0, k_steps=5, attacker_lr=1e-3),
-    "smp-robust a5": dict(kind="robust", alpha=5.0),
-    "smp-robust a20": dict(kind="robust", alpha=20.0),
-    "smp-robust a50": dict(kind="robust", alpha=50.0),
-    "smp-robust a20 every-step": dict(kind="robust", alpha=20.0, nonmember_every=1),
+    "smp-robust a5": dict(kind="robust", alpha=5.0, privacy_fraction=1.0),
+    "smp-robust a20": dict(kind="robust", alpha=20.0, privacy_fraction=1.0),
+    "smp-robust a50": dict(kind="robust", alpha=50.0, privacy_fraction=1.0),
+    "smp-robust a20 every-step": dict(kind="robust", alpha=20.0, nonmember_every=1, privacy_fraction=1.0),
+    "smp-robust a5 quarter-batch": dict(kind="robust", alpha=5.0, privacy_fraction=0.25),
+    "smp-robust a20 quarter-batch": dict(kind="robust", alpha=20.0, privacy_fraction=0.25),
     "mp a0.05": dict(kind="mp", alpha=0.05, attacker_lr=1e-3),
+    "dp-sgd s0.25": dict(kind="dpsgd", noise=0.25, clip=0.05),
     "dp-sgd s0.5": dict(kind="dpsgd", noise=0.5, clip=0.05),
     "dp-sgd s1": dict(kind="dpsgd", noise=1.0, clip=0.05),
+    "dp-sgd s2": dict(kind="dpsgd", noise=2.0, clip=0.05),
+    "dp-sgd s4": dict(kind="dpsgd", noise=4.0, clip=0.05),
     "loss-floor": dict(kind="floor"),
 }
 ATTACKS = ["loss", "loss_calibrated", "loss_best_t", "sima", "secmi", "pia", "clid", "logreg", "gboost"]
 
 
-def _setup(seed: int):
+def _setup(dataset: str):
     from smplora_plugin.demo.pipeline import DemoConfig, load_assets, train_assets
-    from smplora_plugin.demo.data import make_splits
 
-    cfg = DemoConfig()
+    cfg = DemoConfig(dataset=dataset)
     loaded = load_assets(cfg)
     base, clf = loaded if loaded is not None else train_assets(cfg, progress=False)
-    splits = make_splits({"member": cfg.members, "nonmember_defense": cfg.nonmember_defense,
-                          "nonmember_calibration": cfg.nonmember_calibration,
-                          "nonmember_eval": cfg.nonmember_eval}, seed=0)
+    splits = cfg.data.splits({"member": cfg.members, "nonmember_defense": cfg.nonmember_defense,
+                              "nonmember_calibration": cfg.nonmember_calibration,
+                              "nonmember_eval": cfg.nonmember_eval}, 0)
     return cfg, base, clf, splits
 
 
 def _model(base, cfg, seed):
-    from smplora_plugin.demo.model import TinyLDM, TinyLDMConfig
+    from smplora_plugin.demo.model import TinyLDM
 
-    model = TinyLDM(TinyLDMConfig(), seed=0)
+    model = TinyLDM(cfg.data.model_config, seed=0)
     model.load_base_state_dict(base.base_state_dict())
     model.add_lora(cfg.lora_rank, seed=seed)
     return model
@@ -140,12 +145,12 @@ def train_floor(model, members, nonmembers, *, steps, lr, bs, seed, momentum=0.9
         opt.step()
 
 
-def run_one(name: str, seed: int, steps_full: Optional[int] = None, toy: bool = False) -> Dict[str, Any]:
-    """Train and audit one defense; ``toy`` shrinks everything for the smoke test."""
+def run_one(name: str, seed: int, steps_full: Optional[int] = None, toy: bool = False,
+            dataset: str = "digits") -> Dict[str, Any]:
+    """Train and audit one defense on ``dataset``; ``toy`` shrinks everything for the smoke test."""
     from smplora_plugin import PrivacyConfig, PrivacyRegularizer
     from smplora_plugin.audit import AuditSamples, run_audit
     from smplora_plugin.demo.data import DigitSet
-    from smplora_plugin.demo.model import TinyLDMConfig
     from smplora_plugin.demo.pipeline import _member_halves
     from smplora_plugin.demo.quality import sample_quality
     from smplora_plugin.demo.target import TinyLDMTarget
@@ -153,7 +158,7 @@ def run_one(name: str, seed: int, steps_full: Optional[int] = None, toy: bool = 
 
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
-    cfg, base, clf, splits = _setup(seed)
+    cfg, base, clf, splits = _setup(dataset)
     spec = dict(CONFIGS[name])
     kind = spec.pop("kind")
     steps = spec.pop("steps", steps_full or cfg.steps)
@@ -163,7 +168,7 @@ def run_one(name: str, seed: int, steps_full: Optional[int] = None, toy: bool = 
         audit_cfg.update(draws=1, timesteps=[100, 300])
     model = _model(base, cfg, seed)
     members, nonmembers = splits["member"], splits["nonmember_defense"]
-    lat = TinyLDMConfig().latent_size
+    lat = cfg.data.model_config.latent_size
     t0 = time.time()
     epsilon = None
     if kind == "dpsgd":
@@ -185,12 +190,11 @@ def run_one(name: str, seed: int, steps_full: Optional[int] = None, toy: bool = 
     report = run_audit(TinyLDMTarget(model), samples(m_eval), samples(splits["nonmember_eval"]),
                        calibration_members=samples(m_cal), calibration_nonmembers=samples(splits["nonmember_calibration"]),
                        attacks=attacks, config=audit_cfg, progress=False, num_threads=1)
-    reference = DigitSet(torch.cat([splits["nonmember_calibration"].images, splits["nonmember_eval"].images]),
-                         torch.cat([splits["nonmember_calibration"].labels, splits["nonmember_eval"].labels]),
-                         splits["nonmember_calibration"].ids + splits["nonmember_eval"].ids)
-    quality = sample_quality(model, clf, reference, per_label=per_label, steps=cfg.sample_steps, seed=seed)
+    reference = DigitSet.concat(splits["nonmember_calibration"], splits["nonmember_eval"])
+    quality = sample_quality(model, clf, reference, per_label=per_label, steps=cfg.sample_steps, seed=seed,
+                             captioner=cfg.data.captioner)
     mx = report.max_over_attacks
-    return {"config": name, "seed": seed, "steps": steps, "epsilon": epsilon, "train_seconds": round(train_s, 1),
+    return {"dataset": dataset, "config": name, "seed": seed, "steps": steps, "epsilon": epsilon, "train_seconds": round(train_s, 1),
             "max_auc": mx["auc"]["value"], "max_auc_attack": mx["auc"]["attack"],
             "max_tpr_1pct": mx.get("tpr_at_1pct_fpr", {}).get("value"),
             "heldout_loss": report.utility["heldout_denoising_loss"],
@@ -207,7 +211,12 @@ def _mean_sd(xs: List[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def _dataset(r: Dict[str, Any]) -> str:
+    return r.get("dataset", "digits")  # rows written before the textures data set have no field
+
+
 def table(rows: List[Dict[str, Any]]) -> str:
+    """One Markdown table (mean ± sd over seeds) for the rows of one data set."""
     plain = {r["seed"]: r["heldout_loss"] for r in rows if r["config"] == "plain"}
     lines = ["| defense | seeds | max-attack AUC | max TPR@1%FPR | held-out loss / plain | classifier acc. | "
              "Fréchet dist. | epsilon (δ=1e-5) | strongest attack |",
@@ -227,37 +236,45 @@ def table(rows: List[Dict[str, Any]]) -> str:
 
 
 def plot(rows: List[Dict[str, Any]], path: Path) -> None:
+    """One PNG: a row of (AUC, TPR@1%FPR) against classifier accuracy per data set; one point per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plain = {r["seed"]: r["heldout_loss"] for r in rows if r["config"] == "plain"}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    datasets = [d for d in DATASETS if any(_dataset(r) == d for r in rows)]
+    fig, grid = plt.subplots(len(datasets), 2, figsize=(11, 4.5 * len(datasets)), squeeze=False)
     colors = plt.get_cmap("tab20").colors
-    for i, name in enumerate(CONFIGS):
-        rs = [r for r in rows if r["config"] == name and r["seed"] in plain]
-        if not rs:
-            continue
-        x = [r["classifier_accuracy"] for r in rs]
-        for ax, key in zip(axes, ("max_auc", "max_tpr_1pct")):
-            ys = [r[key] if r[key] is not None else float("nan") for r in rs]
-            ax.scatter(x, ys, label=name, s=28, color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
-                       marker="os^Dv<>pPX*h"[i % 12])
-    axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
-    axes[0].set_ylabel("max-attack AUC (lower = more private)")
-    axes[1].set_ylabel("max-attack TPR at 1% FPR")
-    for ax in axes:
-        ax.set_xlabel("classifier accuracy on generated samples (higher = more useful)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle("Privacy-utility frontier, tiny LDM on digits (one point per seed)")
+    for axes, ds in zip(grid, datasets):
+        for i, name in enumerate(CONFIGS):
+            rs = [r for r in rows if r["config"] == name and _dataset(r) == ds]
+            if not rs:
+                continue
+            x = [r["classifier_accuracy"] for r in rs]
+            for ax, key in zip(axes, ("max_auc", "max_tpr_1pct")):
+                ys = [r[key] if r[key] is not None else float("nan") for r in rs]
+                ax.scatter(x, ys, label=name, s=28, color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                           marker="os^Dv<>pPX*h"[i % 12])
+        axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+        axes[0].set_ylabel(f"{ds}: max-attack AUC (lower = more private)")
+        axes[1].set_ylabel(f"{ds}: max-attack TPR at 1% FPR")
+        for ax in axes:
+            ax.set_xlabel(f"{ds}: classifier accuracy on generated samples (higher = more useful)")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=6, loc="best")
+    fig.suptitle("Privacy-utility frontier, tiny LDM (one point per seed)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+
+
+DATASETS = ("digits", "textures")
+SECTION = {"digits": ("privacy_utility", "digits"), "textures": ("privacy_utility_textures", "procedural textures")}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits (the demo's) or textures (16x16 procedurally generated textured shapes)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 torch thread each)")
@@ -268,7 +285,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]))), flush=True)
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), dataset=args.dataset)), flush=True)
         return 0
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in CONFIGS]
@@ -279,13 +296,14 @@ def main(argv=None) -> int:
     if rows_path.exists():
         for line in rows_path.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["config"], r["seed"]))
-    todo = [(c, int(s)) for s in args.seeds.split(",") for c in configs if (c, int(s)) not in done]
+            done.add((_dataset(r), r["config"], r["seed"]))
+    todo = [(c, int(s)) for s in args.seeds.split(",") for c in configs if (args.dataset, c, int(s)) not in done]
     running: List[subprocess.Popen] = []
     while todo or running:
         while todo and len(running) < args.jobs:
             c, s = todo.pop(0)
-            proc = subprocess.Popen([sys.executable, __file__, "--one", c, str(s)], stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen([sys.executable, __file__, "--dataset", args.dataset, "--one", c, str(s)],
+                                    stdout=subprocess.PIPE, text=True)
             proc.job = (c, s)  # type: ignore[attr-defined]
             running.append(proc)
         time.sleep(1)
@@ -302,15 +320,16 @@ def main(argv=None) -> int:
             r = json.loads(out[-1])
             print(f"{r['config']:<28} seed {r['seed']}: max AUC {r['max_auc']:.3f} ({r['max_auc_attack']}), "
                   f"held-out {r['heldout_loss']:.4f}, clf acc {r['classifier_accuracy']:.3f}", flush=True)
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
-    rows = [r for r in rows if r["config"] in configs]
+    all_rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    rows = [r for r in all_rows if r["config"] in configs and _dataset(r) == args.dataset]
     text = table(rows)
     print(text)
     if args.write:
-        plot(rows, OUT)
-        write_section("privacy_utility", "## Privacy-utility frontier (digits)\n\n" + header() +
-                      f"- attacks: {', '.join(ATTACKS)}; demo sizes (members, steps, LoRA) from `DemoConfig()`\n\n"
-                      + text + f"\n![frontier]({OUT.name})\n")
+        plot([r for r in all_rows if r["config"] in CONFIGS], OUT)
+        marker, title = SECTION[args.dataset]
+        write_section(marker, f"## Privacy-utility frontier ({title})\n\n" + header() +
+                      f"- attacks: {', '.join(ATTACKS)}; demo sizes (members, steps, LoRA) from "
+                      f"`DemoConfig(dataset=\"{args.dataset}\")`\n\n" + text + f"\n![frontier]({OUT.name})\n")
     return 0
 
 

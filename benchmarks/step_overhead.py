@@ -12,8 +12,10 @@ Variants:
 - smp-every: this project's SMP-LoRA with the paper's schedule: the member loss map comes from
   the training forward; one no-grad forward on an equal-size non-member batch every step.
 - smp-default: this project's SMP-LoRA with the library defaults (``PrivacyConfig()``).
-- smp-robust: the ``robust`` preset: base-calibrated features, i.e. one more no-grad forward with
+- smp-robust-full: base-calibrated features on the whole batch, i.e. one more no-grad forward with
   the LoRA disabled for the member batch (and for the non-member batch when it is refreshed).
+- smp-robust: the ``robust`` preset as it ships: the same, with ``privacy_fraction=0.25``: the
+  privacy term, the base forward and the non-member forwards on a quarter of the batch.
 - reference: the reference code's step: a second forward/backward with fresh noise for the
   adversarial term, and per attacker step no-grad forwards of an auxiliary member batch and an
   auxiliary non-member batch.
@@ -49,7 +51,8 @@ SIZES = {
     # for the smoke test only
     "toy": dict(blocks=(32, 32), latent=8, batch=2, grid=8, cross=32),
 }
-VARIANTS = ("plain", "smp-every", "smp-default", "smp-robust", "reference")
+VARIANTS = ("plain", "smp-every", "smp-default", "smp-robust-full", "smp-robust", "reference")
+SMP_VARIANTS = ("smp-every", "smp-default", "smp-robust-full", "smp-robust")
 
 
 def build(size: dict, seed: int = 0):
@@ -109,6 +112,8 @@ class Runner:
             self.reg = PrivacyRegularizer(feature_grid=size["grid"], nonmember_every=1)
         elif variant == "smp-default":
             self.reg = PrivacyRegularizer(PrivacyConfig(feature_grid=size["grid"]))
+        elif variant == "smp-robust-full":
+            self.reg = PrivacyRegularizer(PrivacyConfig.preset("robust", feature_grid=size["grid"], privacy_fraction=1.0))
         elif variant == "smp-robust":
             self.reg = PrivacyRegularizer(PrivacyConfig.preset("robust", feature_grid=size["grid"]))
         elif variant == "reference":
@@ -134,11 +139,12 @@ class Runner:
     def step(self) -> None:
         b = self.size["batch"]
         t0 = time.perf_counter()
-        smp = self.variant in ("smp-every", "smp-default", "smp-robust")
+        smp = self.variant in SMP_VARIANTS
+        n = self.reg.privacy_rows(b) if smp else b
         nonmember = None
         if smp and self.reg.wants_nonmembers():
             # before the training forward, so its activations don't coexist with the training graph
-            data = self.nonmembers.next(b)
+            data = self.nonmembers.next(n)
             with torch.no_grad():
                 nonmember = self.reg.features(*forward(self.unet, self.sched, data), reference=self._base(data))
             t0 = self._tick("non-member forward", t0)
@@ -147,9 +153,9 @@ class Runner:
         loss = F.mse_loss(pred.float(), target.float())
         t0 = self._tick("forward", t0)
         if smp:
-            reference = self._base(data)
+            reference = self._base(tuple(x[:n] for x in data))
             t0 = self._tick("base forward (calibration)", t0)
-            loss = self.reg.step(loss, self.reg.features(pred, target, reference=reference), nonmember)
+            loss = self.reg.step(loss, self.reg.features(pred[:n], target[:n], reference=reference), nonmember)
             t0 = self._tick("regulariser (attacker update + CE)", t0)
         elif self.variant == "reference":
             reg = self.reg
@@ -201,7 +207,9 @@ def memory_child(size_name: str, variant: str, steps: int) -> dict:
     before = _status_kib("VmRSS")
     for _ in range(steps):
         runner.step()
-    return {"before_kib": before, "peak_kib": _status_kib("VmHWM")}
+    # the kernel syncs its per-thread RSS counters lazily, so VmHWM can trail an RSS already read
+    peak = max(_status_kib("VmHWM"), _status_kib("VmRSS"), before)
+    return {"before_kib": before, "peak_kib": peak}
 
 
 def _reset_peak_rss() -> None:

@@ -10,7 +10,8 @@ a handful of lines (see ``docs/diffusers.md``)::
     if reg:
         reg.attach(accelerator, holdout)                                   # checkpoint save/load hooks
     ...                  # predict(batch) -> (model_pred, target, base_pred): the script's forward, plus
-    base_pred = reg.reference(unet, lambda: unet(noisy_latents, timesteps, encoder_hidden_states,
+    n = reg.privacy_rows(len(noisy_latents)) if reg else 0    # the batch's share in the privacy term
+    base_pred = reg.reference(unet, lambda: unet(noisy_latents[:n], timesteps[:n], encoder_hidden_states[:n],
                                                  return_dict=False)[0]) if reg else None   # None unless calibrated
     ...
     if reg:
@@ -76,16 +77,22 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "(MP-LoRA baseline: loss - alpha * attacker CE); smp / mp are aliases.")
     g.add_argument("--privacy_preset", type=str.lower, default="paper", choices=_PRESETS,
                    help="paper (default): the paper's hyperparameters. robust: base-calibrated features, alpha 20, "
-                        "attacker lr 1e-3 (stronger against the full attack suite; one extra no-grad base forward "
-                        "per step). --privacy_* flags below override the preset's values.")
+                        "attacker lr 1e-3, privacy term on a quarter of each batch (stronger against the full attack "
+                        "suite; one extra no-grad base forward on that quarter per step). --privacy_* flags below "
+                        "override the preset's values.")
     g.add_argument("--privacy_calibrated", action=argparse.BooleanOptionalAction, default=None,
                    help="Attacker sees loss maps minus the base model's (LoRA disabled) at the same noisy input; "
                         "costs a no-grad base forward per step (default: the preset's; robust turns it on).")
+    g.add_argument("--privacy_fraction", type=float, default=None,
+                   help="Share of each training batch whose loss maps feed the privacy term (its first "
+                        "ceil(fraction * batch) samples; the base forward and the held-out batches use that many). "
+                        f"Default: the preset's (paper {d.privacy_fraction:g}, robust 0.25).")
     g.add_argument("--privacy_holdout_dir", type=str, default=None,
                    help="Folder of held-out (non-member) images with captions (metadata.jsonl or .txt files). "
                         "Required with --privacy; must not share any image with the training data.")
     g.add_argument("--privacy_holdout_batch_size", type=int, default=None,
-                   help="Non-member images per process and optimiser step (default: --train_batch_size).")
+                   help="Non-member images per process and optimiser step (default: the privacy term's share "
+                        "of --train_batch_size, see --privacy_fraction).")
     g.add_argument("--privacy_holdout_caption_column", type=str, default=None,
                    help="Caption field of the holdout metadata.jsonl (default: --caption_column or 'text').")
     # default=None throughout: only flags given on the command line override the preset
@@ -119,7 +126,7 @@ _ARG_FIELDS = {
     "privacy_alpha": "alpha", "privacy_beta": "beta", "privacy_delta": "delta", "privacy_k_steps": "k_steps",
     "privacy_attacker_lr": "attacker_lr", "privacy_attacker_weight_decay": "attacker_weight_decay",
     "privacy_attacker_dropout": "dropout", "privacy_calibrated": "calibrated",
-    "privacy_nonmember_every": "nonmember_every",
+    "privacy_nonmember_every": "nonmember_every", "privacy_fraction": "privacy_fraction",
 }
 
 
@@ -286,9 +293,10 @@ class HoldoutImages:
         Checks against the images of ``args.train_data_dir`` (and ``train_files``); uses the
         script's ``args.image_column`` / ``args.caption_column`` names when it has them.
         """
-        if privacy_config_from_args(args) is None:
+        config = privacy_config_from_args(args)
+        if config is None:
             return None
-        batch = _arg(args, "privacy_holdout_batch_size") or _arg(args, "train_batch_size", 1)
+        batch = _arg(args, "privacy_holdout_batch_size") or config.privacy_rows(max(1, int(_arg(args, "train_batch_size", 1))))
         opts = dict(
             preprocess=preprocess, collate_fn=collate_fn, batch_size=int(batch), seed=_privacy_seed(args),
             image_column=_arg(args, "image_column", "image"),
@@ -413,7 +421,7 @@ def nonmember_loss_maps(reg: _CoreRegularizer, forward_fn: Callable[[Any], Tuple
             got = tuple(reference.shape) if isinstance(reference, torch.Tensor) else type(reference).__name__
             raise FeatureError(f"the third value of the non-member forward must be the base prediction, shaped like "
                                f"model_pred {tuple(pred.shape)}; got {got}.")
-        return reg.features(pred, target, reference=reference).detach()
+        return _CoreRegularizer.features(reg, pred, target, reference=reference).detach()
 
 
 def unwrap_model(model: Any, accelerator: Any = None) -> Any:
@@ -610,14 +618,28 @@ class PrivacyRegularizer(_CoreRegularizer):
 
     def features(self, pred: torch.Tensor, target: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
                  reference: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The core's :meth:`~smplora_plugin.PrivacyRegularizer.features`, with a script-level hint when
-        calibrated features lack ``reference``."""
+        """Member features of a training batch: the core's :meth:`~smplora_plugin.PrivacyRegularizer.features`
+        on its first ``n = reg.privacy_rows(len(pred))`` samples (the whole batch unless
+        ``--privacy_fraction`` < 1), with script-level hints when ``reference`` is missing or was not
+        computed on those ``n`` samples."""
+        n = self.privacy_rows(int(pred.shape[0])) if isinstance(pred, torch.Tensor) and pred.ndim else None
+        if n is not None and isinstance(reference, torch.Tensor) and reference.ndim and reference.shape[0] != n:
+            raise FeatureError(
+                f"base_pred has {reference.shape[0]} samples but the privacy term uses the first {n} of the "
+                f"{pred.shape[0]} in the batch (privacy_fraction={self.config.privacy_fraction:g}): compute it as "
+                "n = reg.privacy_rows(len(noisy_latents)); base_pred = reg.reference(unet, lambda: "
+                "unet(noisy_latents[:n], timesteps[:n], encoder_hidden_states[:n], return_dict=False)[0]) "
+                "(see docs/diffusers.md).")
+        if n is not None and isinstance(target, torch.Tensor) and target.shape[:1] == pred.shape[:1]:
+            pred, target = pred[:n], target[:n]
+            timesteps = timesteps[:n] if isinstance(timesteps, torch.Tensor) and timesteps.ndim else timesteps
         if self.config.calibrated and reference is None:
             raise FeatureError(
                 "calibrated features (--privacy_preset robust / --privacy_calibrated) need the base model's "
-                "prediction at the same noisy input: compute base_pred = reg.reference(unet, lambda: "
-                "unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]) next to the training "
-                "forward and call reg.features(model_pred, target, reference=base_pred) (see docs/diffusers.md).")
+                "prediction at the same noisy input: compute n = reg.privacy_rows(len(noisy_latents)); base_pred = "
+                "reg.reference(unet, lambda: unet(noisy_latents[:n], timesteps[:n], encoder_hidden_states[:n], "
+                "return_dict=False)[0]) next to the training forward and call reg.features(model_pred, target, "
+                "reference=base_pred) (see docs/diffusers.md).")
         return super().features(pred, target, timesteps=timesteps, reference=reference)
 
     # ---------------------------------------------------------------- data
@@ -643,7 +665,18 @@ class PrivacyRegularizer(_CoreRegularizer):
                                    "holdout) or give the batch explicitly.")
             batch = next(self.holdout)
         batch = _to_device(batch, getattr(self.accelerator, "device", None))
-        return nonmember_loss_maps(self, forward_fn, batch)
+        self._nonmember_pass = True  # privacy_rows(n) is n inside: a held-out batch is used whole
+        try:
+            return nonmember_loss_maps(self, forward_fn, batch)
+        finally:
+            self._nonmember_pass = False
+
+    def privacy_rows(self, batch_size: int) -> int:
+        """Rows of a batch that feed the privacy term: ``ceil(privacy_fraction * batch_size)`` for the
+        training batch, all of them for the held-out batch inside :meth:`nonmember_features` (its
+        size is already that share: ``--privacy_holdout_batch_size`` defaults to it)."""
+        rows = super().privacy_rows(batch_size)  # validates batch_size
+        return batch_size if getattr(self, "_nonmember_pass", False) else rows
 
     # ---------------------------------------------------------------- logging
     def log_dict(self, prefix: str = "smplora/") -> Dict[str, float]:

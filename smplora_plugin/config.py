@@ -44,6 +44,11 @@ class PrivacyConfig:
             removes each sample's and noise draw's own difficulty, the noise that keeps a proxy on
             raw maps near chance on small models, at the price of a no-grad base forward for the
             member batch (and the non-member batch when it is refreshed). Off by default.
+        privacy_fraction: share of each member batch that feeds the privacy term: its first
+            ``ceil(privacy_fraction * batch)`` samples (at least one; ``reg.privacy_rows(batch)``),
+            and the size of the non-member batches. The term's estimate gets noisier, not biased;
+            below 1 it makes calibrated features cheaper, since the base forward and the non-member
+            forwards run on that share only. 1 (the default) uses the whole batch.
         nonmember_every: refresh the non-member features every this many attacker updates;
             in between the attacker reuses the last non-member batch (a bank). 1 (the paper's
             schedule) needs a held-out forward every step; the default 4 amortises it to a quarter
@@ -63,6 +68,7 @@ class PrivacyConfig:
     attacker_weight_decay: float = 1e-4
     feature_grid: GridLike = 64
     calibrated: bool = False
+    privacy_fraction: float = 1.0
     nonmember_every: int = 4
     seed: int = 0
     device: Optional[str] = None
@@ -87,6 +93,8 @@ class PrivacyConfig:
         set_("feature_grid", _grid(self.feature_grid))
         if not isinstance(self.calibrated, bool):
             raise ConfigError(f"calibrated={self.calibrated!r} must be True or False.")
+        set_("privacy_fraction", _number("privacy_fraction", self.privacy_fraction, lo=0.0, lo_open=True, hi=1.0,
+                                         hint="1 uses the whole batch; 0.25 a quarter of it"))
         set_("nonmember_every", _integer("nonmember_every", self.nonmember_every, lo=1))
         set_("seed", _integer("seed", self.seed, lo=0))
         if self.device is not None:
@@ -97,6 +105,12 @@ class PrivacyConfig:
             except (RuntimeError, TypeError) as exc:
                 raise ConfigError(f"device={self.device!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda:0'.") from None
             set_("device", str(self.device))
+
+    def privacy_rows(self, batch_size: int) -> int:
+        """``ceil(privacy_fraction * batch_size)``, at least 1: the batch's share in the privacy term."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
+        return max(1, min(batch_size, math.ceil(self.privacy_fraction * batch_size - 1e-9)))
 
     # ------------------------------------------------------------------ conversion
     def to_dict(self) -> dict:
@@ -131,10 +145,11 @@ class PrivacyConfig:
 
         - ``"paper"``: the paper's hyperparameters (the dataclass defaults).
         - ``"robust"``: what this project's frontier supports against the full attack suite
-          (benchmarks/RESULTS.md): base-calibrated features, a 20x stronger attacker term and
-          a faster attacker. Costs a no-grad base forward per step (about +1/3 of a step).
+          (benchmarks/RESULTS.md): base-calibrated features, a 20x stronger attacker term, a
+          faster attacker, and the privacy term on a quarter of each batch
+          (``privacy_fraction=0.25``), which keeps the base forward to a quarter batch.
         """
-        presets = {"paper": {}, "robust": dict(calibrated=True, alpha=20.0, attacker_lr=1e-3)}
+        presets = {"paper": {}, "robust": dict(calibrated=True, alpha=20.0, attacker_lr=1e-3, privacy_fraction=0.25)}
         if name not in presets:
             raise ConfigError(f"preset {name!r} is unknown: use one of {sorted(presets)}.")
         return cls.from_dict({**presets[name], **overrides})
@@ -151,7 +166,9 @@ class PrivacyConfig:
 
 
 def _number(name: str, value: Any, *, lo=None, hi=None, lo_open=False, hi_open=False, hint: str = "") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be a number, not a bool.")
+    if not isinstance(value, (int, float)):
         try:
             value = float(value)  # accept numeric strings from TOML/argparse-free sources
         except (TypeError, ValueError):

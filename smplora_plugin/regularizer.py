@@ -8,6 +8,7 @@ trainer's loss as the SMP ratio (default) or the MP sum.
 
 from __future__ import annotations
 
+
 import os
 from typing import Any, Dict, Iterable, Optional, Union
 
@@ -195,6 +196,15 @@ class PrivacyRegularizer:
         if not update_attacker or self.config.k_steps == 0:
             return False
         return self._bank is None or self.attacker_updates % self.config.nonmember_every == 0
+
+    def privacy_rows(self, batch_size: int) -> int:
+        """How many leading samples of a batch of ``batch_size`` feed the privacy term.
+
+        ``ceil(config.privacy_fraction * batch_size)``, at least 1 (:meth:`PrivacyConfig.privacy_rows`):
+        integrations compute the member features (and, when calibrated, the base forward) on
+        ``batch[:n]`` only and draw non-member batches of ``n``.
+        """
+        return self.config.privacy_rows(batch_size)
 
     def update_attacker(self, member_feats: torch.Tensor, nonmember_feats: torch.Tensor) -> None:
         """Run the ``k_steps`` attacker updates alone (features are detached)."""

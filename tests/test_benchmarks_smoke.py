@@ -32,13 +32,32 @@ def test_step_overhead_runs_every_variant_and_reports():
     assert child["peak_kib"] >= child["before_kib"] > 0
 
 
-@pytest.mark.parametrize("config", ["smp-robust a20", "dp-sgd s1", "loss-floor"])
-def test_privacy_utility_trains_and_audits_each_kind(config):
+@pytest.mark.parametrize("config, dataset", [("smp-robust a20", "digits"), ("dp-sgd s1", "digits"),
+                                             ("loss-floor", "digits"), ("smp-robust a20 quarter-batch", "textures")])
+def test_privacy_utility_trains_and_audits_each_kind(config, dataset):
     pytest.importorskip("opacus") if config.startswith("dp") else None
     pytest.importorskip("sklearn")
     mod = _load("privacy_utility")
-    row = mod.run_one(config, seed=0, toy=True)
-    assert row["config"] == config and 0.0 <= row["max_auc"] <= 1.0 and row["heldout_loss"] > 0
+    row = mod.run_one(config, seed=0, toy=True, dataset=dataset)
+    assert row["config"] == config and row["dataset"] == dataset
+    assert 0.0 <= row["max_auc"] <= 1.0 and row["heldout_loss"] > 0
     assert (row["epsilon"] is not None) == config.startswith("dp")
     text = mod.table([row, {**row, "config": "plain", "epsilon": None}])
     assert config in text
+
+
+def test_frontier_plot_has_a_row_per_dataset(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    mod = _load("privacy_utility")
+    rows = [{"dataset": ds, "config": c, "seed": s, "max_auc": 0.5 + 0.1 * s, "max_tpr_1pct": 0.03,
+             "classifier_accuracy": 0.9, "heldout_loss": 0.2, "epsilon": None, "frechet_distance": 1.0,
+             "max_auc_attack": "loss"} for ds in ("digits", "textures") for c in ("plain", "loss-floor") for s in (0, 1)]
+    rows.append({**rows[0], "dataset": None})
+    del rows[-1]["dataset"]  # rows written before the second data set have no field: digits
+    out = tmp_path / "f.png"
+    mod.plot(rows, out)
+    w, h = Image.open(out).size
+    assert h > w * 0.7  # two rows of panels (one per data set), not one
+    assert "| loss-floor | 2 |" in mod.table([r for r in rows if mod._dataset(r) == "textures"])

@@ -185,8 +185,11 @@ def test_script_runs_with_two_cpu_processes(runs, tmp_path):
     assert _metrics_line(proc.stdout)["attacker_updates"] == 2
     with safe_open(str(out / "checkpoint-2" / "smplora_state.safetensors"), "pt") as f:
         cursor = json.loads(f.metadata()["shim.diffusers.holdout"])
-    assert cursor["num_processes"] == 2 and cursor["draws"] == 2 and cursor["position"] == 2 * 2 * 2
+    # robust: privacy_fraction 0.25, so the held-out batch is ceil(0.25 * 2) = 1 image per process
+    assert cursor["num_processes"] == 2 and cursor["batch_size"] == 1
+    assert cursor["draws"] == 2 and cursor["position"] == 2 * 1 * 2
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
         config = json.loads(f.metadata()["smplora.config"])
     # calibrated=True makes reg.features refuse a missing base prediction, so this run used one every step
-    assert (config["calibrated"], config["alpha"], config["attacker_lr"]) == (True, 20.0, 1e-3)
+    assert (config["calibrated"], config["alpha"], config["attacker_lr"], config["privacy_fraction"]) == (
+        True, 20.0, 1e-3, 0.25)

@@ -102,6 +102,21 @@ def test_preset_gives_the_base_values_and_only_given_flags_override_it():
         parse(*base, "--privacy_preset", "strong")
 
 
+def test_privacy_fraction_flag_and_the_holdout_batch_it_implies(folders):
+    base = ("--privacy", "smplora", "--privacy_holdout_dir", str(folders / "holdout"), "--train_batch_size", "8")
+    robust = privacy_config_from_args(parse(*base, "--privacy_preset", "robust"))
+    assert robust.privacy_fraction == 0.25
+    assert privacy_config_from_args(parse(*base, "--privacy_preset", "robust", "--privacy_fraction", "1")
+                                     ).privacy_fraction == 1.0
+    assert HoldoutImages.from_args(parse(*base), to_tensor_preprocess, collate).batch_size == 8
+    assert HoldoutImages.from_args(parse(*base, "--privacy_preset", "robust"), to_tensor_preprocess, collate
+                                   ).batch_size == 2                   # a quarter of --train_batch_size
+    assert HoldoutImages.from_args(parse(*base, "--privacy_fraction", "0.5", "--privacy_holdout_batch_size", "3"),
+                                   to_tensor_preprocess, collate).batch_size == 3   # an explicit size wins
+    with pytest.raises(ConfigError, match="privacy_fraction"):
+        privacy_config_from_args(parse(*base, "--privacy_fraction", "0"))
+
+
 def test_instance_half_keeps_only_the_instance_images():
     pred, target = torch.arange(8.0).reshape(4, 2), -torch.arange(8.0).reshape(4, 2)
     p, t = instance_half(pred, target)
@@ -325,22 +340,31 @@ def test_robust_preset_feeds_the_base_prediction_for_members_and_nonmembers(peft
     def predict(latents):                                      # the script's forward: pred, target, base_pred
         target = torch.zeros_like(latents)
         pred = wrapped(latents, t, c, return_dict=False)[0]
-        return pred, target, reg.reference(wrapped, lambda: wrapped(latents, t, c, return_dict=False)[0])
+        n = reg.privacy_rows(len(latents))                     # the documented line
+        return pred, target, reg.reference(wrapped, lambda: wrapped(latents[:n], t[:n], c[:n], return_dict=False)[0])
 
+    n = reg.privacy_rows(len(x))
+    assert reg.config.privacy_fraction == 0.25 and len(x) == 2 and n == 1
     pred, target, ref = predict(x)
-    assert torch.allclose(ref, base_m, atol=1e-5) and not ref.requires_grad   # the LoRA was off ...
+    assert ref.shape[0] == n
+    assert torch.allclose(ref, base_m[:n], atol=1e-5) and not ref.requires_grad   # the LoRA was off ...
     assert not torch.allclose(pred.detach(), base_m, atol=1e-3) and pred.requires_grad  # ... and is back on
     feats = reg.features(pred, target, reference=ref)
-    assert feats.requires_grad
-    assert torch.allclose(feats, core.features(pred, target, reference=base_m), atol=1e-5)
-    raw = CoreRegularizer(reg.config.replace(calibrated=False)).features(pred, target)
+    assert feats.requires_grad and feats.shape[0] == n         # the privacy term sees the batch's first n
+    assert torch.allclose(feats, core.features(pred[:n], target[:n], reference=base_m[:n]), atol=1e-5)
+    raw = CoreRegularizer(reg.config.replace(calibrated=False)).features(pred[:n], target[:n])
     assert not torch.allclose(feats, raw, atol=1e-4)           # the reference changed the features
-    nm = reg.nonmember_features(predict, batch=x_n)
+    nm = reg.nonmember_features(predict, batch=x_n)            # a held-out batch is used whole
     pred_n = predict(x_n)[0].detach()
+    assert nm.shape[0] == len(x_n)
     assert torch.allclose(nm, core.features(pred_n, torch.zeros_like(x_n), reference=base_n), atol=1e-5)
     assert not nm.requires_grad
     loss = reg.step(F.mse_loss(pred, target), feats, nm)
     assert torch.isfinite(loss) and reg.attacker_updates == 1
+    # a base prediction of the whole batch (the line before --privacy_fraction) is refused with the fix
+    full = reg.reference(wrapped, lambda: wrapped(x, t, c, return_dict=False)[0])
+    with pytest.raises(FeatureError, match=r"privacy_rows\(len\(noisy_latents\)\)"):
+        reg.features(pred, target, reference=full)
 
     # a script that forgets the base prediction gets told how to add it, before any state changes
     with pytest.raises(FeatureError, match=r"reg\.reference\(unet"):

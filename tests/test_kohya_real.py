@@ -130,3 +130,39 @@ def test_real_old_checkout_is_refused(fixture_dir, tmp_path):
     r = run_kohya(fixture_dir, tmp_path / "o", "--train_data_dir", str(fixture_dir / "train"), "--privacy", "smplora",
                   sd_dir=os.environ["SD_SCRIPTS_OLD_DIR"])
     assert r.returncode == 3 and "v0.10.0" in r.stderr, r.stderr[-3000:]
+
+
+def test_real_robust_preset_calibrated_run_and_resume(fixture_dir, tmp_path):
+    """--privacy_preset robust from a [smplora] TOML section (CLI on top): the base forward with sd-scripts'
+    network.set_multiplier(0.0), replayed at the same noise and timesteps (checked on every batch), trains,
+    saves and resumes; the privacy term sees the first quarter of each batch (privacy_fraction 0.25)."""
+    from smplora_plugin.config import PrivacyConfig
+
+    robust = PrivacyConfig.preset("robust")
+    fx = fixture_dir
+    ds = dataset_toml(fx, tmp_path / "dataset.toml")
+    toml = tmp_path / "smplora.toml"
+    toml.write_text('[smplora]\nprivacy = "smplora"\nprivacy_preset = "robust"\nprivacy_feature_grid = 8\n'
+                    'privacy_attacker_hidden = [32, 16]\n')
+    a = run_kohya(fx, tmp_path / "a", "--config_file", str(toml), "--dataset_config", str(ds), "--max_train_steps", "2",
+                  "--save_state", "--privacy_alpha", "2")
+    assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-6000:]
+    assert "base-calibrated features" in a.stdout + a.stderr
+    meta = header(tmp_path / "a" / "tiny.safetensors")
+    cfg = json.loads(meta["smplora.config"])
+    assert cfg["calibrated"] is True and cfg["alpha"] == 2.0 and cfg["attacker_lr"] == robust.attacker_lr
+    assert cfg["feature_grid"] == [8, 8] and cfg["privacy_fraction"] == robust.privacy_fraction == 0.25
+    assert "privacy fraction 0.25" in a.stdout + a.stderr
+    # batches of 2: the first ceil(0.25 * 2) = 1 member per step; the one held-out refresh (nonmember_every 4)
+    # cut to 1 of its 2 images
+    assert json.loads(meta["smplora.data"])["feature_rows"] == {"member": 2, "nonmember": 1}
+    metrics = json.loads(meta["smplora.metrics"])
+    assert metrics["attacker_updates"] == 2 and all(v == v and abs(v) != float("inf") for v in metrics.values())
+    assert (tmp_path / "a" / "tiny-state" / "smplora_state.safetensors").is_file()
+    c = run_kohya(fx, tmp_path / "c", "--dataset_config", str(ds), "--max_train_steps", "3", "--resume",
+                  str(tmp_path / "a" / "tiny-state"), "--privacy", "smplora", "--privacy_preset", "robust",
+                  "--privacy_alpha", "2", "--privacy_feature_grid", "8", "--privacy_attacker_hidden", "32,16")
+    assert c.returncode == 0, c.stderr[-6000:]
+    assert "attacker state restored" in c.stdout + c.stderr
+    metrics_c = json.loads(header(tmp_path / "c" / "tiny.safetensors")["smplora.metrics"])
+    assert metrics_c["attacker_updates"] > 2          # continued from the 2 updates of the first run

@@ -170,9 +170,10 @@ def test_attacker_updates_once_per_optimizer_step_and_reg_images_never_members(d
     spy = Spy()
     spy._smplora_override = trainer._smplora_override
 
-    def features(pred, target, timesteps=None):
+    def features(pred, target, timesteps=None, reference=None):
+        assert reference is None                     # paper preset: no base prediction
         seen[-1]["feature_rows"].append(pred.shape[0])
-        return original_features(pred, target, timesteps)
+        return original_features(pred, target, timesteps, reference=reference)
 
     args = parse(*kohya_args(data, tmp_path / "out", "--reg_data_dir", str(data / "reg"), "--max_train_steps", "3",
                              "--gradient_accumulation_steps", "2"))

@@ -416,8 +416,9 @@ def main(args):
             raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         # [smplora] calibrated features (--privacy_preset robust): the same call with the LoRA off, no grad
-        base_pred = reg.reference(unet, lambda: unet(noisy_latents, timesteps, encoder_hidden_states,  # [smplora]
-                                                     return_dict=False)[0]) if reg else None  # [smplora]
+        n = reg.privacy_rows(bsz) if reg else 0  # [smplora] the batch's share in the privacy term
+        base_pred = reg.reference(unet, lambda: unet(noisy_latents[:n], timesteps[:n],  # [smplora]
+                                                     encoder_hidden_states[:n], return_dict=False)[0]) if reg else None  # [smplora]
         return model_pred, target, base_pred, timesteps  # [smplora] base_pred: None unless calibrated
 
     for epoch in range(first_epoch, args.num_train_epochs):

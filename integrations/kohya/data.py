@@ -183,6 +183,49 @@ def member_rows(batch: Dict[str, Any], batch_size: int) -> List[int]:
     return rows
 
 
+_SIZE_KEYS = ("loss_weights", "latents", "images", "network_multipliers")
+
+
+def batch_rows(batch: Any) -> Optional[int]:
+    """Samples in a kohya batch: the leading size of its per-sample ``loss_weights`` (else ``latents``,
+    ``images``, ``network_multipliers``, else the length of ``captions``); ``None`` when none is there."""
+    if not isinstance(batch, dict):
+        return None
+    for key in _SIZE_KEYS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.ndim >= 1:
+            return int(value.shape[0])
+    captions = batch.get("captions")
+    return len(captions) if isinstance(captions, (list, tuple)) and captions else None
+
+
+def first_rows(value: Any, n: int, batch_size: int) -> Any:
+    """``value`` (a kohya batch, or one of its entries) cut to its first ``n`` of ``batch_size`` samples.
+
+    - a tensor whose leading size is ``batch_size``: its first ``n`` rows;
+    - a list / tuple of tensors (and ``None``): kohya's per-text-encoder lists (``input_ids_list``,
+      ``text_encoder_outputs_list``), each tensor cut, the list kept whole;
+    - any other list / tuple of length ``batch_size`` (``captions``, ``custom_attributes``, ``flippeds``...):
+      its first ``n`` items;
+    - a dict: the same, entry by entry (a new dict; the input is not changed);
+    - anything else (scalars, strings, ``None``, tensors of another leading size): unchanged.
+    """
+    if isinstance(value, torch.Tensor):
+        return value[:n] if value.ndim >= 1 and value.shape[0] == batch_size else value
+    if isinstance(value, dict):
+        return {key: first_rows(item, n, batch_size) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        items = list(value)
+        if any(isinstance(x, torch.Tensor) for x in items) and all(x is None or isinstance(x, torch.Tensor) for x in items):
+            out = [first_rows(x, n, batch_size) for x in items]
+        elif len(items) == batch_size:
+            out = items[:n]
+        else:
+            return value
+        return out if isinstance(value, list) else tuple(out)
+    return value
+
+
 def check_and_record(train_group, val_group, *, manifest: Path, seed: int, source: str,
                      extra: Optional[Dict[str, Any]] = None) -> Dict[str, List[str]]:
     """Check members/reg vs non-members are disjoint by content; write the manifest. Returns the sets."""
@@ -253,6 +296,32 @@ def forked_rng(seed: int, device: Optional[torch.device] = None) -> Iterator[Non
             yield
         finally:
             random.setstate(py_state)
+
+
+def rng_snapshot(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """The trainer's global RNG streams (torch CPU and ``device``, Python, NumPy), for :func:`rng_restore`."""
+    import numpy as np
+
+    snap: Dict[str, Any] = {"cpu": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device is not None and torch.device(device).type == "cuda":
+        snap["cuda"] = (torch.device(device), torch.cuda.get_rng_state(device))
+    elif device is not None and torch.device(device).type == "mps":
+        snap["mps"] = torch.mps.get_rng_state()
+    return snap
+
+
+def rng_restore(snap: Dict[str, Any]) -> None:
+    """Put the streams of :func:`rng_snapshot` back, so a replayed call draws the same noise and timesteps."""
+    import numpy as np
+
+    torch.set_rng_state(snap["cpu"])
+    random.setstate(snap["python"])
+    np.random.set_state(snap["numpy"])
+    if "cuda" in snap:
+        device, state = snap["cuda"]
+        torch.cuda.set_rng_state(state, device)
+    if "mps" in snap:
+        torch.mps.set_rng_state(snap["mps"])
 
 
 def describe(paths: Sequence[str], limit: int = 3) -> str:

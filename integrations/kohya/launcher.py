@@ -38,11 +38,12 @@ sd3_train_network.py, ...) with the SMP-LoRA membership-inference defense.
   SCRIPT             the trainer script, by name or path (e.g. train_network.py)
 
 Privacy options (also accepted in the --config_file TOML, e.g. in a [smplora] section):
-  --privacy {none,smplora,mplora}  --privacy_alpha A  --privacy_beta B  --privacy_delta D
+  --privacy {none,smplora,mplora}  --privacy_preset {paper,robust}  --[no-]privacy_calibrated
+  --privacy_alpha A  --privacy_beta B  --privacy_delta D
   --privacy_k_steps K  --privacy_attacker_lr LR  --privacy_attacker_weight_decay WD
   --privacy_attacker_hidden 512,256  --privacy_attacker_dropout P  --privacy_feature_grid 64
-  --privacy_nonmember_every N  --privacy_seed S  --privacy_holdout_dir DIR  --privacy_manifest FILE
-  --privacy_attacker_state FILE
+  --privacy_nonmember_every N  --privacy_fraction F  --privacy_seed S  --privacy_holdout_dir DIR
+  --privacy_manifest FILE  --privacy_attacker_state FILE
 Non-members come from --privacy_holdout_dir (kohya folder layout) or kohya's validation split.
 `smplora-kohya SCRIPT --help` lists every option of the script, the privacy ones included.
 """

@@ -7,9 +7,14 @@ through unchanged:
 - ``train``: validate the privacy settings and prepare the non-member dataset, before anything else;
 - ``assert_extra_args``: reach the dataset groups (members / non-members / regularisation), check
   that they are disjoint by content, write the manifest, announce the split;
-- ``get_noise_pred_and_target``: capture ``(pred, target, timesteps)`` of a forward;
-- ``process_batch``: while training only, feed the core (``reg.features``, ``reg.step``), with one
-  no-grad forward on a kohya validation batch when the attacker is due an update;
+- ``post_process_network``: with calibrated features, check the network can be switched off
+  (``set_multiplier``), right after kohya creates it;
+- ``get_noise_pred_and_target``: capture ``(pred, target, timesteps)`` of a forward; with calibrated
+  features, first replay the same call (same RNG draws, hence the same noisy latents and timesteps,
+  same conditioning) under ``no_grad`` with the LoRA at multiplier 0: the base prediction;
+- ``process_batch``: while training only, feed the core (``reg.features``, ``reg.step``) with the first
+  ``reg.privacy_rows(m)`` of the batch's ``m`` member rows, with one no-grad forward on a kohya validation
+  batch cut to ``reg.privacy_rows(its size)`` rows when the attacker is due an update;
 - ``on_step_start``: after ``super()``, one-time hookup of checkpoint / ``--save_state`` saving;
 - ``get_sai_model_spec``: ``smplora.*`` keys in every saved LoRA;
 - ``generate_step_logs``: metrics for kohya's trackers (TensorBoard / wandb).
@@ -22,13 +27,15 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import numbers
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from smplora_plugin import PrivacyRegularizer, __version__
-from smplora_plugin.errors import SmploraError
+from smplora_plugin.errors import ConfigError, SmploraError
 from smplora_plugin.state import read_state
 
 from . import data
@@ -48,6 +55,52 @@ def state_path_for_checkpoint(ckpt_file: str) -> Path:
     return p.with_name(p.stem + STATE_SUFFIX)
 
 
+def lora_switch(network: Any, accelerator: Any = None, network_module: Optional[str] = None) -> Any:
+    """The sd-scripts network object (under accelerate / DDP / ``torch.compile`` wrappers) whose
+    ``set_multiplier(m)`` scales the LoRA and whose ``multiplier`` holds the current scale.
+
+    Raises :class:`SmploraError` saying how to fix it when the network has no such switch.
+    """
+    net = network
+    unwrap = getattr(accelerator, "unwrap_model", None)
+    if unwrap is not None:
+        net = unwrap(net)
+    for _ in range(8):  # DDP / DataParallel / DeepSpeed (.module), torch.compile (._orig_mod)
+        if callable(getattr(net, "set_multiplier", None)):
+            break
+        inner = getattr(net, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(net, "module", None)
+        if inner is None:
+            break
+        net = inner
+    has_set = callable(getattr(net, "set_multiplier", None))
+    value = getattr(net, "multiplier", None)
+    if not has_set or not isinstance(value, numbers.Real) or isinstance(value, bool):
+        what = ("has no set_multiplier() method" if not has_set else
+                f"has set_multiplier() but no numeric 'multiplier' attribute to restore afterwards (got {value!r})")
+        module = f" (--network_module {network_module})" if network_module else ""
+        raise SmploraError(
+            f"calibrated features (--privacy_preset robust / --privacy_calibrated) need the base model's prediction, "
+            f"made by switching the LoRA off with network.set_multiplier(0.0) for one no-grad forward, but the network "
+            f"{type(net).__name__}{module} {what}. Use a network module that has both, like sd-scripts' networks.lora "
+            "(and its other LoRA networks) or LyCORIS, or train without calibrated features: --privacy_preset paper "
+            "or --no-privacy_calibrated (privacy_calibrated = false in the TOML).")
+    return net
+
+
+@contextmanager
+def lora_off(net: Any) -> Iterator[None]:
+    """Run the block with ``net.set_multiplier(0.0)``; the previous multiplier is restored afterwards,
+    also when the block raises."""
+    previous = net.multiplier
+    try:
+        net.set_multiplier(0.0)
+        yield
+    finally:
+        net.set_multiplier(previous)
+
+
 class _Run:
     """Per-``train()`` state of the privacy regulariser inside a kohya run."""
 
@@ -56,6 +109,9 @@ class _Run:
         self.reg = PrivacyRegularizer(config=settings.config)
         self.capturing = False
         self.captured = None
+        self.batch_args: Optional[Dict[str, Any]] = None   # process_batch arguments of the forward being captured
+        self.switch_checked = False
+        self.feature_rows = {"member": 0, "nonmember": 0}   # samples that fed the privacy term in this run
         self.val_group = None
         self.pool: Optional[data.NonmemberPool] = None
         self.hooked = False
@@ -74,6 +130,12 @@ class _Run:
         self.manifest = s.manifest or self.output_dir / f"{name}_smplora_manifest.json"
         carve_out = data.uses_validation_split(args)   # before the holdout block (split 1.0) is added
         # 1. everything that can fail, before anything is written or changed
+        if s.config.calibrated and getattr(args, "network_train_text_encoder_only", False):
+            raise ConfigError(
+                "calibrated features (--privacy_preset robust / --privacy_calibrated) compare the UNet's prediction with "
+                "and without its LoRA at the same text conditioning; with --network_train_text_encoder_only the UNet "
+                "has no LoRA, so every calibrated feature would be 0. Use --privacy_preset paper or "
+                "--no-privacy_calibrated.")
         holdout_cfg = data.holdout_dataset_config(args, s.holdout_dir) if s.holdout_dir is not None else None
         state_file = s.attacker_state
         resume = getattr(args, "resume", None)
@@ -124,6 +186,13 @@ class _Run:
             "=" * 40,
             f"SMP-LoRA (smplora-plugin {__version__}): {self.settings.config.objective} objective, "
             f"alpha={self.settings.config.alpha}, beta={self.settings.config.beta}, k_steps={self.settings.config.k_steps}",
+            *(["  base-calibrated features: one extra no-grad forward per batch with the LoRA switched off "
+               "(network.set_multiplier(0))"] if self.settings.config.calibrated else []),
+            *([f"  privacy fraction {self.settings.config.privacy_fraction:g}: the privacy term sees the first "
+               f"ceil({self.settings.config.privacy_fraction:g} x batch) member images of each batch; held-out forwards "
+               "run on that many images" + ("; the base forward of a training batch still runs on the whole batch "
+               "(kohya draws its noise and timesteps for the whole batch at once)" if self.settings.config.calibrated
+               else "")] if self.settings.config.privacy_fraction < 1 else []),
             f"  members (trained on, shown to the proxy attacker): {len(splits['member'])} images",
             f"  non-members (NEVER trained on):                    {len(splits['nonmember'])} images "
             f"[{self.source or 'validation dataset'}]",
@@ -139,10 +208,65 @@ class _Run:
             logger.warning(line)
 
     # ------------------------------------------------------------------ per step
+    def check_network(self, network: Any, accelerator: Any, args: Any) -> Any:
+        """With calibrated features: the switchable network (see :func:`lora_switch`), else ``None``."""
+        if not self.settings.config.calibrated:
+            return None
+        net = lora_switch(network, accelerator, getattr(args, "network_module", None))
+        self.switch_checked = True
+        return net
+
+    def base_prediction(self, trainer, call: Callable, a: tuple, kw: dict) -> Tuple[torch.Tensor, Any, Any]:
+        """``(base_pred, target, timesteps)`` of ``call(*a, **kw)`` (the trainer's ``get_noise_pred_and_target``)
+        replayed under ``no_grad`` with the LoRA switched off, then every RNG stream put back so that the
+        forward that follows draws the same noise and timesteps, i.e. runs at the same noisy input.
+
+        The replay runs on the batch the forward gets, whole, also when ``privacy_fraction`` < 1 keeps only its
+        first rows: sd-scripts draws the noise of the whole batch and then its timesteps from one generator, so
+        a replay on fewer rows would draw other timesteps for them (``tests/test_kohya_fraction.py``). Held-out
+        batches are cut before their forward (:meth:`nonmember_features`), so their replay is cut too."""
+        bound = inspect.signature(call).bind(*a, **kw)
+        arg = bound.arguments
+        net = self.check_network(arg["network"], arg["accelerator"], arg["args"])
+        arg["is_train"] = False    # in sd-scripts' trainers it only switches autograd off
+        snap = data.rng_snapshot(getattr(arg["latents"], "device", None))
+        try:
+            with torch.no_grad(), lora_off(net):
+                out = call(*bound.args, **bound.kwargs)
+        finally:
+            data.rng_restore(snap)
+        b = self.batch_args or {}
+        names = ("args", "accelerator", "network", "text_encoders", "unet", "batch", "weight_dtype")
+        if all(n in b for n in names):  # kohya's hook after a forward without backward (block swapping re-arms)
+            trainer.on_validation_step_end(*(b[n] for n in names))
+        return out[0].detach(), out[1], out[2] if len(out) > 2 else None
+
+    @staticmethod
+    def check_replay(trainer, base: Tuple[torch.Tensor, Any, Any], out: tuple, batch: Any) -> torch.Tensor:
+        """The base prediction, once the replay is shown to have drawn the same timesteps and target."""
+        base_pred, base_target, base_t = base
+        pred, target = out[0], out[1]
+        t = out[2] if len(out) > 2 else None
+        rows = [i for i, attrs in enumerate((batch or {}).get("custom_attributes") or [])
+                if (attrs or {}).get("diff_output_preservation")]   # DOP targets are predictions: not compared
+        keep = [i for i in range(target.shape[0]) if i not in rows]
+        same_t = not isinstance(t, torch.Tensor) or (isinstance(base_t, torch.Tensor) and torch.equal(base_t, t))
+        same_target = (isinstance(base_target, torch.Tensor) and base_target.shape == target.shape
+                       and torch.allclose(base_target[keep].float(), target[keep].detach().float(), rtol=1e-3, atol=1e-4))
+        if not (same_t and same_target and base_pred.shape == pred.shape):
+            raise SmploraError(
+                f"{type(trainer).__name__}.get_noise_pred_and_target drew different noise or timesteps when it was "
+                "replayed for the base prediction of calibrated features (it uses a random source other than the "
+                "global torch / Python / NumPy generators), so the base prediction would not be at the same noisy "
+                "input. Train without calibrated features: --privacy_preset paper or --no-privacy_calibrated.")
+        return base_pred
+
     def hook_up(self, trainer, bound: inspect.BoundArguments) -> None:
         """One-time: state next to each checkpoint, state in --save_state folders, progress bar."""
         self.hooked = True
         acc = bound.arguments["accelerator"]
+        if not self.switch_checked:   # trainers without post_process_network: still before the first forward
+            self.check_network(bound.arguments["network"], acc, bound.arguments["args"])
         self.is_main = bool(getattr(acc, "is_main_process", True))
         network = bound.arguments["network"]
         unwrap = getattr(acc, "unwrap_model", None)
@@ -191,7 +315,7 @@ class _Run:
             raise SmploraError(
                 f"{type(trainer).__name__}.process_batch did not call get_noise_pred_and_target, so SMP-LoRA has "
                 "no prediction to regularise; this trainer class is not supported.")
-        pred, target, timesteps = captured
+        pred, target, timesteps, reference = captured
         batch = bound.arguments["batch"]
         acc = bound.arguments["accelerator"]
         sync = bool(getattr(acc, "sync_gradients", True))
@@ -200,19 +324,25 @@ class _Run:
             # every process must call reg.step together (it gathers features across ranks)
             self.reg_only_batches += 1
             return loss
+        rows = rows[: self.reg.privacy_rows(len(rows))]   # the first n member rows feed the privacy term
         if len(rows) < pred.shape[0]:
             idx = torch.tensor(rows, device=pred.device)
             pred, target = pred.index_select(0, idx), target.index_select(0, idx)
+            if reference is not None:
+                reference = reference.index_select(0, idx.to(reference.device))
             if isinstance(timesteps, torch.Tensor) and timesteps.ndim > 0 and timesteps.shape[0] > max(rows):
                 timesteps = timesteps.index_select(0, idx.to(timesteps.device))
-        member = self.reg.features(pred, target, timesteps)
+        member = self.reg.features(pred, target, timesteps, reference=reference)
+        self.feature_rows["member"] += len(rows)
         nonmember = None
         if sync and self.reg.wants_nonmembers(update_attacker=True):
             nonmember = self.nonmember_features(trainer, bound)
         return self.reg.step(loss, member, nonmember, update_attacker=sync)
 
     def nonmember_features(self, trainer, bound: inspect.BoundArguments) -> torch.Tensor:
-        """One no-grad forward of the current model on a kohya validation (non-member) batch."""
+        """One no-grad forward of the current model on a kohya validation (non-member) batch, cut to its first
+        ``reg.privacy_rows(size)`` samples (:func:`data.first_rows`), so that with calibrated features its base
+        replay runs on those samples only."""
         acc = bound.arguments["accelerator"]
         if self.pool is None:
             self.pool = data.NonmemberPool(self.val_group, self.settings.config.seed,
@@ -223,22 +353,35 @@ class _Run:
         device = getattr(acc, "device", None)
         with data.forked_rng(self.settings.config.seed * 7919 + counter, device), torch.no_grad():
             nm_batch = self.pool.batch(counter)
+            size = data.batch_rows(nm_batch)
+            rows = None if size is None else self.reg.privacy_rows(size)
+            cut = rows is not None and rows < size
+            if cut:
+                nm_batch = data.first_rows(nm_batch, rows, size)
             hook_args = (a["args"], acc, a["network"], a["text_encoders"], a["unet"], nm_batch, a["weight_dtype"])
             trainer.on_step_start(*hook_args, is_train=False)
             call = inspect.BoundArguments(bound.signature, bound.arguments.copy())
             call.arguments["batch"] = nm_batch
             call.arguments["is_train"] = False
-            self.captured, self.capturing = None, True
+            self.captured, self.capturing, outer = None, True, self.batch_args
+            self.batch_args = call.arguments
             try:
                 trainer.process_batch(*call.args, **call.kwargs)
             finally:
-                self.capturing = False
+                self.capturing, self.batch_args = False, outer
             captured, self.captured = self.captured, None
             trainer.on_validation_step_end(*hook_args)
             if captured is None:
                 raise SmploraError("the non-member forward did not reach get_noise_pred_and_target.")
-            pred, target, timesteps = captured
-            return self.reg.features(pred, target, timesteps)
+            pred, target, timesteps, reference = captured
+            if cut and pred.shape[0] != rows:
+                raise SmploraError(
+                    f"the non-member forward of {type(trainer).__name__} returned {pred.shape[0]} predictions for a "
+                    f"batch cut to its first {rows} of {size} samples (privacy_fraction="
+                    f"{self.settings.config.privacy_fraction:g}); the batch holds a per-sample entry that was not "
+                    "cut. Use --privacy_fraction 1.")
+            self.feature_rows["nonmember"] += int(pred.shape[0])
+            return self.reg.features(pred, target, timesteps, reference=reference)
 
     # ------------------------------------------------------------------ saving
     def after_checkpoint(self, ckpt_file: str) -> None:
@@ -261,7 +404,8 @@ class _Run:
         meta["smplora.integration"] = "kohya-sd-scripts"
         meta["smplora.data"] = json.dumps({"source": self.source or "validation", "counts": self.counts,
                                            "manifest": self.manifest.name if self.manifest else None,
-                                           "reg_only_batches": self.reg_only_batches}, sort_keys=True)
+                                           "reg_only_batches": self.reg_only_batches,
+                                           "feature_rows": self.feature_rows}, sort_keys=True)
         return meta
 
 
@@ -298,11 +442,25 @@ class SmploraTrainerMixin:
             self._smplora.setup_datasets(args, train_dataset_group, val_dataset_group)
         return out
 
-    def get_noise_pred_and_target(self, *a, **kw):
-        out = super().get_noise_pred_and_target(*a, **kw)
+    def post_process_network(self, args, accelerator, network, *rest, **kw):
         run = self._smplora
-        if run is not None and run.capturing:
-            run.captured = (out[0], out[1], out[2] if len(out) > 2 else None)
+        if run is not None:
+            run.check_network(network, accelerator, args)   # right after kohya creates the network
+        parent = getattr(super(), "post_process_network", None)
+        return None if parent is None else parent(args, accelerator, network, *rest, **kw)
+
+    def get_noise_pred_and_target(self, *a, **kw):
+        run = self._smplora
+        call = super().get_noise_pred_and_target
+        if run is None or not run.capturing:
+            return call(*a, **kw)
+        base = run.base_prediction(self, call, a, kw) if run.reg.config.calibrated else None
+        out = call(*a, **kw)
+        reference = None
+        if base is not None:
+            batch = inspect.signature(call).bind(*a, **kw).arguments.get("batch")
+            reference = run.check_replay(self, base, out, batch)
+        run.captured = (out[0], out[1], out[2] if len(out) > 2 else None, reference)
         return out
 
     def process_batch(self, *a, **kw):
@@ -314,11 +472,11 @@ class SmploraTrainerMixin:
         is_train = bound.arguments.get("is_train", sig.parameters["is_train"].default)
         if not is_train or run.capturing:
             return super().process_batch(*a, **kw)
-        run.captured, run.capturing = None, True
+        run.captured, run.capturing, run.batch_args = None, True, bound.arguments
         try:
             loss = super().process_batch(*a, **kw)
         finally:
-            run.capturing = False
+            run.capturing, run.batch_args = False, None
         return run.regularize(self, loss, bound)
 
     def on_step_start(self, *a, **kw):

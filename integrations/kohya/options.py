@@ -8,6 +8,7 @@ letting argparse fill only what is missing, so TOML values skip argparse's ``typ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import logging
 import os
@@ -33,6 +34,9 @@ CONFIG_OPTIONS: Dict[str, tuple] = {
     "privacy_attacker_dropout": ("dropout", float, "dropout of the attacker while it trains (paper: 0.5)"),
     "privacy_feature_grid": ("feature_grid", str, "loss maps are pooled per channel to this grid: N or H,W; 0 = no pooling (default 64)"),
     "privacy_nonmember_every": ("nonmember_every", int, "refresh the held-out forward every N attacker updates (default 4)"),
+    "privacy_fraction": ("privacy_fraction", float, "share of each batch in the privacy term, in (0, 1]: its first "
+                         "ceil(F * batch) member images, and held-out forwards of that many images (default: the "
+                         "preset's: paper 1, robust 0.25)"),
     "privacy_seed": ("seed", int, "seed of the attacker and of the non-member draws (default: --seed, else 0)"),
 }
 PATH_OPTIONS: Dict[str, str] = {
@@ -40,7 +44,15 @@ PATH_OPTIONS: Dict[str, str] = {
     "privacy_manifest": "where to write the member / non-member manifest (default: OUTPUT_DIR/OUTPUT_NAME_smplora_manifest.json)",
     "privacy_attacker_state": "an attacker state .safetensors to start from (default: the one in --resume DIR, if any)",
 }
-ALL_OPTIONS = {"privacy", *CONFIG_OPTIONS, *PATH_OPTIONS}
+PRESETS = ("paper", "robust")  # PrivacyConfig.preset names
+PRESET_OPTIONS: Dict[str, str] = {
+    "privacy_preset": "paper (default): the paper's hyperparameters. robust: base-calibrated features, alpha 20, attacker "
+                      "lr 1e-3, privacy fraction 0.25 (stronger against the full attack suite; one extra no-grad base "
+                      "forward per step). --privacy_* options override the preset's values",
+    "privacy_calibrated": "the attacker sees loss maps minus the base model's (LoRA switched off) at the same noisy "
+                          "input; costs a no-grad base forward per step (default: the preset's; robust turns it on)",
+}
+ALL_OPTIONS = {"privacy", *CONFIG_OPTIONS, *PRESET_OPTIONS, *PATH_OPTIONS}
 
 
 @dataclass
@@ -67,6 +79,10 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         return parser
     group.add_argument("--privacy", type=str, default=None, choices=["none", "smplora", "mplora"],
                        help="membership-inference defense: smplora (SMP-LoRA, recommended), mplora (baseline) or none")
+    group.add_argument("--privacy_preset", type=str.lower, default=None, choices=list(PRESETS),
+                       help=PRESET_OPTIONS["privacy_preset"])
+    group.add_argument("--privacy_calibrated", action=argparse.BooleanOptionalAction, default=None,
+                       help=PRESET_OPTIONS["privacy_calibrated"])
     for name, (_, typ, help_) in CONFIG_OPTIONS.items():
         group.add_argument(f"--{name}", type=typ, default=None, help=help_)
     for name, help_ in PATH_OPTIONS.items():
@@ -114,30 +130,31 @@ def settings_from_namespace(args: argparse.Namespace) -> KohyaPrivacySettings:
                           "(MP-LoRA baseline) or 'none'.")
     objective = MODES[mode.lower()]
     cfg_values = {k: values.get(k) for k in CONFIG_OPTIONS if values.get(k) is not None}
+    preset_values = {k: values.get(k) for k in PRESET_OPTIONS if values.get(k) is not None}
     path_values = {k: values.get(k) for k in PATH_OPTIONS if values.get(k) is not None}
     if objective is None:
-        if cfg_values or path_values:
-            given = sorted({*cfg_values, *path_values})
+        if cfg_values or preset_values or path_values:
+            given = sorted({*cfg_values, *preset_values, *path_values})
             logging.getLogger("smplora.kohya").warning(
                 f"privacy options {given} are ignored because --privacy is 'none': this run has NO membership-"
                 "inference defense (add --privacy smplora to enable it).")
         return KohyaPrivacySettings(objective=None)
+    preset = _preset(preset_values.get("privacy_preset", "paper"))
     fields: Dict[str, Any] = {"objective": objective}
+    if "privacy_calibrated" in preset_values:
+        fields["calibrated"] = _bool(preset_values["privacy_calibrated"], "privacy_calibrated")
     for name, value in cfg_values.items():
         field_name = CONFIG_OPTIONS[name][0]
-        try:
-            if field_name == "hidden":
-                value = _int_list(value, name)
-            elif field_name == "feature_grid":
-                value = _grid(value, name)
-            fields[field_name] = value
-        except ConfigError:
-            raise
+        if field_name == "hidden":
+            value = _int_list(value, name)
+        elif field_name == "feature_grid":
+            value = _grid(value, name)
+        fields[field_name] = value
     if "seed" not in fields:
         seed = values.get("seed")
         fields["seed"] = int(seed) if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else 0
     try:
-        config = PrivacyConfig.from_dict(fields)
+        config = PrivacyConfig.preset(preset, **fields)   # explicit options override the preset
     except ConfigError as exc:
         raise ConfigError(f"invalid privacy option: {exc} (kohya option names: --privacy_<field>, e.g. "
                           "--privacy_alpha; TOML values are checked the same way).") from None
@@ -166,7 +183,9 @@ def settings_from_mapping(config: Any, base: Optional[KohyaPrivacySettings] = No
         return out
     if not isinstance(config, Mapping):
         raise ConfigError(f"config must be a PrivacyConfig or a mapping, got {type(config).__name__}.")
-    kohya_style = {k: v for k, v in config.items() if k == "privacy" or k.startswith("privacy_")}
+    core_fields = {f.name for f in dataclasses.fields(PrivacyConfig)}   # a core field may itself start with privacy_
+    kohya_style = {k: v for k, v in config.items()
+                   if (k == "privacy" or str(k).startswith("privacy_")) and k not in core_fields}
     core = {k: v for k, v in config.items() if k not in kohya_style}
     ns = argparse.Namespace(**kohya_style)
     if "privacy" not in kohya_style:
@@ -179,6 +198,20 @@ def settings_from_mapping(config: Any, base: Optional[KohyaPrivacySettings] = No
             raise ConfigError(f"invalid privacy config: {exc}") from None
         settings.objective = settings.config.objective
     return settings
+
+
+def _preset(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in PRESETS:
+        raise ConfigError(f"privacy_preset={value!r} is unknown: use 'paper' (the paper's hyperparameters, default) or "
+                          "'robust' (base-calibrated features, alpha 20, attacker lr 1e-3, privacy fraction 0.25).")
+    return value.lower()
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be true or false (in TOML unquoted: {name} = true; on the command "
+                          f"line --{name} or --no-{name}).")
+    return value
 
 
 def _int_list(value: Any, name: str):

@@ -18,6 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="reduced size for CI (16 members, 200 steps, 64 evaluation non-members, fewer audit draws)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the private splits, LoRA and audit")
+    from .datasets import NAMES
+
+    parser.add_argument("--dataset", choices=NAMES, default=d.dataset,
+                        help="digits (default): scikit-learn's 8x8 digits; textures: 16x16 procedurally generated "
+                             "textured shapes with per-instance detail (harder to protect, about 3x slower)")
     parser.add_argument("--members", type=int, default=None, help=f"number of members (default {d.members})")
     parser.add_argument("--steps", type=int, default=None, help=f"LoRA steps (default {d.steps})")
     parser.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {d.lora_rank})")
@@ -40,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     from .pipeline import DemoConfig
 
-    kw: Dict[str, Any] = {"seed": args.seed}
+    kw: Dict[str, Any] = {"seed": args.seed, "dataset": getattr(args, "dataset", "digits")}
     for name, field in (("members", "members"), ("steps", "steps"), ("rank", "lora_rank"), ("lr", "lora_lr"),
                         ("alpha", "smp_alpha"), ("attacker_lr", "attacker_lr"), ("mp_alpha", "mp_alpha"), ("k_steps", "k_steps")):
         v = getattr(args, name, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,14 +22,20 @@ PRIVATE_SETS = ("member", "nonmember_defense", "nonmember_calibration", "nonmemb
 
 @dataclass
 class DigitSet:
-    """Images ``(N, 1, 8, 8)`` in [-1, 1], integer labels, captions and identities."""
+    """Images ``(N, 1, H, W)`` in [-1, 1], integer labels, captions and identities.
+
+    ``texts`` holds explicit captions; without it a label's caption is the digits' one.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     ids: List[str]
+    texts: Optional[List[str]] = None
 
     @property
     def captions(self) -> List[str]:
+        if self.texts is not None:
+            return list(self.texts)
         return [caption_for(int(y)) for y in self.labels]
 
     def __len__(self) -> int:
@@ -37,7 +43,15 @@ class DigitSet:
 
     def subset(self, idx: Sequence[int]) -> "DigitSet":
         idx = list(idx)
-        return DigitSet(self.images[idx], self.labels[idx], [self.ids[i] for i in idx])
+        texts = None if self.texts is None else [self.texts[i] for i in idx]
+        return DigitSet(self.images[idx], self.labels[idx], [self.ids[i] for i in idx], texts)
+
+    @staticmethod
+    def concat(*sets: "DigitSet") -> "DigitSet":
+        """The sets one after the other (captions kept)."""
+        texts = None if any(s.texts is None for s in sets) else [t for s in sets for t in s.texts]
+        return DigitSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]),
+                        [i for s in sets for i in s.ids], texts)
 
 
 @dataclass
@@ -72,6 +86,20 @@ PRIVATE_POOL = 500
 POOL_SEED = 0
 
 
+def check_split_sizes(sizes: Mapping[str, int], pool: int, noun: str = "images") -> None:
+    """``ValueError`` for unknown set names, sizes that are not whole numbers >= 1, or sets larger than ``pool``."""
+    unknown = set(sizes) - set(PRIVATE_SETS)
+    if unknown:
+        raise ValueError(f"unknown set name(s) {sorted(unknown)}; valid names: {list(PRIVATE_SETS)}.")
+    for k, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"set {k!r} needs a whole number of images >= 1, got {v!r}.")
+    total = sum(sizes.values())
+    if total > pool:
+        raise ValueError(f"the private sets ask for {total} {noun} but the private pool holds {pool}; "
+                         "reduce --members or the non-member set sizes.")
+
+
 def make_splits(sizes: Mapping[str, int], *, seed: int = 0) -> DigitSplits:
     """Split the digits by identity into the fixed public pool and private sets of the given ``sizes``.
 
@@ -83,16 +111,7 @@ def make_splits(sizes: Mapping[str, int], *, seed: int = 0) -> DigitSplits:
     """
     from ..holdout import split_by_identity
 
-    unknown = set(sizes) - set(PRIVATE_SETS)
-    if unknown:
-        raise ValueError(f"unknown set name(s) {sorted(unknown)}; valid names: {list(PRIVATE_SETS)}.")
-    for k, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"set {k!r} needs a whole number of images >= 1, got {v!r}.")
-    total = sum(sizes.values())
-    if total > PRIVATE_POOL:
-        raise ValueError(f"the private sets ask for {total} digits but the private pool holds {PRIVATE_POOL}; "
-                         "reduce --members or the non-member set sizes.")
+    check_split_sizes(sizes, PRIVATE_POOL, "digits")
     allset = load_digits_set()
     by_id: Dict[str, List[int]] = {}
     for i, s in enumerate(allset.ids):

@@ -49,6 +49,7 @@ class TinyLDMConfig:
     norm_num_groups: int = 8
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    vocab: Tuple[str, ...] = VOCAB
 
     @property
     def latent_size(self) -> int:
@@ -57,10 +58,13 @@ class TinyLDMConfig:
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["block_out_channels"] = list(self.block_out_channels)
+        d["vocab"] = list(self.vocab)
         return d
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"model": self.to_dict(), "vocab": list(VOCAB)}, sort_keys=True).encode()
+        model = self.to_dict()
+        vocab = model.pop("vocab")
+        blob = json.dumps({"model": model, "vocab": vocab}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -79,13 +83,13 @@ class PixelUnshuffleAE:
 
 
 class CaptionEncoder(nn.Module):
-    """Word + position embeddings over :data:`VOCAB`; unknown words map to ``<unk>``."""
+    """Word + position embeddings over a small vocabulary (:data:`VOCAB` for digits); unknown words map to ``<unk>``."""
 
-    def __init__(self, dim: int = 32, max_words: int = 6):
+    def __init__(self, dim: int = 32, max_words: int = 6, vocab: Sequence[str] = VOCAB):
         super().__init__()
         self.max_words = max_words
-        self.index = {w: i for i, w in enumerate(VOCAB)}
-        self.words = nn.Embedding(len(VOCAB), dim)
+        self.index = {w: i for i, w in enumerate(vocab)}
+        self.words = nn.Embedding(len(vocab), dim)
         self.positions = nn.Parameter(torch.zeros(max_words, dim))
         self.norm = nn.LayerNorm(dim)
 
@@ -136,7 +140,7 @@ class TinyLDM(nn.Module):
         self.cfg = cfg
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.text = CaptionEncoder(cfg.text_dim, cfg.max_words)
+            self.text = CaptionEncoder(cfg.text_dim, cfg.max_words, cfg.vocab)
             self.unet = build_unet(cfg)
         self.ae = PixelUnshuffleAE()
         self.scheduler = build_scheduler(cfg)

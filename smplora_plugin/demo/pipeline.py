@@ -2,9 +2,10 @@
 
 :func:`run_demo` is what ``smplora demo`` runs. Protocol (docs/demo.md):
 
-- Digits are split by identity: a fixed public pool (base model and classifier) and, from the
-  private pool, members (the LoRA's training set), the defense's non-members (seen only by
-  SMP-LoRA's proxy attacker), and the audit's calibration and evaluation non-members.
+- Images (digits, or the generated textures with ``dataset="textures"``) are split by identity:
+  a fixed public pool (base model and classifier) and, from the private pool, members (the
+  LoRA's training set), the defense's non-members (seen only by SMP-LoRA's proxy attacker), and
+  the audit's calibration and evaluation non-members.
 - The members are split by identity into audit-calibration and audit-evaluation halves; every
   member is trained on. The audit tunes its attacks on the calibration sets only.
 - Plain LoRA and each defense start from the same base, LoRA initialisation, member batches,
@@ -21,12 +22,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .data import DigitSet, DigitSplits, make_splits, public_pool
-from .model import TinyLDM, TinyLDMConfig, load_base, save_base
+from .data import DigitSet, DigitSplits
+from .datasets import NAMES as DATASETS, DemoDataset, get_dataset
+from .model import TinyLDM, load_base, save_base
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BASE_FILE = "tiny_ldm_base.safetensors"
-CLASSIFIER_FILE = "digit_classifier.safetensors"
 
 
 @dataclass
@@ -34,6 +34,7 @@ class DemoConfig:
     """Everything the demo does; ``quick()`` is the reduced size used in CI."""
 
     seed: int = 0
+    dataset: str = "digits"
     members: int = 64
     nonmember_defense: int = 64
     nonmember_calibration: int = 96
@@ -65,7 +66,14 @@ class DemoConfig:
         base.update(kw)
         return cls(**base)
 
+    @property
+    def data(self) -> DemoDataset:
+        """The :class:`~smplora_plugin.demo.datasets.DemoDataset` named by ``dataset``."""
+        return get_dataset(self.dataset)
+
     def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset={self.dataset!r} is unknown; choose one of {list(DATASETS)}.")
         for name in ("members", "nonmember_defense", "nonmember_calibration", "nonmember_eval", "steps", "batch_size",
                      "lora_rank", "base_steps", "base_batch_size", "classifier_epochs", "samples_per_label",
                      "sample_steps"):
@@ -103,19 +111,20 @@ class DemoConfig:
 def base_recipe(cfg: DemoConfig) -> Dict[str, str]:
     """Header facts that must match for shipped weights to be reused."""
     return {"smplora.demo.base_recipe": json.dumps({"steps": cfg.base_steps, "batch_size": cfg.base_batch_size,
-                                                    "lr": cfg.base_lr, "seed": 0, "pool": "public-v1"}, sort_keys=True)}
+                                                    "lr": cfg.base_lr, "seed": 0, "pool": cfg.data.pool_tag},
+                                                   sort_keys=True)}
 
 
 def train_assets(cfg: DemoConfig, *, progress: bool = True) -> Tuple[TinyLDM, "Any"]:
-    """Train the base model and the digit classifier on the public pool (deterministic)."""
+    """Train the base model and the classifier on the data set's public pool (deterministic)."""
     from .quality import train_classifier
     from .train import train_base
 
-    pub = public_pool()
-    model = TinyLDM(TinyLDMConfig(), seed=0)
+    pub = cfg.data.public_pool()
+    model = TinyLDM(cfg.data.model_config, seed=0)
     train_base(model, pub, steps=cfg.base_steps, batch_size=cfg.base_batch_size, lr=cfg.base_lr, seed=0,
                progress=progress)
-    clf = train_classifier(pub, epochs=cfg.classifier_epochs, seed=0, progress=progress)
+    clf = train_classifier(cfg.data.classifier_data(), epochs=cfg.classifier_epochs, seed=0, progress=progress)
     return model, clf
 
 
@@ -124,12 +133,14 @@ def save_assets(model: TinyLDM, clf: Any, cfg: DemoConfig, folder: Union[str, Pa
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_base(model, folder / BASE_FILE, extra=base_recipe(cfg))
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(folder / CLASSIFIER_FILE),
-              metadata={"smplora.demo.kind": "digit-classifier", "smplora.demo.classifier_epochs": str(cfg.classifier_epochs)})
-    for name in (BASE_FILE, CLASSIFIER_FILE):
+    ds = cfg.data
+    save_base(model, folder / ds.base_file, extra=base_recipe(cfg))
+    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(folder / ds.classifier_file),
+              metadata={"smplora.demo.kind": f"{ds.name}-classifier" if ds.name != "digits" else "digit-classifier",
+                        "smplora.demo.classifier_epochs": str(cfg.classifier_epochs)})
+    for name in (ds.base_file, ds.classifier_file):
         (folder / name).chmod(0o644)
-    return {"base": folder / BASE_FILE, "classifier": folder / CLASSIFIER_FILE}
+    return {"base": folder / ds.base_file, "classifier": folder / ds.classifier_file}
 
 
 def load_assets(cfg: DemoConfig, folder: Union[str, Path] = ASSETS) -> Optional[Tuple[TinyLDM, Any]]:
@@ -140,17 +151,18 @@ def load_assets(cfg: DemoConfig, folder: Union[str, Path] = ASSETS) -> Optional[
     from .quality import DigitClassifier
 
     folder = Path(folder)
-    bpath, cpath = folder / BASE_FILE, folder / CLASSIFIER_FILE
+    ds = cfg.data
+    bpath, cpath = folder / ds.base_file, folder / ds.classifier_file
     if not (bpath.is_file() and cpath.is_file()):
         return None
     with safe_open(str(bpath), framework="pt") as f:
         meta = f.metadata() or {}
     if any(meta.get(k) != v for k, v in base_recipe(cfg).items()):
         return None
-    model = load_base(bpath, TinyLDMConfig())
+    model = load_base(bpath, ds.model_config)
     if model is None:
         return None
-    clf = DigitClassifier()
+    clf = DigitClassifier(image_size=ds.model_config.image_size)
     clf.load_state_dict(load_file(str(cpath)))
     clf.eval().requires_grad_(False)
     return model, clf
@@ -181,7 +193,7 @@ def _regularizer(cfg: DemoConfig, variant: str):
 
     if variant == "plain":
         return None
-    lat = TinyLDMConfig().latent_size
+    lat = cfg.data.model_config.latent_size
     common = dict(feature_grid=lat, seed=cfg.seed)
     if variant == "smp-robust":  # the library's preset as it ships, only sized for the tiny latents
         return PrivacyRegularizer(PrivacyConfig.preset("robust", **common), load_entry_points=False)
@@ -203,15 +215,16 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
     from .train import train_lora
 
     cfg.validate()
+    ds = cfg.data
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     torch.manual_seed(cfg.seed)
     flushed = torch.set_flush_denormal(True)
     try:
-        splits = make_splits({"member": cfg.members, "nonmember_defense": cfg.nonmember_defense,
+        splits = ds.splits({"member": cfg.members, "nonmember_defense": cfg.nonmember_defense,
                               "nonmember_calibration": cfg.nonmember_calibration,
-                              "nonmember_eval": cfg.nonmember_eval}, seed=cfg.seed)
+                              "nonmember_eval": cfg.nonmember_eval}, cfg.seed)
         t0 = time.time()
         loaded = load_assets(cfg, assets) if assets is not None else None
         if loaded is None:
@@ -220,16 +233,14 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
             base_source = "trained in this run"
         else:
             base, clf = loaded
-            base_source = f"shipped weights ({Path(assets) / BASE_FILE})"
+            base_source = f"shipped weights ({Path(assets) / ds.base_file})"
         base_sd = base.base_state_dict()
         timings: Dict[str, float] = {"base_and_classifier": round(time.time() - t0, 1)}
         m_cal, m_eval = _member_halves(splits["member"], cfg.seed)
-        reference = DigitSet(torch.cat([splits["nonmember_calibration"].images, splits["nonmember_eval"].images]),
-                             torch.cat([splits["nonmember_calibration"].labels, splits["nonmember_eval"].labels]),
-                             splits["nonmember_calibration"].ids + splits["nonmember_eval"].ids)
+        reference = DigitSet.concat(splits["nonmember_calibration"], splits["nonmember_eval"])
         base_quality = sample_quality(base, clf, reference, per_label=cfg.samples_per_label, steps=cfg.sample_steps,
-                                      guidance=cfg.guidance, seed=cfg.seed)
-        base_quality["real_digits_frechet_distance"] = _real_floor(clf, splits.public, reference,
+                                      guidance=cfg.guidance, seed=cfg.seed, captioner=ds.captioner)
+        base_quality["real_digits_frechet_distance"] = _real_floor(clf, ds.classifier_data(), reference,
                                                                    10 * cfg.samples_per_label, cfg.seed)
         results: Dict[str, Dict[str, Any]] = {}
         plain_heldout: Optional[float] = None
@@ -237,7 +248,7 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
             title = VARIANT_TITLES[variant]
             vdir = out / variant
             vdir.mkdir(parents=True, exist_ok=True)
-            model = TinyLDM(TinyLDMConfig(), seed=0)
+            model = TinyLDM(ds.model_config, seed=0)
             model.load_base_state_dict(base_sd)
             model.add_lora(cfg.lora_rank, seed=cfg.seed)
             reg = _regularizer(cfg, variant)
@@ -248,11 +259,13 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
             lora_path = _save_lora(model, reg, vdir, variant, cfg)
             t0 = time.time()
             quality = sample_quality(model, clf, reference, per_label=cfg.samples_per_label, steps=cfg.sample_steps,
-                                     guidance=cfg.guidance, seed=cfg.seed)
+                                     guidance=cfg.guidance, seed=cfg.seed, captioner=ds.captioner)
             _save_png(image_grid(sample_digits(model, torch.arange(10).repeat(4), steps=cfg.sample_steps,
-                                               guidance=cfg.guidance, seed=cfg.seed), nrow=10), vdir / "samples.png")
+                                               guidance=cfg.guidance, seed=cfg.seed, captioner=ds.captioner), nrow=10),
+                      vdir / "samples.png")
             timings[f"quality_{variant}"] = round(time.time() - t0, 1)
-            utility = {"sample_quality": {**quality, "feature_space": FEATURE_SPACE,
+            space = FEATURE_SPACE if ds.name == "digits" else FEATURE_SPACE.replace("digit", ds.name)
+            utility = {"sample_quality": {**quality, "feature_space": space,
                                           "reference": "private non-members (calibration + evaluation)"},
                        "sample_quality_base_model": base_quality}
             if plain_heldout is not None:
@@ -264,7 +277,7 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
                 calibration_members=_samples(m_cal), calibration_nonmembers=_samples(splits["nonmember_calibration"]),
                 attacks=None if cfg.attacks is None else list(cfg.attacks), config={"seed": cfg.seed, **cfg.audit},
                 utility=utility, manifest_sets={"nonmember_defense": splits["nonmember_defense"].ids},
-                info={"model": "smplora demo tiny LDM (diffusers UNet2DConditionModel + peft LoRA) on sklearn digits",
+                info={"model": f"smplora demo tiny LDM (diffusers UNet2DConditionModel + peft LoRA) on {ds.title}",
                       "variant": title, "base": base_source, "members_trained": cfg.members,
                       "steps": cfg.steps, "batch_size": cfg.batch_size,
                       "steps_per_image": cfg.steps * min(cfg.batch_size, cfg.members) / cfg.members,
@@ -300,7 +313,7 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
 
 
 def _real_floor(clf: Any, public: DigitSet, reference: DigitSet, n: int, seed: int) -> float:
-    """Fréchet distance of ``n`` real public digits to the reference: what a perfect generator would score."""
+    """Fréchet distance of ``n`` real public images to the reference: what a perfect generator would score."""
     from .quality import frechet_distance
 
     idx = torch.randperm(len(public), generator=torch.Generator().manual_seed(seed))[:n]
@@ -400,12 +413,13 @@ def render_table(s: Mapping[str, Any]) -> str:
     sp = s["audit_splits"]
     lo, hi = s["null_band_auc95"]
     bq = s["base_model_quality"]
-    lines = ["# smplora demo: plain LoRA vs SMP-LoRA on a tiny latent diffusion model (digits)", "",
+    dataset = s["config"].get("dataset", "digits")
+    lines = [f"# smplora demo: plain LoRA vs SMP-LoRA on a tiny latent diffusion model ({dataset})", "",
              f"Audit: {sp.get('member_eval')} members / {sp.get('nonmember_eval')} non-members evaluated "
              f"(attacks tuned on {sp.get('member_calibration')} / {sp.get('nonmember_calibration')}); "
              f"a chance-level AUC lies in [{lo:.3f}, {hi:.3f}] (95%). Base model: {s['base']}; "
              f"its samples: classifier accuracy {_p(bq['classifier_accuracy'])}, "
-             f"Fréchet distance {bq['frechet_distance']:.2f} (real digits, same count: "
+             f"Fréchet distance {bq['frechet_distance']:.2f} (real public images, same count: "
              f"{bq['real_digits_frechet_distance']:.2f}).", ""] + rows
     lines += ["", "TPR@1%FPR is conservative (largest threshold with FPR <= 1%). "
               "Per-attack details: <out>/<variant>/report.md, report.json, roc.png."]

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -23,14 +23,19 @@ FEATURE_SPACE = "smplora demo digit classifier, 64-d penultimate layer"
 
 
 class DigitClassifier(nn.Module):
-    """``(N, 1, 8, 8)`` digits in [-1, 1] -> 10 logits; ``features()`` gives the 64-d embedding."""
+    """``(N, 1, s, s)`` images in [-1, 1] -> ``classes`` logits; ``features()`` gives the 64-d embedding.
 
-    def __init__(self):
+    ``image_size`` 8 and 10 classes are the digits; the textures data set uses 16.
+    """
+
+    def __init__(self, image_size: int = 8, classes: int = 10):
         super().__init__()
+        if image_size < 2 or image_size % 2:
+            raise ValueError(f"image_size must be even and >= 2, got {image_size}.")
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = nn.Linear(32 * 4 * 4, 64)
-        self.head = nn.Linear(64, 10)
+        self.fc = nn.Linear(32 * (image_size // 2) ** 2, 64)
+        self.head = nn.Linear(64, classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.conv1(x))
@@ -49,7 +54,7 @@ def train_classifier(data: DigitSet, *, epochs: int = 30, batch_size: int = 64, 
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clf = DigitClassifier()
+        clf = DigitClassifier(image_size=int(data.images.shape[-1]), classes=int(data.labels.max()) + 1)
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
     n = len(data)
     clf.train()
@@ -78,8 +83,10 @@ def classifier_accuracy(clf: DigitClassifier, images: torch.Tensor, labels: torc
 
 @torch.no_grad()
 def sample_digits(model: TinyLDM, labels: torch.Tensor, *, steps: int = 20, guidance: float = 1.0, seed: int = 0,
-                  adapter: bool = True, batch_size: int = 500) -> torch.Tensor:
-    """Deterministic DDIM samples (eta 0) for ``labels``, with classifier-free guidance; images in [-1, 1]."""
+                  adapter: bool = True, batch_size: int = 500,
+                  captioner: Callable[[int], str] = caption_for) -> torch.Tensor:
+    """Deterministic DDIM samples (eta 0) for ``labels`` (captioned by ``captioner``), with
+    classifier-free guidance; images in [-1, 1]."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     T = model.cfg.num_train_timesteps
@@ -93,7 +100,7 @@ def sample_digits(model: TinyLDM, labels: torch.Tensor, *, steps: int = 20, guid
     with model.adapter(adapter):
         for b in range(0, len(labels), batch_size):
             x = x_all[b:b + batch_size]
-            cond = model.text([caption_for(int(y)) for y in labels[b:b + batch_size]])
+            cond = model.text([captioner(int(y)) for y in labels[b:b + batch_size]])
             both = torch.cat([null.expand(x.shape[0], -1, -1), cond])
             for i, t in enumerate(ts):
                 if guidance == 1.0:  # plain conditional sampling: no unconditional pass needed
@@ -125,10 +132,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.no_grad()
 def sample_quality(model: TinyLDM, clf: DigitClassifier, reference: DigitSet, *, per_label: int = 20,
-                   steps: int = 20, guidance: float = 1.0, seed: int = 0, adapter: bool = True) -> Dict[str, float]:
-    """Accuracy of ``clf`` on ``per_label`` samples of each digit, and the Fréchet distance to ``reference``."""
-    labels = torch.arange(10).repeat_interleave(per_label)
-    imgs = sample_digits(model, labels, steps=steps, guidance=guidance, seed=seed, adapter=adapter)
+                   steps: int = 20, guidance: float = 1.0, seed: int = 0, adapter: bool = True,
+                   captioner: Callable[[int], str] = caption_for) -> Dict[str, float]:
+    """Accuracy of ``clf`` on ``per_label`` samples of each class, and the Fréchet distance to ``reference``."""
+    labels = torch.arange(clf.head.out_features).repeat_interleave(per_label)
+    imgs = sample_digits(model, labels, steps=steps, guidance=guidance, seed=seed, adapter=adapter,
+                         captioner=captioner)
     fd = frechet_distance(clf.features(imgs).numpy(), clf.features(reference.images).numpy())
     return {"classifier_accuracy": classifier_accuracy(clf, imgs, labels), "frechet_distance": fd,
             "n_samples": int(len(labels)), "n_reference": len(reference)}

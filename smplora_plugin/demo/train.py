@@ -94,12 +94,15 @@ def _base_pred(model: TinyLDM, reg: Any, z_t: torch.Tensor, t: torch.Tensor, con
 
 def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batch_size: int, seed: int,
                reg: Optional[Any] = None, nonmembers: Optional[DigitSet] = None, name: str = "lora",
-               progress: bool = True) -> LoRAResult:
+               privacy_batch: Optional[int] = None, progress: bool = True) -> LoRAResult:
     """Fine-tune the LoRA already added to ``model`` (``model.add_lora``) on ``members``.
 
     With ``reg`` (a :class:`smplora_plugin.PrivacyRegularizer`), every step also runs a no-grad
     forward on a batch of ``nonmembers`` (the defense's held-out set) and optimises
     ``reg.step(loss, member_feats, nonmember_feats)``; without it, the plain adaptation loss.
+    The privacy term (and, with calibrated features, the base forward) sees the first
+    ``reg.privacy_rows(batch)`` members of each batch (``PrivacyConfig.privacy_fraction``) and
+    non-member batches of that size; ``privacy_batch`` overrides that count.
     """
     import time
 
@@ -118,6 +121,9 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
             z_n, c_n = model.encode(nonmembers.images), model.text(nonmembers.captions)
     T = model.cfg.num_train_timesteps
     bs = min(batch_size, len(members))
+    if privacy_batch is not None and not 1 <= privacy_batch:
+        raise ValueError(f"privacy_batch must be a whole number >= 1, got {privacy_batch!r}.")
+    pb = min(privacy_batch, bs) if privacy_batch is not None else (reg.privacy_rows(bs) if reg is not None else bs)
     res = LoRAResult(name)
     model.unet.train()
     bar = _bar(steps, f"LoRA ({name})", progress)
@@ -130,10 +136,11 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
         loss = F.mse_loss(pred, noise)
         res.losses.append(loss.item())
         if reg is not None:
-            member_feats = reg.features(pred, noise, reference=_base_pred(model, reg, z_t, t, c_m[idx]))
+            member_feats = reg.features(pred[:pb], noise[:pb],
+                                        reference=_base_pred(model, reg, z_t[:pb], t[:pb], c_m[idx[:pb]]))
             nonmember_feats = None
             if reg.wants_nonmembers():
-                j = torch.randperm(len(nonmembers), generator=g_nm)[:bs]
+                j = torch.randperm(len(nonmembers), generator=g_nm)[:pb]
                 noise_n = torch.randn(z_n[j].shape, generator=g_nm)
                 t_n = torch.randint(0, T, (len(j),), generator=g_nm)
                 z_tn = model.add_noise(z_n[j], t_n, noise_n)

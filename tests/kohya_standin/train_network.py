@@ -30,16 +30,21 @@ class TinyUNet(torch.nn.Module):
 
 
 class TinyLoRANetwork(torch.nn.Module):
-    """A low-rank residual on the UNet input, with sd-scripts' network method names."""
+    """A low-rank residual on the UNet input, with sd-scripts' network method names (and its
+    ``multiplier`` attribute / ``set_multiplier(multiplier)``, which scale the LoRA's output)."""
 
-    def __init__(self, dim=4):
+    def __init__(self, dim=4, multiplier=1.0):
         super().__init__()
+        self.multiplier = multiplier
         self.lora_down = torch.nn.Conv2d(4, dim, 1, bias=False)
         self.lora_up = torch.nn.Conv2d(dim, 4, 1, bias=False)
         torch.nn.init.normal_(self.lora_up.weight, std=0.1)
 
     def forward(self, x):
-        return self.lora_up(self.lora_down(x))
+        return self.lora_up(self.lora_down(x)) * self.multiplier
+
+    def set_multiplier(self, multiplier):
+        self.multiplier = multiplier
 
     def on_epoch_start(self, text_encoder, unet):
         self.train()
@@ -84,6 +89,9 @@ class NetworkTrainer:
 
     def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds, batch, weight_dtype, **kwargs):
         return unet(noisy_latents, timesteps) + self._network(noisy_latents)
+
+    def post_process_network(self, args, accelerator, network, text_encoders, unet):
+        pass
 
     def get_noise_scheduler(self, args, device):
         return NoiseScheduler()
@@ -154,6 +162,7 @@ class NetworkTrainer:
         torch.manual_seed(args.seed)
         network = TinyLoRANetwork(args.network_dim or 4)
         self._network = network
+        self.post_process_network(args, accelerator, network, text_encoders, unet)
         optimizer = torch.optim.AdamW(network.parameters(), lr=args.learning_rate)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         g = torch.Generator().manual_seed(args.seed)
