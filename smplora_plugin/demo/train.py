@@ -94,7 +94,7 @@ def _base_pred(model: TinyLDM, reg: Any, z_t: torch.Tensor, t: torch.Tensor, con
 
 def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batch_size: int, seed: int,
                reg: Optional[Any] = None, nonmembers: Optional[DigitSet] = None, name: str = "lora",
-               privacy_batch: Optional[int] = None, progress: bool = True) -> LoRAResult:
+               progress: bool = True) -> LoRAResult:
     """Fine-tune the LoRA already added to ``model`` (``model.add_lora``) on ``members``.
 
     With ``reg`` (a :class:`smplora_plugin.PrivacyRegularizer`), every step also runs a no-grad
@@ -102,7 +102,7 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
     ``reg.step(loss, member_feats, nonmember_feats)``; without it, the plain adaptation loss.
     The privacy term (and, with calibrated features, the base forward) sees the first
     ``reg.privacy_rows(batch)`` members of each batch (``PrivacyConfig.privacy_fraction``) and
-    non-member batches of that size; ``privacy_batch`` overrides that count.
+    non-member batches of that size.
     """
     import time
 
@@ -121,9 +121,7 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
             z_n, c_n = model.encode(nonmembers.images), model.text(nonmembers.captions)
     T = model.cfg.num_train_timesteps
     bs = min(batch_size, len(members))
-    if privacy_batch is not None and not 1 <= privacy_batch:
-        raise ValueError(f"privacy_batch must be a whole number >= 1, got {privacy_batch!r}.")
-    pb = min(privacy_batch, bs) if privacy_batch is not None else (reg.privacy_rows(bs) if reg is not None else bs)
+    pb = reg.privacy_rows(bs) if reg is not None else bs
     res = LoRAResult(name)
     model.unet.train()
     bar = _bar(steps, f"LoRA ({name})", progress)
