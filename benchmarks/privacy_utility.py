@@ -51,6 +51,8 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "smp-robust a20 every-step": dict(kind="robust", alpha=20.0, nonmember_every=1, privacy_fraction=1.0),
     "smp-robust a5 quarter-batch": dict(kind="robust", alpha=5.0, privacy_fraction=0.25),
     "smp-robust a20 quarter-batch": dict(kind="robust", alpha=20.0, privacy_fraction=0.25),
+    "smp-robust a20 1200 steps": dict(kind="robust", alpha=20.0, privacy_fraction=1.0, steps=1200),
+    "smp-robust a20 quarter-batch 1200 steps": dict(kind="robust", alpha=20.0, privacy_fraction=0.25, steps=1200),
     "mp a0.05": dict(kind="mp", alpha=0.05, attacker_lr=1e-3),
     "dp-sgd s0.25": dict(kind="dpsgd", noise=0.25, clip=0.05),
     "dp-sgd s0.5": dict(kind="dpsgd", noise=0.5, clip=0.05),
