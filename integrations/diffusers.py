@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 
 from .. import PrivacyConfig
+from ..config import PRESETS
 from ..errors import FeatureError, HoldoutError, StateError
 from ..holdout import check_disjoint
 from ..regularizer import PrivacyRegularizer as _CoreRegularizer
@@ -60,7 +61,7 @@ STATE_FILENAME = "smplora_state.safetensors"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _METHODS = {"none": None, "smplora": "smp", "smp": "smp", "mplora": "mp", "mp": "mp"}
 _HOLDOUT_KEY = "shim.diffusers.holdout"
-_PRESETS = ("paper", "robust")
+_PRESETS = tuple(PRESETS)
 
 
 # ---------------------------------------------------------------------------------------------- args

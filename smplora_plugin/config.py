@@ -15,6 +15,13 @@ GridLike = Union[int, Tuple[int, int], None]
 _OBJECTIVES = {"smp": "smp", "smplora": "smp", "ratio": "smp", "mp": "mp", "mplora": "mp", "sum": "mp"}
 
 
+#: Named settings for :meth:`PrivacyConfig.preset`: the fields each one sets on top of the defaults.
+PRESETS: Mapping[str, Mapping[str, Any]] = {
+    "paper": {},
+    "robust": {"calibrated": True, "alpha": 20.0, "attacker_lr": 1e-3, "privacy_fraction": 0.25},
+}
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Hyperparameters of SMP-LoRA / MP-LoRA. Defaults follow the paper (Luo et al., AAAI 2025).
@@ -149,10 +156,9 @@ class PrivacyConfig:
           faster attacker, and the privacy term on a quarter of each batch
           (``privacy_fraction=0.25``), which keeps the base forward to a quarter batch.
         """
-        presets = {"paper": {}, "robust": dict(calibrated=True, alpha=20.0, attacker_lr=1e-3, privacy_fraction=0.25)}
-        if name not in presets:
-            raise ConfigError(f"preset {name!r} is unknown: use one of {sorted(presets)}.")
-        return cls.from_dict({**presets[name], **overrides})
+        if name not in PRESETS:
+            raise ConfigError(f"preset {name!r} is unknown: use one of {sorted(PRESETS)}.")
+        return cls.from_dict({**PRESETS[name], **overrides})
 
     def replace(self, **changes: Any) -> "PrivacyConfig":
         """A copy with some fields changed (validated)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from smplora_plugin.config import PrivacyConfig
+from smplora_plugin.config import PRESETS as CORE_PRESETS, PrivacyConfig
 from smplora_plugin.errors import ConfigError
 
 MODES = {"none": None, "smplora": "smp", "smp": "smp", "mplora": "mp", "mp": "mp"}
@@ -44,7 +44,7 @@ PATH_OPTIONS: Dict[str, str] = {
     "privacy_manifest": "where to write the member / non-member manifest (default: OUTPUT_DIR/OUTPUT_NAME_smplora_manifest.json)",
     "privacy_attacker_state": "an attacker state .safetensors to start from (default: the one in --resume DIR, if any)",
 }
-PRESETS = ("paper", "robust")  # PrivacyConfig.preset names
+PRESETS = tuple(CORE_PRESETS)  # PrivacyConfig.preset names
 PRESET_OPTIONS: Dict[str, str] = {
     "privacy_preset": "paper (default): the paper's hyperparameters. robust: base-calibrated features, alpha 20, attacker "
                       "lr 1e-3, privacy fraction 0.25 (stronger against the full attack suite; one extra no-grad base "
