@@ -120,7 +120,7 @@ class _Plugin:
 
 
 def test_third_party_attack_via_hook(monkeypatch):
-    from smplora_plugin.audit import attacks as attacks_mod
+    from smplora_plugin.audit.attacks import registry as attacks_mod
 
     monkeypatch.setattr(attacks_mod, "_EXTRA", {})  # keep the registration local to this test
     reg = available_attacks(load_plugins=False, plugins=[_Plugin()])

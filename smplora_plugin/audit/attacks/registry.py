@@ -1,0 +1,80 @@
+"""Registry of attacks: the built-ins, ones registered by name, and ``smplora_register_attacks`` plugins."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Type
+
+from ..target import AuditError
+from .base import Attack
+from .blind import BlindBaseline
+from .clid import CLiDAttack
+from .loss import BestTimestepLossAttack, CalibratedLossAttack, LossAttack
+from .mlp import MLPAttack
+from .pia import PIAAttack
+from .secmi import SecMIAttack
+from .sima import SimAAttack
+from .stacked import GradientBoostingAttack, LogRegAttack
+
+BUILTIN_ATTACKS: Dict[str, Type[Attack]] = {
+    cls.name: cls
+    for cls in (LossAttack, CalibratedLossAttack, BestTimestepLossAttack, SimAAttack, SecMIAttack, PIAAttack,
+                CLiDAttack, MLPAttack, LogRegAttack, GradientBoostingAttack, BlindBaseline)
+}
+_EXTRA: Dict[str, Type[Attack]] = {}
+
+DEFAULT_ATTACKS = ("loss", "loss_calibrated", "loss_best_t", "sima", "secmi", "pia", "clid", "mlp", "logreg",
+                   "gboost", "blind")
+
+
+def register_attack(name: str, cls: Type[Attack]) -> None:
+    """Register ``cls`` (a subclass of :class:`Attack`) under ``name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        raise AuditError(f"attack {name!r} must be a subclass of smplora_plugin.audit.attacks.Attack, got {cls!r}.")
+    if not name or name in BUILTIN_ATTACKS:
+        raise AuditError(f"attack name {name!r} is empty or taken by a built-in attack.")
+    if not getattr(cls, "name", ""):
+        cls.name = name
+    elif cls.name != name:
+        raise AuditError(f"attack class {cls.__name__} is named {cls.name!r} but registered as {name!r}.")
+    _EXTRA[name] = cls
+
+
+def available_attacks(load_plugins: bool = True, plugins: Optional[List[object]] = None) -> Dict[str, Type[Attack]]:
+    """Built-in attacks plus registered ones, plus those of ``smplora_register_attacks`` plugins.
+
+    Plugins are the installed ``smplora`` entry points (unless ``SMPLORA_DISABLE_PLUGINS``), or
+    the explicit ``plugins`` list when given.
+    """
+    if load_plugins or plugins is not None:
+        from ...plugins import make_plugin_manager
+
+        make_plugin_manager(plugins).hook.smplora_register_attacks(register=register_attack)
+    return {**BUILTIN_ATTACKS, **_EXTRA}
+
+
+def resolve_attacks(attacks: Optional[List[Any]], has_captions: bool, load_plugins: bool = True) -> List[Attack]:
+    """Turn names / classes / instances into attack instances; ``None`` = the default suite."""
+    registry = available_attacks(load_plugins) if attacks is None or any(isinstance(a, str) for a in attacks) \
+        else dict(BUILTIN_ATTACKS)
+    chosen = list(DEFAULT_ATTACKS) + sorted(_EXTRA) if attacks is None else list(attacks)
+    out: List[Attack] = []
+    for a in chosen:
+        if isinstance(a, str):
+            if a not in registry:
+                raise AuditError(f"unknown attack {a!r}; available: {', '.join(sorted(registry))}.")
+            inst = registry[a]()
+        elif isinstance(a, type) and issubclass(a, Attack):
+            inst = a()
+        elif isinstance(a, Attack):
+            inst = a
+        else:
+            raise AuditError(f"{a!r} is not an attack name, Attack subclass or Attack instance.")
+        if inst.needs_captions and not has_captions:
+            if attacks is None:
+                continue  # CLiD is skipped silently in the default suite when there are no captions
+            raise AuditError(f"attack {inst.name!r} needs captions; give captions or drop it.")
+        out.append(inst)
+    names = [a.name for a in out]
+    if len(set(names)) != len(names):
+        raise AuditError(f"attack names must be unique, got {names}.")
+    return out
