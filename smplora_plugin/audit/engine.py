@@ -10,7 +10,6 @@ the base model (common random numbers); the draws come from a seeded generator.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -29,13 +28,17 @@ class AuditConfig:
     batch_size: int = 64
     timesteps: Tuple[int, ...] = (50, 100, 150, 200, 250, 300, 350, 400, 450, 500)
     draws: int = 4
-    sima_timesteps: Tuple[int, ...] = (10, 50, 100, 200, 300)
-    pia_timesteps: Tuple[int, ...] = (100, 200, 300, 500)
+    sima_timesteps: Tuple[int, ...] = tuple(range(0, 200, 10))  # SimA's official grid, t = 0 included
+    sima_p: float = 4.0
+    pia_timesteps: Tuple[int, ...] = tuple(range(10, 501, 10))
     pia_p: float = 4.0
-    secmi_t: int = 100
+    secmi_t: Tuple[int, ...] = (100, 150, 200)  # t_sec candidates, one shared DDIM inversion path
     secmi_step: int = 10
-    clid_timesteps: Tuple[int, ...] = (100, 200, 300)
-    clid_reductions: int = 4  # k reduced captions; the last one is the null caption
+    clid_timesteps: Tuple[int, ...] = (440, 450, 460)
+    clid_fractions: Tuple[float, ...] = (0.3, 0.5, 0.7)  # share of the words removed, most important first
+    clid_max_words: int = 16  # only the first words are ranked (and removable); cost is 1 pass per ranked word
+    clid_alphas: Tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    flip_average: bool = False  # average every model quantity over the image and its horizontal mirror
     map_grid: int = 32  # loss maps for the trained MLP are pooled to at most this size per side
     mlp_hidden: Tuple[int, ...] = (512, 256)
     mlp_dropout: float = 0.5
@@ -46,6 +49,10 @@ class AuditConfig:
     mlp_fit_fraction: float = 0.6  # of the calibration split; the rest early-stops the MLP
     n_boot: int = 1000
     cv_folds: int = 5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.secmi_t, (int, float)):  # a single t_sec, as in earlier versions
+            self.secmi_t = (int(self.secmi_t),)
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -65,8 +72,19 @@ class AuditConfig:
             raise AuditError("draws and batch_size must be >= 1.")
         if not self.timesteps:
             raise AuditError("timesteps must list at least one timestep.")
-        if self.secmi_step < 1 or self.secmi_t <= self.secmi_step:
-            raise AuditError("secmi_t must be larger than secmi_step >= 1 (defaults: 100 and 10).")
+        if self.secmi_step < 1 or not self.secmi_t or min(self.secmi_t) <= self.secmi_step:
+            raise AuditError("every secmi_t candidate must be larger than secmi_step >= 1 "
+                             "(defaults: [100, 150, 200] and 10).")
+        if not self.sima_timesteps or not self.pia_timesteps or not self.clid_timesteps:
+            raise AuditError("sima_timesteps, pia_timesteps and clid_timesteps must each list at least one timestep.")
+        if self.sima_p <= 0 or self.pia_p <= 0:
+            raise AuditError("sima_p and pia_p must be > 0 (the official setting is 4).")
+        if not self.clid_fractions or not all(0 < f < 1 for f in self.clid_fractions):
+            raise AuditError("clid_fractions must be shares in (0, 1), e.g. [0.3, 0.5, 0.7].")
+        if self.clid_max_words < 1:
+            raise AuditError("clid_max_words must be >= 1 (default 16).")
+        if not self.clid_alphas or not all(0 <= a <= 1 for a in self.clid_alphas):
+            raise AuditError("clid_alphas must be mix weights in [0, 1], e.g. [0, 0.1, ..., 1].")
         if not 0 < self.mlp_fit_fraction < 1:
             raise AuditError("mlp_fit_fraction must be in (0, 1).")
 
@@ -77,7 +95,11 @@ def _scale_t(ts: Sequence[int], T: int) -> List[int]:
 
 
 class ScoreContext:
-    """Latents, captions and cached model quantities for ``N`` samples (index order is fixed)."""
+    """Latents, captions and cached model quantities for ``N`` samples (index order is fixed).
+
+    With ``config.flip_average`` every model quantity is the mean of its values on the image and
+    on its horizontal mirror (both encoded; same noise draws), mirroring flip-augmented training.
+    """
 
     def __init__(self, target: Any, images: torch.Tensor, captions: Optional[List[str]], config: AuditConfig,
                  *, progress: bool = True):
@@ -92,14 +114,20 @@ class ScoreContext:
         self.sima_timesteps = _scale_t(config.sima_timesteps, self.T)
         self.pia_timesteps = [t for t in _scale_t(config.pia_timesteps, self.T) if t > 0]
         self.clid_timesteps = _scale_t(config.clid_timesteps, self.T)
-        self.secmi_t = max(2, int(round(config.secmi_t * self.T / 1000.0)))
         self.secmi_step = max(1, int(round(config.secmi_step * self.T / 1000.0)))
+        k = self.secmi_step
+        self.secmi_t = sorted({min((self.T - 1) // k * k, k * max(1, int(round(t * self.T / 1000.0 / k))))
+                               for t in config.secmi_t})
         self._cache: Dict[str, Any] = {}
-        self.latents = self._encode()
+        self.passes: Dict[str, int] = {}
+        self._views = [self._encode(images)]
+        if config.flip_average:
+            self._views.append(self._encode(images.flip(-1), "encode (mirrored)"))
+        self.latents = self._views[0]
         self.n = self.latents.shape[0]
         gen = torch.Generator().manual_seed(int(config.seed))
-        self.noise = torch.randn((config.draws, *self.latents.shape[1:]), generator=gen)  # (M, C, H, W)
-        self.passes: Dict[str, int] = {}
+        noise = torch.randn((config.draws, *self.latents.shape[1:]), generator=gen)  # (M, C, H, W)
+        self.noise = noise.to(self.latents.dtype)
 
     # -- plumbing -------------------------------------------------------------------------
     def _bar(self, total: int, desc: str):
@@ -111,13 +139,14 @@ class ScoreContext:
         b = self.config.batch_size
         return [slice(i, min(i + b, self.n)) for i in range(0, self.n, b)]
 
-    def _encode(self) -> torch.Tensor:
+    def _encode(self, images: torch.Tensor, desc: str = "encode") -> torch.Tensor:
+        """Latents in float32, or float64 when the target encodes to float64 (exact known-answer targets)."""
         out = []
-        bar = self._bar(self.images.shape[0], "encode")
-        for i in range(0, self.images.shape[0], self.config.batch_size):
-            x = self.images[i:i + self.config.batch_size]
-            z = self.target.encode(x)
-            out.append(torch.as_tensor(z).float().cpu())
+        bar = self._bar(images.shape[0], desc)
+        for i in range(0, images.shape[0], self.config.batch_size):
+            x = images[i:i + self.config.batch_size]
+            z = torch.as_tensor(self.target.encode(x)).cpu()
+            out.append(z.double() if z.dtype == torch.float64 else z.float())
             bar.update(x.shape[0])
         bar.close()
         return torch.cat(out)
@@ -130,7 +159,7 @@ class ScoreContext:
 
     def _eps(self, z: torch.Tensor, t: int, cond: Any, adapter: bool, what: str) -> torch.Tensor:
         tt = torch.full((z.shape[0],), int(t), dtype=torch.long)
-        out = torch.as_tensor(self.target.eps(z, tt, cond, adapter=adapter)).float().cpu()
+        out = torch.as_tensor(self.target.eps(z, tt, cond, adapter=adapter)).cpu().to(z.dtype)
         if out.shape != z.shape:
             raise AuditError(f"target.eps returned shape {tuple(out.shape)} for latents of shape {tuple(z.shape)}.")
         self.passes[what] = self.passes.get(what, 0) + int(z.shape[0])
@@ -146,9 +175,19 @@ class ScoreContext:
         return math.sqrt(a_u) * x0 + math.sqrt(1 - a_u) * e
 
     def _cached(self, key: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` once; with flip averaging, the mean of ``fn()`` on the image and on its mirror."""
         if key not in self._cache:
-            self._cache[key] = fn()
+            vals = [self._in_view(v, fn) for v in range(len(self._views))]
+            self._cache[key] = vals[0] if len(vals) == 1 else _mean_views(vals)
         return self._cache[key]
+
+    def _in_view(self, view: int, fn: Callable[[], Any]) -> Any:
+        current = self.latents
+        self.latents = self._views[view]
+        try:
+            return fn()
+        finally:
+            self.latents = current
 
     # -- quantities -----------------------------------------------------------------------
     def loss_grid(self, adapter: bool = True) -> np.ndarray:
@@ -187,14 +226,16 @@ class ScoreContext:
         return losses, None if maps is None else maps.double().numpy()
 
     def sima(self, adapter: bool = True) -> np.ndarray:
-        """``(N, len(sima_timesteps))`` mean squared norm of eps on the clean latent."""
+        """``(N, len(sima_timesteps))`` SimA statistic ``sum |eps(z0, t)|^p`` over the latent's elements."""
         def compute() -> np.ndarray:
+            p = self.config.sima_p
             out = np.zeros((self.n, len(self.sima_timesteps)))
             bar = self._bar(self.n * len(self.sima_timesteps), "SimA")
             for sl in self._batches():
                 z0, cond = self.latents[sl], self._cond(sl)
                 for j, t in enumerate(self.sima_timesteps):
-                    out[sl, j] = self._eps(z0, t, cond, adapter, "sima").pow(2).flatten(1).mean(1).double().numpy()
+                    e = self._eps(z0, t, cond, adapter, "sima")
+                    out[sl, j] = e.abs().pow(p).flatten(1).sum(1).double().numpy()
                     bar.update(z0.shape[0])
             bar.close()
             return out
@@ -219,74 +260,91 @@ class ScoreContext:
         return self._cached(f"pia:{adapter}", compute)
 
     def secmi(self, adapter: bool = True) -> np.ndarray:
-        """``(N,)`` SecMI t-error: deterministic DDIM inversion to ``t_sec - k``, one step up and back."""
+        """``(N, len(secmi_t))`` SecMI t-error for each ``t_sec`` candidate.
+
+        One deterministic DDIM inversion path ``0 -> k -> 2k -> ...`` up to the largest ``t_sec``
+        serves every candidate: for ``t_sec`` the path point at ``t_sec - k`` is stepped up to
+        ``t_sec`` (that is the path's own next step) and denoised back with ``eps(z_{t_sec}, t_sec)``
+        (the model call the path needs for its following step), so all candidates together cost
+        ``max(t_sec) / k + 1`` passes.
+        """
         def compute() -> np.ndarray:
-            k, t_sec = self.secmi_step, self.secmi_t
-            ups = list(range(k, t_sec - k + 1, k))
-            out = np.zeros(self.n)
-            bar = self._bar(self.n * (len(ups) + 2), "SecMI")
+            k, cands = self.secmi_step, self.secmi_t
+            top = cands[-1]
+            out = np.zeros((self.n, len(cands)))
+            bar = self._bar(self.n * (top // k + 1), "SecMI")
             for sl in self._batches():
-                z, cond, s = self.latents[sl], self._cond(sl), 0
-                for u in ups:
-                    z = self._ddim(z, s, u, self._eps(z, s, cond, adapter, "secmi"))
-                    s = u
+                z, cond = self.latents[sl], self._cond(sl)
+                prev = z
+                for s in range(0, top + 1, k):
+                    e = self._eps(z, s, cond, adapter, "secmi")
                     bar.update(z.shape[0])
-                z_up = self._ddim(z, s, s + k, self._eps(z, s, cond, adapter, "secmi"))
-                z_back = self._ddim(z_up, s + k, s, self._eps(z_up, s + k, cond, adapter, "secmi"))
-                bar.update(2 * z.shape[0])
-                out[sl] = (z_back - z).pow(2).flatten(1).mean(1).double().numpy()
+                    if s in cands:
+                        back = self._ddim(z, s, s - k, e)
+                        out[sl, cands.index(s)] = (back - prev).pow(2).flatten(1).mean(1).double().numpy()
+                    if s < top:
+                        prev, z = z, self._ddim(z, s, s + k, e)
             bar.close()
             return out
         return self._cached(f"secmi:{adapter}", compute)
 
-    def reduced_captions(self) -> List[List[str]]:
-        """``clid_reductions`` reduced versions of every caption; the last one is the null caption.
+    def clid(self) -> Tuple[np.ndarray, np.ndarray]:
+        """``(L_cond (N, P), L_reduced (N, R, P))`` losses at the CLiD (t, noise) pairs.
 
-        Reduction ``i`` (1-based) masks ``round(i / k * words)`` words chosen by a generator seeded
-        from the caption text and the audit seed, so a caption is always reduced the same way.
+        The pairs are ``(clid_timesteps[j], noise draw j mod M)``; every caption variant reuses
+        exactly the same pairs. Reduction ``i < R - 1`` removes the share ``clid_fractions[i]``
+        of the caption's words (at least one), most important first; the last one is the null
+        caption. A word's importance is the conditional loss increase when it alone is left out,
+        measured with the adapted model on the sample itself at the middle pair; only the first
+        ``clid_max_words`` words are ranked (and can be removed).
         """
         if self.captions is None:
             raise AuditError("CLiD needs captions; none were given.")
-        k = self.config.clid_reductions
-        out: List[List[str]] = [[] for _ in range(k)]
-        for cap in self.captions:
-            words = cap.split()
-            seed = zlib.crc32(cap.encode("utf-8")) ^ int(self.config.seed)
-            order = np.random.default_rng(seed).permutation(len(words))
-            for i in range(1, k):
-                drop = set(order[: int(round(i / k * len(words)))].tolist())
-                out[i - 1].append(" ".join(w for j, w in enumerate(words) if j not in drop))
-            out[k - 1].append("")
-        return out
 
-    def clid(self) -> Tuple[np.ndarray, np.ndarray]:
-        """``(L_cond (N, P), L_reduced (N, k, P))`` losses at the CLiD (t, noise) pairs.
-
-        The pairs are ``(clid_timesteps[j], noise draw j mod M)``; the conditional and the reduced
-        captions reuse exactly the same pairs.
-        """
         def compute() -> Tuple[np.ndarray, np.ndarray]:
-            reduced = self.reduced_captions()
+            fracs = self.config.clid_fractions
             pairs = [(t, j % self.config.draws) for j, t in enumerate(self.clid_timesteps)]
+            r = len(pairs) // 2  # the ranking pair
             cond_l = np.zeros((self.n, len(pairs)))
-            red_l = np.zeros((self.n, len(reduced), len(pairs)))
-            bar = self._bar(self.n * len(pairs) * (1 + len(reduced)), "CLiD")
+            red_l = np.zeros((self.n, len(fracs) + 1, len(pairs)))
+            bar = self._bar(self.n * len(pairs) * (2 + len(fracs)), "CLiD")
             for sl in self._batches():
-                z0 = self.latents[sl]
-                conds = [self._cond(sl)] + [self._cond(sl, r) for r in reduced]
+                z0, caps = self.latents[sl], list(self.captions[sl])
+                noisy = []
                 for j, (t, m) in enumerate(pairs):
                     e = self.noise[m].expand_as(z0)
-                    zt = self._noisy(z0, t, e)
-                    for c_i, c in enumerate(conds):
-                        l = (self._eps(zt, t, c, True, "clid") - e).pow(2).flatten(1).mean(1).double().numpy()
-                        if c_i == 0:
-                            cond_l[sl, j] = l
-                        else:
-                            red_l[sl, c_i - 1, j] = l
+                    noisy.append((self._noisy(z0, t, e), e))
+                    cond_l[sl, j] = self._loss(noisy[j][0], noisy[j][1], t, caps)
+                    bar.update(z0.shape[0])
+                imp = self._word_importance(caps, noisy[r][0], noisy[r][1], pairs[r][0], cond_l[sl, r])
+                reduced = [[reduce_caption(c, imp[i], f) for i, c in enumerate(caps)] for f in fracs]
+                for i, red in enumerate(reduced + [[""] * len(caps)]):
+                    for j, (t, _) in enumerate(pairs):
+                        red_l[sl, i, j] = self._loss(noisy[j][0], noisy[j][1], t, red)
                         bar.update(z0.shape[0])
             bar.close()
             return cond_l, red_l
         return self._cached("clid", compute)
+
+    def _loss(self, zt: torch.Tensor, e: torch.Tensor, t: int, captions: List[str], what: str = "clid") -> np.ndarray:
+        out = self._eps(zt, t, self.target.condition(list(captions)), True, what)
+        return (out - e).pow(2).flatten(1).mean(1).double().numpy()
+
+    def _word_importance(self, caps: List[str], zt: torch.Tensor, e: torch.Tensor, t: int,
+                         full: np.ndarray) -> np.ndarray:
+        """``(B, clid_max_words)`` loss increase when word ``w`` alone is left out (``-inf``: no such word).
+
+        Batched by word position: one pass per sample per ranked word.
+        """
+        words = [c.split() for c in caps]
+        W = self.config.clid_max_words
+        imp = np.full((len(caps), W), -np.inf)
+        for w in range(min(W, max((len(x) for x in words), default=0))):
+            rows = [i for i, x in enumerate(words) if len(x) > w]
+            loo = [" ".join(words[i][:w] + words[i][w + 1:]) for i in rows]
+            idx = torch.as_tensor(rows)
+            imp[rows, w] = self._loss(zt[idx], e[idx], t, loo) - full[rows]
+        return imp
 
     def pixels(self, max_side: int = 16) -> np.ndarray:
         """Images pooled to at most ``max_side`` per side, flattened: the blind baseline's input."""
@@ -294,3 +352,24 @@ class ScoreContext:
         if x.ndim == 4 and max(x.shape[-2:]) > max_side:
             x = F.adaptive_avg_pool2d(x, (min(max_side, x.shape[-2]), min(max_side, x.shape[-1])))
         return x.flatten(1).double().numpy()
+
+
+def reduce_caption(caption: str, importance: np.ndarray, fraction: float) -> str:
+    """``caption`` without its ``max(1, round(fraction * words))`` most important words.
+
+    ``importance[w]`` scores word ``w`` (``-inf`` or absent: not ranked, never removed); ties go
+    to the earlier word. The removable words are capped at the ranked ones.
+    """
+    words = caption.split()
+    ranked = [w for w in range(min(len(words), len(importance))) if np.isfinite(importance[w])]
+    k = min(len(ranked), max(1, int(round(fraction * len(words)))))
+    order = sorted(ranked, key=lambda w: (-float(importance[w]), w))
+    drop = set(order[:k])
+    return " ".join(w for i, w in enumerate(words) if i not in drop)
+
+
+def _mean_views(vals: List[Any]) -> Any:
+    """Element-wise mean of per-view results (arrays, or tuples of arrays / None)."""
+    if isinstance(vals[0], tuple):
+        return tuple(None if parts[0] is None else _mean_views(list(parts)) for parts in zip(*vals))
+    return sum(vals) / len(vals)

@@ -81,8 +81,14 @@ def synthetic_pool(n: int, shape: Sequence[int] = (1, 8, 8), *, seed: int = 0) -
 
 
 def synthetic_captions(n: int, *, seed: int = 0) -> List[str]:
-    """One distinct caption per sample ("a photo of item 17 with a red texture" style)."""
+    """One distinct caption per sample ("a photo of item 0417 with a red texture" style).
+
+    Item numbers are a seeded permutation with a fixed width, so a caption's length or digits
+    carry nothing about its position (a split by position stays unbiased for the blind baseline).
+    """
     g = torch.Generator().manual_seed(int(seed) + 7)
     colours = ["red", "green", "blue", "grey", "gold", "white"]
     idx = torch.randint(0, len(colours), (n,), generator=g).tolist()
-    return [f"a photo of item {i} with a {colours[c]} texture" for i, c in enumerate(idx)]
+    items = torch.randperm(n, generator=g).tolist()
+    width = max(4, len(str(n)))
+    return [f"a photo of item {items[i]:0{width}d} with a {colours[c]} texture" for i, c in enumerate(idx)]

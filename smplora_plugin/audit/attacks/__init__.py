@@ -8,7 +8,7 @@ the ``smplora_register_attacks(register)`` hook in an ``smplora`` entry-point pl
 from . import registry
 from .base import Attack, AttackOutput
 from .blind import BlindBaseline
-from .clid import CLiDAttack
+from .clid import CLiDAttack, CLiDVecAttack
 from .loss import BestTimestepLossAttack, CalibratedLossAttack, LossAttack
 from .mlp import MLPAttack
 from .pia import PIAAttack
@@ -20,7 +20,7 @@ from .stacked import GradientBoostingAttack, LogRegAttack, scalar_features
 
 __all__ = [
     "Attack", "AttackOutput", "BUILTIN_ATTACKS", "DEFAULT_ATTACKS", "BestTimestepLossAttack", "BlindBaseline",
-    "CLiDAttack", "CalibratedLossAttack", "GradientBoostingAttack", "LogRegAttack", "LossAttack", "MLPAttack",
+    "CLiDAttack", "CLiDVecAttack", "CalibratedLossAttack", "GradientBoostingAttack", "LogRegAttack", "LossAttack", "MLPAttack",
     "PIAAttack", "SecMIAttack", "SimAAttack", "available_attacks", "register_attack",
     "registry", "resolve_attacks", "scalar_features",
 ]

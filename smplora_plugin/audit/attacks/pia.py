@@ -6,7 +6,8 @@ from .base import Attack
 
 
 class PIAAttack(Attack):
-    """PIA: proximal initialisation with the model's own eps(z0, 0), p = 4; t chosen on calibration."""
+    """PIA: proximal initialisation with the model's own eps(z0, 0), p = 4; t in 10..500 step 10,
+    chosen on calibration."""
 
     name = "pia"
     title = "PIA (p = 4, t on calibration)"

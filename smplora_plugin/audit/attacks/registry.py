@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Type
 from ..target import AuditError
 from .base import Attack
 from .blind import BlindBaseline
-from .clid import CLiDAttack
+from .clid import CLiDAttack, CLiDVecAttack
 from .loss import BestTimestepLossAttack, CalibratedLossAttack, LossAttack
 from .mlp import MLPAttack
 from .pia import PIAAttack
@@ -18,12 +18,12 @@ from .stacked import GradientBoostingAttack, LogRegAttack
 BUILTIN_ATTACKS: Dict[str, Type[Attack]] = {
     cls.name: cls
     for cls in (LossAttack, CalibratedLossAttack, BestTimestepLossAttack, SimAAttack, SecMIAttack, PIAAttack,
-                CLiDAttack, MLPAttack, LogRegAttack, GradientBoostingAttack, BlindBaseline)
+                CLiDAttack, CLiDVecAttack, MLPAttack, LogRegAttack, GradientBoostingAttack, BlindBaseline)
 }
 _EXTRA: Dict[str, Type[Attack]] = {}
 
-DEFAULT_ATTACKS = ("loss", "loss_calibrated", "loss_best_t", "sima", "secmi", "pia", "clid", "mlp", "logreg",
-                   "gboost", "blind")
+DEFAULT_ATTACKS = ("loss", "loss_calibrated", "loss_best_t", "sima", "secmi", "pia", "clid", "clid_vec", "mlp",
+                   "logreg", "gboost", "blind")
 
 
 def register_attack(name: str, cls: Type[Attack]) -> None:
@@ -71,7 +71,7 @@ def resolve_attacks(attacks: Optional[List[Any]], has_captions: bool, load_plugi
             raise AuditError(f"{a!r} is not an attack name, Attack subclass or Attack instance.")
         if inst.needs_captions and not has_captions:
             if attacks is None:
-                continue  # CLiD is skipped silently in the default suite when there are no captions
+                continue  # the CLiD attacks are skipped silently in the default suite when there are no captions
             raise AuditError(f"attack {inst.name!r} needs captions; give captions or drop it.")
         out.append(inst)
     names = [a.name for a in out]

@@ -6,10 +6,12 @@ from .base import Attack
 
 
 class SecMIAttack(Attack):
-    """SecMI_stat: t-error after deterministic DDIM inversion (t_sec 100, step 10; low = member)."""
+    """SecMI_stat: t-error after deterministic DDIM inversion (low = member); t_sec in {100, 150, 200}
+    (step k = 10) chosen on calibration, all candidates from one shared inversion path."""
 
     name = "secmi"
-    title = "SecMI (t-error, t_sec 100, k 10)"
+    title = "SecMI (t-error, t_sec on calibration, k 10)"
 
     def candidates(self, ctx):
-        return {"t_sec": -ctx.secmi(True)}
+        s = ctx.secmi(True)
+        return {f"t_sec={t}": -s[:, j] for j, t in enumerate(ctx.secmi_t)}

@@ -1,4 +1,4 @@
-"""SimA (Rao, Qu & Moyer 2025): the noise prediction's norm on the clean latent."""
+"""SimA (Rao, Qu & Moyer 2025, arXiv 2509.25003): the noise prediction on the clean latent."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from .base import Attack
 
 
 class SimAAttack(Attack):
-    """SimA: squared norm of the noise prediction on the clean latent at small t (low = member)."""
+    """SimA: ``sum |eps(z0, t)|^4`` over the latent's elements (low = member); t in 0..190 step 10,
+    chosen on calibration (the official setting)."""
 
     name = "sima"
-    title = "SimA (norm of eps(z0, t), t on calibration)"
+    title = "SimA (sum of eps(z0, t)^4, t on calibration)"
 
     def candidates(self, ctx):
         s = ctx.sima(True)

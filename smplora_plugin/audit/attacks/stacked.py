@@ -22,7 +22,8 @@ def scalar_features(ctx: ScoreContext) -> Dict[str, np.ndarray]:
         feats[f"sima t={t}"] = ctx.sima(True)[:, j]
     for j, t in enumerate(ctx.pia_timesteps):
         feats[f"pia t={t}"] = np.log(ctx.pia(True)[:, j] + 1e-20)
-    feats["secmi"] = np.log(ctx.secmi(True) + 1e-20)
+    for j, t in enumerate(ctx.secmi_t):
+        feats[f"secmi t_sec={t}"] = np.log(ctx.secmi(True)[:, j] + 1e-20)
     if ctx.captions is not None:
         cond, red = ctx.clid()
         for i in range(red.shape[1]):
