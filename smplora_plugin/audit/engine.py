@@ -355,14 +355,14 @@ class ScoreContext:
 
 
 def reduce_caption(caption: str, importance: np.ndarray, fraction: float) -> str:
-    """``caption`` without its ``max(1, round(fraction * words))`` most important words.
+    """``caption`` without its ``max(1, round(fraction * words))`` most important words (half up).
 
     ``importance[w]`` scores word ``w`` (``-inf`` or absent: not ranked, never removed); ties go
     to the earlier word. The removable words are capped at the ranked ones.
     """
     words = caption.split()
     ranked = [w for w in range(min(len(words), len(importance))) if np.isfinite(importance[w])]
-    k = min(len(ranked), max(1, int(round(fraction * len(words)))))
+    k = min(len(ranked), max(1, int(math.floor(fraction * len(words) + 0.5))))  # half rounds up
     order = sorted(ranked, key=lambda w: (-float(importance[w]), w))
     drop = set(order[:k])
     return " ".join(w for i, w in enumerate(words) if i not in drop)

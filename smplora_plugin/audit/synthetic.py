@@ -10,15 +10,17 @@ In between, its prediction is the ``strength``-weighted mix of the two.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, List, Optional, Sequence
 
 import torch
 
 
-def linear_alphas_cumprod(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """The DDPM linear-beta schedule's cumulative alphas, ``(T,)`` fp32."""
+def linear_alphas_cumprod(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The DDPM linear-beta schedule's cumulative alphas, ``(T,)`` (fp32 unless ``dtype``)."""
     betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0).float()
+    return torch.cumprod(1 - betas, 0).to(dtype)
 
 
 class MemorizingTarget:
@@ -72,6 +74,55 @@ class MemorizingTarget:
             logits = torch.where(has & ~mask, torch.full_like(logits, -math.inf), logits)
         w = torch.softmax(logits, 1)
         return w @ m
+
+
+class FormulaTarget:
+    """A nonlinear denoiser of known formula, in float64, for golden (hand-computed) tests.
+
+    ``eps(z, t, c) = sqrt(1 - a_t) * z + sqrt(a_t) * tanh(W z + b + v(c))`` on the flattened
+    latent (pixel space, no VAE), with ``a_t`` the linear-beta schedule's cumulative alpha,
+    ``W = W0 + dW`` with the adapter and ``W0`` without, and ``v(c)`` the sum of the caption's
+    word vectors (:meth:`word_vector`; the null caption adds nothing). All parameters are drawn
+    from ``seed``. Unlike a linear denoiser, SecMI's t-error and SimA's norm rank samples
+    differently here.
+    """
+
+    prediction_type = "epsilon"
+
+    def __init__(self, shape: Sequence[int] = (1, 4, 4), *, seed: int = 0, weight_scale: float = 1.5,
+                 adapter_scale: float = 0.5, word_scale: float = 0.3, num_train_timesteps: int = 1000):
+        self.shape = tuple(shape)
+        d = int(math.prod(self.shape))
+        g = torch.Generator().manual_seed(int(seed))
+        self.W0 = torch.randn((d, d), generator=g, dtype=torch.float64) * (weight_scale / math.sqrt(d))
+        self.dW = torch.randn((d, d), generator=g, dtype=torch.float64) * (adapter_scale / math.sqrt(d))
+        self.b = torch.randn(d, generator=g, dtype=torch.float64) * 0.1
+        self.word_scale = float(word_scale)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.alphas_cumprod = linear_alphas_cumprod(self.num_train_timesteps, dtype=torch.float64)
+
+    def word_vector(self, word: str) -> torch.Tensor:
+        """The fixed ``(D,)`` vector of ``word`` (seeded by its CRC-32)."""
+        g = torch.Generator().manual_seed(zlib.crc32(word.encode("utf-8")))
+        return torch.randn(self.W0.shape[0], generator=g, dtype=torch.float64) * self.word_scale
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images.double()
+
+    def condition(self, captions: Optional[Sequence[str]]) -> Any:
+        d = self.W0.shape[0]
+        if captions is None:
+            return None
+        return torch.stack([sum((self.word_vector(w) for w in str(c).split()), torch.zeros(d, dtype=torch.float64))
+                            for c in captions])
+
+    @torch.no_grad()
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, *, adapter: bool = True) -> torch.Tensor:
+        z = z_t.double().flatten(1)
+        a = self.alphas_cumprod[torch.as_tensor(t).long().reshape(-1).expand(z.shape[0])][:, None]
+        W = self.W0 + self.dW if adapter else self.W0
+        h = z @ W.T + self.b + (0 if cond is None else cond)
+        return ((1 - a).sqrt() * z + a.sqrt() * torch.tanh(h)).reshape(z_t.shape)
 
 
 def synthetic_pool(n: int, shape: Sequence[int] = (1, 8, 8), *, seed: int = 0) -> torch.Tensor:
