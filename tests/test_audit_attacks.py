@@ -1,6 +1,8 @@
 """Every attack on constructed cases with a known answer (analytic memorising denoiser)."""
 
+import numpy as np
 import pytest
+import torch
 
 from smplora_plugin.audit import AuditSamples, run_audit
 from smplora_plugin.audit.attacks import DEFAULT_ATTACKS
@@ -115,3 +117,38 @@ def test_common_random_numbers_and_determinism():
 def test_captionless_suite_skips_clid():
     rep = _audit(1.0, captions=False, attacks=None)
     assert "clid" not in rep.attacks and "loss" in rep.attacks
+
+
+def _smooth_images(n, side, seed):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand((n, 1, 4, 4), generator=g) * 1.6 - 0.8
+    return torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
+
+
+def test_blind_baseline_sees_a_planted_high_frequency_texture():
+    # members carry a zero-mean high-frequency texture; the model has no membership signal at all.
+    # Pooled pixels cannot see it (it averages out and has no mean direction); the full-resolution
+    # frequency bands can.
+    g = torch.Generator().manual_seed(21)
+    imgs = _smooth_images(200, 32, seed=20)
+    noise = torch.randn((100, 1, 32, 32), generator=g)
+    texture = 0.1 * (noise - torch.nn.functional.avg_pool2d(noise, 3, stride=1, padding=1, count_include_pad=False))
+    mem, non = (imgs[:100] + texture).clamp(-1, 1), imgs[100:]
+    target = MemorizingTarget(mem, strength=0.0)
+    rep = run_audit(target, mem, non, attacks=["blind"], config=CFG, progress=False, num_threads=1)
+    assert rep.attacks["blind"]["auc_ci95"][0] > 0.5, rep.attacks["blind"]
+    assert "WARNING" in rep.markdown()
+
+
+def test_blind_features_include_bands_and_caption_statistics():
+    from smplora_plugin.audit.attacks.blind import caption_statistics, frequency_bands
+
+    x = _smooth_images(3, 16, seed=1).repeat(1, 3, 1, 1)
+    bands = frequency_bands(x)
+    assert bands.shape == (3, 3 * 8) and np.isfinite(bands).all()
+    hf = x.clone()
+    hf[..., ::2, :] += 0.2  # stripes at the row Nyquist frequency: radius 0.5 / (0.5 sqrt 2) -> band 5 of 8
+    diff = frequency_bands(hf) - bands
+    assert (diff[:, 5::8] > 1).all() and np.abs(np.delete(diff, np.s_[5::8], 1)).max() < 1e-6
+    st = caption_statistics(["A cat, 2 dogs", ""])
+    assert st.tolist() == [[4, 13, 2.5, 1, 1, 1], [0, 0, 0.0, 0, 0, 0]]

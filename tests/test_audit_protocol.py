@@ -156,3 +156,35 @@ def test_side_by_side_table():
     row = next(line for line in lines if line.startswith("| **max AUC"))
     assert row.count("|") == 4 and "1.000 (loss" in row
     assert any(line.startswith("| ratio | 1.0000 | 1.1000 |") for line in lines)
+
+
+def test_identical_pixels_under_different_ids_are_refused(tmp_path):
+    pool = synthetic_pool(30, seed=12)
+    mem = AuditSamples(pool[:15], ids=[f"m{i}" for i in range(15)])
+    non = AuditSamples(torch.cat([pool[15:29], pool[4:5]]), ids=[f"n{i}" for i in range(15)])  # n14 is m4
+    with pytest.raises(AuditError, match=r"'n14'.*same pixels as 'm4'|'m4'.*same pixels as 'n14'"):
+        _run(mem, non, out_dir=tmp_path)
+    assert not (tmp_path / "manifest.json").exists()
+    # also across explicit calibration and evaluation sets
+    with pytest.raises(AuditError, match="same pixels"):
+        run_audit(MemorizingTarget(pool[:10]), AuditSamples(pool[:5], ids=list("abcde")), pool[20:25],
+                  calibration_members=AuditSamples(pool[:5], ids=list("fghij")), calibration_nonmembers=pool[25:30],
+                  attacks=["loss"], config=CFG, progress=False)
+
+
+def test_near_duplicates_across_sets_are_warned_about(capsys):
+    pool = synthetic_pool(32, seed=13)
+    g = torch.Generator().manual_seed(0)
+    near = (pool[3:4] + 0.01 * torch.randn(pool[3:4].shape, generator=g)).clamp(-1, 1)  # member 3, nearly
+    non = torch.cat([pool[16:31], near])
+    rep = _run(pool[:16], non)
+    (w,) = rep.info["warnings"]
+    assert w.startswith("1 near-duplicate image pair(s)") and "sha256:" in w
+    assert "near-duplicate" in capsys.readouterr().err
+    clean = _run(pool[:16], pool[16:])
+    assert "warnings" not in clean.info
+    off = run_audit(MemorizingTarget(pool[:16]), pool[:16], non, attacks=["loss"], progress=False,
+                    config={**CFG, "near_duplicate_mse": 0.0})
+    assert "warnings" not in off.info
+    with pytest.raises(AuditError, match="near_duplicate_mse"):
+        run_audit(MemorizingTarget(pool[:16]), pool[:16], non, config={**CFG, "near_duplicate_mse": -1.0})

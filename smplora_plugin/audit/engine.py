@@ -39,6 +39,7 @@ class AuditConfig:
     clid_max_words: int = 16  # only the first words are ranked (and removable); cost is 1 pass per ranked word
     clid_alphas: Tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     flip_average: bool = False  # average every model quantity over the image and its horizontal mirror
+    near_duplicate_mse: float = 1e-3  # across-set image pairs closer than this (pooled pixels) are warned about
     map_grid: int = 32  # loss maps for the trained MLP are pooled to at most this size per side
     mlp_hidden: Tuple[int, ...] = (512, 256)
     mlp_dropout: float = 0.5
@@ -81,6 +82,8 @@ class AuditConfig:
             raise AuditError("sima_p and pia_p must be > 0 (the official setting is 4).")
         if not self.clid_fractions or not all(0 < f < 1 for f in self.clid_fractions):
             raise AuditError("clid_fractions must be shares in (0, 1), e.g. [0.3, 0.5, 0.7].")
+        if self.near_duplicate_mse < 0:
+            raise AuditError("near_duplicate_mse must be >= 0 (0 turns the near-duplicate warning off).")
         if self.clid_max_words < 1:
             raise AuditError("clid_max_words must be >= 1 (default 16).")
         if not self.clid_alphas or not all(0 <= a <= 1 for a in self.clid_alphas):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ class AuditSamples:
 
     ``ids`` name the samples in the manifest and drive the identity split (e.g. file paths or
     person ids: samples with the same id stay together); by default each image is identified by
-    the SHA-256 of its pixels, so a byte-identical member and non-member are caught.
+    the SHA-256 of its pixels. Identical pixels in two sets are refused whatever the ids.
     """
 
     images: torch.Tensor
@@ -59,9 +60,12 @@ class AuditSamples:
         return int(self.images.shape[0])
 
     def identity(self) -> List[str]:
-        if self.ids is not None:
-            return list(self.ids)
-        x = self.images.detach().float().cpu().contiguous()
+        """The given ids, or else the pixel hashes."""
+        return list(self.ids) if self.ids is not None else self.pixel_hashes()
+
+    def pixel_hashes(self) -> List[str]:
+        """``sha256:...`` of each image's pixels (float32, C-contiguous; -0.0 counted as 0.0)."""
+        x = (self.images.detach().float().cpu() + 0.0).contiguous()
         return ["sha256:" + hashlib.sha256(x[i].numpy().tobytes()).hexdigest() for i in range(x.shape[0])]
 
     def subset(self, idx: Sequence[int]) -> "AuditSamples":
@@ -173,6 +177,9 @@ def run_audit(
             raise AuditError(f"manifest set name {name!r} is reserved; choose another name.")
         sets[name] = [str(i) for i in ids]
     _check_overlap(sets)
+    warnings = check_pixel_overlap(parts, cfg.near_duplicate_mse)
+    for w in warnings:
+        print(f"smplora audit: WARNING: {w}", file=sys.stderr)
     manifest_path = None
     manifest_extra = {"calibration_fraction": calibration_fraction if calibration_members is None else None}
     if out_dir is not None:
@@ -225,7 +232,7 @@ def run_audit(
         timesteps={"loss_grid": ctx.timesteps, "sima": ctx.sima_timesteps, "pia": ctx.pia_timesteps,
                    "secmi": [ctx.secmi_t, ctx.secmi_step], "clid": ctx.clid_timesteps, "T": ctx.T},
         passes=dict(ctx.passes),
-        info=dict(info or {}),
+        info={**dict(info or {}), **({"warnings": warnings} if warnings else {})},
         seconds=round(time.time() - t0, 2),
         manifest=str(manifest_path) if manifest_path else None,
         roc=roc,
@@ -245,6 +252,52 @@ def _check_overlap(sets: Mapping[str, Sequence[str]]) -> None:
                 raise AuditError(f"sample {i!r} is in both {seen[i]!r} and {name!r}: members, non-members and the "
                                  "defense's sets must be disjoint. Remove the duplicate from one of them.")
             seen[i] = name
+
+
+def check_pixel_overlap(parts: Mapping[str, AuditSamples], near_mse: float = 1e-3, max_listed: int = 5) -> List[str]:
+    """Refuse identical pixels in two sets (whatever their ids); return warnings for near-duplicates.
+
+    A near-duplicate pair is two images of different sets whose mean squared difference, after
+    pooling each to at most 16 x 16 per channel (pixel range [-1, 1]), is below ``near_mse``
+    (``AuditConfig.near_duplicate_mse``; 0 turns the check off). Raises :class:`AuditError`
+    naming both samples before any model work.
+    """
+    seen: Dict[str, Tuple[str, str]] = {}
+    for name, p in parts.items():
+        for h, ident in zip(p.pixel_hashes(), p.identity()):
+            if h in seen and seen[h][0] != name:
+                other_set, other_id = seen[h]
+                raise AuditError(
+                    f"sample {ident!r} in {name!r} has the same pixels as {other_id!r} in {other_set!r}: members, "
+                    "non-members and their calibration splits must not share images. Remove one copy (or, for "
+                    "copies within one side, give them the same id so that they stay in one split).")
+            seen.setdefault(h, (name, ident))
+    if near_mse <= 0:
+        return []
+    import torch.nn.functional as F
+
+    pooled = {}
+    for name, p in parts.items():
+        x = p.images.detach().double().cpu()
+        if x.ndim == 4 and max(x.shape[-2:]) > 16:
+            x = F.adaptive_avg_pool2d(x, (min(16, x.shape[-2]), min(16, x.shape[-1])))
+        pooled[name] = x.flatten(1)
+    names = list(parts)
+    found: List[Tuple[float, str, str, str, str]] = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            xa, xb = pooled[a], pooled[b]
+            d2 = (xa.pow(2).sum(1)[:, None] + xb.pow(2).sum(1)[None] - 2 * xa @ xb.T).clamp_min(0) / xa.shape[1]
+            ia, ib = torch.nonzero(d2 < near_mse, as_tuple=True)
+            ids_a, ids_b = parts[a].identity(), parts[b].identity()
+            found += [(float(d2[u, v]), ids_a[u], a, ids_b[v], b) for u, v in zip(ia.tolist(), ib.tolist())]
+    if not found:
+        return []
+    found.sort()
+    listed = "; ".join(f"{x!r} ({sa}) ~ {y!r} ({sb}), MSE {d:.2g}" for d, x, sa, y, sb in found[:max_listed])
+    more = f" and {len(found) - max_listed} more" if len(found) > max_listed else ""
+    return [f"{len(found)} near-duplicate image pair(s) across sets (pooled pixel MSE < {near_mse:g}): {listed}{more}. "
+            "They inflate membership scores; remove one image of each pair, or keep both on one side."]
 
 
 def _score_attack(attack: Attack, out: Any, labels: np.ndarray, eval_index: np.ndarray, cfg: AuditConfig) -> Dict[str, Any]:
