@@ -145,3 +145,19 @@ def test_reduce_caption_removes_most_important_words_first():
     assert reduce_caption("single", np.array([0.3]), 0.3) == ""  # at least one word goes
     # words beyond the ranked ones (importance -inf / absent) are never removed
     assert reduce_caption("a b c d", np.array([1.0, 0.0]), 0.7) == "c d"
+
+
+def test_flip_average_is_the_mean_over_the_image_and_its_mirror():
+    target = FormulaTarget((1, 4, 4), seed=4)
+    images = synthetic_pool(6, (1, 4, 4), seed=2)
+    caps = CAPTIONS[:6]
+    small = dict(seed=1, draws=2, timesteps=(100, 400), pia_timesteps=(50, 300), sima_timesteps=(0, 20))
+    both = ScoreContext(target, images, caps, AuditConfig(**small, flip_average=True), progress=False)
+    one = ScoreContext(target, images, caps, AuditConfig(**small), progress=False)
+    mirror = ScoreContext(target, images.flip(-1), caps, AuditConfig(**small), progress=False)
+    for q in ("loss_grid", "loss_map", "sima", "pia", "secmi", "clid"):
+        got, a, b = getattr(both, q)(), getattr(one, q)(), getattr(mirror, q)()
+        for g_, a_, b_ in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, a, b))):
+            _close(g_, (a_ + b_) / 2)
+            assert not np.allclose(a_, b_)  # the mirror really is a different input here
+    assert both.passes == {k: 2 * v for k, v in one.passes.items()}

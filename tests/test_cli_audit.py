@@ -11,8 +11,8 @@ pytest.importorskip("peft")
 
 from smplora_plugin import cli  # noqa: E402
 
-FAST = json.dumps({"timesteps": [100, 300], "sima_timesteps": [10], "pia_timesteps": [200], "n_boot": 200,
-                   "mlp_max_epochs": 30})
+FAST = json.dumps({"timesteps": [100, 300], "sima_timesteps": [10], "pia_timesteps": [200], "secmi_t": [100],
+                   "clid_timesteps": [450], "n_boot": 200, "mlp_max_epochs": 30})
 
 
 def _lora_state(unet, seed=0):
@@ -91,7 +91,8 @@ def test_audit_end_to_end(workspace, tmp_path, capsys):
         assert (tmp_path / "out" / name).is_file(), name
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["splits"] == {"member_calibration": 5, "nonmember_calibration": 5, "member_eval": 5, "nonmember_eval": 5}
-    assert {"loss", "loss_calibrated", "secmi", "pia", "sima", "clid", "mlp", "logreg", "gboost", "blind"} <= set(rep["attacks"])
+    assert {"loss", "loss_calibrated", "secmi", "pia", "sima", "clid", "clid_vec", "mlp", "logreg", "gboost",
+            "blind"} <= set(rep["attacks"])
     for r in rep["attacks"].values():
         assert 0.0 <= r["auc"] <= 1.0 and r["tpr_at_1pct_fpr"] is None  # 5 non-members: n/a
     assert "| attack | AUC [95% CI]" in out and "max over attacks" in out
@@ -172,6 +173,18 @@ def _err(capsys, argv):
     err = capsys.readouterr().err
     assert rc == 2
     return err
+
+
+def test_flip_average_flag(workspace, tmp_path):
+    args = _args(workspace, tmp_path / "flip", **{"--attacks": "loss,loss_calibrated"})
+    assert cli.main(args + ["--flip-average"]) == 0
+    assert cli.main(_args(workspace, tmp_path / "plain", **{"--attacks": "loss,loss_calibrated"})) == 0
+    flip = json.loads((tmp_path / "flip" / "report.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert flip["config"]["flip_average"] is True and plain["config"]["flip_average"] is False
+    # 2 timesteps x 1 draw, adapter and base; twice with the mirror
+    assert plain["model_passes_per_sample"]["loss"] == 4 and flip["model_passes_per_sample"]["loss"] == 8
+    assert flip["utility"]["heldout_denoising_loss"] != plain["utility"]["heldout_denoising_loss"]
 
 
 def test_audit_without_captions_uses_the_null_condition(workspace, tmp_path):

@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of each side used for attack training / calibration (default 0.5)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--no-captions", action="store_true", help="ignore caption files (unconditional scoring)")
+    p.add_argument("--flip-average", action="store_true",
+                   help="average every model quantity over each image and its horizontal mirror (use when the LoRA "
+                        "was trained with random flips); doubles the model passes. Images are resized and "
+                        "centre-cropped to the model's resolution")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--draws", type=int, default=None, help="noise draws per timestep (default 4)")
@@ -117,6 +121,8 @@ def _config(args: argparse.Namespace):
     d.setdefault("batch_size", args.batch_size)
     if args.draws is not None:
         d["draws"] = args.draws
+    if getattr(args, "flip_average", False):
+        d["flip_average"] = True
     cfg = AuditConfig.from_dict(d)
     cfg.validate()
     return cfg
