@@ -188,3 +188,20 @@ def test_near_duplicates_across_sets_are_warned_about(capsys):
     assert "warnings" not in off.info
     with pytest.raises(AuditError, match="near_duplicate_mse"):
         run_audit(MemorizingTarget(pool[:16]), pool[:16], non, config={**CFG, "near_duplicate_mse": -1.0})
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"clid_fractions": [0.3, 1.2]}, "clid_fractions"), ({"sima_p": 0}, "sima_p"), ({"secmi_t": [100, 5]}, "secmi_t"),
+    ({"clid_alphas": [-0.1]}, "clid_alphas"), ({"clid_max_words": 0}, "clid_max_words"), ({"pia_timesteps": []}, "pia"),
+])
+def test_bad_attack_settings_are_refused_before_any_work(bad, match, tmp_path):
+    pool = synthetic_pool(20, seed=14)
+    with pytest.raises(AuditError, match=match):
+        run_audit(MemorizingTarget(pool[:10]), pool[:10], pool[10:], config={**CFG, **bad}, out_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_single_secmi_t_is_accepted():
+    from smplora_plugin.audit import AuditConfig
+
+    assert AuditConfig.from_dict({"secmi_t": 100}).secmi_t == (100,)
