@@ -209,13 +209,17 @@ def _shift_check(results: Mapping[str, Mapping[str, Any]], gap: float) -> Option
 def _epsilon(sc: AttackScores, y: np.ndarray, st: VerdictSettings) -> Dict[str, Any]:
     cm, cn = sc.cal_scores[sc.cal_labels == 1], sc.cal_scores[sc.cal_labels == 0]
     thr, cal_eps = S.best_epsilon_threshold(cm, cn, level=st.epsilon_level)
+    rule = "largest epsilon lower bound on calibration"
+    if not np.isfinite(thr):  # calibration too small to refute any epsilon: the balanced-accuracy threshold
+        thr, _ = M.best_threshold(cm, cn)
+        rule = "best balanced accuracy on calibration (no threshold gave a positive bound there)"
     ev = sc.eval_scores
     tp, fp = int((ev[y] >= thr).sum()), int((ev[~y] >= thr).sum())
     b0 = S.epsilon_lower_bound(tp, int(y.sum()), fp, int((~y).sum()), level=st.epsilon_level)
     bd = S.epsilon_lower_bound(tp, int(y.sum()), fp, int((~y).sum()), level=st.epsilon_level, delta=st.epsilon_delta)
     return {
         "epsilon": b0["epsilon"], "epsilon_at_delta": bd["epsilon"], "delta": st.epsilon_delta,
-        "threshold": thr, "calibration_epsilon": cal_eps, "tp": tp, "fp": fp,
+        "threshold": thr, "threshold_rule": rule, "calibration_epsilon": cal_eps, "tp": tp, "fp": fp,
         "tpr_lower": b0["tpr_lower"], "fpr_upper": b0["fpr_upper"],
         "label": "empirical lower bound on epsilon (not a guarantee): threshold chosen on the calibration split for "
                  f"the headline attack; one-sided {st.epsilon_level:.0%} Clopper-Pearson bounds on the evaluation "
