@@ -15,7 +15,7 @@ Two measurements, both with the whole default attack suite and the verdict of
 
 Run (niced, one thread):
   nice -n 10 python benchmarks/verdict_calibration.py null --seeds 0-59 --write
-  nice -n 10 python benchmarks/verdict_calibration.py demo --seeds 0-19 --write
+  nice -n 10 python benchmarks/verdict_calibration.py demo --seeds 0-19 --write   (300 steps, 48 / 64 non-members)
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def null_run(seed: int, n_eval: int, n_cal: int, side: int = 8, toy: bool = Fals
             "blind_warning": any("blind" in w for w in v["warnings"]), "seconds": round(time.time() - t0, 1)}
 
 
-def demo_run(seed: int, members: int, steps: int, toy: bool = False) -> List[Dict[str, Any]]:
+def demo_run(seed: int, members: int, steps: int, n_cal: int = 48, n_eval: int = 64,
+             toy: bool = False) -> List[Dict[str, Any]]:
     """Plain LoRA and the untouched model on the demo's digits, one member draw per seed."""
     from smplora_plugin.audit import AuditSamples, run_audit
     from smplora_plugin.demo.model import TinyLDM
@@ -81,9 +82,7 @@ def demo_run(seed: int, members: int, steps: int, toy: bool = False) -> List[Dic
 
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
-    cfg = DemoConfig(members=members, steps=steps)
-    if toy:
-        cfg = DemoConfig(members=members, steps=steps, nonmember_calibration=16, nonmember_eval=16)
+    cfg = DemoConfig(members=members, steps=steps, nonmember_calibration=n_cal, nonmember_eval=n_eval)
     loaded = load_assets(cfg)
     base = (loaded if loaded is not None else train_assets(cfg, progress=False))[0]
     splits = cfg.data.splits({"member": cfg.members, "nonmember_defense": cfg.nonmember_defense,
@@ -168,7 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-eval", type=int, default=100, help="null: evaluation members (= non-members)")
     p.add_argument("--n-cal", type=int, default=50, help="null: calibration members (= non-members)")
     p.add_argument("--members", type=int, default=32, help="demo: members trained on (half evaluated)")
-    p.add_argument("--steps", type=int, default=600, help="demo: plain LoRA steps")
+    p.add_argument("--steps", type=int, default=300, help="demo: plain LoRA steps (the demo's default is 600)")
+    p.add_argument("--nonmember-calibration", type=int, default=48, help="demo: calibration non-members")
+    p.add_argument("--nonmember-eval", type=int, default=64, help="demo: evaluation non-members")
     p.add_argument("--rows", default=str(ROWS), help="append each run here; seeds already there are skipped")
     p.add_argument("--write", action="store_true", help="write the summary into RESULTS.md")
     args = p.parse_args(argv)
@@ -179,14 +180,17 @@ def main(argv=None) -> int:
     def key(r):
         if r["mode"] == "null":
             return ("null", r["seed"], r["n_eval"], r["n_cal"])
-        return ("demo", r["seed"], r["members"], r["steps"])
+        return ("demo", r["seed"], r["members"], r["steps"], r["n_nonmember_eval"])
 
     done = {key(r) for r in rows}
     for s in _seeds(args.seeds):
-        k = ("null", s, args.n_eval, args.n_cal) if args.mode == "null" else ("demo", s, args.members, args.steps)
+        k = ("null", s, args.n_eval, args.n_cal) if args.mode == "null" else ("demo", s, args.members, args.steps,
+                                                                               args.nonmember_eval)
         if k in done:
             continue
-        new = [null_run(s, args.n_eval, args.n_cal)] if args.mode == "null" else demo_run(s, args.members, args.steps)
+        new = [null_run(s, args.n_eval, args.n_cal)] if args.mode == "null" else demo_run(s, args.members, args.steps,
+                                                                                      args.nonmember_calibration,
+                                                                                      args.nonmember_eval)
         with rows_path.open("a") as f:
             for r in new:
                 f.write(json.dumps(r) + "\n")
@@ -197,7 +201,8 @@ def main(argv=None) -> int:
     if args.mode == "null":
         sel = [r for r in rows if r["mode"] == "null" and r["n_eval"] == args.n_eval and r["n_cal"] == args.n_cal]
     else:
-        sel = [r for r in rows if r["mode"] == "demo" and r["members"] == args.members and r["steps"] == args.steps]
+        sel = [r for r in rows if r["mode"] == "demo" and r["members"] == args.members and r["steps"] == args.steps
+               and r["n_nonmember_eval"] == args.nonmember_eval]
     text = summarise(sel, args.mode)
     print(text)
     if args.write:

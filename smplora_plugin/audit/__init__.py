@@ -50,6 +50,7 @@ clid, mlp, logreg, gboost and the blind baseline ``blind``. Known-answer target 
 from .attacks import Attack, AttackOutput, available_attacks, register_attack
 from .engine import AuditConfig, ScoreContext
 from .metrics import MetricError
+from .pooled import AuditRun, run_audit_pooled
 from .protocol import AuditReport, AuditSamples, run_audit
 from .report import side_by_side
 from .target import AuditError, AuditTarget, DiffusersTarget, load_lora_target
@@ -60,6 +61,7 @@ __all__ = [
     "AuditConfig",
     "AuditError",
     "AuditReport",
+    "AuditRun",
     "AuditSamples",
     "AuditTarget",
     "DiffusersTarget",
@@ -69,5 +71,6 @@ __all__ = [
     "load_lora_target",
     "register_attack",
     "run_audit",
+    "run_audit_pooled",
     "side_by_side",
 ]
