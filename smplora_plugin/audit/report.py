@@ -317,13 +317,26 @@ def _atomic_write(path: Path, text: str) -> None:
 def side_by_side(reports: Mapping[str, Any], *, utility_keys: Optional[Sequence[str]] = None) -> str:
     """A Markdown table comparing several audits (e.g. ``{"plain LoRA": r1, "SMP-LoRA": r2}``).
 
-    Rows: AUC [CI] per attack, then the maxima over attacks (AUC, leakage, TPR@1%/0.1% FPR) and
+    Rows: the verdict, the headline AUC and the epsilon lower bound (reports with a verdict), AUC
+    [CI] per attack, then the upper envelope (maxima over attacks: AUC, leakage, TPR@1%/0.1% FPR) and
     the utility fields (all of them, or ``utility_keys``). Accepts :class:`AuditReport` objects or
     their ``to_dict()``.
     """
     ds = {name: (r.to_dict() if hasattr(r, "to_dict") else r) for name, r in reports.items()}
     names = list(ds)
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    verdicts = [d.get("verdict") or {} for d in ds.values()]
+    if any(v.get("verdict") for v in verdicts):
+        lines.append("| **verdict** | " + " | ".join(f"**{v.get('verdict') or 'n/a'}**" for v in verdicts) + " |")
+        cells = []
+        for v in verdicts:
+            h = v.get("headline")
+            cells.append("n/a" if not h else f"{h['auc']:.3f} [{h['auc_ci95'][0]:.2f}, {h['auc_ci95'][1]:.2f}] "
+                                             f"({h['attack']}, p = {h['p_value']:.3g})")
+        lines.append("| headline AUC (attack chosen on calibration) | " + " | ".join(cells) + " |")
+        cells = [("n/a" if not v.get("epsilon_lower_bound") else f"{v['epsilon_lower_bound']['epsilon']:.2f}")
+                 for v in verdicts]
+        lines.append("| empirical epsilon lower bound (not a guarantee) | " + " | ".join(cells) + " |")
     attacks: List[str] = []
     for d in ds.values():
         attacks += [a for a in d["attacks"] if a not in attacks]
@@ -334,7 +347,7 @@ def side_by_side(reports: Mapping[str, Any], *, utility_keys: Optional[Sequence[
             cells.append("-" if r is None else f"{r['auc']:.3f} [{r['auc_ci95'][0]:.2f}, {r['auc_ci95'][1]:.2f}]")
         title = next(d["attacks"][a]["title"] for d in ds.values() if a in d["attacks"])
         lines.append(f"| AUC {_cell(title)} | " + " | ".join(cells) + " |")
-    for key, label, fmt in (("auc", "max AUC over attacks", _f), ("leakage", "max leakage", _f),
+    for key, label, fmt in (("auc", "max AUC over attacks (upper envelope)", _f), ("leakage", "max leakage", _f),
                             ("tpr_at_1pct_fpr", "max TPR@1%FPR", _pct), ("tpr_at_0.1pct_fpr", "max TPR@0.1%FPR", _pct),
                             ("balanced_accuracy", "max bal. acc. (calibrated threshold)", _f)):
         cells = []
