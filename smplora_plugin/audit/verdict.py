@@ -98,7 +98,8 @@ def assess(scores: Mapping[str, AttackScores], eval_labels: np.ndarray, results:
                    summary="no model-using attack was run: no verdict.")
         return out
 
-    cal_auc = {k: v.calibration_auc for k, v in model.items()}
+    cal_auc = {k: float((results[k].get("calibration") or {}).get("calibration_auc", v.calibration_auc))
+               for k, v in model.items()}
     head = max(cal_auc, key=lambda k: (cal_auc[k], -list(model).index(k)))
     names = list(model)
     null = S.envelope_null({k: model[k].eval_scores for k in names}, y, n_perm=st.n_permutations, seed=seed + 9173,
