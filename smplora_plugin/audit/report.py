@@ -168,9 +168,15 @@ def render_markdown(d: Mapping[str, Any]) -> str:
         lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in d["info"].items()]
     lines += ["", f"Model passes per sample: " + ", ".join(f"{k} {v:g}" for k, v in d["model_passes_per_sample"].items())
               + f". Audit time {d['seconds']:.1f} s."]
+    names = (d.get("pooling") or {}).get("runs") or []
     for i, run in enumerate(d.get("runs") or []):
+        from .protocol import run_folder
+
         v = run.get("verdict") or {}
         lines += ["", f"## Run {i + 1}: {_cell(run['title'])}", ""]
+        if i < len(names):
+            lines.append(f"Full report: `{run_folder(i, names[i])}/report.md`.")
+            lines.append("")
         lines.append(v.get("summary") or "no verdict.")
         for w in v.get("warnings") or []:
             lines.append(f"- **WARNING: {w}**")
