@@ -155,6 +155,8 @@ def test_side_by_side_table():
     assert lines[0] == "| | plain LoRA | SMP-LoRA |"
     row = next(line for line in lines if line.startswith("| **max AUC"))
     assert row.count("|") == 4 and "1.000 (loss" in row
+    verdict = next(line for line in lines if line.startswith("| **verdict**"))
+    assert "**leaks**" in verdict.split("|")[2] and "leaks" not in verdict.split("|")[3]
     assert any(line.startswith("| ratio | 1.0000 | 1.1000 |") for line in lines)
 
 

@@ -206,6 +206,41 @@ def test_missing_files_are_clear_errors(workspace, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_audit_pooled_runs_end_to_end(workspace, tmp_path, capsys):
+    """Two (LoRA, manifest) pairs: the pooled report first, then one folder per run."""
+    m = sorted(str(p) for p in workspace["members"].glob("*.png"))
+    n = sorted(str(p) for p in workspace["nonmembers"].glob("*.png"))
+    for name, (mem, non) in {"m1.json": (m, n), "m2.json": (n, m)}.items():
+        doc = {"format": "smplora-holdout-manifest/1", "seed": 0,
+               "sets": {"member": [{"id": p} for p in mem], "nonmember": [{"id": p} for p in non]}}
+        (tmp_path / name).write_text(json.dumps(doc))
+    out = tmp_path / "pooled"
+    argv = ["audit", "--no-progress", "--threads", "1", "--base-model", str(workspace["base"]), "--out", str(out),
+            "--draws", "1", "--config", FAST, "--attacks", "loss,loss_calibrated,blind",
+            "--run", f"{workspace['lora']}={tmp_path / 'm1.json'}", "--run", f"{workspace['kohya']}={tmp_path / 'm2.json'}"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# Membership-inference audit pooled over 2 LoRAs") and "**Verdict: " in text
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["pooling"]["runs"] == ["pytorch_lora_weights", "kohya"]
+    assert rep["splits"]["member_eval"] == 10 and rep["verdict"]["verdict"] is not None
+    for sub in ("run_01_pytorch_lora_weights", "run_02_kohya"):
+        for f in ("report.json", "report.md", "roc.png", "manifest.json"):
+            assert (out / sub / f).is_file(), (sub, f)
+    err = _err(capsys, argv + ["--lora", str(workspace["lora"])])
+    assert "--run replaces" in err
+    err = _err(capsys, argv[:-4] + ["--run", "nofile.safetensors"])
+    assert "LORA_FILE=MANIFEST_FILE" in err
+
+
+def test_help_lists_every_written_file(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["audit", "--help"])
+    text = capsys.readouterr().out
+    for f in ("report.md", "report.json", "roc.png", "per_timestep_auc.png", "manifest.json", "run_NN_<name>"):
+        assert f in text, f
+
+
 def test_unreadable_image_is_named(workspace, tmp_path, capsys):
     import shutil
 

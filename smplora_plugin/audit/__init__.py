@@ -21,26 +21,36 @@ Entry point::
         title="Membership-inference audit",
         progress=True,               # tqdm bars on stderr
         load_plugins=True,           # third-party attacks via the smplora_register_attacks hook
-        num_threads=None,            # torch CPU threads during the audit (restored afterwards)
+        num_threads=None,            # torch CPU threads during the audit (None = 1; restored afterwards)
+        n_permutations=1000,         # label permutations behind the verdict's p-values (>= 1000)
     ) -> AuditReport
 
+    report.verdict["verdict"]        # "leaks" / "no evidence of leakage at this size" / "too few samples to tell"
+    report.verdict["headline"]       # attack chosen on calibration: auc, auc_ci95, p_value, calibration_auc
+    report.verdict["upper_envelope"] # max over attacks on evaluation, with permutation null_q95 / p_value
+    report.verdict["power"], ["epsilon_lower_bound"], ["warnings"], ["shift_check"]
     report.to_dict()                 # == report.json
-    report.max_over_attacks["auc"]   # {"value", "attack", "ci95"}
+    report.max_over_attacks["auc"]   # {"value", "attack", "ci95"}: the upper envelope (labelled)
+
+    run_audit_pooled([AuditRun(target, members, nonmembers, ...), ...], **same options)
+                                     # pooled verdict over several LoRAs; report.runs = per-run reports
     report.attacks["secmi"]["auc"], ["auc_ci95"], ["leakage"], ["tpr_at_1pct_fpr"], ...
     report.markdown(); report.write(out_dir)
     side_by_side({"plain LoRA": r1, "SMP-LoRA": r2})   # Markdown comparison table (demo)
 
-Each report has: splits, null_band_auc95, max_over_attacks {auc (value, attack, ci95), leakage,
+Each report has: verdict (see smplora_plugin.audit.verdict), splits, null_band_auc95,
+max_over_attacks {label, auc (value, attack, ci95), leakage,
 tpr_at_1pct_fpr, tpr_at_0.1pct_fpr, balanced_accuracy, paper_tpr_at_5pct_fpr,
 paper_asr_best_threshold_on_eval}, attacks[name] {title, auc, auc_ci95, leakage, tpr_at_1pct_fpr,
 tpr_at_0.1pct_fpr, balanced_accuracy, threshold, paper_comparison {tpr_at_5pct_fpr,
-asr_best_threshold_on_eval, aucn}, calibration {what was tuned}, curves_eval_auc, seconds},
+asr_best_threshold_on_eval, aucn}, low_fpr {1%, 0.1%: tpr, tpr_ci95, false_positives_allowed,
+low_reliability}, calibration {calibration_auc, what was tuned}, curves_eval_auc, seconds},
 utility {heldout_denoising_loss, member_denoising_loss, heldout_denoising_loss_base, + yours},
 info, config, timesteps, model_passes_per_sample, seconds, manifest.
 
 CPU speed: small UNets on near-black images hit denormal floats (~10x slower); run_audit sets
-torch.set_flush_denormal(True) while it runs (do the same in CPU training loops), and
-num_threads=1 avoids OpenMP threads spinning against each other on a busy 2-core machine.
+torch.set_flush_denormal(True) while it runs (do the same in CPU training loops), and the
+default of one thread avoids OpenMP threads spinning against each other on a busy machine.
 
 Built-in attacks (``available_attacks()``): loss, loss_calibrated, loss_best_t, sima, secmi, pia,
 clid, mlp, logreg, gboost and the blind baseline ``blind``. Known-answer target for checks:
@@ -50,6 +60,7 @@ clid, mlp, logreg, gboost and the blind baseline ``blind``. Known-answer target 
 from .attacks import Attack, AttackOutput, available_attacks, register_attack
 from .engine import AuditConfig, ScoreContext
 from .metrics import MetricError
+from .pooled import AuditRun, run_audit_pooled
 from .protocol import AuditReport, AuditSamples, run_audit
 from .report import side_by_side
 from .target import AuditError, AuditTarget, DiffusersTarget, load_lora_target
@@ -60,6 +71,7 @@ __all__ = [
     "AuditConfig",
     "AuditError",
     "AuditReport",
+    "AuditRun",
     "AuditSamples",
     "AuditTarget",
     "DiffusersTarget",
@@ -69,5 +81,6 @@ __all__ = [
     "load_lora_target",
     "register_attack",
     "run_audit",
+    "run_audit_pooled",
     "side_by_side",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .target import AuditError
 
@@ -16,15 +16,18 @@ CAPTION_EXTS = (".txt", ".caption")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", required=True, metavar="DIR",
                    help="diffusers-format base model folder (unet/, scheduler/, optional vae/, text_encoder/, tokenizer/)")
-    p.add_argument("--lora", required=True, metavar="FILE",
-                   help="LoRA .safetensors file, diffusers/peft or kohya format")
+    p.add_argument("--lora", metavar="FILE",
+                   help="LoRA .safetensors file, diffusers/peft or kohya format (one run; or use --run)")
+    p.add_argument("--run", action="append", default=None, metavar="LORA=MANIFEST",
+                   help="one of several audited LoRAs with its own holdout manifest (repeat the option); the "
+                        "evidence is pooled over all runs (pooled report at --out, each run in --out/run_NN_<name>/)")
     src = p.add_argument_group("data (image folders, or a manifest)")
     src.add_argument("--members", metavar="DIR", help="folder of member (trained-on) images; captions from "
                      "NAME.txt / NAME.caption or metadata.jsonl when present")
     src.add_argument("--nonmembers", metavar="DIR", help="folder of held-out non-member images")
     src.add_argument("--manifest", metavar="FILE", help="smplora holdout manifest (JSON) with sets 'member'/'nonmember' "
                      "(split here) or member_calibration/nonmember_calibration/member_eval/nonmember_eval")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder for report.json, report.md, roc.png, manifest.json")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (the files it gets are listed below)")
     p.add_argument("--attacks", default=None, help="comma-separated attack names (default: the whole suite; "
                    "see --list-attacks)")
     p.add_argument("--calibration-fraction", type=float, default=0.5,
@@ -42,8 +45,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="AuditConfig fields as JSON text or a .json file, e.g. '{\"timesteps\": [100, 200]}'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for the audit (default: torch's choice; 1 is fastest on a busy machine)")
+                   help="torch CPU threads for the audit (default 1: fastest on a busy machine)")
+    p.add_argument("--permutations", type=int, default=1000,
+                   help="label permutations behind the verdict's p-values (default 1000, at least 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = OUTPUT_FILES
+
+
+OUTPUT_FILES = """files written to --out:
+  report.md             the verdict in words ("leaks", "no evidence of leakage at this size" or
+                        "too few samples to tell"), then one table of every attack
+  report.json           everything: verdict (headline, upper envelope with permutation null, power,
+                        sample sizes needed, warnings, empirical epsilon lower bound), per-attack metrics
+  roc.png               ROC curves (AUC in the legend): linear, and log-log down to FPR = 1/non-members
+  per_timestep_auc.png  AUC against the timestep (diagnostic; when per-timestep attacks ran)
+  manifest.json         the split used, with SHA-256 of every file (single run)
+with several --run: the pooled report.md, report.json and roc.png at --out, and each run's own
+  report.md, report.json, roc.png, per_timestep_auc.png and manifest.json in --out/run_NN_<name>/"""
 
 
 def list_attacks() -> str:
@@ -57,6 +76,14 @@ def run(args: argparse.Namespace) -> int:
     """Body of ``smplora audit``; raises :class:`AuditError` on bad input."""
     from .protocol import run_audit
 
+    if args.permutations < 1000:
+        raise AuditError(f"--permutations {args.permutations}: use at least 1000.")
+    if args.threads is not None and args.threads < 1:
+        raise AuditError(f"--threads {args.threads} must be >= 1.")
+    if args.run:
+        return _run_pooled(args)
+    if not args.lora:
+        raise AuditError("give --lora FILE (one LoRA), or --run LORA=MANIFEST once per LoRA (pooled audit).")
     if args.manifest and (args.members or args.nonmembers):
         raise AuditError("give either --manifest or --members/--nonmembers, not both.")
     if not args.manifest and not (args.members and args.nonmembers):
@@ -84,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     channels = 3 if target.vae is not None else int(target.unet.config.in_channels)
     samples = {name: load_images(paths, size, channels, captions=not args.no_captions) for name, paths in groups.items()}
     kw = dict(config=cfg, out_dir=args.out, progress=not args.no_progress, num_threads=args.threads,
+              n_permutations=args.permutations,
               attacks=None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()],
               info={"base_model": str(args.base_model), "lora": str(args.lora), "resolution": size},
               title=f"Membership-inference audit of {Path(args.lora).name}")
@@ -97,6 +125,58 @@ def run(args: argparse.Namespace) -> int:
     print(report.markdown())
     out = Path(args.out)
     print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'roc.png'}, {out / 'manifest.json'}")
+    return 0
+
+
+def parse_runs(specs: Sequence[str]) -> List[Tuple[str, Path, Path]]:
+    """``LORA=MANIFEST`` strings -> ``(name, lora, manifest)``; names are the LoRA file stems (made unique)."""
+    out: List[Tuple[str, Path, Path]] = []
+    for spec in specs:
+        lora, sep, manifest = spec.partition("=")
+        if not sep or not lora or not manifest:
+            raise AuditError(f"--run {spec!r}: write it as LORA_FILE=MANIFEST_FILE.")
+        for path in (Path(lora), Path(manifest)):
+            if not path.is_file():
+                raise AuditError(f"--run {spec!r}: {path} does not exist.")
+        out.append((Path(lora).stem, Path(lora), Path(manifest)))
+    stems = [n for n, _, _ in out]
+    return [(n if stems.count(n) == 1 else f"{n}_{i + 1}", lo, ma) for i, (n, lo, ma) in enumerate(out)]
+
+
+def _run_pooled(args: argparse.Namespace) -> int:
+    from .pooled import AuditRun, run_audit_pooled
+    from .target import load_lora_target
+
+    if args.lora or args.manifest or args.members or args.nonmembers:
+        raise AuditError("--run replaces --lora/--manifest/--members/--nonmembers; give one or the other.")
+    if not 0 < args.calibration_fraction < 1:
+        raise AuditError(f"--calibration-fraction {args.calibration_fraction} must be in (0, 1).")
+    cfg = _config(args)
+    specs = parse_runs(args.run)
+    groups = {name: manifest_groups(str(manifest)) for name, _, manifest in specs}  # every input checked first
+    if not Path(args.base_model).exists():
+        raise AuditError(f"{args.base_model} does not exist.")
+    runs = []
+    size = None
+    for name, lora, _ in specs:
+        target = load_lora_target(args.base_model, str(lora), device=args.device)
+        size = size or args.resolution or _model_resolution(target)
+        channels = 3 if target.vae is not None else int(target.unet.config.in_channels)
+        s = {k: load_images(v, size, channels, captions=not args.no_captions) for k, v in groups[name].items()}
+        info = {"lora": str(lora), "resolution": size}
+        if "members" in s:
+            runs.append(AuditRun(target, s["members"], s["nonmembers"], calibration_fraction=args.calibration_fraction,
+                                 name=name, info=info))
+        else:
+            runs.append(AuditRun(target, s["member_eval"], s["nonmember_eval"], calibration_members=s["member_calibration"],
+                                 calibration_nonmembers=s["nonmember_calibration"], name=name, info=info))
+    report = run_audit_pooled(
+        runs, config=cfg, out_dir=args.out, progress=not args.no_progress, num_threads=args.threads,
+        n_permutations=args.permutations,
+        attacks=None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()],
+        title=f"Membership-inference audit pooled over {len(runs)} LoRAs")
+    print(report.markdown())
+    print(f"wrote {Path(args.out) / 'report.md'} (pooled) and one folder per run in {args.out}")
     return 0
 
 

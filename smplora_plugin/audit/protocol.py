@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from . import stats as S
 from .attacks import Attack, resolve_attacks
 from .engine import AuditConfig, ScoreContext
 from .target import AuditError, check_target
+from .verdict import AttackScores, VerdictSettings, assess
 
 MIN_PER_SIDE = 4  # fewer members or non-members in a split and no metric means anything
 
@@ -129,6 +131,7 @@ def run_audit(
     progress: bool = True,
     load_plugins: bool = True,
     num_threads: Optional[int] = None,
+    n_permutations: int = 1000,
 ) -> "AuditReport":
     """Audit ``target`` (an :class:`~.target.AuditTarget`) on member / non-member samples.
 
@@ -141,13 +144,22 @@ def run_audit(
     ratio to plain LoRA, sample quality). ``manifest_sets``: extra named id lists (e.g. the
     defense's ``member_defense`` / ``nonmember_defense``) recorded in, and checked for overlap by,
     the manifest. ``info``: free-form run facts (steps per image, model, ...) for the report.
-    With ``out_dir``, writes ``report.json``, ``report.md``, ``roc.png`` and ``manifest.json``.
-    ``num_threads``: torch CPU threads during the audit (restored afterwards); 1 is fastest on a
-    busy machine, where spinning OpenMP threads fight for cores.
+    With ``out_dir``, writes ``report.json``, ``report.md``, ``roc.png``, ``per_timestep_auc.png``
+    and ``manifest.json``. ``num_threads``: torch CPU threads during the audit (restored
+    afterwards); ``None`` means 1, which is fastest on a busy machine, where spinning OpenMP threads
+    fight for cores. ``n_permutations``: label permutations behind the verdict's p-values (>= 1000).
+    The report's ``verdict`` block holds the calibrated headline, the upper envelope with its
+    permutation null, power, sample sizes needed, warnings and the empirical epsilon lower bound
+    (see :mod:`.verdict`). Several LoRAs: :func:`run_audit_pooled`.
     """
     check_target(target)
     cfg = config if isinstance(config, AuditConfig) else AuditConfig.from_dict(dict(config or {}))
     cfg.validate()
+    vset = VerdictSettings(n_permutations=int(n_permutations))
+    vset.validate()
+    threads = 1 if num_threads is None else num_threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise AuditError(f"num_threads={num_threads!r} must be a whole number >= 1 (or None for 1).")
     mem, non = as_samples(members, "members"), as_samples(nonmembers, "nonmembers")
     if (calibration_members is None) != (calibration_nonmembers is None):
         raise AuditError("give both calibration_members and calibration_nonmembers, or neither.")
@@ -194,15 +206,13 @@ def run_audit(
     cal_index = np.arange(bounds[0], bounds[2])
     eval_index = np.arange(bounds[2], bounds[4])
     results: Dict[str, Dict[str, Any]] = {}
+    kept: Dict[str, AttackScores] = {}
     roc: Dict[str, Tuple[List[float], List[float]]] = {}
     # denormal floats (near-black images through a small UNet) slow CPU inference ~10x; flushing
     # them to zero changes no score measurably. The default (off) is restored afterwards.
     flushed = torch.set_flush_denormal(True)
     old_threads = torch.get_num_threads()
-    if num_threads is not None:
-        if num_threads < 1:
-            raise AuditError(f"num_threads={num_threads} must be >= 1.")
-        torch.set_num_threads(int(num_threads))
+    torch.set_num_threads(threads)
     try:
         ctx = ScoreContext(target, allp.images, allp.captions if has_caps else None, cfg, progress=progress)
         for attack in attack_objs:
@@ -210,6 +220,7 @@ def run_audit(
             out = attack.run(ctx, cal_index, labels[cal_index])
             results[attack.name] = _score_attack(attack, out, labels, eval_index, cfg)
             results[attack.name]["seconds"] = round(time.time() - ta, 2)
+            kept[attack.name] = _kept_scores(attack, out, labels, eval_index)
             ev = out.scores[eval_index]
             fpr, tpr, _ = M.roc_curve(ev[labels[eval_index] == 1], ev[labels[eval_index] == 0])
             roc[attack.name] = (fpr.tolist(), tpr.tolist())
@@ -221,8 +232,10 @@ def run_audit(
     util = _utility(ctx, labels, eval_index)
     util.update(dict(utility or {}))
     n_m, n_n = sizes[2], sizes[3]
+    verdict = assess(kept, labels[eval_index], results, seed=cfg.seed, settings=vset)
     report = AuditReport(
         title=title,
+        verdict=verdict,
         attacks=results,
         max_over_attacks=_max_over(results),
         utility=util,
@@ -238,6 +251,8 @@ def run_audit(
         roc=roc,
         manifest_sets=sets,
         manifest_extra={**manifest_extra, "seed": cfg.seed},
+        scores=kept,
+        eval_labels=labels[eval_index],
     )
     if out_dir is not None:
         report.write(out_dir)
@@ -298,6 +313,18 @@ def check_pixel_overlap(parts: Mapping[str, AuditSamples], near_mse: float = 1e-
     more = f" and {len(found) - max_listed} more" if len(found) > max_listed else ""
     return [f"{len(found)} near-duplicate image pair(s) across sets (pooled pixel MSE < {near_mse:g}): {listed}{more}. "
             "They inflate membership scores; remove one image of each pair, or keep both on one side."]
+def _metrics(title: str, uses_model: bool, member: np.ndarray, nonmember: np.ndarray, threshold: Optional[float],
+             cfg: AuditConfig) -> Dict[str, Any]:
+    ms = M.evaluate(member, nonmember, threshold=threshold, n_boot=cfg.n_boot, seed=cfg.seed)
+    return {"title": title, "uses_model": uses_model, **ms.to_dict(),
+            "low_fpr": S.low_fpr_summary(member, nonmember, n_boot=cfg.n_boot, seed=cfg.seed)}
+
+
+def _kept_scores(attack: Attack, out: Any, labels: np.ndarray, eval_index: np.ndarray) -> AttackScores:
+    s = np.asarray(out.scores, dtype=np.float64)
+    ci = np.asarray(out.calibration_index)
+    return AttackScores(eval_scores=s[eval_index].copy(), cal_scores=s[ci].copy(), cal_labels=labels[ci].copy(),
+                        uses_model=attack.uses_model)
 
 
 def _score_attack(attack: Attack, out: Any, labels: np.ndarray, eval_index: np.ndarray, cfg: AuditConfig) -> Dict[str, Any]:
@@ -308,9 +335,11 @@ def _score_attack(attack: Attack, out: Any, labels: np.ndarray, eval_index: np.n
     thr, cal_bacc = M.best_threshold(s[ci][labels[ci] == 1], s[ci][labels[ci] == 0])
     ev = s[eval_index]
     lab = labels[eval_index]
-    ms = M.evaluate(ev[lab == 1], ev[lab == 0], threshold=thr, n_boot=cfg.n_boot, seed=cfg.seed)
-    d = {"title": attack.title or attack.name, "uses_model": attack.uses_model, **ms.to_dict(),
-         "calibration": {**out.chosen, "balanced_accuracy": cal_bacc}}
+    chosen = dict(out.chosen)
+    if "calibration_auc" not in chosen:  # e.g. a plugin attack: the AUC of its threshold-setting scores
+        chosen["calibration_auc"] = M.auc(s[ci][labels[ci] == 1], s[ci][labels[ci] == 0])
+    d = _metrics(attack.title or attack.name, attack.uses_model, ev[lab == 1], ev[lab == 0], thr, cfg)
+    d["calibration"] = {**chosen, "balanced_accuracy": cal_bacc}
     if out.curves:
         d["curves_eval_auc"] = {
             fam: {lbl: M.auc(v[eval_index][lab == 1], v[eval_index][lab == 0]) for lbl, v in c.items()}
@@ -322,9 +351,13 @@ def _score_attack(attack: Attack, out: Any, labels: np.ndarray, eval_index: np.n
 _MAX_KEYS = ("auc", "leakage", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "balanced_accuracy")
 
 
+ENVELOPE_LABEL = ("upper envelope: each metric's maximum over the model-using attacks on the evaluation split; "
+                  "selected on that split, so optimistic (see verdict.upper_envelope for its permutation null)")
+
+
 def _max_over(results: Mapping[str, Dict[str, Any]]) -> Dict[str, Any]:
     model = {k: v for k, v in results.items() if v["uses_model"]}
-    out: Dict[str, Any] = {}
+    out: Dict[str, Any] = {"label": ENVELOPE_LABEL}
     for key in _MAX_KEYS:
         vals = [(v[key], k) for k, v in model.items() if v[key] is not None]
         out[key] = {"value": max(vals)[0], "attack": max(vals)[1]} if vals else None
@@ -370,6 +403,11 @@ class AuditReport:
     roc: Dict[str, Tuple[List[float], List[float]]]
     manifest_sets: Optional[Dict[str, List[str]]] = None
     manifest_extra: Optional[Dict[str, Any]] = None
+    verdict: Optional[Dict[str, Any]] = None
+    scores: Optional[Dict[str, AttackScores]] = field(default=None, repr=False)  # kept for pooling, not serialised
+    eval_labels: Optional[np.ndarray] = field(default=None, repr=False)
+    runs: Optional[List["AuditReport"]] = field(default=None, repr=False)  # pooled report: the per-run reports
+    pooling: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         try:
@@ -377,10 +415,11 @@ class AuditReport:
         except ImportError:  # the core package metadata is not importable (source checkout in progress)
             version = "unknown"
 
-        return {
+        d: Dict[str, Any] = {
             "format": "smplora-audit-report/1",
             "smplora_version": version,
             "title": self.title,
+            "verdict": self.verdict,
             "splits": self.splits,
             "null_band_auc95": list(self.null_band),
             "max_over_attacks": self.max_over_attacks,
@@ -393,6 +432,11 @@ class AuditReport:
             "seconds": self.seconds,
             "manifest": self.manifest,
         }
+        if self.pooling is not None:
+            d["pooling"] = self.pooling
+        if self.runs is not None:
+            d["runs"] = [r.to_dict() for r in self.runs]
+        return d
 
     def markdown(self) -> str:
         from .report import render_markdown
@@ -412,4 +456,19 @@ class AuditReport:
         paths = write_report(self, out)
         if self.manifest is not None:
             paths["manifest"] = Path(self.manifest)
+        for i, (name, run) in enumerate(zip(self.run_names(), self.runs or [])):
+            for k, v in run.write(out / run_folder(i, name)).items():
+                paths[f"run_{i + 1}_{k}"] = v
         return paths
+
+    def run_names(self) -> List[str]:
+        """Names of the pooled runs (empty for a single-run report)."""
+        return list((self.pooling or {}).get("runs", []))
+
+
+def run_folder(index: int, name: str) -> str:
+    """Sub-folder of a pooled report for run ``index`` (0-based): ``run_01_<name>``."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:40] or "run"
+    return f"run_{index + 1:02d}_{slug}"

@@ -1,4 +1,4 @@
-"""Writing an audit report: report.json, report.md (one table) and a log-log ROC plot."""
+"""Writing an audit report: report.json, report.md (verdict first, then one table) and the ROC plot."""
 
 from __future__ import annotations
 
@@ -41,50 +41,108 @@ def _tuned(cal: Mapping[str, Any]) -> str:
     return ", ".join(bits) or "-"
 
 
+def _tpr_cell(r: Mapping[str, Any], key: str) -> str:
+    lf = (r.get("low_fpr") or {}).get(key)
+    if not lf or lf.get("tpr") is None:
+        return "n/a"
+    ci = lf.get("tpr_ci95")
+    text = _pct(lf["tpr"]) + ("" if ci is None else f" [{_pct(ci[0])}, {_pct(ci[1])}]")
+    return text + (" (low rel.)" if lf.get("low_reliability") else "")
+
+
+def render_verdict(v: Optional[Mapping[str, Any]]) -> List[str]:
+    """The opening lines of report.md: the verdict in words and the evidence behind it."""
+    if not v or v.get("verdict") is None:
+        return ["**Verdict: none** (no model-using attack was run)."]
+    h, e, pw = v["headline"], v["upper_envelope"], v["power"]
+    lines = [f"**Verdict: {v['verdict']}.**", ""]
+    lines.append(f"- Headline attack (chosen on the calibration split): **{_cell(h['title'])}**, calibration AUC "
+                 f"{h['calibration_auc']:.3f}; on the evaluation split AUC **{h['auc']:.3f}** "
+                 f"[{h['auc_ci95'][0]:.3f}, {h['auc_ci95'][1]:.3f}], permutation p = {h['p_value']:.3g} (one-sided).")
+    env = (f"- Upper envelope (maximum over attacks on the evaluation split: selected on it, optimistic): AUC "
+           f"{e['auc']['value']:.3f} ({e['auc']['attack']}) against a null 95% quantile of {e['auc']['null_q95']:.3f}, "
+           f"p = {e['auc']['p_value']:.3g}; leakage {e['leakage']['value']:.3f} (null q95 {e['leakage']['null_q95']:.3f}, "
+           f"p = {e['leakage']['p_value']:.3g})")
+    t = e.get("tpr_at_1pct_fpr")
+    if t:
+        env += (f"; TPR@1%FPR {_pct(t['value'])} ({t['attack']}; null q95 {_pct(t['null_q95'])}, "
+                f"p = {t['p_value']:.3g})")
+    lines.append(env + f". {e['n_permutations']} label permutations.")
+    lines.append(f"- Power: with {v['n_member']} members / {v['n_nonmember']} non-members this evaluation detects an "
+                 f"AUC of {pw['smallest_detectable_auc']:.3f} or more with {pw['power']:.0%} power (one-sided "
+                 f"{pw['alpha_one_sided']:g}). AUC {pw['needed_per_side_for_auc']['target_auc']:g} needs "
+                 f"{pw['needed_per_side_for_auc']['members']} members and as many non-members; TPR "
+                 f"{pw['needed_per_side_for_tpr']['target_tpr']:.0%} at {pw['needed_per_side_for_tpr']['at_fpr']:.0%} "
+                 f"FPR needs {pw['needed_per_side_for_tpr']['members']} of each.")
+    eps = v.get("epsilon_lower_bound")
+    if eps:
+        lines.append(f"- Empirical epsilon lower bound (a lower bound from this audit, **not a privacy guarantee**): "
+                     f"eps >= {eps['epsilon']:.2f} at delta = 0 ({eps['epsilon_at_delta']:.2f} at delta = "
+                     f"{eps['delta']:g}); {h['attack']} at a threshold fixed on calibration: {eps['tp']} members and "
+                     f"{eps['fp']} non-members above it, TPR >= {eps['tpr_lower']:.3f}, FPR <= {eps['fpr_upper']:.3f} "
+                     "(one-sided 95% Clopper-Pearson each).")
+    sh = v.get("shift_check")
+    if sh:
+        lines.append(f"- Shift check: loss AUC {sh['loss_auc']:.3f} [{sh['loss_auc_ci95'][0]:.3f}, "
+                     f"{sh['loss_auc_ci95'][1]:.3f}] beside base-calibrated loss {sh['loss_calibrated_auc']:.3f} "
+                     f"[{sh['loss_calibrated_auc_ci95'][0]:.3f}, {sh['loss_calibrated_auc_ci95'][1]:.3f}].")
+    for w in v.get("warnings") or []:
+        lines.append(f"- **WARNING: {w}**")
+    lines += ["", f"Rule: {v['rule']}"]
+    return lines
+
+
 def render_markdown(d: Mapping[str, Any]) -> str:
-    """The report as Markdown: a headline, one table, the blind-baseline check, utility, details."""
+    """The report as Markdown: the verdict, one table, the blind-baseline check, utility, details, runs."""
     sp = d["splits"]
     lo, hi = d["null_band_auc95"]
     lines: List[str] = [f"# {d['title']}", ""]
-    lines.append(
-        f"Evaluation: {sp['member_eval']} members / {sp['nonmember_eval']} non-members "
-        f"(calibration: {sp['member_calibration']} / {sp['nonmember_calibration']}). "
-        f"AUC of a chance-level attack lies in [{lo:.3f}, {hi:.3f}] (95%)."
-    )
+    lines += render_verdict(d.get("verdict"))
+    if d.get("pooling"):
+        pl = d["pooling"]
+        lines += ["", f"Pooled over {pl['n_runs']} runs: {pl['method']}.", "", "| run | verdict | headline attack | "
+                  "AUC | p |", "|---|---|---|---|---|"]
+        for r in (d.get("verdict") or {}).get("per_run", []):
+            lines.append(f"| {_cell(r['run'])} | {r['verdict']} | {r['headline']} | {_f(r['headline_auc'])} | "
+                         f"{'n/a' if r['headline_p_value'] is None else format(r['headline_p_value'], '.3g')} |")
+    lines += ["", f"Evaluation: {sp['member_eval']} members / {sp['nonmember_eval']} non-members "
+                  f"(calibration: {sp['member_calibration']} / {sp['nonmember_calibration']}). "
+                  f"AUC of one fixed chance-level attack lies in [{lo:.3f}, {hi:.3f}] (95%)."]
     mx = d["max_over_attacks"]
-    if mx.get("auc"):
-        a = mx["auc"]
-        lines += ["", f"**Strongest attack: {a['attack']}, AUC {a['value']:.3f} "
-                      f"[{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]; max leakage {_f(mx['leakage']['value'])}; "
-                      f"max TPR@1%FPR {_pct((mx.get('tpr_at_1pct_fpr') or {}).get('value'))}; "
-                      f"max TPR@0.1%FPR {_pct((mx.get('tpr_at_0.1pct_fpr') or {}).get('value'))}.**"]
-    lines += ["", "| attack | AUC [95% CI] | leakage max(AUC,1-AUC) | TPR@1%FPR | TPR@0.1%FPR | "
-                  "bal. acc. (threshold from calibration) | tuned on calibration |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| attack | AUC [95% CI] | calibration AUC | leakage max(AUC,1-AUC) | TPR@1%FPR [95% CI] | "
+                  "TPR@0.1%FPR [95% CI] | bal. acc. (threshold from calibration) | tuned on calibration |",
+              "|---|---|---|---|---|---|---|---|"]
     blind = None
     for name, r in d["attacks"].items():
         if not r["uses_model"]:
             blind = (name, r)
+        cal_auc = (r.get("calibration") or {}).get("calibration_auc")
         row = (f"| {_cell(r['title'])} | {r['auc']:.3f} [{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] | "
-               f"{r['leakage']:.3f} | {_pct(r['tpr_at_1pct_fpr'])} | {_pct(r['tpr_at_0.1pct_fpr'])} | "
+               f"{_f(cal_auc)} | {r['leakage']:.3f} | {_tpr_cell(r, '1%')} | {_tpr_cell(r, '0.1%')} | "
                f"{_f(r['balanced_accuracy'])} | {_tuned(r['calibration'])} |")
         lines.append(row)
     if any(r["uses_model"] for r in d["attacks"].values()) and mx.get("auc"):
-        lines.append(f"| **max over attacks** | **{mx['auc']['value']:.3f}** | **{_f(mx['leakage']['value'])}** | "
-                     f"**{_pct((mx.get('tpr_at_1pct_fpr') or {}).get('value'))}** | "
-                     f"**{_pct((mx.get('tpr_at_0.1pct_fpr') or {}).get('value'))}** | "
-                     f"**{_f((mx.get('balanced_accuracy') or {}).get('value'))}** | |")
+        lines.append(f"| *upper envelope (max over attacks, selected on evaluation)* | *{mx['auc']['value']:.3f}* | | "
+                     f"*{_f(mx['leakage']['value'])}* | *{_pct((mx.get('tpr_at_1pct_fpr') or {}).get('value'))}* | "
+                     f"*{_pct((mx.get('tpr_at_0.1pct_fpr') or {}).get('value'))}* | "
+                     f"*{_f((mx.get('balanced_accuracy') or {}).get('value'))}* | |")
     lines.append("")
-    lines.append("TPR at x% FPR is n/a when there are fewer than 1/x non-members. Leakage is two-sided: an "
-                 "attack whose sign is fixed on calibration still counts if members look like 'anti-members'.")
+    first = next(iter(d["attacks"].values()), None)
+    fp_note = ""
+    if first and first.get("low_fpr"):
+        fp_note = " The threshold at 1% FPR admits {} false positive(s), at 0.1% FPR {}.".format(
+            first["low_fpr"]["1%"]["false_positives_allowed"], first["low_fpr"]["0.1%"]["false_positives_allowed"])
+    lines.append("TPR at x% FPR is conservative (largest TPR with FPR <= x), n/a with fewer than 1/x non-members, and "
+                 "marked (low rel.) with fewer than 10/x." + fp_note + " Leakage is two-sided: an attack whose sign is "
+                 "fixed on calibration still counts if members look like 'anti-members'.")
     if blind is not None:
         _, r = blind
-        ok = lo <= r["auc"] <= hi
-        lines += ["", ("Blind baseline (no model access) is at chance: no sign of member/non-member split bias."
-                       if ok else
-                       f"**WARNING: the blind baseline (no model access) reaches AUC {r['auc']:.3f}, outside the "
-                       "chance band: members and non-members differ in distribution, so every attack above is "
-                       "inflated. Draw both from one pool.**")]
+        ok = r["auc_ci95"][0] <= 0.5 <= r["auc_ci95"][1]
+        lines += ["", ("Blind baseline (no model access): its AUC CI contains 0.5, no sign of member/non-member split "
+                       "bias." if ok else
+                       f"**WARNING: the blind baseline (no model access) reaches AUC {r['auc']:.3f}, CI "
+                       f"[{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] excludes 0.5: members and non-members differ "
+                       "in distribution, so every attack above may be inflated. Draw both from one pool.**")]
     util = d.get("utility") or {}
     if util:
         lines += ["", "## Utility", ""]
@@ -110,43 +168,85 @@ def render_markdown(d: Mapping[str, Any]) -> str:
         lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in d["info"].items()]
     lines += ["", f"Model passes per sample: " + ", ".join(f"{k} {v:g}" for k, v in d["model_passes_per_sample"].items())
               + f". Audit time {d['seconds']:.1f} s."]
+    names = (d.get("pooling") or {}).get("runs") or []
+    for i, run in enumerate(d.get("runs") or []):
+        from .protocol import run_folder
+
+        v = run.get("verdict") or {}
+        lines += ["", f"## Run {i + 1}: {_cell(run['title'])}", ""]
+        if i < len(names):
+            lines.append(f"Full report: `{run_folder(i, names[i])}/report.md`.")
+            lines.append("")
+        lines.append(v.get("summary") or "no verdict.")
+        for w in v.get("warnings") or []:
+            lines.append(f"- **WARNING: {w}**")
+        lines.append("")
+        lines.append("| attack | AUC [95% CI] | TPR@1%FPR |")
+        lines.append("|---|---|---|")
+        for name, r in run["attacks"].items():
+            lines.append(f"| {_cell(r['title'])} | {r['auc']:.3f} [{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] | "
+                         f"{_pct(r['tpr_at_1pct_fpr'])} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_roc(roc: Mapping[str, Sequence[Sequence[float]]], path: Union[str, Path], title: str = "ROC (log-log)",
-             n_nonmember: Optional[int] = None) -> Path:
-    """Log-log ROC curves, one per attack, with the chance diagonal."""
+def plot_roc(roc: Mapping[str, Sequence[Sequence[float]]], path: Union[str, Path], title: str = "ROC",
+             n_nonmember: Optional[int] = None, aucs: Optional[Mapping[str, float]] = None,
+             headline: Optional[str] = None) -> Path:
+    """ROC curves, one per attack: linear axes, and log-log axes down to FPR = 1 / n_nonmember.
+
+    The legend (attack and AUC) sits to the right of the panels. The log-log panel, where low-FPR
+    behaviour is read, is drawn only when at least 10 non-members make the region below 10%
+    FPR resolvable; its axis stops at the smallest resolvable FPR, 1 / n_nonmember.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
-    floor = 1.0 / max(2, n_nonmember or 1000) / 2
+    n0 = n_nonmember or max((len(f) for f, _ in roc.values()), default=2)
+    log_panel = n0 >= 10
+    fig, axes = plt.subplots(1, 2 if log_panel else 1, figsize=(10.5 if log_panel else 7, 4.6), dpi=120, squeeze=False)
+    axes = axes[0]
+    floor = 1.0 / n0
     colours = plt.get_cmap("tab20").colors
     styles = ["-", "--", "-.", ":"]
     for i, (name, (fpr, tpr)) in enumerate(roc.items()):
-        f, t = np.maximum(np.asarray(fpr), floor), np.maximum(np.asarray(tpr), floor)
+        label = name + ("" if not aucs or name not in aucs else f" (AUC {aucs[name]:.3f})")
+        if name == headline:
+            label += " [headline]"
         if name == "blind":
-            ax.step(f, t, where="post", label="blind (no model)", color="0.5", linestyle=":", linewidth=1.2)
-            continue
-        ax.step(f, t, where="post", label=name, color=colours[(2 * i) % 20 + (i // 10) % 2],
-                linestyle=styles[(i // 5) % len(styles)], linewidth=1.4)
-    xs = np.logspace(np.log10(floor), 0, 50)
-    ax.plot(xs, xs, "k--", linewidth=0.8, label="chance")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(floor, 1)
-    ax.set_ylim(floor, 1.05)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(True, which="both", alpha=0.3)
+            kw = dict(color="0.5", linestyle=":", linewidth=1.2)
+            label = label.replace("blind", "blind, no model", 1)
+        else:
+            kw = dict(color=colours[(2 * i) % 20 + (i // 10) % 2], linestyle=styles[(i // 5) % len(styles)],
+                      linewidth=2.2 if name == headline else 1.3)
+        f, t = np.asarray(fpr), np.asarray(tpr)
+        axes[0].step(f, t, where="post", label=label, **kw)
+        if log_panel:
+            axes[1].step(np.maximum(f, floor), np.maximum(t, floor), where="post", **kw)
+    axes[0].plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
+    axes[0].set_xlim(0, 1)
+    axes[0].set_ylim(0, 1.02)
+    axes[0].set_title("linear", fontsize=9)
+    if log_panel:
+        xs = np.logspace(np.log10(floor), 0, 50)
+        axes[1].plot(xs, xs, "k--", linewidth=0.8)
+        axes[1].set_xscale("log")
+        axes[1].set_yscale("log")
+        axes[1].set_xlim(floor, 1)
+        axes[1].set_ylim(floor, 1.05)
+        axes[1].set_title(f"log-log, down to FPR = 1/{n0} (the smallest resolvable)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               frameon=False)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -194,8 +294,10 @@ def write_report(report: Any, out_dir: Union[str, Path]) -> Dict[str, Path]:
     paths = {"json": out / "report.json", "markdown": out / "report.md", "roc": out / "roc.png"}
     _atomic_write(paths["json"], json.dumps(d, indent=2, sort_keys=False, default=_json_default))
     _atomic_write(paths["markdown"], render_markdown(d))
-    plot_roc(report.roc, paths["roc"], title=f"{report.title}\nROC on the evaluation split (log-log)",
-             n_nonmember=report.splits.get("nonmember_eval"))
+    head = ((d.get("verdict") or {}).get("headline") or {}).get("attack")
+    plot_roc(report.roc, paths["roc"], title=f"{report.title}\nROC on the evaluation split",
+             n_nonmember=report.splits.get("nonmember_eval"), aucs={k: r["auc"] for k, r in d["attacks"].items()},
+             headline=head)
     pt = plot_timestep_auc(d["attacks"], out / "per_timestep_auc.png", d["null_band_auc95"])
     if pt is not None:
         paths["per_timestep"] = pt
@@ -221,13 +323,26 @@ def _atomic_write(path: Path, text: str) -> None:
 def side_by_side(reports: Mapping[str, Any], *, utility_keys: Optional[Sequence[str]] = None) -> str:
     """A Markdown table comparing several audits (e.g. ``{"plain LoRA": r1, "SMP-LoRA": r2}``).
 
-    Rows: AUC [CI] per attack, then the maxima over attacks (AUC, leakage, TPR@1%/0.1% FPR) and
+    Rows: the verdict, the headline AUC and the epsilon lower bound (reports with a verdict), AUC
+    [CI] per attack, then the upper envelope (maxima over attacks: AUC, leakage, TPR@1%/0.1% FPR) and
     the utility fields (all of them, or ``utility_keys``). Accepts :class:`AuditReport` objects or
     their ``to_dict()``.
     """
     ds = {name: (r.to_dict() if hasattr(r, "to_dict") else r) for name, r in reports.items()}
     names = list(ds)
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    verdicts = [d.get("verdict") or {} for d in ds.values()]
+    if any(v.get("verdict") for v in verdicts):
+        lines.append("| **verdict** | " + " | ".join(f"**{v.get('verdict') or 'n/a'}**" for v in verdicts) + " |")
+        cells = []
+        for v in verdicts:
+            h = v.get("headline")
+            cells.append("n/a" if not h else f"{h['auc']:.3f} [{h['auc_ci95'][0]:.2f}, {h['auc_ci95'][1]:.2f}] "
+                                             f"({h['attack']}, p = {h['p_value']:.3g})")
+        lines.append("| headline AUC (attack chosen on calibration) | " + " | ".join(cells) + " |")
+        cells = [("n/a" if not v.get("epsilon_lower_bound") else f"{v['epsilon_lower_bound']['epsilon']:.2f}")
+                 for v in verdicts]
+        lines.append("| empirical epsilon lower bound (not a guarantee) | " + " | ".join(cells) + " |")
     attacks: List[str] = []
     for d in ds.values():
         attacks += [a for a in d["attacks"] if a not in attacks]
@@ -238,7 +353,7 @@ def side_by_side(reports: Mapping[str, Any], *, utility_keys: Optional[Sequence[
             cells.append("-" if r is None else f"{r['auc']:.3f} [{r['auc_ci95'][0]:.2f}, {r['auc_ci95'][1]:.2f}]")
         title = next(d["attacks"][a]["title"] for d in ds.values() if a in d["attacks"])
         lines.append(f"| AUC {_cell(title)} | " + " | ".join(cells) + " |")
-    for key, label, fmt in (("auc", "max AUC over attacks", _f), ("leakage", "max leakage", _f),
+    for key, label, fmt in (("auc", "max AUC over attacks (upper envelope)", _f), ("leakage", "max leakage", _f),
                             ("tpr_at_1pct_fpr", "max TPR@1%FPR", _pct), ("tpr_at_0.1pct_fpr", "max TPR@0.1%FPR", _pct),
                             ("balanced_accuracy", "max bal. acc. (calibrated threshold)", _f)):
         cells = []

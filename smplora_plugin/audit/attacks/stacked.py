@@ -55,7 +55,7 @@ class _CrossFitted(Attack):
         scores[cal_index] = oof  # only out-of-fold scores may set the threshold
         a = M.auc(oof[cal_labels == 1], oof[cal_labels == 0])
         return AttackOutput(scores=scores, calibration_index=cal_index,
-                            chosen={"cv_folds": folds, "features": int(X.shape[1]), "calibration_auc_oof": a})
+                            chosen={"cv_folds": folds, "features": int(X.shape[1]), "calibration_auc": a})
 
 
 def _member_score(model, X: np.ndarray) -> np.ndarray:
