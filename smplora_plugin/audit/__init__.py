@@ -22,6 +22,7 @@ Entry point::
         progress=True,               # tqdm bars on stderr
         load_plugins=True,           # third-party attacks via the smplora_register_attacks hook
         num_threads=None,            # torch CPU threads during the audit (restored afterwards)
+        references=None,             # References (reference LoRAs) for lira_online / lira_offline / rmia
     ) -> AuditReport
 
     report.to_dict()                 # == report.json
@@ -43,7 +44,8 @@ torch.set_flush_denormal(True) while it runs (do the same in CPU training loops)
 num_threads=1 avoids OpenMP threads spinning against each other on a busy 2-core machine.
 
 Built-in attacks (``available_attacks()``): loss, loss_calibrated, loss_best_t, sima, secmi, pia,
-clid, mlp, logreg, gboost and the blind baseline ``blind``. Known-answer target for checks:
+clid, mlp, logreg, gboost and the blind baseline ``blind``; with ``references=``, also
+lira_online, lira_offline and rmia (:class:`References`: reference LoRAs and what each trained on). Known-answer target for checks:
 :class:`smplora_plugin.audit.synthetic.MemorizingTarget`.
 """
 
@@ -51,6 +53,7 @@ from .attacks import Attack, AttackOutput, available_attacks, register_attack
 from .engine import AuditConfig, ScoreContext
 from .metrics import MetricError
 from .protocol import AuditReport, AuditSamples, run_audit
+from .references import References
 from .report import side_by_side
 from .target import AuditError, AuditTarget, DiffusersTarget, load_lora_target
 
@@ -64,6 +67,7 @@ __all__ = [
     "AuditTarget",
     "DiffusersTarget",
     "MetricError",
+    "References",
     "ScoreContext",
     "available_attacks",
     "load_lora_target",

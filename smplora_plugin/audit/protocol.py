@@ -125,6 +125,7 @@ def run_audit(
     progress: bool = True,
     load_plugins: bool = True,
     num_threads: Optional[int] = None,
+    references: Optional[Any] = None,
 ) -> "AuditReport":
     """Audit ``target`` (an :class:`~.target.AuditTarget`) on member / non-member samples.
 
@@ -139,7 +140,8 @@ def run_audit(
     the manifest. ``info``: free-form run facts (steps per image, model, ...) for the report.
     With ``out_dir``, writes ``report.json``, ``report.md``, ``roc.png`` and ``manifest.json``.
     ``num_threads``: torch CPU threads during the audit (restored afterwards); 1 is fastest on a
-    busy machine, where spinning OpenMP threads fight for cores.
+    busy machine, where spinning OpenMP threads fight for cores. ``references``: reference models
+    (:class:`~.references.References`) for LiRA / RMIA, which then join the default suite.
     """
     check_target(target)
     cfg = config if isinstance(config, AuditConfig) else AuditConfig.from_dict(dict(config or {}))
@@ -173,6 +175,17 @@ def run_audit(
             raise AuditError(f"manifest set name {name!r} is reserved; choose another name.")
         sets[name] = [str(i) for i in ids]
     _check_overlap(sets)
+    ref_view = None
+    if references is not None:
+        from .references import check_compatible, match
+
+        order0 = ["member_calibration", "nonmember_calibration", "member_eval", "nonmember_eval"]
+        ref_view = match(references, AuditSamples.concat([parts[k] for k in order0]))
+        check_compatible(ref_view, target)
+        info = {**dict(info or {}), "references": ref_view.summary()}
+    from .references import select_attacks
+
+    attack_objs = select_attacks(attack_objs, attacks is None, ref_view)
     manifest_path = None
     manifest_extra = {"calibration_fraction": calibration_fraction if calibration_members is None else None}
     if out_dir is not None:
@@ -198,6 +211,7 @@ def run_audit(
         torch.set_num_threads(int(num_threads))
     try:
         ctx = ScoreContext(target, allp.images, allp.captions if has_caps else None, cfg, progress=progress)
+        ctx.references = ref_view
         for attack in attack_objs:
             ta = time.time()
             out = attack.run(ctx, cal_index, labels[cal_index])
