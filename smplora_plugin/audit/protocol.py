@@ -181,7 +181,7 @@ def run_audit(
 
         order0 = ["member_calibration", "nonmember_calibration", "member_eval", "nonmember_eval"]
         ref_view = match(references, AuditSamples.concat([parts[k] for k in order0]))
-        check_compatible(ref_view, target)
+        check_compatible(ref_view, target, parts["member_calibration"].images)
         info = {**dict(info or {}), "references": ref_view.summary()}
     from .references import select_attacks
 

@@ -254,9 +254,14 @@ def match(references: References, samples: Any) -> ReferenceView:
     return ReferenceView(references, inside, mode)
 
 
-def check_compatible(view: ReferenceView, target: Any) -> None:
-    """Cheap checks that in-memory references share the target's noise schedule."""
+def check_compatible(view: ReferenceView, target: Any, images: torch.Tensor) -> None:
+    """Cheap checks that in-memory references share the target's base model (schedule and encoder).
+
+    References loaded from files are checked when :meth:`References.from_lora_files` builds them.
+    """
     ac = torch.as_tensor(target.alphas_cumprod).float()
+    x = images[:4]
+    z = torch.as_tensor(target.encode(x)).float().cpu()
     for m in view.references.models:
         if m.target is None:
             continue
@@ -264,6 +269,10 @@ def check_compatible(view: ReferenceView, target: Any) -> None:
                 torch.as_tensor(m.target.alphas_cumprod).float(), ac, atol=1e-6):
             raise AuditError(f"{m.name} has a different noise schedule from the audited target: reference models "
                              "must share the audited LoRA's base model.")
+        zr = torch.as_tensor(m.target.encode(x)).float().cpu()
+        if zr.shape != z.shape or not torch.allclose(zr, z, atol=1e-4, rtol=1e-4):
+            raise AuditError(f"{m.name} encodes images differently from the audited target: reference models must "
+                             "share the audited LoRA's base model (same VAE).")
 
 
 def select_attacks(attack_objs: List[Any], default_suite: bool, view: Optional[ReferenceView]) -> List[Any]:
