@@ -110,6 +110,10 @@ def test_pooled_variance_below_min_count_by_hand():
     assert var[:, 0] == pytest.approx([1.0, 1.0])
     mu_o, var_o, _ = fit_gaussians(ref, ~inside)  # OUT: sample 0 {7, 9}, sample 1 {5, 6}
     assert mu_o[:, 0] == pytest.approx([8.0, 5.5]) and var_o[:, 0] == pytest.approx([(2 + 0.5) / 2] * 2)
+    # one reference per sample on a side (no within-sample spread): the spread across samples
+    one = np.array([[True, False, True], [False, True, False]])
+    mu1, var1, pooled1 = fit_gaussians(np.array([[1.0, 0.0, 5.0], [0.0, 3.0, 0.0]])[:, :, None], one)
+    assert pooled1 and mu1[:, 0] == pytest.approx([1.0, 3.0, 5.0]) and var1[:, 0] == pytest.approx([4.0] * 3)
 
 
 def test_lira_statistic_is_log_mean_over_draws():
