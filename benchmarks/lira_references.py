@@ -3,7 +3,7 @@
 The demo's protocol (shipped base weights, 64 members) with ``references`` plain reference LoRAs
 trained the target's way on random halves of the audited pool (members + the audit's non-members,
 twice the member count: each reference trains on about 64 images, each image is IN for half of
-them). Prints the demo table and, per attack, AUC, TPR@1%/5%FPR and seconds per audited sample;
+them; plain LoRAs, or trained with a defense: ``--reference-variant smp-robust``). Prints the demo table and, per attack, AUC, TPR@1%/5%FPR and seconds per audited sample;
 writes everything under ``--out``.
 
 Run:  nice -n 10 python benchmarks/lira_references.py --references 16 --seed 0 --out lira_runs/seed0
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--members", type=int, default=64)
     ap.add_argument("--variants", default="plain,smp-robust")
+    ap.add_argument("--reference-variant", default="plain", help="how the references are trained (plain, smp-robust, ...)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -33,7 +34,8 @@ def main() -> None:
 
     m = args.members
     cfg = DemoConfig(seed=args.seed, members=m, nonmember_calibration=m // 2, nonmember_eval=m - m // 2,
-                     references=args.references, variants=tuple(args.variants.split(",")))
+                     references=args.references, reference_variant=args.reference_variant,
+                     variants=tuple(args.variants.split(",")))
     t0 = time.time()
     summary = run_demo(cfg, args.out, progress=False, log=lambda s: print(s, flush=True))
     print(render_table(summary))

@@ -51,3 +51,10 @@ def test_demo_cli_references_option_resizes_the_audit_pool():
     for bad in (1, -2):
         with pytest.raises(ValueError, match="at least 2 reference"):
             DemoConfig(references=bad).validate()
+
+
+def test_reference_variant_is_validated():
+    from smplora_plugin.demo.pipeline import DemoConfig
+
+    with pytest.raises(ValueError, match="reference_variant"):
+        DemoConfig(references=4, reference_variant="secret").validate()

@@ -58,6 +58,7 @@ class DemoConfig:
     audit: Dict[str, Any] = field(default_factory=dict)
     attacks: Optional[Tuple[str, ...]] = None  # None = the whole suite
     references: int = 0  # > 0: train this many reference LoRAs for LiRA / RMIA (see reference_models)
+    reference_variant: str = "plain"  # how the references are trained: any variant, e.g. "smp-robust"
 
     @classmethod
     def quick(cls, **kw: Any) -> "DemoConfig":
@@ -96,6 +97,8 @@ class DemoConfig:
         if isinstance(self.references, bool) or not isinstance(self.references, int) or self.references == 1 \
                 or self.references < 0:
             raise ValueError(f"references={self.references!r}: 0 (no LiRA / RMIA) or at least 2 reference LoRAs.")
+        if self.reference_variant not in VARIANT_TITLES:
+            raise ValueError(f"reference_variant={self.reference_variant!r}; choose one of {list(VARIANT_TITLES)}.")
         bad = [v for v in self.variants if v not in VARIANT_TITLES]
         if bad or "plain" not in self.variants:
             raise ValueError(f"variants must include 'plain' and may add 'smp', 'smp-robust' and 'mp'; "
@@ -244,7 +247,8 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
         refs = None
         if cfg.references:
             t0 = time.time()
-            log(f"Training {cfg.references} reference LoRAs (plain) on random halves of the audited pool ...")
+            log(f"Training {cfg.references} reference LoRAs ({cfg.reference_variant}) on random halves of the "
+                "audited pool ...")
             refs = reference_models(cfg, base_sd, splits, progress=progress, log=log)
             timings["train_references"] = round(time.time() - t0, 1)
         reference = DigitSet.concat(splits["nonmember_calibration"], splits["nonmember_eval"])
@@ -325,13 +329,15 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
 
 def reference_models(cfg: DemoConfig, base_sd: Mapping[str, torch.Tensor], splits: DigitSplits, *,
                      progress: bool = False, log=print):
-    """``cfg.references`` plain reference LoRAs, trained the demo's way on random halves of the pool.
+    """``cfg.references`` reference LoRAs, trained the demo's way on random halves of the pool.
 
     The pool is every audited sample (members and the audit's calibration and evaluation
     non-members), so each of them is IN for half of the references (online LiRA / RMIA). Each
     reference has the target's recipe (base, rank, steps, batch size, learning rate) and its own
     LoRA initialisation and batch seed; with a pool twice the member count (``smplora demo
-    --references``), a reference trains on about as many images as the target.
+    --references``), a reference trains on about as many images as the target. They are plain
+    LoRAs unless ``cfg.reference_variant`` names a defense (an attacker who knows the defense and
+    its settings trains the references with it; its non-members are the defense's own set).
     """
     from ..audit import AuditSamples, References
     from .target import TinyLDMTarget
@@ -345,7 +351,8 @@ def reference_models(cfg: DemoConfig, base_sd: Mapping[str, torch.Tensor], split
         model.load_base_state_dict(base_sd)
         model.add_lora(cfg.lora_rank, seed=seed)
         train_lora(model, pool.subset([pos[i] for i in train.identity()]), steps=cfg.steps, lr=cfg.lora_lr,
-                   batch_size=cfg.batch_size, seed=seed, name="reference", progress=progress)
+                   batch_size=cfg.batch_size, seed=seed, reg=_regularizer(replace(cfg, seed=seed), cfg.reference_variant),
+                   nonmembers=splits["nonmember_defense"], name="reference", progress=progress)
         model.requires_grad_(False)
         return TinyLDMTarget(model)
 
@@ -464,7 +471,8 @@ def render_table(s: Mapping[str, Any]) -> str:
              f"{bq['real_digits_frechet_distance']:.2f}).", ""] + rows
     refs = s.get("references")
     if refs:
-        lines += ["", f"LiRA / RMIA: {refs['count']} plain reference LoRAs ({refs['mode']}), trained the target's way on "
+        lines += ["", f"LiRA / RMIA: {refs['count']} {VARIANT_TITLES[s['config'].get('reference_variant', 'plain')]} "
+                      f"reference LoRAs ({refs['mode']}), trained the target's way on "
                       f"random halves of the {refs.get('pool')} audited images; each image IN for "
                       f"{refs['in_per_sample_min_mean_max'][1]:g} of them."]
     lines += ["", "TPR@1%FPR is conservative (largest threshold with FPR <= 1%). "
