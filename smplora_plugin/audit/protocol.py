@@ -175,16 +175,15 @@ def run_audit(
             raise AuditError(f"manifest set name {name!r} is reserved; choose another name.")
         sets[name] = [str(i) for i in ids]
     _check_overlap(sets)
-    ref_view = None
-    if references is not None:
-        from .references import check_compatible, match
+    from .references import check_compatible, match, select_attacks
 
-        order0 = ["member_calibration", "nonmember_calibration", "member_eval", "nonmember_eval"]
-        ref_view = match(references, AuditSamples.concat([parts[k] for k in order0]))
+    ref_view = None
+    if references is not None:  # matched in the order of the score context below
+        ref_view = match(references, AuditSamples.concat([parts[k] for k in
+                                                          ("member_calibration", "nonmember_calibration",
+                                                           "member_eval", "nonmember_eval")]))
         check_compatible(ref_view, target, parts["member_calibration"].images)
         info = {**dict(info or {}), "references": ref_view.summary()}
-    from .references import select_attacks
-
     attack_objs = select_attacks(attack_objs, attacks is None, ref_view)
     manifest_path = None
     manifest_extra = {"calibration_fraction": calibration_fraction if calibration_members is None else None}
