@@ -23,6 +23,7 @@ Entry point::
         load_plugins=True,           # third-party attacks via the smplora_register_attacks hook
         num_threads=None,            # torch CPU threads during the audit (None = 1; restored afterwards)
         n_permutations=1000,         # label permutations behind the verdict's p-values (>= 1000)
+        references=None,             # References (reference LoRAs) for lira_online / lira_offline / rmia
     ) -> AuditReport
 
     report.verdict["verdict"]        # "leaks" / "no evidence of leakage at this size" / "too few samples to tell"
@@ -53,7 +54,8 @@ torch.set_flush_denormal(True) while it runs (do the same in CPU training loops)
 default of one thread avoids OpenMP threads spinning against each other on a busy machine.
 
 Built-in attacks (``available_attacks()``): loss, loss_calibrated, loss_best_t, sima, secmi, pia,
-clid, mlp, logreg, gboost and the blind baseline ``blind``. Known-answer target for checks:
+clid, mlp, logreg, gboost and the blind baseline ``blind``; with ``references=``, also
+lira_online, lira_offline and rmia (:class:`References`: reference LoRAs and what each trained on). Known-answer target for checks:
 :class:`smplora_plugin.audit.synthetic.MemorizingTarget`.
 """
 
@@ -62,6 +64,7 @@ from .engine import AuditConfig, ScoreContext
 from .metrics import MetricError
 from .pooled import AuditRun, run_audit_pooled
 from .protocol import AuditReport, AuditSamples, run_audit
+from .references import References
 from .report import side_by_side
 from .target import AuditError, AuditTarget, DiffusersTarget, load_lora_target
 
@@ -76,6 +79,7 @@ __all__ = [
     "AuditTarget",
     "DiffusersTarget",
     "MetricError",
+    "References",
     "ScoreContext",
     "available_attacks",
     "load_lora_target",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .target import AuditError
 
@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permutations", type=int, default=1000,
                    help="label permutations behind the verdict's p-values (default 1000, at least 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_reference_arguments(p)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = OUTPUT_FILES
 
@@ -65,11 +66,26 @@ with several --run: the pooled report.md, report.json and roc.png at --out, and 
   report.md, report.json, roc.png, per_timestep_auc.png and manifest.json in --out/run_NN_<name>/"""
 
 
+def add_reference_arguments(p: argparse.ArgumentParser) -> None:
+    """``--reference LORA=MANIFEST`` (repeatable) and ``--reference-mode`` for LiRA / RMIA."""
+    g = p.add_argument_group("reference models for LiRA / RMIA (docs/audit.md: training reference LoRAs)")
+    g.add_argument("--reference", action="append", default=[], metavar="LORA=MANIFEST",
+                   help="a reference LoRA trained like the audited one (same base model and settings) and a smplora "
+                        "holdout manifest whose 'member' set lists the images it trained on; repeat for each "
+                        "reference (at least 2, 8+ recommended). Adds lira_online, lira_offline and rmia to the suite")
+    g.add_argument("--reference-mode", choices=("online", "offline", "auto"), default="auto",
+                   help="online: every audited image must be in some references' training sets and out of others; "
+                        "offline: only references that did not train on an image are used; auto (default): online "
+                        "when possible")
+
+
 def list_attacks() -> str:
     from .attacks import DEFAULT_ATTACKS, available_attacks
+    from .references import REFERENCE_ATTACKS
 
     reg = available_attacks()
-    return "\n".join(f"{n:16s} {reg[n].title or ''}{'' if n in DEFAULT_ATTACKS else '  (plugin)'}" for n in reg)
+    tag = lambda n: "" if n in DEFAULT_ATTACKS else "  (needs --reference)" if n in REFERENCE_ATTACKS else "  (plugin)"  # noqa: E731
+    return "\n".join(f"{n:16s} {reg[n].title or ''}{tag(n)}" for n in reg)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,15 +122,17 @@ def run(args: argparse.Namespace) -> int:
 
     from .target import load_lora_target
 
+    ref_specs = reference_specs(args.reference)
     target = load_lora_target(args.base_model, args.lora, device=args.device)
     size = args.resolution or _model_resolution(target)
     channels = 3 if target.vae is not None else int(target.unet.config.in_channels)
     samples = {name: load_images(paths, size, channels, captions=not args.no_captions) for name, paths in groups.items()}
+    references = reference_models(ref_specs, args, size, channels)
     kw = dict(config=cfg, out_dir=args.out, progress=not args.no_progress, num_threads=args.threads,
               n_permutations=args.permutations,
               attacks=None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()],
               info={"base_model": str(args.base_model), "lora": str(args.lora), "resolution": size},
-              title=f"Membership-inference audit of {Path(args.lora).name}")
+              title=f"Membership-inference audit of {Path(args.lora).name}", references=references)
     if "members" in samples:
         report = run_audit(target, samples["members"], samples["nonmembers"],
                            calibration_fraction=args.calibration_fraction, **kw)
@@ -156,20 +174,25 @@ def _run_pooled(args: argparse.Namespace) -> int:
     groups = {name: manifest_groups(str(manifest)) for name, _, manifest in specs}  # every input checked first
     if not Path(args.base_model).exists():
         raise AuditError(f"{args.base_model} does not exist.")
+    ref_specs = reference_specs(args.reference)
     runs = []
     size = None
+    references = None
     for name, lora, _ in specs:
         target = load_lora_target(args.base_model, str(lora), device=args.device)
-        size = size or args.resolution or _model_resolution(target)
-        channels = 3 if target.vae is not None else int(target.unet.config.in_channels)
+        if size is None:  # one resolution and one set of reference LoRAs for every run
+            size = args.resolution or _model_resolution(target)
+            channels = 3 if target.vae is not None else int(target.unet.config.in_channels)
+            references = reference_models(ref_specs, args, size, channels, like=lora)
         s = {k: load_images(v, size, channels, captions=not args.no_captions) for k, v in groups[name].items()}
         info = {"lora": str(lora), "resolution": size}
         if "members" in s:
             runs.append(AuditRun(target, s["members"], s["nonmembers"], calibration_fraction=args.calibration_fraction,
-                                 name=name, info=info))
+                                 name=name, info=info, references=references))
         else:
             runs.append(AuditRun(target, s["member_eval"], s["nonmember_eval"], calibration_members=s["member_calibration"],
-                                 calibration_nonmembers=s["nonmember_calibration"], name=name, info=info))
+                                 calibration_nonmembers=s["nonmember_calibration"], name=name, info=info,
+                                 references=references))
     report = run_audit_pooled(
         runs, config=cfg, out_dir=args.out, progress=not args.no_progress, num_threads=args.threads,
         n_permutations=args.permutations,
@@ -178,6 +201,56 @@ def _run_pooled(args: argparse.Namespace) -> int:
     print(report.markdown())
     print(f"wrote {Path(args.out) / 'report.md'} (pooled) and one folder per run in {args.out}")
     return 0
+def reference_specs(specs: Sequence[str]) -> List[tuple]:
+    """``LORA=MANIFEST`` strings -> (LoRA path, image paths the reference trained on); files checked."""
+    from ..errors import HoldoutError
+    from ..holdout import read_manifest
+
+    out = []
+    for spec in specs:
+        lora, sep, manifest = spec.rpartition("=")
+        if not sep or not lora or not manifest:
+            raise AuditError(f"--reference {spec!r}: expected LORA=MANIFEST (a LoRA .safetensors file and the manifest "
+                             "of the images it trained on).")
+        if not Path(lora).is_file():
+            raise AuditError(f"--reference {spec!r}: LoRA file {lora} does not exist.")
+        try:
+            sets = read_manifest(manifest)
+        except HoldoutError as exc:
+            raise AuditError(f"--reference {spec!r}: {exc}") from exc
+        names = [k for k in ("member", "members") if k in sets]
+        if not names:
+            raise AuditError(f"--reference manifest {manifest} has sets {sorted(sets)}; it needs a 'member' set listing "
+                             "the images this reference LoRA trained on.")
+        root = Path(manifest).resolve().parent
+        files = [p if p.is_absolute() else root / p for k in names for p in map(Path, sets[k])]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise AuditError(f"--reference manifest {manifest} names {len(missing)} image(s) that do not exist, e.g. "
+                             f"{missing[0]}; list the image files the reference LoRA trained on.")
+        if not files:
+            raise AuditError(f"--reference manifest {manifest}: its 'member' set is empty.")
+        out.append((Path(lora), files))
+    if len(out) == 1:
+        raise AuditError("one --reference given; LiRA and RMIA need at least 2 reference LoRAs (8 or more recommended).")
+    return out
+
+
+def reference_models(specs: Sequence[tuple], args: argparse.Namespace, size: int, channels: int, like: Any = None):
+    """:class:`~.references.References` for ``specs``; trained images are matched by path and by pixels."""
+    if not specs:
+        return None
+    from .references import References
+
+    pairs = []
+    for lora, files in specs:
+        pix = load_images(files, size, channels, captions=False)
+        ids = set(pix.identity())  # explicit ids: the paths as given
+        ids |= set(type(pix)(pix.images).identity())  # and the pixel hashes
+        ids |= {str(f.resolve()) for f in files}
+        pairs.append((lora, ids))
+    return References.from_lora_files(args.base_model, pairs, mode=args.reference_mode, device=args.device,
+                                      like=like if like is not None else args.lora)
 
 
 def _config(args: argparse.Namespace):

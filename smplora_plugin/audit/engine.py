@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .target import AuditError
+from .target import AuditError, check_target
 
 
 @dataclass
@@ -131,6 +131,7 @@ class ScoreContext:
         gen = torch.Generator().manual_seed(int(config.seed))
         noise = torch.randn((config.draws, *self.latents.shape[1:]), generator=gen)  # (M, C, H, W)
         self.noise = noise.to(self.latents.dtype)
+        self.references: Any = None  # a references.ReferenceView when LiRA / RMIA have reference models
 
     # -- plumbing -------------------------------------------------------------------------
     def _bar(self, total: int, desc: str):
@@ -227,6 +228,53 @@ class ScoreContext:
                 maps = acc if maps is None else torch.cat([maps, acc])
         bar.close()
         return losses, None if maps is None else maps.double().numpy()
+
+    def reference_grid(self, r: int) -> np.ndarray:
+        """``(N, K, M)`` loss grid of reference model ``r``, at exactly the target's ``(t, noise)`` draws.
+
+        The reference is queried on the target's latents, so it must share the base model (VAE);
+        a reference whose latents differ is refused. A reference loaded from a file is dropped
+        after its grid is computed.
+        """
+        def compute() -> np.ndarray:
+            if self.references is None:
+                raise AuditError("this audit has no reference models.")
+            ref = self.references.target(r)
+            name = self.references.references.models[r].name
+            check_target(ref)
+            if int(ref.num_train_timesteps) != self.T or not torch.allclose(
+                    torch.as_tensor(ref.alphas_cumprod, dtype=torch.float64).cpu(), self.abar, atol=1e-6):
+                raise AuditError(f"{name} has a different noise schedule from the audited target: reference "
+                                 "models must share the audited LoRA's base model.")
+            b = min(self.n, self.config.batch_size)
+            z = torch.as_tensor(ref.encode(self.images[:b])).float().cpu()
+            if z.shape != self.latents[:b].shape or not torch.allclose(z, self.latents[:b], atol=1e-4, rtol=1e-4):
+                raise AuditError(f"{name} encodes images differently from the audited target: reference models "
+                                 "must share the audited LoRA's base model (same VAE).")
+            K, M = len(self.timesteps), self.config.draws
+            losses = np.zeros((self.n, K, M))
+            bar = self._bar(self.n * K * M, f"loss grid ({name})")
+            for sl in self._batches():
+                z0 = self.latents[sl]
+                caps = [""] * (sl.stop - sl.start) if self.captions is None else list(self.captions[sl])
+                cond = ref.condition(caps)
+                for k, t in enumerate(self.timesteps):
+                    for m in range(M):
+                        e = self.noise[m].expand_as(z0)
+                        tt = torch.full((z0.shape[0],), int(t), dtype=torch.long)
+                        out = torch.as_tensor(ref.eps(self._noisy(z0, t, e), tt, cond, adapter=True)).float().cpu()
+                        losses[sl, k, m] = (out - e).pow(2).flatten(1).mean(1).double().numpy()
+                        bar.update(z0.shape[0])
+            bar.close()
+            self.passes["reference"] = self.passes.get("reference", 0) + self.n * K * M
+            return losses
+        return self._cached(f"reference:{r}", compute)
+
+    def reference_grids(self) -> np.ndarray:
+        """``(R, N, K, M)``: :meth:`reference_grid` of every reference model."""
+        if self.references is None:
+            raise AuditError("this audit has no reference models.")
+        return np.stack([self.reference_grid(r) for r in range(len(self.references))])
 
     def sima(self, adapter: bool = True) -> np.ndarray:
         """``(N, len(sima_timesteps))`` SimA statistic ``sum |eps(z0, t)|^p`` over the latent's elements."""

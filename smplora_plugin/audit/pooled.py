@@ -11,7 +11,6 @@ report holds the verdict over all runs; ``report.runs`` holds each run's own rep
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,20 +93,15 @@ def run_audit_pooled(
     cfg.validate()
     vset = VerdictSettings(n_permutations=int(n_permutations))
     vset.validate()
-    takes_refs = "references" in inspect.signature(run_audit).parameters
-    if not takes_refs and any(r.references is not None for r in runs):
-        raise AuditError("AuditRun.references was given but this version of run_audit has no reference-model "
-                         "attacks; drop references=.")
     t0 = time.time()
     reports: List[AuditReport] = []
     for name, r in zip(names, runs):
-        kw: Dict[str, Any] = {} if r.references is None else {"references": r.references}
         reports.append(run_audit(
             r.target, r.members, r.nonmembers, calibration_members=r.calibration_members,
             calibration_nonmembers=r.calibration_nonmembers, calibration_fraction=r.calibration_fraction,
             attacks=attacks, config=cfg, out_dir=None, utility=r.utility, manifest_sets=r.manifest_sets,
             info={"run": name, **dict(r.info or {})}, title=f"{title}: {name}", progress=progress,
-            load_plugins=load_plugins, num_threads=num_threads, n_permutations=n_permutations, **kw))
+            load_plugins=load_plugins, num_threads=num_threads, n_permutations=n_permutations, references=r.references))
     report = pool_reports(reports, names, config=cfg, title=title, settings=vset)
     report.seconds = round(time.time() - t0, 2)
     if out_dir is not None:

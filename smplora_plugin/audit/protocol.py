@@ -132,6 +132,7 @@ def run_audit(
     load_plugins: bool = True,
     num_threads: Optional[int] = None,
     n_permutations: int = 1000,
+    references: Optional[Any] = None,
 ) -> "AuditReport":
     """Audit ``target`` (an :class:`~.target.AuditTarget`) on member / non-member samples.
 
@@ -150,7 +151,8 @@ def run_audit(
     fight for cores. ``n_permutations``: label permutations behind the verdict's p-values (>= 1000).
     The report's ``verdict`` block holds the calibrated headline, the upper envelope with its
     permutation null, power, sample sizes needed, warnings and the empirical epsilon lower bound
-    (see :mod:`.verdict`). Several LoRAs: :func:`run_audit_pooled`.
+    (see :mod:`.verdict`). Several LoRAs: :func:`run_audit_pooled`. ``references``: reference models
+    (:class:`~.references.References`) for LiRA / RMIA, which then join the default suite.
     """
     check_target(target)
     cfg = config if isinstance(config, AuditConfig) else AuditConfig.from_dict(dict(config or {}))
@@ -192,6 +194,16 @@ def run_audit(
     warnings = check_pixel_overlap(parts, cfg.near_duplicate_mse)
     for w in warnings:
         print(f"smplora audit: WARNING: {w}", file=sys.stderr)
+    from .references import check_compatible, match, select_attacks
+
+    ref_view = None
+    if references is not None:  # matched in the order of the score context below
+        ref_view = match(references, AuditSamples.concat([parts[k] for k in
+                                                          ("member_calibration", "nonmember_calibration",
+                                                           "member_eval", "nonmember_eval")]))
+        check_compatible(ref_view, target, parts["member_calibration"].images)
+        info = {**dict(info or {}), "references": ref_view.summary()}
+    attack_objs = select_attacks(attack_objs, attacks is None, ref_view)
     manifest_path = None
     manifest_extra = {"calibration_fraction": calibration_fraction if calibration_members is None else None}
     if out_dir is not None:
@@ -215,6 +227,7 @@ def run_audit(
     torch.set_num_threads(threads)
     try:
         ctx = ScoreContext(target, allp.images, allp.captions if has_caps else None, cfg, progress=progress)
+        ctx.references = ref_view
         for attack in attack_objs:
             ta = time.time()
             out = attack.run(ctx, cal_index, labels[cal_index])

@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k-steps", type=int, default=None,
                         help=f"proxy attacker updates per LoRA step (default {d.k_steps})")
     parser.add_argument("--mp-alpha", type=float, default=None, help=f"MP-LoRA alpha (default {d.mp_alpha})")
+    parser.add_argument("--references", type=int, default=0, metavar="N",
+                        help="also train N plain reference LoRAs (N >= 2; 8-16 useful) on random halves of the audited "
+                             "images and add LiRA (online, offline) and RMIA to the audit; the audit's calibration and "
+                             "evaluation non-member sets are then each half the member count, so the pool is twice "
+                             "the members and a reference trains on as many images as the target")
     parser.add_argument("--retrain-base", action="store_true",
                         help="train the base model and classifier here instead of loading the shipped weights")
     parser.add_argument("--threads", type=int, default=1,
@@ -51,6 +56,10 @@ def config_from_args(args: argparse.Namespace):
         v = getattr(args, name, None)
         if v is not None:
             kw[field] = v
+    refs = getattr(args, "references", 0)
+    if refs:
+        n_mem = kw.get("members", DemoConfig.quick().members if args.quick else DemoConfig().members)
+        kw.update(references=refs, nonmember_calibration=n_mem // 2, nonmember_eval=n_mem - n_mem // 2)
     if args.mp:
         kw["variants"] = ("plain", "smp", "smp-robust", "mp")
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)

@@ -57,6 +57,8 @@ class DemoConfig:
     guidance: float = 1.0
     audit: Dict[str, Any] = field(default_factory=dict)
     attacks: Optional[Tuple[str, ...]] = None  # None = the whole suite
+    references: int = 0  # > 0: train this many reference LoRAs for LiRA / RMIA (see reference_models)
+    reference_variant: str = "plain"  # how the references are trained: any variant, e.g. "smp-robust"
 
     @classmethod
     def quick(cls, **kw: Any) -> "DemoConfig":
@@ -92,6 +94,11 @@ class DemoConfig:
             raise ValueError(f"k_steps must be a whole number >= 0, got {self.k_steps!r}.")
         if self.smp_alpha < 0 or self.mp_alpha < 0:
             raise ValueError("smp_alpha and mp_alpha must be >= 0.")
+        if isinstance(self.references, bool) or not isinstance(self.references, int) or self.references == 1 \
+                or self.references < 0:
+            raise ValueError(f"references={self.references!r}: 0 (no LiRA / RMIA) or at least 2 reference LoRAs.")
+        if self.reference_variant not in VARIANT_TITLES:
+            raise ValueError(f"reference_variant={self.reference_variant!r}; choose one of {list(VARIANT_TITLES)}.")
         bad = [v for v in self.variants if v not in VARIANT_TITLES]
         if bad or "plain" not in self.variants:
             raise ValueError(f"variants must include 'plain' and may add 'smp', 'smp-robust' and 'mp'; "
@@ -237,6 +244,13 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
         base_sd = base.base_state_dict()
         timings: Dict[str, float] = {"base_and_classifier": round(time.time() - t0, 1)}
         m_cal, m_eval = _member_halves(splits["member"], cfg.seed)
+        refs = None
+        if cfg.references:
+            t0 = time.time()
+            log(f"Training {cfg.references} reference LoRAs ({cfg.reference_variant}) on random halves of the "
+                "audited pool ...")
+            refs = reference_models(cfg, base_sd, splits, progress=progress, log=log)
+            timings["train_references"] = round(time.time() - t0, 1)
         reference = DigitSet.concat(splits["nonmember_calibration"], splits["nonmember_eval"])
         base_quality = sample_quality(base, clf, reference, per_label=cfg.samples_per_label, steps=cfg.sample_steps,
                                       guidance=cfg.guidance, seed=cfg.seed, captioner=ds.captioner)
@@ -285,7 +299,8 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
                       "regularizer": None if reg is None else reg.config.to_dict(),
                       "defense_members": "every training batch (all members)",
                       "training": run.summary()},
-                title=f"Membership-inference audit: {title} (smplora demo)", progress=progress, out_dir=None)
+                title=f"Membership-inference audit: {title} (smplora demo)", progress=progress, out_dir=None,
+                references=refs)
             timings[f"audit_{variant}"] = round(time.time() - t0, 1)
             held = report.utility.get("heldout_denoising_loss")
             if variant == "plain":
@@ -310,6 +325,38 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
                    seed=cfg.seed, extra={"note": "members are all trained on; the audit splits them into calibration "
                                                  "and evaluation halves (see <variant>/manifest.json)"})
     return summary
+
+
+def reference_models(cfg: DemoConfig, base_sd: Mapping[str, torch.Tensor], splits: DigitSplits, *,
+                     progress: bool = False, log=print):
+    """``cfg.references`` reference LoRAs, trained the demo's way on random halves of the pool.
+
+    The pool is every audited sample (members and the audit's calibration and evaluation
+    non-members), so each of them is IN for half of the references (online LiRA / RMIA). Each
+    reference has the target's recipe (base, rank, steps, batch size, learning rate) and its own
+    LoRA initialisation and batch seed; with a pool twice the member count (``smplora demo
+    --references``), a reference trains on about as many images as the target. They are plain
+    LoRAs unless ``cfg.reference_variant`` names a defense (an attacker who knows the defense and
+    its settings trains the references with it; its non-members are the defense's own set).
+    """
+    from ..audit import AuditSamples, References
+    from .target import TinyLDMTarget
+    from .train import train_lora
+
+    pool = DigitSet.concat(splits["member"], splits["nonmember_calibration"], splits["nonmember_eval"])
+    pos = {s: i for i, s in enumerate(pool.ids)}
+
+    def trainer(train: AuditSamples, seed: int) -> TinyLDMTarget:
+        model = TinyLDM(cfg.data.model_config, seed=0)
+        model.load_base_state_dict(base_sd)
+        model.add_lora(cfg.lora_rank, seed=seed)
+        train_lora(model, pool.subset([pos[i] for i in train.identity()]), steps=cfg.steps, lr=cfg.lora_lr,
+                   batch_size=cfg.batch_size, seed=seed, reg=_regularizer(replace(cfg, seed=seed), cfg.reference_variant),
+                   nonmembers=splits["nonmember_defense"], name="reference", progress=progress)
+        model.requires_grad_(False)
+        return TinyLDMTarget(model)
+
+    return References.train(trainer, _samples(pool), cfg.references, seed=cfg.seed + 2027, log=log)
 
 
 def _real_floor(clf: Any, public: DigitSet, reference: DigitSet, n: int, seed: int) -> float:
@@ -375,7 +422,8 @@ def build_summary(cfg: DemoConfig, splits: DigitSplits, results: Mapping[str, Di
             "splits": {"public": len(splits.public), **{k: len(v) for k, v in splits.sets.items()}},
             "audit_splits": next(iter(results.values()))["report"]["splits"] if results else {},
             "null_band_auc95": next(iter(results.values()))["report"]["null_band_auc95"] if results else None,
-            "base_model_quality": dict(base_quality), "variants": cols, "seconds": dict(timings)}
+            "base_model_quality": dict(base_quality), "variants": cols, "seconds": dict(timings),
+            "references": next(iter(results.values()))["report"]["info"].get("references") if results else None}
 
 
 def _f(x: Optional[float], nd: int = 3) -> str:
@@ -421,6 +469,12 @@ def render_table(s: Mapping[str, Any]) -> str:
              f"its samples: classifier accuracy {_p(bq['classifier_accuracy'])}, "
              f"Fréchet distance {bq['frechet_distance']:.2f} (real public images, same count: "
              f"{bq['real_digits_frechet_distance']:.2f}).", ""] + rows
+    refs = s.get("references")
+    if refs:
+        lines += ["", f"LiRA / RMIA: {refs['count']} {VARIANT_TITLES[s['config'].get('reference_variant', 'plain')]} "
+                      f"reference LoRAs ({refs['mode']}), trained the target's way on "
+                      f"random halves of the {refs.get('pool')} audited images; each image IN for "
+                      f"{refs['in_per_sample_min_mean_max'][1]:g} of them."]
     lines += ["", "TPR@1%FPR is conservative (largest threshold with FPR <= 1%). "
               "Per-attack details: <out>/<variant>/report.md, report.json, roc.png."]
     return "\n".join(lines)

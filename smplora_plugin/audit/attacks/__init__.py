@@ -24,3 +24,7 @@ __all__ = [
     "PIAAttack", "SecMIAttack", "SimAAttack", "available_attacks", "register_attack",
     "registry", "resolve_attacks", "scalar_features",
 ]
+from .lira import LiRAOfflineAttack, LiRAOnlineAttack  # noqa: E402
+from .rmia import RMIAAttack  # noqa: E402
+
+__all__ += ["LiRAOfflineAttack", "LiRAOnlineAttack", "RMIAAttack"]

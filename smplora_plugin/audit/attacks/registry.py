@@ -78,3 +78,10 @@ def resolve_attacks(attacks: Optional[List[Any]], has_captions: bool, load_plugi
     if len(set(names)) != len(names):
         raise AuditError(f"attack names must be unique, got {names}.")
     return out
+
+# reference-model attacks: built in, run by default only when the audit has reference models
+# (run_audit(..., references=...); see smplora_plugin.audit.references)
+from .lira import LiRAOfflineAttack, LiRAOnlineAttack  # noqa: E402
+from .rmia import RMIAAttack  # noqa: E402
+
+BUILTIN_ATTACKS.update({cls.name: cls for cls in (LiRAOnlineAttack, LiRAOfflineAttack, RMIAAttack)})
