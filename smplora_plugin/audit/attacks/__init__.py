@@ -17,10 +17,13 @@ from .registry import (BUILTIN_ATTACKS, DEFAULT_ATTACKS, available_attacks, regi
 from .secmi import SecMIAttack
 from .sima import SimAAttack
 from .stacked import GradientBoostingAttack, LogRegAttack, scalar_features
+from .quantile import QuantileRegressionAttack
+from .gsa import GSAAttack
+from .generation import GenerationAttack
 
 __all__ = [
     "Attack", "AttackOutput", "BUILTIN_ATTACKS", "DEFAULT_ATTACKS", "BestTimestepLossAttack", "BlindBaseline",
     "CLiDAttack", "CalibratedLossAttack", "GradientBoostingAttack", "LogRegAttack", "LossAttack", "MLPAttack",
     "PIAAttack", "SecMIAttack", "SimAAttack", "available_attacks", "register_attack",
     "registry", "resolve_attacks", "scalar_features",
-]
+] + ["GSAAttack", "GenerationAttack", "QuantileRegressionAttack"]
