@@ -58,7 +58,8 @@ def gradient_norms(ctx: ScoreContext, timesteps: Sequence[int] = GSA_TIMESTEPS) 
     """``(N, L)`` per-module gradient norms of each sample's mean loss over :func:`gsa_pairs`, and the module names.
 
     The loss of sample ``i`` is ``mean_k mean_d (eps_grad(z_k, t_k) - e_k)^2`` with
-    ``z_k = sqrt(abar_t) z0_i + sqrt(1 - abar_t) e_k`` and ``e_k = ctx.noise[m_k]``.
+    ``z_k = sqrt(abar_t) z0_i + sqrt(1 - abar_t) e_k`` and ``e_k = ctx.noise[m_k]``, computed in
+    float64 (``z_k`` is passed to ``eps_grad`` as float64; targets cast it to their dtype).
     """
     target = ctx.target
     pairs = gsa_pairs(ctx, timesteps)
@@ -74,18 +75,18 @@ def gradient_norms(ctx: ScoreContext, timesteps: Sequence[int] = GSA_TIMESTEPS) 
         params = [named[n] for n in names]
         owner = np.array([modules.index(n.split(".lora_")[0]) for n in names])
         ts = torch.tensor([t for t, _ in pairs], dtype=torch.long)
-        a = ctx.abar[ts].float().view(-1, *([1] * (ctx.latents.ndim - 1)))
-        e = torch.stack([ctx.noise[m] for _, m in pairs])
+        a = ctx.abar[ts].view(-1, *([1] * (ctx.latents.ndim - 1)))  # float64
+        e = torch.stack([ctx.noise[m] for _, m in pairs]).double()
         out = np.zeros((ctx.n, len(modules)))
         bar = ctx._bar(ctx.n, "GSA gradients")
         with _grad_on(params):
             for i in range(ctx.n):
-                z0 = ctx.latents[i:i + 1].expand(len(pairs), *ctx.latents.shape[1:])
+                z0 = ctx.latents[i:i + 1].double().expand(len(pairs), *ctx.latents.shape[1:])
                 z_t = a.sqrt() * z0 + (1 - a).sqrt() * e
                 caps = None if ctx.captions is None else [ctx.captions[i]] * len(pairs)
                 cond = ctx._cond(slice(0, len(pairs)), caps)
                 pred = target.eps_grad(z_t, ts, cond)
-                loss = (pred.float().cpu() - e).pow(2).mean()
+                loss = (pred.double().cpu() - e).pow(2).mean()  # float64, cast back through autograd
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 sq = np.array([0.0 if g is None else float(g.detach().double().pow(2).sum()) for g in grads])
                 out[i] = np.sqrt(np.bincount(owner, weights=sq, minlength=len(modules)))
