@@ -5,6 +5,7 @@ with the loss attacks and the three new attacks, and writes one JSON row per (se
 AUC [95% CI], TPR@1%FPR and seconds per attack (and per audited sample).
 
     nice -n 10 python benchmarks/new_attacks.py --seeds 0 1 2 --out benchmarks/new_attacks_rows.jsonl
+    python benchmarks/new_attacks.py --table benchmarks/new_attacks_rows.jsonl   # the Markdown table
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="benchmarks/new_attacks_rows.jsonl")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table", default=None, help="print the Markdown table of a rows file and exit")
     a = p.parse_args()
+    if a.table:
+        print(table([json.loads(line) for line in Path(a.table).read_text().splitlines() if line.strip()]))
+        return
     torch.set_num_threads(a.threads)
     from smplora_plugin.demo.pipeline import DemoConfig, run_demo
 
@@ -34,7 +39,7 @@ def main() -> None:
         cfg = DemoConfig(seed=seed, variants=("plain", "smp-robust"), attacks=ATTACKS)
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            summary = run_demo(cfg, tmp, progress=False, log=lambda *_: None)
+            run_demo(cfg, tmp, progress=False, log=lambda *_: None)
             for variant in cfg.variants:
                 rep = json.loads((Path(tmp) / variant / "report.json").read_text())
                 n = sum(rep["splits"].values())
@@ -48,7 +53,28 @@ def main() -> None:
                 with out.open("a") as f:
                     f.write(json.dumps(row, default=str) + "\n")
                 print(seed, variant, {k: round(v["auc"], 3) for k, v in row["attacks"].items()}, flush=True)
-        print(f"seed {seed}: {time.time() - t0:.0f} s, timings {summary.get('timings')}", flush=True)
+        print(f"seed {seed}: {time.time() - t0:.0f} s", flush=True)
+
+
+def table(rows: list) -> str:
+    """Per attack and variant: AUC [95% CI] and TPR@1%FPR per seed, and the mean ms per audited sample."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    head = "| attack | " + " | ".join(f"{v}: AUC [95% CI] / TPR@1%FPR (seeds {', '.join(map(str, seeds))})"
+                                        for v in variants) + " | ms / sample |"
+    lines = [head, "|" + "---|" * (len(variants) + 2)]
+    for att in ATTACKS:
+        cells, ms = [], []
+        for v in variants:
+            parts = []
+            for r in sorted((r for r in rows if r["variant"] == v), key=lambda r: r["seed"]):
+                x = r["attacks"][att]
+                tpr = "n/a" if x["tpr_at_1pct_fpr"] is None else f"{100 * x['tpr_at_1pct_fpr']:.1f}%"
+                parts.append(f"{x['auc']:.3f} [{x['auc_ci95'][0]:.2f}, {x['auc_ci95'][1]:.2f}] / {tpr}")
+                ms.append(x["ms_per_sample"])
+            cells.append("<br>".join(parts))
+        lines.append(f"| {att} | " + " | ".join(cells) + f" | {sum(ms) / len(ms):.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
