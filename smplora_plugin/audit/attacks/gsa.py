@@ -143,7 +143,8 @@ class GSAAttack(Attack):
     requires = ("gradients",)
 
     def run(self, ctx, cal_index, cal_labels):
-        norms, modules = gradient_norms(ctx, self.options.get("timesteps", GSA_TIMESTEPS))
+        timesteps = self.options.get("timesteps", GSA_TIMESTEPS)
+        norms, modules = gradient_norms(ctx, timesteps)
         X = np.log(norms + 1e-30)
         best = None
         for kind, make in _classifiers(ctx.config.seed).items():
@@ -158,7 +159,7 @@ class GSAAttack(Attack):
         total = -np.sqrt((norms ** 2).sum(1))
         return AttackOutput(scores=scores, calibration_index=cal_index,
                             chosen={"classifier": kind, "cv_folds": folds, "lora_modules": len(modules),
-                                    "pairs": [list(p) for p in gsa_pairs(ctx, self.options.get("timesteps", GSA_TIMESTEPS))],
+                                    "pairs": [list(p) for p in gsa_pairs(ctx, timesteps)],
                                     "calibration_auc_oof": a},
                             curves={"total_gradient_norm": {"-|grad|": total}})
 
