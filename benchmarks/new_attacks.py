@@ -5,6 +5,7 @@ with the loss attacks and the three new attacks, and writes one JSON row per (se
 AUC [95% CI], TPR@1%FPR and seconds per attack (and per audited sample).
 
     nice -n 10 python benchmarks/new_attacks.py --seeds 0 1 2 --out benchmarks/new_attacks_rows.jsonl
+    nice -n 10 python benchmarks/new_attacks.py --untouched --seeds 0 1 2 --out benchmarks/new_attacks_rows.jsonl
     python benchmarks/new_attacks.py --table benchmarks/new_attacks_rows.jsonl   # the Markdown table
 """
 
@@ -27,6 +28,8 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/new_attacks_rows.jsonl")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", default=None, help="print the Markdown table of a rows file and exit")
+    p.add_argument("--untouched", action="store_true",
+                   help="audit the shipped base model with a zero LoRA (it saw nothing) on the demo's splits instead")
     a = p.parse_args()
     if a.table:
         print(table([json.loads(line) for line in Path(a.table).read_text().splitlines() if line.strip()]))
@@ -35,6 +38,13 @@ def main() -> None:
     from smplora_plugin.demo.pipeline import DemoConfig, run_demo
 
     out = Path(a.out)
+    if a.untouched:
+        for seed in a.seeds:
+            row = untouched_row(DemoConfig(seed=seed))
+            with out.open("a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+            print(seed, "untouched", {k: round(v["auc"], 3) for k, v in row["attacks"].items()}, flush=True)
+        return
     for seed in a.seeds:
         cfg = DemoConfig(seed=seed, variants=("plain", "smp-robust"), attacks=ATTACKS)
         t0 = time.time()
@@ -54,6 +64,34 @@ def main() -> None:
                     f.write(json.dumps(row, default=str) + "\n")
                 print(seed, variant, {k: round(v["auc"], 3) for k, v in row["attacks"].items()}, flush=True)
         print(f"seed {seed}: {time.time() - t0:.0f} s", flush=True)
+
+
+def untouched_row(cfg) -> dict:
+    """Audit the base model carrying a zero LoRA (``lora_B`` = 0 after init: it saw nothing), demo splits."""
+    from smplora_plugin.audit import run_audit
+    from smplora_plugin.demo.pipeline import _member_halves, _samples, load_assets
+    from smplora_plugin.demo.target import TinyLDMTarget
+
+    ds = cfg.data
+    splits = ds.splits({"member": cfg.members, "nonmember_defense": cfg.nonmember_defense,
+                        "nonmember_calibration": cfg.nonmember_calibration, "nonmember_eval": cfg.nonmember_eval},
+                       cfg.seed)
+    loaded = load_assets(cfg)
+    if loaded is None:
+        raise SystemExit("the shipped demo base model does not match this config; run `smplora demo` once first.")
+    model = loaded[0]
+    model.add_lora(cfg.lora_rank, seed=cfg.seed)  # peft's gaussian init: lora_B = 0, so the model is the base
+    m_cal, m_eval = _member_halves(splits["member"], cfg.seed)
+    rep = run_audit(TinyLDMTarget(model), _samples(m_eval), _samples(splits["nonmember_eval"]),
+                    calibration_members=_samples(m_cal), calibration_nonmembers=_samples(splits["nonmember_calibration"]),
+                    attacks=list(ATTACKS), config={"seed": cfg.seed}, progress=False, num_threads=torch.get_num_threads())
+    d = rep.to_dict()
+    n = sum(d["splits"].values())
+    return {"seed": cfg.seed, "variant": "untouched", "samples": n, "splits": d["splits"], "steps": 0,
+            "members": cfg.members,
+            "attacks": {k: {"auc": r["auc"], "auc_ci95": r["auc_ci95"], "tpr_at_1pct_fpr": r["tpr_at_1pct_fpr"],
+                            "seconds": r["seconds"], "ms_per_sample": round(1000 * r["seconds"] / n, 2),
+                            "chosen": r["calibration"]} for k, r in d["attacks"].items()}}
 
 
 def table(rows: list) -> str:
