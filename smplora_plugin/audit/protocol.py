@@ -180,7 +180,9 @@ def run_audit(
     if len(shapes) != 1:
         raise AuditError(f"all images must have the same shape, got {sorted(shapes)}; resize them first.")
     has_caps = all(p.captions is not None for p in parts.values())
-    attack_objs = resolve_attacks(list(attacks) if attacks is not None else None, has_caps, load_plugins)
+    skipped: Dict[str, str] = {}
+    attack_objs = resolve_attacks(list(attacks) if attacks is not None else None, has_caps, load_plugins,
+                                  target=target, skipped=skipped)
 
     # the manifest checks that no sample sits in two sets before any model work
     from ..holdout import write_manifest
@@ -258,7 +260,8 @@ def run_audit(
         timesteps={"loss_grid": ctx.timesteps, "sima": ctx.sima_timesteps, "pia": ctx.pia_timesteps,
                    "secmi": [ctx.secmi_t, ctx.secmi_step], "clid": ctx.clid_timesteps, "T": ctx.T},
         passes=dict(ctx.passes),
-        info={**dict(info or {}), **({"warnings": warnings} if warnings else {})},
+        info={**dict(info or {}), **({"warnings": warnings} if warnings else {}),
+              **({"skipped_attacks": skipped} if skipped else {})},
         seconds=round(time.time() - t0, 2),
         manifest=str(manifest_path) if manifest_path else None,
         roc=roc,

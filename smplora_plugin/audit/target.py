@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
@@ -37,6 +37,27 @@ class AuditTarget(Protocol):
 
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, *, adapter: bool = True) -> torch.Tensor:
         """Noise prediction at ``(z_t, t)``; ``adapter=False`` queries the public base model."""
+
+
+# Optional capabilities: some attacks need more than AuditTarget. A target offers a capability by
+# implementing all of its methods:
+#   "gradients": adapter_parameters() -> {name: LoRA parameter} (names contain ".lora_"; the text
+#                before it names the LoRA module), and eps_grad(z_t, t, cond) -> the adapted
+#                model's noise prediction with an autograd graph back to those parameters;
+#   "decode":    decode(latents) -> images (N, C, H, W) in [-1, 1] (inverse of encode).
+CAPABILITIES: Dict[str, tuple] = {"gradients": ("adapter_parameters", "eps_grad"), "decode": ("decode",)}
+
+
+def has_capability(target: Any, capability: str) -> bool:
+    """Whether ``target`` implements every method of ``capability`` (see :data:`CAPABILITIES`)."""
+    if capability not in CAPABILITIES:
+        raise AuditError(f"unknown capability {capability!r}; known: {sorted(CAPABILITIES)}.")
+    return all(callable(getattr(target, m, None)) for m in CAPABILITIES[capability])
+
+
+def missing_capabilities(target: Any, capabilities: Sequence[str]) -> List[str]:
+    """The capabilities in ``capabilities`` that ``target`` lacks."""
+    return [c for c in capabilities if not has_capability(target, c)]
 
 
 def check_target(target: Any) -> None:
@@ -114,6 +135,30 @@ class DiffusersTarget:
 
     @torch.no_grad()
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, *, adapter: bool = True) -> torch.Tensor:
+        return self._predict(z_t, t, cond, adapter)
+
+    # -- optional capabilities ("gradients", "decode") -------------------------------------
+    def adapter_parameters(self) -> Dict[str, torch.nn.Parameter]:
+        """The LoRA parameters of the UNet and the text encoder, by qualified name."""
+        return {f"{prefix}.{n}": p for prefix, mod in (("unet", self.unet), ("text_encoder", self.text_encoder))
+                if mod is not None for n, p in mod.named_parameters() if ".lora_" in n}
+
+    def eps_grad(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The adapted model's noise prediction, differentiable w.r.t. :meth:`adapter_parameters`."""
+        with torch.enable_grad():
+            return self._predict(z_t, t, cond, True)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] (the VAE decoder; without a VAE the latents are the pixels)."""
+        if self.vae is None:
+            return latents.float().cpu()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        scale = getattr(self.vae.config, "scaling_factor", 1.0)
+        z = latents.to(self.device, self.dtype) / scale + shift
+        return self.vae.decode(z).sample.float().cpu().clamp(-1, 1)
+
+    def _predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, adapter: bool) -> torch.Tensor:
         with self._adapter(adapter) as unet:
             z = z_t.to(self.device, self.dtype)
             tt = torch.as_tensor(t, device=self.device).long().reshape(-1).expand(z.shape[0])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -39,3 +39,18 @@ class TinyLDMTarget:
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, *, adapter: bool = True) -> torch.Tensor:
         with self.model.adapter(adapter):
             return self.model.predict(z_t.float(), t, cond)
+
+    # -- optional capabilities ("gradients", "decode") -------------------------------------
+    def adapter_parameters(self) -> Dict[str, torch.nn.Parameter]:
+        """The LoRA parameters of the UNet, by name."""
+        return {n: p for n, p in self.model.unet.named_parameters() if ".lora_" in n}
+
+    def eps_grad(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The adapted model's noise prediction, differentiable w.r.t. :meth:`adapter_parameters`."""
+        with torch.enable_grad(), self.model.adapter(True):
+            return self.model.predict(z_t.float(), t, cond)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (the exact pixel-shuffle decoder)."""
+        return self.model.decode(latents.float())

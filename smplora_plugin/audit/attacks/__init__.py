@@ -17,6 +17,9 @@ from .registry import (BUILTIN_ATTACKS, DEFAULT_ATTACKS, available_attacks, regi
 from .secmi import SecMIAttack
 from .sima import SimAAttack
 from .stacked import GradientBoostingAttack, LogRegAttack, scalar_features
+from .quantile import QuantileRegressionAttack
+from .gsa import GSAAttack
+from .generation import GenerationAttack
 
 __all__ = [
     "Attack", "AttackOutput", "BUILTIN_ATTACKS", "DEFAULT_ATTACKS", "BestTimestepLossAttack", "BlindBaseline",
@@ -27,4 +30,5 @@ __all__ = [
 from .lira import LiRAOfflineAttack, LiRAOnlineAttack  # noqa: E402
 from .rmia import RMIAAttack  # noqa: E402
 
-__all__ += ["LiRAOfflineAttack", "LiRAOnlineAttack", "RMIAAttack"]
+__all__ += ["GSAAttack", "GenerationAttack", "LiRAOfflineAttack", "LiRAOnlineAttack", "QuantileRegressionAttack",
+            "RMIAAttack"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Type
 
-from ..target import AuditError
+from ..target import AuditError, missing_capabilities
 from .base import Attack
 from .blind import BlindBaseline
 from .clid import CLiDAttack, CLiDVecAttack
@@ -14,16 +14,20 @@ from .pia import PIAAttack
 from .secmi import SecMIAttack
 from .sima import SimAAttack
 from .stacked import GradientBoostingAttack, LogRegAttack
+from .quantile import QuantileRegressionAttack
+from .gsa import GSAAttack
+from .generation import GenerationAttack
 
 BUILTIN_ATTACKS: Dict[str, Type[Attack]] = {
     cls.name: cls
     for cls in (LossAttack, CalibratedLossAttack, BestTimestepLossAttack, SimAAttack, SecMIAttack, PIAAttack,
                 CLiDAttack, CLiDVecAttack, MLPAttack, LogRegAttack, GradientBoostingAttack, BlindBaseline)
 }
+BUILTIN_ATTACKS.update({cls.name: cls for cls in (QuantileRegressionAttack, GSAAttack, GenerationAttack)})
 _EXTRA: Dict[str, Type[Attack]] = {}
 
 DEFAULT_ATTACKS = ("loss", "loss_calibrated", "loss_best_t", "sima", "secmi", "pia", "clid", "clid_vec", "mlp",
-                   "logreg", "gboost", "blind")
+                   "logreg", "gboost", "blind", "quantile", "gsa", "generation")
 
 
 def register_attack(name: str, cls: Type[Attack]) -> None:
@@ -52,8 +56,14 @@ def available_attacks(load_plugins: bool = True, plugins: Optional[List[object]]
     return {**BUILTIN_ATTACKS, **_EXTRA}
 
 
-def resolve_attacks(attacks: Optional[List[Any]], has_captions: bool, load_plugins: bool = True) -> List[Attack]:
-    """Turn names / classes / instances into attack instances; ``None`` = the default suite."""
+def resolve_attacks(attacks: Optional[List[Any]], has_captions: bool, load_plugins: bool = True, *,
+                    target: Any = None, skipped: Optional[Dict[str, str]] = None) -> List[Attack]:
+    """Turn names / classes / instances into attack instances; ``None`` = the default suite.
+
+    With ``target``, an attack whose ``requires`` lists a capability the target lacks (see
+    :data:`~smplora_plugin.audit.target.CAPABILITIES`) is left out of the default suite, with the
+    reason in ``skipped``, and raises :class:`AuditError` when asked for explicitly.
+    """
     registry = available_attacks(load_plugins) if attacks is None or any(isinstance(a, str) for a in attacks) \
         else dict(BUILTIN_ATTACKS)
     chosen = list(DEFAULT_ATTACKS) + sorted(_EXTRA) if attacks is None else list(attacks)
@@ -73,6 +83,15 @@ def resolve_attacks(attacks: Optional[List[Any]], has_captions: bool, load_plugi
             if attacks is None:
                 continue  # the CLiD attacks are skipped silently in the default suite when there are no captions
             raise AuditError(f"attack {inst.name!r} needs captions; give captions or drop it.")
+        lacking = [] if target is None else missing_capabilities(target, getattr(inst, "requires", ()))
+        if lacking:
+            why = (f"the target ({type(target).__name__}) lacks the {', '.join(lacking)} capability "
+                   "(see smplora_plugin.audit.target.CAPABILITIES)")
+            if attacks is None:
+                if skipped is not None:
+                    skipped[inst.name] = why
+                continue
+            raise AuditError(f"attack {inst.name!r} cannot run: {why}; implement it or drop the attack.")
         out.append(inst)
     names = [a.name for a in out]
     if len(set(names)) != len(names):
