@@ -272,6 +272,10 @@ def test_resume_restores_attacker_state(data, tmp_path):
     trainer.train(args)
     reg = trainer.privacy_regularizer
     assert reg.attacker_updates == 4 and reg.global_step == 4      # continued from 2, not restarted
+    # kohya's ss_steps restarts on --resume; the header says where the attacker's count resumed
+    meta = header(tmp_path / "out2" / "lora.safetensors")
+    assert meta["ss_steps"] == "2" and json.loads(meta["smplora.metrics"])["step"] == 4
+    assert json.loads(meta["smplora.data"])["resumed_from_step"] == 2
     # a different config cannot silently continue an attacker
     trainer = make_private_trainer(tn.NetworkTrainer)
     args = parse(*kohya_args(data, tmp_path / "out3", "--resume", str(out / "lora-state")),
