@@ -30,7 +30,6 @@ import logging
 import numbers
 import shutil
 import tempfile
-import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -42,6 +41,7 @@ from smplora_plugin.errors import ConfigError, SmploraError
 from smplora_plugin.errors import StateError
 from smplora_plugin.state import config_from_state, read_state
 
+from ..summary import summary_box
 from . import data
 from . import header
 from .options import CONFIG_OPTIONS, KohyaPrivacySettings, settings_from_namespace
@@ -595,20 +595,6 @@ def _all_ranks_have(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
-
-
-BOX_WIDTH = 78   # kohya prints its own summaries with print(); rules this wide do not wrap on 80 columns
-
-
-def summary_box(lines, width: int = BOX_WIDTH) -> str:
-    """``lines`` wrapped to ``width`` between two rules, each line led by ``| `` (continuation lines
-    indented). Words are never split, so paths stay whole; the box has no right border to break."""
-    body = []
-    for line in lines:
-        body += textwrap.wrap(line, width - 2, subsequent_indent="  ", break_long_words=False,
-                              break_on_hyphens=False) or [""]
-    rule = "+" + "-" * (width - 1)
-    return "\n".join([rule, *(f"| {b}" for b in body), rule])
 
 
 _FIELD_FLAGS = {field: name for name, (field, _, _) in CONFIG_OPTIONS.items()}
