@@ -192,8 +192,8 @@ class PrivacyRegularizer:
 
     @staticmethod
     def keep_loss_value(regularized: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """``regularized + (loss - regularized).detach()``: the value of ``loss`` with the gradient of
-        ``regularized``.
+        """``regularized + (loss - regularized).detach()``: the value of ``loss`` (exactly) with the
+        gradient of ``regularized``.
 
         Backpropagating it trains exactly as backpropagating ``regularized`` (also when scaled by a
         ``GradScaler`` or divided for gradient accumulation, both linear), while everything that
@@ -205,7 +205,8 @@ class PrivacyRegularizer:
         if regularized.shape != loss.shape:
             raise FeatureError(f"keep_loss_value: the regularised loss has shape {tuple(regularized.shape)} but the "
                                f"trainer's loss has {tuple(loss.shape)}; pass the loss that reg.step regularised.")
-        return regularized + (loss.detach().to(regularized.dtype) - regularized.detach())
+        # (r - r.detach()) is exactly 0 in value, so the value is exactly the trainer's loss
+        return (regularized - regularized.detach()) + loss.detach().to(regularized.dtype)
 
     def wants_nonmembers(self, update_attacker: bool = True) -> bool:
         """Whether the next :meth:`step` needs fresh non-member features.

@@ -37,8 +37,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 from smplora_plugin import PrivacyRegularizer, __version__
-from smplora_plugin.errors import ConfigError, SmploraError
-from smplora_plugin.errors import StateError
+from smplora_plugin.errors import ConfigError, SmploraError, StateError
 from smplora_plugin.state import config_from_state, read_state
 
 from ..summary import summary_box
@@ -197,7 +196,8 @@ class _Run:
             flags = ", ".join(f"{_flag(k, saved[k])} (this run: {_flag(k, mine[k])})" for k in differ)
             raise StateError(
                 f"the attacker state {state_file} was saved with other privacy settings. To continue it, pass "
-                f"{flags}; or move {state_file} away to start a new attacker. Nothing was trained.")
+                f"{flags}; or start a new attacker (move {state_file} away, or drop --privacy_attacker_state). "
+                "Nothing was trained.")
         self.reg.load_state_dict(state)
         self.resumed_from_step = self.reg.global_step
         logger.warning(
