@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import warnings
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from ..errors import FeatureError, HoldoutError, StateError
 from ..holdout import check_disjoint
 from ..regularizer import PrivacyRegularizer as _CoreRegularizer
 from ..state import read_state, save_state
+from .summary import summary_box
 
 __all__ = [
     "PrivacyRegularizer", "HoldoutImages", "add_privacy_args", "privacy_config_from_args",
@@ -62,6 +64,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _METHODS = {"none": None, "smplora": "smp", "smp": "smp", "mplora": "mp", "mp": "mp"}
 _HOLDOUT_KEY = "shim.diffusers.holdout"
 _PRESETS = tuple(PRESETS)
+logger = logging.getLogger("smplora.diffusers")
 
 
 # ---------------------------------------------------------------------------------------------- args
@@ -569,8 +572,37 @@ class PrivacyRegularizer(_CoreRegularizer):
         def load_hook(models: list, input_dir: str) -> None:
             self.load_checkpoint(input_dir)
 
-        return (accelerator.register_save_state_pre_hook(save_hook),
-                accelerator.register_load_state_pre_hook(load_hook))
+        handles = (accelerator.register_save_state_pre_hook(save_hook),
+                   accelerator.register_load_state_pre_hook(load_hook))
+        if getattr(accelerator, "is_main_process", True):
+            print(self.summary(), flush=True)
+        return handles
+
+    def summary(self) -> str:
+        """The start-up summary :meth:`attach` prints (like kohya's box): method, settings, the held-out
+        images and what the loss display and the trackers show."""
+        cfg = self.config
+        method = "SMP-LoRA" if cfg.objective == "smp" else "MP-LoRA (baseline)"
+        lines = [f"{method} (smplora-plugin {_version()}): alpha={cfg.alpha:g}, beta={cfg.beta:g}, "
+                 f"k_steps={cfg.k_steps}, attacker lr {cfg.attacker_lr:g}"]
+        if cfg.calibrated:
+            lines.append("base-calibrated features: one extra no-grad UNet forward with the LoRA disabled "
+                         "(reg.reference)")
+        if cfg.privacy_fraction < 1:
+            lines.append(f"privacy fraction {cfg.privacy_fraction:g}: the privacy term sees the first "
+                         f"ceil({cfg.privacy_fraction:g} x batch) images of each batch")
+        h = self.holdout
+        if h is not None:
+            checked = (f"checked against {h.train_checked} training images (no byte-identical file)"
+                       if h.train_checked else "NOT checked against the training images (no --train_data_dir)")
+            lines.append(f"non-members (NEVER trained on): {len(h)} images in {h.folder}, {h.batch_size} per "
+                         f"process and step; {checked}")
+        lines += ["loss display: step_loss / train_loss stay the script's denoising loss; the gradient is the "
+                  "regularised loss's (reg.step keeps the loss value)",
+                  "progress bar: mia_ce (attacker CE on members, higher = better hidden) and mia_acc (its "
+                  "balanced accuracy, 0.5 = chance); trackers: smplora/* (reg.log_dict)",
+                  f"checkpoints: <checkpoint>/{getattr(self, '_state_filename', STATE_FILENAME)}"]
+        return summary_box(lines)
 
     # keep the name used in the ecosystem notes
     attach_accelerator = attach
@@ -602,6 +634,16 @@ class PrivacyRegularizer(_CoreRegularizer):
         self.load_state_dict(state)
         if self.holdout is not None and holdout_state is not None:
             self.holdout.load_state_dict(holdout_state)
+
+    # ---------------------------------------------------------------- loss
+    def step(self, loss: torch.Tensor, member_feats: torch.Tensor, nonmember_feats: Optional[torch.Tensor] = None,
+             *, update_attacker: bool = True, keep_loss_value: bool = True) -> torch.Tensor:
+        """The core :meth:`~smplora_plugin.PrivacyRegularizer.step`, returning by default a loss with the
+        value of ``loss`` (so the script's ``step_loss`` / ``train_loss`` and its trackers keep showing
+        the denoising loss) and the gradient of the regularised loss; ``keep_loss_value=False`` returns
+        the regularised loss itself. Its value is in ``metrics()["regularized_loss"]`` either way."""
+        return super().step(loss, member_feats, nonmember_feats, update_attacker=update_attacker,
+                            keep_loss_value=keep_loss_value)
 
     # ---------------------------------------------------------------- calibration
     def reference(self, model: Any, fn: Callable[[], torch.Tensor]) -> Optional[torch.Tensor]:
@@ -685,5 +727,12 @@ class PrivacyRegularizer(_CoreRegularizer):
         return {prefix + k: float(v) for k, v in self.metrics().items()}
 
     def progress_postfix(self) -> Dict[str, str]:
-        """A compact dict for ``progress_bar.set_postfix``: attacker member CE and balanced accuracy."""
-        return super().progress_postfix(ce_label="ce_m", acc_label="att_acc")
+        """A compact dict for ``progress_bar.set_postfix``: ``mia_ce`` (the attacker's cross-entropy on
+        members) and ``mia_acc`` (its balanced accuracy), the names the kohya shim shows too."""
+        return super().progress_postfix()
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

@@ -117,7 +117,7 @@ class PrivacyRegularizer:
 
     # ------------------------------------------------------------------ main entry point
     def step(self, loss: torch.Tensor, member_feats: torch.Tensor, nonmember_feats: Optional[torch.Tensor] = None,
-             *, update_attacker: bool = True) -> torch.Tensor:
+             *, update_attacker: bool = True, keep_loss_value: bool = False) -> torch.Tensor:
         """Update the attacker (``k_steps``), then return the regularised loss.
 
         Args:
@@ -127,6 +127,10 @@ class PrivacyRegularizer:
                 attacker is updated.
             update_attacker: ``False`` skips the attacker update (e.g. on gradient-accumulation
                 micro-steps; pass ``accelerator.sync_gradients``).
+            keep_loss_value: return :meth:`keep_loss_value` of the result: the value of ``loss``
+                (so a trainer's loss display and trackers keep showing its denoising loss) with
+                the gradient of the regularised loss. The regularised value stays in
+                ``metrics()["regularized_loss"]``.
         Returns:
             ``loss / (beta + alpha * CE_m + delta)`` (smp) or ``loss - alpha * CE_m`` (mp).
         """
@@ -184,7 +188,25 @@ class PrivacyRegularizer:
                                            member_ce=ce_m.detach(), denominator=denominator.detach(), loss=out)
         if self.hook.smplora_on_metrics.get_hookimpls():
             self.hook.smplora_on_metrics(reg=self, step=self.global_step, metrics=self.metrics())
-        return out
+        return self.keep_loss_value(out, loss) if keep_loss_value else out
+
+    @staticmethod
+    def keep_loss_value(regularized: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """``regularized + (loss - regularized).detach()``: the value of ``loss`` (exactly) with the
+        gradient of ``regularized``.
+
+        Backpropagating it trains exactly as backpropagating ``regularized`` (also when scaled by a
+        ``GradScaler`` or divided for gradient accumulation, both linear), while everything that
+        reads its value (``loss.item()``, kohya's ``avr_loss``, the diffusers scripts' ``step_loss`` /
+        ``train_loss``) still reads the trainer's own denoising loss, not the SMP ratio.
+        """
+        if not isinstance(regularized, torch.Tensor) or not isinstance(loss, torch.Tensor):
+            raise FeatureError("keep_loss_value needs two tensors: the regularised loss and the trainer's loss.")
+        if regularized.shape != loss.shape:
+            raise FeatureError(f"keep_loss_value: the regularised loss has shape {tuple(regularized.shape)} but the "
+                               f"trainer's loss has {tuple(loss.shape)}; pass the loss that reg.step regularised.")
+        # (r - r.detach()) is exactly 0 in value, so the value is exactly the trainer's loss
+        return (regularized - regularized.detach()) + loss.detach().to(regularized.dtype)
 
     def wants_nonmembers(self, update_attacker: bool = True) -> bool:
         """Whether the next :meth:`step` needs fresh non-member features.

@@ -121,11 +121,11 @@ def _train(rank, world, root, accelerator=None):
                          for i in range(len(gids))])
         with (accelerator.accumulate(unet) if accelerator is not None else contextlib.nullcontext()):
             pred, target = forward(batch, [1000 * step + g for g in gids])
-            loss = F.mse_loss(pred.float(), target.float())
+            mse = F.mse_loss(pred.float(), target.float())
             sync = accelerator.sync_gradients if accelerator is not None else True
             nonmember = reg.nonmember_features(lambda b: forward(b, [500_000 + 1000 * step + g for g in gids]),
                                                sync=sync)
-            loss = reg.step(loss, reg.features(pred, target), nonmember, update_attacker=sync)
+            loss = reg.step(mse, reg.features(pred, target), nonmember, update_attacker=sync)
             if accelerator is not None:
                 accelerator.backward(loss)
             else:
@@ -135,7 +135,10 @@ def _train(rank, world, root, accelerator=None):
     result = {f"attacker.{k}": v for k, v in reg.attacker.state_dict().items()}
     model = accelerator.unwrap_model(unet) if accelerator is not None else unet
     result.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(model).items()})
-    result["loss"] = loss.detach().reshape(1)
+    # the regularised loss is the global one on every rank; the value reg.step returns is this rank's own
+    # denoising loss (what the script shows), its gradient the regularised loss's
+    result["loss"] = torch.tensor([reg.metrics()["regularized_loss"]])
+    result["shown_minus_mse"] = (loss.detach() - mse.detach()).abs().reshape(1)
     result["updates"] = torch.tensor([reg.attacker_updates, holdout.draws])
     return {k: v.detach().contiguous().clone() for k, v in result.items()}
 
@@ -174,6 +177,7 @@ def test_two_processes_match_each_other_and_a_single_process(tmp_path):
     assert r0["updates"].tolist() == r1["updates"].tolist() == single["updates"].tolist() == [STEPS, STEPS]
     for k in attacker_keys + lora_keys + ["loss"]:
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert r0["shown_minus_mse"].item() == r1["shown_minus_mse"].item() == single["shown_minus_mse"].item() == 0.0
     # training moved the LoRA and the attacker far beyond the tolerance (the comparison is meaningful)
     b_keys = [k for k in lora_keys if "lora_B" in k]
     assert max(single[k].abs().max().item() for k in b_keys) > 1e-3

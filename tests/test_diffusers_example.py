@@ -110,7 +110,7 @@ def test_metrics_logged_as_floats(runs):
     assert [r["smplora/attacker_updates"] for r in priv] == [1.0, 2.0, 3.0, 4.0]
     resumed = [json.loads(ln) for ln in (root / "outB" / "logs" / "logs.jsonl").read_text().splitlines()]
     assert [r for r in resumed if "smplora/step" in r] == priv[2:]      # steps 3 and 4 identical
-    assert "ce_m=" in b.stderr and "att_acc=" in b.stderr                 # progress bar postfix
+    assert "mia_ce=" in b.stderr and "mia_acc=" in b.stderr               # progress bar postfix
 
 
 def test_lora_file_is_annotated_and_loads_into_a_pipeline(runs):

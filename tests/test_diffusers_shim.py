@@ -251,7 +251,24 @@ def test_attacker_updates_once_per_optimizer_step_under_accumulation(folders, fr
     assert reg.attacker_updates == 2 and holdout.draws == 2 and reg.global_step == 6
     m = reg.log_dict()
     assert all(isinstance(v, float) for v in m.values()) and m["smplora/attacker_updates"] == 2.0
-    assert {"ce_m", "att_acc"} <= set(reg.progress_postfix())
+    assert {"mia_ce", "mia_acc"} <= set(reg.progress_postfix())
+
+
+def test_loss_display_and_start_up_summary(folders, fresh_accelerate, capsys):
+    """reg.step keeps the denoising loss's value (what step_loss / train_loss show) and attach() prints a
+    summary box, like kohya's, that says so."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    _, reg, holdout, _, one_step, _ = _tiny_setup(folders, acc)
+    text = capsys.readouterr().out
+    assert "SMP-LoRA" in text and f"{len(holdout)} images" in text and "NEVER trained on" in text
+    assert "step_loss / train_loss stay the script's denoising loss" in text and "mia_ce" in text
+    assert all(len(line) <= 78 for line in text.splitlines() if "/" not in line)
+    shown = one_step()
+    m = reg.metrics()
+    assert shown.item() == pytest.approx(m["adaptation_loss"], rel=1e-6)
+    assert abs(m["regularized_loss"] - m["adaptation_loss"]) > 1e-3 * m["adaptation_loss"]
 
 
 def test_held_out_forward_is_amortised_with_nonmember_every(folders, fresh_accelerate):

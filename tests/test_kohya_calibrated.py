@@ -370,7 +370,7 @@ def test_robust_run_trains_saves_and_resumes(data, tmp_path):  # noqa: F811
     assert reg.config.calibrated and reg.attacker_updates == 4 and reg.global_step == 4
     # an uncalibrated attacker cannot silently continue a calibrated one
     trainer = make_private_trainer(tn.NetworkTrainer)
-    with pytest.raises(StateError, match="different config"):
+    with pytest.raises(StateError, match=r"other privacy settings. To continue it, pass --privacy_calibrated \(this run: --no-privacy_calibrated\)"):
         trainer.train(parse(*kohya_args(data, tmp_path / "out3", "--resume", str(out / "lora-state")), *PRIV, *resume,
                             "--no-privacy_calibrated"))
     assert not (tmp_path / "out3").exists()

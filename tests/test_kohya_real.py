@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,33 @@ def test_real_train_network_privacy_metadata_and_resume(fixture_dir, tmp_path):
     metrics_c = json.loads(meta_c["smplora.metrics"])
     assert metrics_c["attacker_updates"] > 2          # continued from the 2 updates of run 1
     assert json.loads(meta_c["smplora.data"])["counts"] == {"member": 6, "nonmember": 4, "regularization": 2}
+
+
+def test_real_header_with_holdout_dir_equals_header_without(fixture_dir, tmp_path):
+    """issue 13: --privacy_holdout_dir reaches kohya as a dataset config, which would change kohya's ss_* keys;
+    the header must equal the one of the same --train_data_dir command without --privacy (apart from
+    smplora.* and per-run values), and a refused run must leave no file."""
+    fx = fixture_dir
+    common = ["--train_data_dir", str(fx / "train"), "--reg_data_dir", str(fx / "reg"), "--max_train_steps", "2",
+              "--flip_aug", "--keep_tokens", "1"]
+    plain_run = run_kohya(fx, tmp_path / "plain", *common, "--privacy", "none")
+    assert plain_run.returncode == 0, plain_run.stderr[-6000:]
+    priv_run = run_kohya(fx, tmp_path / "priv", *common, "--privacy_holdout_dir", str(fx / "holdout"), *PRIV)
+    assert priv_run.returncode == 0, priv_run.stderr[-6000:]
+    plain, priv = header(tmp_path / "plain" / "tiny.safetensors"), header(tmp_path / "priv" / "tiny.safetensors")
+    assert {k: v for k, v in priv.items() if not k.startswith("smplora.") and k not in VOLATILE} == \
+        {k: v for k, v in plain.items() if k not in VOLATILE}
+    assert "ss_resolution" in priv and "ss_bucket_info" in priv and "ss_datasets" not in priv
+    assert json.loads(priv["smplora.data"])["counts"]["nonmember"] == 4
+    assert "empty training side" in priv_run.stdout + priv_run.stderr
+    # the same command with a holdout image that is also a training image: refused, nothing written
+    bad = tmp_path / "bad_holdout" / "1_tiny"
+    shutil.copytree(fx / "holdout" / "1_tiny", bad)
+    first = sorted((fx / "train" / "5_tiny").glob("*.png"))[0]
+    shutil.copy(first, bad / "dup.png")
+    refused = run_kohya(fx, tmp_path / "refused", *common, "--privacy_holdout_dir", str(bad.parent), *PRIV)
+    assert refused.returncode == 2 and "byte-identical" in refused.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_real_bad_input_fails_before_training(fixture_dir, tmp_path):

@@ -96,9 +96,8 @@ def launch(*argv: str) -> int:
 
 
 # ---------------------------------------------------------------------------- end to end
-def test_launcher_run_writes_metadata_state_and_manifest(data, tmp_path, caplog):
+def test_launcher_run_writes_metadata_state_and_manifest(data, tmp_path, capsys):
     out = tmp_path / "out"
-    caplog.set_level(logging.INFO, logger="smplora.kohya")
     rc = launch("train_network.py", *kohya_args(data, out, "--reg_data_dir", str(data / "reg"),
                                                 "--max_train_steps", "4", "--save_every_n_steps", "2", "--save_state"),
                 "--privacy", "smplora", "--privacy_holdout_dir", str(data / "holdout"), "--privacy_alpha", "0.5",
@@ -127,7 +126,7 @@ def test_launcher_run_writes_metadata_state_and_manifest(data, tmp_path, caplog)
     sets = read_manifest(out / "lora_smplora_manifest.json")
     assert len(sets["member"]) == 6 and len(sets["nonmember"]) == 4 and len(sets["regularization"]) == 2
     assert all("/holdout/" in p for p in sets["nonmember"])
-    assert any("NEVER trained on" in r.getMessage() for r in caplog.records)
+    assert "NEVER trained on" in capsys.readouterr().out     # the start-up summary box
 
 
 def test_kohya_metadata_unchanged_and_privacy_none_is_plain(data, tmp_path):
@@ -141,7 +140,7 @@ def test_kohya_metadata_unchanged_and_privacy_none_is_plain(data, tmp_path):
     assert launch("train_network.py", *kohya_args(data, tmp_path / "b", *common), "--privacy", "smplora",
                   "--privacy_feature_grid", "4", "--privacy_attacker_hidden", "8") == 0
     a, b = header(tmp_path / "a" / "lora.safetensors"), header(tmp_path / "b" / "lora.safetensors")
-    volatile = {"ss_session_id", "ss_training_started_at"}
+    volatile = {"ss_session_id", "ss_training_started_at", "sshs_model_hash"}   # per run: the weights differ
     assert not [k for k in a if k.startswith("smplora.")]
     assert {k: v for k, v in b.items() if not k.startswith("smplora.") and k not in volatile} == \
         {k: v for k, v in a.items() if k not in volatile}
@@ -224,7 +223,7 @@ def test_gradient_accumulation_counts_exactly(data, tmp_path):
     assert "loss/current" in logs
 
 
-def test_validation_split_carve_out_is_seeded_announced_and_never_trained(data, tmp_path, caplog):
+def test_validation_split_carve_out_is_seeded_announced_and_never_trained(data, tmp_path, caplog, capsys):
     tn = standin()
     from smplora_plugin.holdout import read_manifest
     from smplora_plugin.integrations.kohya import private_trainer_class
@@ -251,7 +250,7 @@ def test_validation_split_carve_out_is_seeded_announced_and_never_trained(data, 
     carved = {Path(p).with_suffix(".caption").read_text() for p in sets["nonmember"]}
     assert trained_captions and not (carved & trained_captions)
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "CARVED OUT" in text and "validation_seed=5" in text
+    assert "CARVED OUT" in capsys.readouterr().out and "validation_seed=5" in text
 
 
 def test_resume_restores_attacker_state(data, tmp_path):
@@ -273,14 +272,20 @@ def test_resume_restores_attacker_state(data, tmp_path):
     trainer.train(args)
     reg = trainer.privacy_regularizer
     assert reg.attacker_updates == 4 and reg.global_step == 4      # continued from 2, not restarted
+    # kohya's ss_steps restarts on --resume; the header says where the attacker's count resumed
+    meta = header(tmp_path / "out2" / "lora.safetensors")
+    assert meta["ss_steps"] == "2" and json.loads(meta["smplora.metrics"])["step"] == 4
+    assert json.loads(meta["smplora.data"])["resumed_from_step"] == 2
     # a different config cannot silently continue an attacker
     trainer = make_private_trainer(tn.NetworkTrainer)
     args = parse(*kohya_args(data, tmp_path / "out3", "--resume", str(out / "lora-state")),
                  *priv[:-1], "16")
     from smplora_plugin.errors import StateError
 
-    with pytest.raises(StateError, match="different config"):
+    with pytest.raises(StateError, match="other privacy settings") as err:
         trainer.train(args)
+    # the message names the kohya flag that differs, with the saved value and this run's
+    assert "--privacy_attacker_hidden 8 (this run: --privacy_attacker_hidden 16)" in str(err.value)
     assert not (tmp_path / "out3").exists()         # refused before anything was written
 
 

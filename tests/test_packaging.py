@@ -1,8 +1,8 @@
 """The built wheel installs the shims from ./integrations as smplora_plugin.integrations.*."""
 
+import os
 import subprocess
 import sys
-import venv
 import zipfile
 from pathlib import Path
 
@@ -35,15 +35,57 @@ def test_wheel_maps_every_integration_module(wheel):
 
 
 def test_wheel_installs_and_imports_outside_the_source_tree(wheel, tmp_path):
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
-    py = env_dir / "bin" / "python"
-    # install the wheel into the venv without touching dependencies (torch etc. come from the system)
+    """The wheel, unpacked into a folder of its own without its dependencies, imports from there with this
+    interpreter's torch etc. Works in a virtualenv and in a system interpreter alike (a new venv would see
+    the base interpreter's packages, not this environment's)."""
+    target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
-                    "--prefix", str(env_dir), "--ignore-installed", str(wheel)], check=True)
-    code = ("import smplora_plugin, smplora_plugin.integrations, smplora_plugin.integrations.kohya as k;"
-            "print(smplora_plugin.__file__); print(k.__file__)")
-    res = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+                    "--target", str(target), str(wheel)], check=True)
+    code = ("import smplora_plugin, smplora_plugin.integrations, smplora_plugin.integrations.kohya as k,"
+            "smplora_plugin.integrations.diffusers as d;"
+            "print(smplora_plugin.__file__); print(k.__file__); print(d.__file__)")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
     files = res.stdout.split()
-    assert all(str(env_dir) in f for f in files), files
+    assert all(f.startswith(str(target)) for f in files), files
     assert files[1].endswith("smplora_plugin/integrations/kohya/__init__.py")
+
+
+def _requirements():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    return ([Requirement(r) for r in project["dependencies"]],
+            {name: [Requirement(r) for r in reqs] for name, reqs in extras.items()})
+
+
+# pins of kohya sd-scripts' requirements.txt (v0.10.1, 48d368fa; torch as installed here): installing the
+# core into a kohya environment must change none of them
+KOHYA_PINS = {"diffusers": "0.32.1", "transformers": "4.54.1", "accelerate": "1.6.0", "safetensors": "0.4.5",
+              "huggingface-hub": "0.34.3", "torch": "2.13.0"}
+
+
+def test_core_requirements_keep_kohya_pins():
+    core, extras = _requirements()
+    for req in core:
+        if req.name in KOHYA_PINS:
+            assert req.specifier.contains(KOHYA_PINS[req.name]), (req, KOHYA_PINS[req.name])
+    # the diffusers extra accepts kohya's versions too (one environment for both trainers)
+    for req in extras["diffusers"]:
+        if req.name in KOHYA_PINS:
+            assert req.specifier.contains(KOHYA_PINS[req.name]), (req, KOHYA_PINS[req.name])
+
+
+def test_diffusers_extra_holds_what_the_documented_use_needs():
+    _, extras = _requirements()
+    names = {r.name for r in extras["diffusers"]}
+    # the official train_text_to_image_lora.py loads data with `datasets` and logs to tensorboard by default
+    assert {"diffusers", "peft", "accelerate", "transformers", "datasets", "tensorboard"} <= names
+    # torchvision must match the installed torch exactly, so it is documented, not an extra: an unpinned
+    # torchvision in an extra would make pip replace torch with a newer (multi-GB) build
+    assert "torchvision" not in {r.name for reqs in extras.values() for r in reqs}
+    assert "torchvision==" in (ROOT / "README.md").read_text()

@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from smplora_plugin._io import atomic_write
 from smplora_plugin.errors import HoldoutError
 from smplora_plugin.holdout import check_disjoint, write_manifest
 
@@ -103,15 +104,9 @@ def holdout_dataset_config(args, holdout_dir: Path) -> Dict[str, Any]:
 
 
 def write_dataset_config(config: Dict[str, Any], path: Path) -> Path:
-    """Write atomically; every process of a multi-GPU run writes the same content (unique temp names)."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(config, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    """Write atomically, with the mode a plain ``open()`` gives (every process of a multi-GPU run may
+    write the same content: unique temporary names)."""
+    return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)))
 
 
 def is_main_process() -> bool:
@@ -226,9 +221,10 @@ def first_rows(value: Any, n: int, batch_size: int) -> Any:
     return value
 
 
-def check_and_record(train_group, val_group, *, manifest: Path, seed: int, source: str,
+def check_and_record(train_group, val_group, *, manifest: Optional[Path], seed: int, source: str,
                      extra: Optional[Dict[str, Any]] = None) -> Dict[str, List[str]]:
-    """Check members/reg vs non-members are disjoint by content; write the manifest. Returns the sets."""
+    """Check members/reg vs non-members are disjoint by content; write the manifest (unless ``manifest``
+    is ``None``: the caller writes it later with :func:`record`). Returns the sets."""
     members, regs = group_images(train_group)
     nonmembers, val_regs = group_images(val_group)
     nonmembers = sorted(set(nonmembers) | set(val_regs))
@@ -247,9 +243,15 @@ def check_and_record(train_group, val_group, *, manifest: Path, seed: int, sourc
     splits = {"member": members, "nonmember": nonmembers}
     if regs:
         splits["regularization"] = regs
-    if is_main_process():
-        write_manifest(manifest, splits, seed=seed, extra={"source": source, **(extra or {})})
+    if manifest is not None and is_main_process():
+        record(manifest, splits, seed=seed, source=source, extra=extra)
     return splits
+
+
+def record(manifest: Path, splits: Dict[str, List[str]], *, seed: int, source: str,
+           extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Write the member / non-member manifest (every file with its SHA-256, by set)."""
+    return write_manifest(manifest, splits, seed=seed, extra={"source": source, **(extra or {})})
 
 
 # ---------------------------------------------------------------------------- non-member draws

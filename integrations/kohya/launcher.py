@@ -194,9 +194,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         trainer_cls = find_trainer_class(module, train_network.NetworkTrainer)
         check_trainer_class(trainer_cls, where=str(script_path))
-        if not any(a == "--privacy" or a.startswith("--privacy=") for a in rest) and "--config_file" not in " ".join(rest):
-            print("smplora-kohya: no --privacy option given; training WITHOUT the SMP-LoRA defense "
-                  "(add --privacy smplora).", file=sys.stderr)
+        asks_help = any(a in ("-h", "--help") for a in rest)
+        if (not asks_help and not any(a == "--privacy" or a.startswith("--privacy=") for a in rest)
+                and "--config_file" not in " ".join(rest)):
+            print("smplora-kohya: no --privacy option given, so this run trains without the SMP-LoRA defense "
+                  "(add --privacy smplora --privacy_holdout_dir DIR to turn it on).", file=sys.stderr)
         run_script(module, script_path, trainer_cls, rest)
         return 0
     except KohyaVersionError as exc:

@@ -28,6 +28,8 @@ import inspect
 import json
 import logging
 import numbers
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -35,11 +37,13 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 from smplora_plugin import PrivacyRegularizer, __version__
-from smplora_plugin.errors import ConfigError, SmploraError
-from smplora_plugin.state import read_state
+from smplora_plugin.errors import ConfigError, SmploraError, StateError
+from smplora_plugin.state import config_from_state, read_state
 
+from ..summary import summary_box
 from . import data
-from .options import KohyaPrivacySettings, settings_from_namespace
+from . import header
+from .options import CONFIG_OPTIONS, KohyaPrivacySettings, settings_from_namespace
 
 logger = logging.getLogger("smplora.kohya")
 
@@ -121,6 +125,14 @@ class _Run:
         self.is_main = True
         self.reg_only_batches = 0
         self.output_dir = Path(".")
+        self.user_dataset_config = False          # the user gave --dataset_config themselves
+        self.dataset_config: Optional[Dict[str, Any]] = None   # the combined config the launcher passes kohya
+        self.dataset_config_path: Optional[Path] = None       # where it is kept once every check has passed
+        self.tmp_dir: Optional[Path] = None       # kohya reads the combined config from here until then
+        self.header_plan: Optional[header.HeaderPlan] = None
+        self.num_processes = 1
+        self.records: Optional[Dict[str, Any]] = None          # the manifest, written once every check passed
+        self.resumed_from_step = 0
 
     # ------------------------------------------------------------------ before kohya's train()
     def prepare_args(self, args) -> None:
@@ -137,6 +149,7 @@ class _Run:
                 "has no LoRA, so every calibrated feature would be 0. Use --privacy_preset paper or "
                 "--no-privacy_calibrated.")
         holdout_cfg = data.holdout_dataset_config(args, s.holdout_dir) if s.holdout_dir is not None else None
+        self.user_dataset_config = bool(getattr(args, "dataset_config", None))
         state_file = s.attacker_state
         resume = getattr(args, "resume", None)
         if state_file is None and resume and not getattr(args, "resume_from_huggingface", False):
@@ -147,15 +160,21 @@ class _Run:
                 logger.warning(f"SMP-LoRA: --resume {resume} holds no {STATE_DIR_FILE}; the proxy attacker starts "
                                "from scratch (pass --privacy_attacker_state FILE to continue one)")
         if state_file is not None:
-            self.reg.load_state_dict(read_state(state_file))  # validated whole; config must match
-            logger.warning(f"SMP-LoRA: attacker state restored from {state_file} "
-                           f"(step {self.reg.global_step}, {self.reg.attacker_updates} attacker updates)")
-        # 2. then point kohya at the non-member data
+            self.load_attacker_state(state_file)
+        # 2. then point kohya at the non-member data: the combined dataset config is read by kohya from a
+        # temporary folder; it is kept in the output folder only once every check has passed (write_records)
         if holdout_cfg is not None:
-            path = data.write_dataset_config(holdout_cfg, self.output_dir / f"{name}_smplora_dataset.json")
-            logger.warning(f"SMP-LoRA: --privacy_holdout_dir {s.holdout_dir} is added to your datasets as a "
-                           f"validation-only dataset (never trained on); kohya now reads the combined dataset config "
-                           f"{path}")
+            self.dataset_config = holdout_cfg
+            self.dataset_config_path = self.output_dir / f"{name}_smplora_dataset.json"
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix="smplora_kohya_"))
+            path = data.write_dataset_config(holdout_cfg, self.tmp_dir / self.dataset_config_path.name)
+            n_holdout = sum(len(images) for _, images in data.holdout_subfolders(s.holdout_dir))
+            logger.warning(
+                f"SMP-LoRA: --privacy_holdout_dir {s.holdout_dir} ({n_holdout} images) joins your datasets as a "
+                "validation-only dataset (validation_split = 1.0, never trained on). kohya logs 'contains 0 image "
+                "files' and 'ignore subset ... no images found' for its folders: that is the empty training side "
+                "of that dataset; its images are in kohya's validation dataset. Your LoRA's ss_* header is "
+                "written as without it.")
             args.dataset_config = str(path)
             self.source = f"holdout_dir:{Path(s.holdout_dir).name}"   # folder name only: metadata gets published
         if carve_out:
@@ -167,45 +186,85 @@ class _Run:
             self.source = (self.source + "+" if self.source else "") + \
                 f"validation_split:{getattr(args, 'validation_split', 0.0)}@seed{args.validation_seed}"
 
+    def load_attacker_state(self, state_file: Path) -> None:
+        """Restore a saved attacker; settings that differ from the saved ones are named by their kohya flags."""
+        state = read_state(state_file)
+        saved = config_from_state(state, state_file).algorithm_fields()
+        mine = self.reg.config.algorithm_fields()
+        differ = [k for k in mine if mine[k] != saved[k]]
+        if differ:
+            flags = ", ".join(f"{_flag(k, saved[k])} (this run: {_flag(k, mine[k])})" for k in differ)
+            raise StateError(
+                f"the attacker state {state_file} was saved with other privacy settings. To continue it, pass "
+                f"{flags}; or start a new attacker (move {state_file} away, or drop --privacy_attacker_state). "
+                "Nothing was trained.")
+        self.reg.load_state_dict(state)
+        self.resumed_from_step = self.reg.global_step
+        logger.warning(
+            f"SMP-LoRA: attacker state restored from {state_file} (step {self.reg.global_step}, "
+            f"{self.reg.attacker_updates} attacker updates). smplora.metrics.step counts every step since the first "
+            "run; kohya restarts its own count (ss_steps) on --resume unless --skip_until_initial_step is given, so "
+            f"the two then differ by {self.reg.global_step}.")
+
+    def write_records(self) -> None:
+        """The manifest and the combined dataset config, written once every check has passed."""
+        if self.records is not None and self.manifest is not None:
+            data.record(self.manifest, **self.records)
+            self.records = None
+        if self.dataset_config is not None and self.dataset_config_path is not None:
+            data.write_dataset_config(self.dataset_config, self.dataset_config_path)
+            self.dataset_config = None
+
+    def cleanup(self) -> None:
+        """Remove the temporary copy of the combined dataset config."""
+        if self.tmp_dir is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self.tmp_dir = None
+
     # ------------------------------------------------------------------ assert_extra_args
     def setup_datasets(self, args, train_group, val_group) -> None:
         holdout = self.settings.holdout_dir
-        splits = data.check_and_record(
-            train_group, val_group, manifest=self.manifest, seed=self.settings.config.seed,
-            source=self.source or "validation",
-            extra={"holdout_dir": str(holdout.resolve()) if holdout is not None else None,
-                   "validation_split": getattr(args, "validation_split", None),
-                   "validation_seed": getattr(args, "validation_seed", None), "smplora_version": __version__})
+        source = self.source or "validation"
+        extra = {"holdout_dir": str(holdout.resolve()) if holdout is not None else None,
+                 "validation_split": getattr(args, "validation_split", None),
+                 "validation_seed": getattr(args, "validation_seed", None), "smplora_version": __version__}
+        splits = data.check_and_record(train_group, val_group, manifest=None, seed=self.settings.config.seed,
+                                       source=source, extra=extra)
+        self.records = {"splits": splits, "seed": self.settings.config.seed, "source": source, "extra": extra}
+        if self.dataset_config is not None:   # kohya has read the combined config: point args at the kept copy
+            self.header_plan = header.plan(self.user_dataset_config, train_group, val_group)
+            args.dataset_config = str(self.dataset_config_path)
+            self.cleanup()
         data.tag_subsets(train_group, lambda sub: "reg" if getattr(sub, "is_reg", False) else "member")
         data.tag_subsets(val_group, lambda sub: "nonmember")
         self.val_group = val_group
         self.counts = {k: len(v) for k, v in splits.items()}
         carved = [p for p in splits["nonmember"]
                   if holdout is None or not Path(p).resolve().is_relative_to(Path(holdout).resolve())]
+        cfg = self.settings.config
         lines = [
-            "=" * 40,
-            f"SMP-LoRA (smplora-plugin {__version__}): {self.settings.config.objective} objective, "
-            f"alpha={self.settings.config.alpha}, beta={self.settings.config.beta}, k_steps={self.settings.config.k_steps}",
-            *(["  base-calibrated features: one extra no-grad forward per batch with the LoRA switched off "
-               "(network.set_multiplier(0))"] if self.settings.config.calibrated else []),
-            *([f"  privacy fraction {self.settings.config.privacy_fraction:g}: the privacy term sees the first "
-               f"ceil({self.settings.config.privacy_fraction:g} x batch) member images of each batch; held-out forwards "
-               "run on that many images" + ("; the base forward of a training batch still runs on the whole batch "
-               "(kohya draws its noise and timesteps for the whole batch at once)" if self.settings.config.calibrated
-               else "")] if self.settings.config.privacy_fraction < 1 else []),
-            f"  members (trained on, shown to the proxy attacker): {len(splits['member'])} images",
-            f"  non-members (NEVER trained on):                    {len(splits['nonmember'])} images "
-            f"[{self.source or 'validation dataset'}]",
+            f"SMP-LoRA (smplora-plugin {__version__}): {cfg.objective} objective, alpha={cfg.alpha}, "
+            f"beta={cfg.beta}, k_steps={cfg.k_steps}",
+            *(["base-calibrated features: one extra no-grad forward per batch with the LoRA switched off "
+               "(network.set_multiplier(0))"] if cfg.calibrated else []),
+            *([f"privacy fraction {cfg.privacy_fraction:g}: the privacy term sees the first "
+               f"ceil({cfg.privacy_fraction:g} x batch) member images of each batch; held-out forwards run on that "
+               "many images" + ("; the base forward of a training batch still runs on the whole batch (kohya draws "
+                                "its noise and timesteps for the whole batch at once)" if cfg.calibrated else "")]
+              if cfg.privacy_fraction < 1 else []),
+            f"members (trained on, shown to the proxy attacker): {len(splits['member'])} images",
+            f"non-members (NEVER trained on): {len(splits['nonmember'])} images [{self.source or 'validation dataset'}]",
         ]
         if carved:
-            lines.append(f"  !! {len(carved)} image(s) were CARVED OUT of your training folders as non-members and "
+            lines.append(f"!! {len(carved)} image(s) were CARVED OUT of your training folders as non-members and "
                          f"will NOT be trained on: {data.describe(carved)}")
         if splits.get("regularization"):
-            lines.append(f"  regularisation images (trained on, never shown to the attacker): "
+            lines.append(f"regularisation images (trained on, never shown to the attacker): "
                          f"{len(splits['regularization'])}")
-        lines += [f"  manifest: {self.manifest}", "=" * 40]
-        for line in lines:
-            logger.warning(line)
+        lines += [f"manifest: {self.manifest}",
+                  "loss display: avr_loss stays kohya's denoising loss; the progress bar adds mia_ce / mia_acc"]
+        if data.is_main_process():
+            print(summary_box(lines), flush=True)
 
     # ------------------------------------------------------------------ per step
     def check_network(self, network: Any, accelerator: Any, args: Any) -> Any:
@@ -268,6 +327,10 @@ class _Run:
         if not self.switch_checked:   # trainers without post_process_network: still before the first forward
             self.check_network(bound.arguments["network"], acc, bound.arguments["args"])
         self.is_main = bool(getattr(acc, "is_main_process", True))
+        self.num_processes = int(getattr(acc, "num_processes", 1) or 1)
+        args = bound.arguments["args"]
+        if self.is_main:
+            self.write_records()     # every check has passed: the first training step is about to run
         network = bound.arguments["network"]
         unwrap = getattr(acc, "unwrap_model", None)
         net = unwrap(network) if unwrap is not None else network
@@ -275,6 +338,11 @@ class _Run:
         run = self
 
         def save_weights(file, *a, **kw):
+            if run.header_plan is not None:   # kohya's ss_* keys as without the holdout block
+                if len(a) >= 2 and isinstance(a[1], dict):
+                    a = (a[0], header.restore(a[1], run.header_plan, args, run.num_processes), *a[2:])
+                elif isinstance(kw.get("metadata"), dict):
+                    kw["metadata"] = header.restore(kw["metadata"], run.header_plan, args, run.num_processes)
             out = original(file, *a, **kw)
             run.after_checkpoint(file)
             return out
@@ -337,7 +405,8 @@ class _Run:
         nonmember = None
         if sync and self.reg.wants_nonmembers(update_attacker=True):
             nonmember = self.nonmember_features(trainer, bound)
-        return self.reg.step(loss, member, nonmember, update_attacker=sync)
+        # keep_loss_value: kohya's avr_loss keeps showing the denoising loss; the gradient is the regularised one's
+        return self.reg.step(loss, member, nonmember, update_attacker=sync, keep_loss_value=True)
 
     def nonmember_features(self, trainer, bound: inspect.BoundArguments) -> torch.Tensor:
         """One no-grad forward of the current model on a kohya validation (non-member) batch, cut to its first
@@ -405,7 +474,8 @@ class _Run:
         meta["smplora.data"] = json.dumps({"source": self.source or "validation", "counts": self.counts,
                                            "manifest": self.manifest.name if self.manifest else None,
                                            "reg_only_batches": self.reg_only_batches,
-                                           "feature_rows": self.feature_rows}, sort_keys=True)
+                                           "feature_rows": self.feature_rows,
+                                           "resumed_from_step": self.resumed_from_step}, sort_keys=True)
         return meta
 
 
@@ -426,11 +496,16 @@ class SmploraTrainerMixin:
             self._smplora = None
             return super().train(args, *rest, **kw)
         run = _Run(settings)
-        run.prepare_args(args)     # every check that needs no dataset runs here, before kohya starts
+        try:
+            run.prepare_args(args)     # every check that needs no dataset runs here, before kohya starts
+        except BaseException:
+            run.cleanup()
+            raise
         self._smplora = run
         try:
             return super().train(args, *rest, **kw)
         finally:
+            run.cleanup()
             if run.reg_only_batches:
                 logger.info(f"SMP-LoRA: {run.reg_only_batches} batch(es) held only regularisation images and "
                             "were trained without the privacy term")
@@ -520,3 +595,19 @@ def _all_ranks_have(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+_FIELD_FLAGS = {field: name for name, (field, _, _) in CONFIG_OPTIONS.items()}
+
+
+def _flag(field: str, value: Any) -> str:
+    """A config field and value as the kohya option that sets it."""
+    if field == "objective":
+        return f"--privacy {'smplora' if value == 'smp' else 'mplora'}"
+    if field == "calibrated":
+        return "--privacy_calibrated" if value else "--no-privacy_calibrated"
+    if field == "hidden":
+        value = ",".join(str(v) for v in value)
+    elif field == "feature_grid":
+        value = 0 if value is None else ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+    return f"--{_FIELD_FLAGS.get(field, 'privacy_' + field)} {value}"

@@ -2,6 +2,7 @@
 signatures, and a small training loop that calls them in sd-scripts' order."""
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -54,7 +55,19 @@ class TinyLoRANetwork(torch.nn.Module):
 
     def save_weights(self, file, dtype, metadata):
         sd = {k: v.detach().clone().cpu() for k, v in self.state_dict().items()}
+        if metadata:   # as sd-scripts: a hash over the tensors and the ss_* keys, computed here
+            metadata = dict(metadata)
+            metadata["sshs_model_hash"] = ss_hash(sd, metadata)
         save_file(sd, file, metadata or None)
+
+
+def ss_hash(tensors, metadata):
+    """The stand-in's sshs_model_hash: SHA-256 over the ss_* keys and the tensors."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in sorted(metadata.items()) if k.startswith("ss_")}).encode())
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].contiguous().numpy().tobytes())
+    return h.hexdigest()
 
     def load_weights(self, file):
         return self.load_state_dict(load_file(file))
@@ -139,6 +152,7 @@ class NetworkTrainer:
         return loss.mean()
 
     def train(self, args):
+        use_user_config = args.dataset_config is not None
         if args.seed is None:
             args.seed = random.randint(0, 2**31)
         random.seed(args.seed)
@@ -187,8 +201,9 @@ class NetworkTrainer:
                     "ss_network_dim": args.network_dim, "ss_num_train_images": train_group.num_train_images,
                     "ss_num_reg_images": train_group.num_reg_images,
                     "ss_num_validation_images": val_group.num_train_images if val_group is not None else 0,
-                    "ss_validation_split": args.validation_split}
+                    "ss_validation_split": args.validation_split, "ss_validation_seed": args.validation_seed}
         self.update_metadata(metadata, args)
+        metadata.update(dataset_metadata(use_user_config, train_group, args, accelerator.num_processes))
         metadata = {k: str(v) for k, v in metadata.items()}
 
         def save_model(ckpt_name, unwrapped_nw, steps, epoch_no):
@@ -249,6 +264,41 @@ class NetworkTrainer:
         self.final_global_step = global_step
 
 
+def dataset_metadata(use_user_config, train_group, args, num_processes):
+    """The dataset keys of sd-scripts' header: with a dataset config one ss_datasets list (and merged tag
+    frequencies / folders); without one, per-dataset keys of the single dataset."""
+    if use_user_config:
+        datasets, freq, dirs = [], {}, {}
+        for ds in train_group.datasets:
+            datasets.append({"batch_size_per_device": ds.batch_size, "num_train_images": ds.num_train_images,
+                             "resolution": (ds.width, ds.height), "enable_bucket": ds.enable_bucket,
+                             "tag_frequency": ds.tag_frequency, "bucket_info": ds.bucket_info,
+                             "subsets": [{"img_count": s.img_count, "num_repeats": s.num_repeats,
+                                          "image_dir": os.path.basename(s.image_dir), "is_reg": s.is_reg}
+                                         for s in ds.subsets]})
+            for s in ds.subsets:
+                if not s.is_reg:
+                    dirs[os.path.basename(s.image_dir)] = {"n_repeats": s.num_repeats, "img_count": s.img_count}
+            for name, tags in ds.tag_frequency.items():
+                freq.setdefault(name, tags)
+        return {"ss_datasets": json.dumps(datasets), "ss_tag_frequency": json.dumps(freq),
+                "ss_dataset_dirs": json.dumps(dirs)}
+    (ds,) = train_group.datasets
+    dirs, reg_dirs = {}, {}
+    for s in ds.subsets:
+        (reg_dirs if s.is_reg else dirs)[os.path.basename(s.image_dir)] = {"n_repeats": s.num_repeats,
+                                                                           "img_count": s.img_count}
+    return {"ss_batch_size_per_device": args.train_batch_size,
+            "ss_total_batch_size": args.train_batch_size * num_processes * args.gradient_accumulation_steps,
+            "ss_resolution": args.resolution, "ss_color_aug": bool(args.color_aug), "ss_flip_aug": bool(args.flip_aug),
+            "ss_random_crop": bool(args.random_crop), "ss_shuffle_caption": bool(args.shuffle_caption),
+            "ss_enable_bucket": bool(ds.enable_bucket), "ss_bucket_no_upscale": bool(ds.bucket_no_upscale),
+            "ss_min_bucket_reso": ds.min_bucket_reso, "ss_max_bucket_reso": ds.max_bucket_reso,
+            "ss_keep_tokens": args.keep_tokens, "ss_dataset_dirs": json.dumps(dirs),
+            "ss_reg_dataset_dirs": json.dumps(reg_dirs), "ss_tag_frequency": json.dumps(ds.tag_frequency),
+            "ss_bucket_info": json.dumps(ds.bucket_info)}
+
+
 def setup_parser():
     p = argparse.ArgumentParser()
     p.add_argument("--config_file", type=str, default=None)
@@ -275,6 +325,13 @@ def setup_parser():
     p.add_argument("--validation_split", type=float, default=0.0)
     p.add_argument("--validation_seed", type=int, default=None)
     p.add_argument("--progress", action="store_true", help="show the progress bar")
+    p.add_argument("--resolution", type=str, default="8,8")
+    p.add_argument("--enable_bucket", action="store_true")
+    p.add_argument("--color_aug", action="store_true")
+    p.add_argument("--flip_aug", action="store_true")
+    p.add_argument("--random_crop", action="store_true")
+    p.add_argument("--shuffle_caption", action="store_true")
+    p.add_argument("--keep_tokens", type=int, default=0)
     return p
 
 

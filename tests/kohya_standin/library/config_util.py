@@ -54,7 +54,11 @@ def generate_dataset_groups(user_config, args):
                 class_tokens=s.get("class_tokens"), custom_attributes=s.get("custom_attributes"),
                 caption_extension=_pick("caption_extension", s, ds, general, argd, default=".caption")))
         plw = float(_pick("prior_loss_weight", ds, general, argd, default=1.0))
-        train.append(train_util.DreamBoothDataset(subsets, bs, True, split, seed, plw))
+        reso = _pick("resolution", ds, general, argd, default="8,8")
+        reso = tuple(int(v) for v in str(reso).split(","))
+        reso = reso * 2 if len(reso) == 1 else reso
+        opts = dict(resolution=reso, enable_bucket=bool(_pick("enable_bucket", ds, general, argd, default=False)))
+        train.append(train_util.DreamBoothDataset(subsets, bs, True, split, seed, plw, **opts))
         if split > 0:
-            val.append(train_util.DreamBoothDataset(subsets, bs, False, split, seed, plw))
+            val.append(train_util.DreamBoothDataset(subsets, bs, False, split, seed, plw, **opts))
     return train_util.DatasetGroup(train), (train_util.DatasetGroup(val) if val else None)

@@ -1,6 +1,7 @@
 """Stand-in for sd-scripts' library/train_util.py (datasets, TOML config reading)."""
 
 import argparse
+import logging
 import os
 import random
 import tomllib
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+logger = logging.getLogger("standin.train_util")
 
 IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".PNG", ".JPG", ".JPEG", ".WEBP", ".BMP"]
 
@@ -25,6 +28,7 @@ class Subset:
         self.image_dir, self.num_repeats, self.is_reg = image_dir, num_repeats, is_reg
         self.class_tokens, self.caption_extension = class_tokens, caption_extension
         self.custom_attributes = custom_attributes if custom_attributes is not None else {}
+        self.img_count = 0
 
 
 def glob_images(directory):
@@ -41,9 +45,14 @@ def image_latents(path):
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    def __init__(self, subsets, batch_size, is_training_dataset, validation_split, validation_seed, prior_loss_weight=1.0):
+    def __init__(self, subsets, batch_size, is_training_dataset, validation_split, validation_seed, prior_loss_weight=1.0,
+                 resolution=(8, 8), enable_bucket=False, min_bucket_reso=256, max_bucket_reso=1024):
         self.batch_size, self.is_training_dataset = batch_size, is_training_dataset
         self.prior_loss_weight = prior_loss_weight
+        self.width, self.height = resolution
+        self.enable_bucket, self.bucket_no_upscale = enable_bucket, False
+        self.min_bucket_reso, self.max_bucket_reso = min_bucket_reso, max_bucket_reso
+        self.tag_frequency = {}    # as sd-scripts: folder name -> tag -> count, set for every subset read
         self.image_data, self.image_to_subset, self.subsets = {}, {}, []
         self.num_train_images = self.num_reg_images = 0
         keys = []
@@ -57,11 +66,21 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                     random.Random(validation_seed).shuffle(order)
                     n_val = int(round(len(order) * validation_split))
                     paths = order[: len(order) - n_val] if is_training_dataset else order[len(order) - n_val:]
-            if not paths:
-                continue
+            logger.info(f"found directory {subset.image_dir} contains {len(paths)} image files")
+            captions = []
             for p in paths:
                 cap_file = Path(p).with_suffix(subset.caption_extension)
-                caption = cap_file.read_text() if cap_file.is_file() else (subset.class_tokens or "")
+                captions.append(cap_file.read_text() if cap_file.is_file() else (subset.class_tokens or ""))
+            freq = self.tag_frequency.setdefault(os.path.basename(subset.image_dir), {})
+            for caption in captions:
+                for tag in (t.strip() for t in caption.split(",")):
+                    if tag:
+                        freq[tag] = freq.get(tag, 0) + 1
+            if not paths:
+                logger.warning(f"ignore subset with image_dir='{subset.image_dir}': no images found")
+                continue
+            subset.img_count = len(paths)
+            for p, caption in zip(paths, captions):
                 info = ImageInfo(p, subset.num_repeats, caption, subset.is_reg, os.path.abspath(p))
                 self.image_data[p] = info
                 self.image_to_subset[p] = subset
@@ -72,6 +91,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                     self.num_train_images += subset.num_repeats
             self.subsets.append(subset)
         self.batches = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+        self.bucket_info = {"buckets": {0: {"resolution": [self.width, self.height], "count": len(keys)}},
+                            "mean_img_ar_error": 0.0}
 
     def __len__(self):
         return len(self.batches)
