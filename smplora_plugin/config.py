@@ -42,9 +42,13 @@ class PrivacyConfig:
         attacker_lr: Adam learning rate of the attacker (paper: 1e-5). Too low and the proxy
             never catches the leakage of a small model; too high and it is noisy.
         attacker_weight_decay: Adam weight decay of the attacker (paper: 1e-4).
-        feature_grid: loss maps are average-pooled per channel to this grid (int or (h, w))
-            so any resolution or bucket gives the same attacker input; 64 is the identity
-            for SD1.5's 64x64 latents. ``None`` flattens unpooled maps (sizes must not change).
+        feature_grid: loss maps are average-pooled per channel down to this grid (int or (h, w)),
+            capped at the first batch's map size (never pooled up), and that size is kept for
+            the run, so any resolution or bucket gives the same attacker input. The default 16
+            pools SD1.5's 64x64 latents to 16x16 cells of 4x4: a 1024-wide attacker input and an
+            attacker state of about 8 MB (64, the paper's input at SD1.5, costs a 16384-wide
+            input and about 100 MB; benchmarks/RESULTS.md). ``None`` flattens unpooled maps
+            (sizes must not change).
         calibrated: the attacker sees base-calibrated loss maps, ``(pred - target)^2 -
             (base_pred - target)^2``, where ``base_pred`` is the prediction of the model with the
             LoRA disabled at the same noisy input (pass ``reference=`` to ``reg.features``). It
@@ -73,7 +77,7 @@ class PrivacyConfig:
     dropout: float = 0.5
     attacker_lr: float = 1e-5
     attacker_weight_decay: float = 1e-4
-    feature_grid: GridLike = 64
+    feature_grid: GridLike = 16
     calibrated: bool = False
     privacy_fraction: float = 1.0
     nonmember_every: int = 4
