@@ -11,7 +11,8 @@ through unchanged:
   (``set_multiplier``), right after kohya creates it;
 - ``get_noise_pred_and_target``: capture ``(pred, target, timesteps)`` of a forward; with calibrated
   features, first replay the same call (same RNG draws, hence the same noisy latents and timesteps,
-  same conditioning) under ``no_grad`` with the LoRA at multiplier 0: the base prediction;
+  same conditioning; the streams are restored afterwards) under ``no_grad`` with the LoRA at multiplier 0,
+  the denoiser running on the privacy rows only (:mod:`.base_forward`): the base prediction;
 - ``process_batch``: while training only, feed the core (``reg.features``, ``reg.step``) with the first
   ``reg.privacy_rows(m)`` of the batch's ``m`` member rows, with one no-grad forward on a kohya validation
   batch cut to ``reg.privacy_rows(its size)`` rows when the attacker is due an update;
@@ -28,9 +29,9 @@ import inspect
 import json
 import logging
 import numbers
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -38,7 +39,7 @@ from smplora_plugin import PrivacyRegularizer, __version__
 from smplora_plugin.errors import ConfigError, SmploraError
 from smplora_plugin.state import read_state
 
-from . import data
+from . import base_forward, data
 from .options import KohyaPrivacySettings, settings_from_namespace
 
 logger = logging.getLogger("smplora.kohya")
@@ -101,6 +102,19 @@ def lora_off(net: Any) -> Iterator[None]:
         net.set_multiplier(previous)
 
 
+class _Base(NamedTuple):
+    """A replayed base prediction: ``pred`` (valid on ``rows``; the whole batch when ``rows`` is None),
+    the replay's ``target`` and timesteps ``t``, and the denoiser inputs of its cut forwards."""
+
+    pred: torch.Tensor
+    target: Any
+    t: Any
+    rows: Optional[Sequence[int]]
+    size: Optional[int]
+    inputs: List[Any]
+    denoiser: Any
+
+
 class _Run:
     """Per-``train()`` state of the privacy regulariser inside a kohya run."""
 
@@ -111,6 +125,7 @@ class _Run:
         self.captured = None
         self.batch_args: Optional[Dict[str, Any]] = None   # process_batch arguments of the forward being captured
         self.switch_checked = False
+        self.warned_whole_base = False
         self.feature_rows = {"member": 0, "nonmember": 0}   # samples that fed the privacy term in this run
         self.val_group = None
         self.pool: Optional[data.NonmemberPool] = None
@@ -190,9 +205,8 @@ class _Run:
                "(network.set_multiplier(0))"] if self.settings.config.calibrated else []),
             *([f"  privacy fraction {self.settings.config.privacy_fraction:g}: the privacy term sees the first "
                f"ceil({self.settings.config.privacy_fraction:g} x batch) member images of each batch; held-out forwards "
-               "run on that many images" + ("; the base forward of a training batch still runs on the whole batch "
-               "(kohya draws its noise and timesteps for the whole batch at once)" if self.settings.config.calibrated
-               else "")] if self.settings.config.privacy_fraction < 1 else []),
+               "run on that many images" + ("; so does the base forward (the LoRA-off denoiser forward) of a training "
+               "batch" if self.settings.config.calibrated else "")] if self.settings.config.privacy_fraction < 1 else []),
             f"  members (trained on, shown to the proxy attacker): {len(splits['member'])} images",
             f"  non-members (NEVER trained on):                    {len(splits['nonmember'])} images "
             f"[{self.source or 'validation dataset'}]",
@@ -216,22 +230,44 @@ class _Run:
         self.switch_checked = True
         return net
 
-    def base_prediction(self, trainer, call: Callable, a: tuple, kw: dict) -> Tuple[torch.Tensor, Any, Any]:
-        """``(base_pred, target, timesteps)`` of ``call(*a, **kw)`` (the trainer's ``get_noise_pred_and_target``)
-        replayed under ``no_grad`` with the LoRA switched off, then every RNG stream put back so that the
-        forward that follows draws the same noise and timesteps, i.e. runs at the same noisy input.
+    def base_rows(self, batch: Any, size: int, is_train: bool) -> List[int]:
+        """Rows of a batch of ``size`` whose base prediction the privacy term reads: the first
+        ``reg.privacy_rows(m)`` of its ``m`` member rows in a training batch (as :meth:`regularize` takes
+        them), every row of a held-out batch (already cut to its privacy rows by :meth:`nonmember_features`)."""
+        if not is_train:
+            return list(range(size))
+        rows = data.member_rows(batch if isinstance(batch, dict) else {}, size)
+        return rows[: self.reg.privacy_rows(len(rows))] if rows else []
 
-        The replay runs on the batch the forward gets, whole, also when ``privacy_fraction`` < 1 keeps only its
-        first rows: sd-scripts draws the noise of the whole batch and then its timesteps from one generator, so
-        a replay on fewer rows would draw other timesteps for them (``tests/test_kohya_fraction.py``). Held-out
-        batches are cut before their forward (:meth:`nonmember_features`), so their replay is cut too."""
+    def base_prediction(self, trainer, call: Callable, a: tuple, kw: dict) -> Optional[_Base]:
+        """The base prediction of ``call(*a, **kw)`` (the trainer's ``get_noise_pred_and_target``), or ``None``
+        when the batch has no row for the privacy term.
+
+        The call is replayed under ``no_grad`` with the LoRA switched off, and every RNG stream is put back
+        afterwards, so the forward that follows draws the same noise and timesteps (the replay draws nothing
+        the trainer would see). During the replay the denoiser (the call's ``unet`` argument: UNet or DiT) runs
+        on the privacy rows only (:func:`base_forward.cut_forward`: every batch-leading tensor argument, kwargs
+        included, is cut), and the trainer's own post-processing (SD3 / FLUX preconditioning) turns its output
+        into a prediction in the training forward's space. The replay must run on the whole batch: sd-scripts
+        draws the noise of the whole batch and then its timesteps from one generator, so a replay on fewer
+        rows would draw other timesteps for them (``tests/test_kohya_fraction.py``)."""
         bound = inspect.signature(call).bind(*a, **kw)
         arg = bound.arguments
         net = self.check_network(arg["network"], arg["accelerator"], arg["args"])
+        latents = arg.get("latents")
+        size = int(latents.shape[0]) if isinstance(latents, torch.Tensor) and latents.ndim else \
+            data.batch_rows(arg.get("batch"))
+        rows = None if size is None else self.base_rows(arg.get("batch"), size, bool(arg.get("is_train", True)))
+        if rows is not None and not rows:
+            return None
+        denoiser = arg.get("unet")
+        cut = isinstance(denoiser, torch.nn.Module) and rows is not None and rows != list(range(size))
+        record: List[base_forward.Inputs] = []
         arg["is_train"] = False    # in sd-scripts' trainers it only switches autograd off
-        snap = data.rng_snapshot(getattr(arg["latents"], "device", None))
+        snap = data.rng_snapshot(getattr(latents, "device", None))
         try:
-            with torch.no_grad(), lora_off(net):
+            with torch.no_grad(), lora_off(net), \
+                    (base_forward.cut_forward(denoiser, rows, size, record) if cut else nullcontext()):
                 out = call(*bound.args, **bound.kwargs)
         finally:
             data.rng_restore(snap)
@@ -239,27 +275,35 @@ class _Run:
         names = ("args", "accelerator", "network", "text_encoders", "unet", "batch", "weight_dtype")
         if all(n in b for n in names):  # kohya's hook after a forward without backward (block swapping re-arms)
             trainer.on_validation_step_end(*(b[n] for n in names))
-        return out[0].detach(), out[1], out[2] if len(out) > 2 else None
+        if cut and not record and not self.warned_whole_base:
+            self.warned_whole_base = True
+            logger.warning(f"SMP-LoRA: {type(trainer).__name__}.get_noise_pred_and_target did not call its 'unet' "
+                           "argument, so the base forward of calibrated features ran on the whole batch, not only on "
+                           "the privacy rows (correct, but slower)")
+        return _Base(out[0].detach(), out[1], out[2] if len(out) > 2 else None,
+                     rows if record else None, size, record, denoiser)
 
     @staticmethod
-    def check_replay(trainer, base: Tuple[torch.Tensor, Any, Any], out: tuple, batch: Any) -> torch.Tensor:
-        """The base prediction, once the replay is shown to have drawn the same timesteps and target."""
-        base_pred, base_target, base_t = base
+    def check_replay(trainer, base: _Base, out: tuple, batch: Any,
+                     inputs: Optional[List[base_forward.Inputs]] = None) -> torch.Tensor:
+        """The base prediction, once the replay is shown to have drawn the same timesteps and target, and to
+        have given the denoiser the training forward's own inputs (``inputs``) on the rows it kept."""
         pred, target = out[0], out[1]
         t = out[2] if len(out) > 2 else None
         rows = [i for i, attrs in enumerate((batch or {}).get("custom_attributes") or [])
                 if (attrs or {}).get("diff_output_preservation")]   # DOP targets are predictions: not compared
         keep = [i for i in range(target.shape[0]) if i not in rows]
-        same_t = not isinstance(t, torch.Tensor) or (isinstance(base_t, torch.Tensor) and torch.equal(base_t, t))
-        same_target = (isinstance(base_target, torch.Tensor) and base_target.shape == target.shape
-                       and torch.allclose(base_target[keep].float(), target[keep].detach().float(), rtol=1e-3, atol=1e-4))
-        if not (same_t and same_target and base_pred.shape == pred.shape):
+        same_t = not isinstance(t, torch.Tensor) or (isinstance(base.t, torch.Tensor) and torch.equal(base.t, t))
+        same_target = (isinstance(base.target, torch.Tensor) and base.target.shape == target.shape
+                       and torch.allclose(base.target[keep].float(), target[keep].detach().float(), rtol=1e-3, atol=1e-4))
+        same_inputs = base.rows is None or base_forward.same_inputs(base.inputs, inputs or [], base.rows, base.size)
+        if not (same_t and same_target and same_inputs and base.pred.shape == pred.shape):
             raise SmploraError(
                 f"{type(trainer).__name__}.get_noise_pred_and_target drew different noise or timesteps when it was "
                 "replayed for the base prediction of calibrated features (it uses a random source other than the "
                 "global torch / Python / NumPy generators), so the base prediction would not be at the same noisy "
                 "input. Train without calibrated features: --privacy_preset paper or --no-privacy_calibrated.")
-        return base_pred
+        return base.pred
 
     def hook_up(self, trainer, bound: inspect.BoundArguments) -> None:
         """One-time: state next to each checkpoint, state in --save_state folders, progress bar."""
@@ -455,11 +499,14 @@ class SmploraTrainerMixin:
         if run is None or not run.capturing:
             return call(*a, **kw)
         base = run.base_prediction(self, call, a, kw) if run.reg.config.calibrated else None
-        out = call(*a, **kw)
+        inputs: list = []
+        with (base_forward.record_inputs(base.denoiser, base.size, inputs) if base is not None and base.rows is not None
+              else nullcontext()):
+            out = call(*a, **kw)
         reference = None
         if base is not None:
             batch = inspect.signature(call).bind(*a, **kw).arguments.get("batch")
-            reference = run.check_replay(self, base, out, batch)
+            reference = run.check_replay(self, base, out, batch, inputs)
         run.captured = (out[0], out[1], out[2] if len(out) > 2 else None, reference)
         return out
 
