@@ -29,9 +29,10 @@ import inspect
 import json
 import logging
 import numbers
+import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -126,6 +127,7 @@ class _Run:
         self.batch_args: Optional[Dict[str, Any]] = None   # process_batch arguments of the forward being captured
         self.switch_checked = False
         self.warned_whole_base = False
+        self.last_saved: Optional[Tuple[Tuple[int, int, int], Path]] = None   # (counters, file) of the last save
         self.feature_rows = {"member": 0, "nonmember": 0}   # samples that fed the privacy term in this run
         self.val_group = None
         self.pool: Optional[data.NonmemberPool] = None
@@ -328,7 +330,7 @@ class _Run:
         if register is not None:
             def save_state_hook(models, weights, output_dir):
                 if run.is_main:
-                    run.reg.save(Path(output_dir) / STATE_DIR_FILE)
+                    run.save_state(Path(output_dir) / STATE_DIR_FILE)
             register(save_state_hook)
         self._wrap_progress_bar()
 
@@ -432,7 +434,7 @@ class _Run:
         if not self.is_main:
             return
         path = state_path_for_checkpoint(ckpt_file)
-        self.reg.save(path)
+        self.save_state(path)
         m = self.reg.metrics()
         logger.info(f"SMP-LoRA: attacker state saved to {path} (step {int(m['step'])}, attacker CE on members "
                     f"{m.get('attacker_ce_member', float('nan')):.4f}, attacker accuracy "
@@ -442,6 +444,27 @@ class _Run:
             stem = old.name[: -len(STATE_SUFFIX)]
             if old != path and not any((old.parent / f"{stem}{ext}").exists() for ext in CHECKPOINT_EXTS):
                 old.unlink(missing_ok=True)
+
+    def save_state(self, path: Path) -> None:
+        """Save the attacker state to ``path``; when the same state (same step and attacker counters) was just
+        saved elsewhere (a checkpoint and its ``--save_state`` folder at the same step), hard-link that file
+        instead, so the two names share one copy on disk (a plain save where links are not possible)."""
+        reg = self.reg
+        counters = (reg.global_step, reg.attacker_updates, reg.attacker_steps)
+        if self.last_saved is not None and self.last_saved[0] == counters and self.last_saved[1].is_file():
+            source = self.last_saved[1]
+            try:
+                if path.resolve() != source.resolve():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(path.name + ".link-tmp")
+                    tmp.unlink(missing_ok=True)
+                    os.link(source, tmp)
+                    os.replace(tmp, path)
+                return
+            except OSError:
+                pass
+        reg.save(path)
+        self.last_saved = (counters, path)
 
     def file_metadata(self) -> Dict[str, str]:
         meta = self.reg.file_metadata()
