@@ -3,6 +3,7 @@ and the state stays small at SD1.5's latent size."""
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -59,15 +60,18 @@ def test_input_grid_is_saved_restored_and_in_the_file_metadata(tmp_path):
     assert json.loads(reg.file_metadata()["smplora.feature_grid"]) == [12, 16]
 
 
-def test_attacker_state_is_small_at_sd15_latents(tmp_path):
-    """Default config, 4x64x64 latents (SD1.5 at 512 px), batch 2: the state file is at most 10 MB."""
+@pytest.mark.parametrize("preset, grid, limit_mb", [("paper", 16, 10), ("robust", 32, 28)])
+def test_attacker_state_size_at_sd15_latents(tmp_path, preset, grid, limit_mb):
+    """4x64x64 latents (SD1.5 at 512 px), batch 2: the defaults' (paper) state file is at most 10 MB; the
+    robust preset's, with its 32x32 grid, at most 28 MB (README)."""
     g = torch.Generator().manual_seed(3)
-    reg = PrivacyRegularizer(PrivacyConfig(), load_entry_points=False)
+    reg = PrivacyRegularizer(PrivacyConfig.preset(preset), load_entry_points=False)
     lat = [torch.randn(2, 4, 64, 64, generator=g) for _ in range(4)]
-    reg.step(torch.tensor(1.0), reg.features(lat[0], lat[1]), reg.features(lat[2], lat[3]))
-    assert reg.input_grid == (16, 16) and reg.attacker.in_features == 1024
+    ref = {"reference": torch.zeros(2, 4, 64, 64)} if reg.config.calibrated else {}
+    reg.step(torch.tensor(1.0), reg.features(lat[0], lat[1], **ref), reg.features(lat[2], lat[3], **ref))
+    assert reg.input_grid == (grid, grid) and reg.attacker.in_features == 4 * grid * grid
     path = tmp_path / "smplora_state.safetensors"
     reg.save(path)
-    assert path.stat().st_size <= 10 * 1024 * 1024
+    assert path.stat().st_size <= limit_mb * 1024 * 1024
     with safe_open(str(path), framework="pt") as f:
-        assert json.loads(f.metadata()["meta.input_grid"]) == [16, 16]
+        assert json.loads(f.metadata()["meta.input_grid"]) == [grid, grid]
