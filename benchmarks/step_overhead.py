@@ -309,6 +309,51 @@ def report(size_name: str, times, sections, memory, grids=None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fixed_cost(grids, steps: int, latent: int = 64, batch: int = 1) -> str:
+    """The regulariser's own cost per step without any UNet: loss maps + pooling of a member and a
+    non-member batch of ``4 x latent x latent`` maps, ``reg.step`` (attacker update, CE, bookkeeping)
+    and the backward through the privacy term, with the library defaults at each grid; and the
+    state file size. Median CPU ms (``time.process_time``: not inflated by other processes on a busy
+    machine; run it with ``--threads 1``) over ``steps`` steps after one warm-up."""
+    import os
+    import tempfile
+
+    lines = [f"Regulariser alone (no UNet), 4x{latent}x{latent} maps, batch {batch}, library defaults but the "
+             f"grid; median CPU time (process time, {torch.get_num_threads()} torch thread(s)) of {steps} steps after "
+             "one warm-up.\n",
+             "| feature_grid | attacker input | features (CPU ms) | step + backward (CPU ms) | total (CPU ms) | "
+             "state file (MB) |",
+             "|---|---|---|---|---|---|"]
+    g = torch.Generator().manual_seed(0)
+    for grid in grids:
+        reg = PrivacyRegularizer(PrivacyConfig(feature_grid=grid, nonmember_every=1), load_entry_points=False)
+        feats_t, step_t = [], []
+        for i in range(steps + 1):
+            pred = torch.randn(batch, 4, latent, latent, generator=g).requires_grad_(True)
+            target, nm = torch.randn(batch, 4, latent, latent, generator=g), torch.randn(batch, 4, latent, latent, generator=g)
+            loss = (pred - target).pow(2).mean()
+            t0 = time.process_time()
+            member = reg.features(pred, target)
+            with torch.no_grad():
+                nonmember = reg.features(nm, target)
+            t1 = time.process_time()
+            reg.step(loss, member, nonmember).backward()
+            t2 = time.process_time()
+            if i:
+                feats_t.append(t1 - t0)
+                step_t.append(t2 - t1)
+        fd, path = tempfile.mkstemp(suffix=".safetensors")
+        os.close(fd)
+        try:
+            reg.save(path)
+            size = os.path.getsize(path) / 1e6
+        finally:
+            os.unlink(path)
+        f, st = statistics.median(feats_t) * 1e3, statistics.median(step_t) * 1e3
+        lines.append(f"| {grid} | {reg.attacker.in_features} | {f:.1f} | {st:.1f} | {f + st:.1f} | {size:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="small,unet", help="comma-separated: " + ",".join(SIZES))
@@ -320,12 +365,21 @@ def main(argv=None) -> int:
     p.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     p.add_argument("--section", default=None, help="RESULTS.md section to write (default: step_overhead, or "
                    "step_overhead_sd for the sd15 sizes)")
+    p.add_argument("--fixed-cost-grids", default=None,
+                   help="comma-separated grids: time the regulariser alone (no UNet) at SD1.5's 64x64 latents "
+                        "for each, and write the 'step_overhead_fixed' section")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.sizes, args.memory_child, args.steps)))
+        return 0
+    if args.fixed_cost_grids:
+        text = fixed_cost([int(x) for x in args.fixed_cost_grids.split(",")], args.steps)
+        print(text)
+        if args.write:
+            write_section("step_overhead_fixed", "## The regulariser's fixed cost by grid\n\n" + header() + "\n" + text)
         return 0
     variants = ("plain",) + tuple(v for v in args.variants.split(",") if v and v != "plain")
     unknown = [v for v in variants if v not in VARIANTS]

@@ -99,7 +99,8 @@ class PrivacyRegularizer:
         """Attacker features of a batch: per-sample loss maps pooled to :attr:`input_grid`, ``(B, D)`` fp32.
 
         The first batch fixes :attr:`input_grid` (``config.feature_grid``, capped at its maps' size: maps are
-        never pooled up); maps of later batches of another size (buckets) are pooled to that same grid.
+        never pooled up); maps of later batches of another size (buckets) are pooled to that same grid (a
+        later map smaller than it on a side, i.e. a bucket below the grid, has its cells repeated to fit).
 
         Dispatched through the ``smplora_extract_features`` hook (first result wins). Keeps the
         graph of ``pred``: call it on the training forward's prediction for members, and under

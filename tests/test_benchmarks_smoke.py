@@ -32,6 +32,8 @@ def test_step_overhead_runs_every_variant_and_reports():
     assert "| smp-default |" in text and "time vs plain" in text and "regulariser fixed cost" in text
     sub, _, _ = mod.time_variants("toy", steps=2, warmup=0, variants=("plain", "smp-robust"))
     assert set(sub) == {"plain", "smp-robust"}
+    fixed = mod.fixed_cost([4, 8], steps=2, latent=8)
+    assert "| 4 | 64 |" in fixed and "| 8 | 256 |" in fixed
     child = mod.memory_child("toy", "smp-default", steps=1)
     assert child["peak_kib"] >= child["before_kib"] > 0
 
