@@ -53,6 +53,10 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "smp-robust a20 quarter-batch": dict(kind="robust", alpha=20.0, privacy_fraction=0.25),
     "smp-robust a20 1200 steps": dict(kind="robust", alpha=20.0, privacy_fraction=1.0, steps=1200),
     "smp-robust a20 quarter-batch 1200 steps": dict(kind="robust", alpha=20.0, privacy_fraction=0.25, steps=1200),
+    # the pooling grid (issue 12): textures' 8x8 latents pooled to 4x4 cells of 2x2 and 2x2 cells of 4x4, the
+    # pooling factors of feature_grid 32 and 16 on SD1.5's 64x64 latents (the rows above use the identity grid)
+    "smp-robust a20 quarter-batch grid/2": dict(kind="robust", alpha=20.0, privacy_fraction=0.25, grid_div=2),
+    "smp-robust a20 quarter-batch grid/4": dict(kind="robust", alpha=20.0, privacy_fraction=0.25, grid_div=4),
     "mp a0.05": dict(kind="mp", alpha=0.05, attacker_lr=1e-3),
     "dp-sgd s0.25": dict(kind="dpsgd", noise=0.25, clip=0.05),
     "dp-sgd s0.5": dict(kind="dpsgd", noise=0.5, clip=0.05),
@@ -170,7 +174,7 @@ def run_one(name: str, seed: int, steps_full: Optional[int] = None, toy: bool = 
         audit_cfg.update(draws=1, timesteps=[100, 300])
     model = _model(base, cfg, seed)
     members, nonmembers = splits["member"], splits["nonmember_defense"]
-    lat = cfg.data.model_config.latent_size
+    lat = cfg.data.model_config.latent_size // spec.pop("grid_div", 1)
     t0 = time.time()
     epsilon = None
     if kind == "dpsgd":

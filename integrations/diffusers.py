@@ -115,8 +115,8 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help=f"Hidden widths of the attacker MLP ({' '.join(map(str, d.hidden))}).")
     g.add_argument("--privacy_attacker_dropout", type=float, default=None, help=f"Attacker dropout ({d.dropout}).")
     g.add_argument("--privacy_feature_grid", type=int, default=None,
-                   help="Loss maps are pooled per channel to this square grid (default 64 = SD1.5 latents at "
-                        "512 px; 0 = no pooling).")
+                   help="Loss maps are pooled per channel down to (never up to) this square grid (default: the "
+                        "preset's, paper 16, robust 32; SD1.5 latents at 512 px are 64; 0 = no pooling).")
     g.add_argument("--privacy_nonmember_every", type=int, default=None,
                    help="Run the held-out forward every this many attacker updates and reuse its features in "
                         f"between (1 = every optimiser step, as in the paper; default {d.nonmember_every}).")

@@ -18,7 +18,7 @@ _OBJECTIVES = {"smp": "smp", "smplora": "smp", "ratio": "smp", "mp": "mp", "mplo
 #: Named settings for :meth:`PrivacyConfig.preset`: the fields each one sets on top of the defaults.
 PRESETS: Mapping[str, Mapping[str, Any]] = {
     "paper": {},
-    "robust": {"calibrated": True, "alpha": 20.0, "attacker_lr": 1e-3, "privacy_fraction": 0.25},
+    "robust": {"calibrated": True, "alpha": 20.0, "attacker_lr": 1e-3, "privacy_fraction": 0.25, "feature_grid": 32},
 }
 
 
@@ -42,9 +42,14 @@ class PrivacyConfig:
         attacker_lr: Adam learning rate of the attacker (paper: 1e-5). Too low and the proxy
             never catches the leakage of a small model; too high and it is noisy.
         attacker_weight_decay: Adam weight decay of the attacker (paper: 1e-4).
-        feature_grid: loss maps are average-pooled per channel to this grid (int or (h, w))
-            so any resolution or bucket gives the same attacker input; 64 is the identity
-            for SD1.5's 64x64 latents. ``None`` flattens unpooled maps (sizes must not change).
+        feature_grid: loss maps are average-pooled per channel down to this grid (int or (h, w)),
+            capped at the first batch's map size (never pooled up), and that size is kept for
+            the run, so any resolution or bucket gives the same attacker input. The default 16
+            pools SD1.5's 64x64 latents to 16x16 cells of 4x4: a 1024-wide attacker input and an
+            attacker state of about 8 MB; the ``robust`` preset's 32 (cells of 2x2, as private
+            as no pooling on the frontier, where 4x4 cells were not) a 4096-wide input and about
+            27 MB; 64, the paper's input at SD1.5, 16384 and about 100 MB (benchmarks/RESULTS.md).
+            ``None`` flattens unpooled maps (sizes must not change).
         calibrated: the attacker sees base-calibrated loss maps, ``(pred - target)^2 -
             (base_pred - target)^2``, where ``base_pred`` is the prediction of the model with the
             LoRA disabled at the same noisy input (pass ``reference=`` to ``reg.features``). It
@@ -73,7 +78,7 @@ class PrivacyConfig:
     dropout: float = 0.5
     attacker_lr: float = 1e-5
     attacker_weight_decay: float = 1e-4
-    feature_grid: GridLike = 64
+    feature_grid: GridLike = 16
     calibrated: bool = False
     privacy_fraction: float = 1.0
     nonmember_every: int = 4
@@ -150,11 +155,13 @@ class PrivacyConfig:
     def preset(cls, name: str, **overrides: Any) -> "PrivacyConfig":
         """A named setting, with ``overrides`` applied on top.
 
-        - ``"paper"``: the paper's hyperparameters (the dataclass defaults).
+        - ``"paper"``: the paper's hyperparameters (the dataclass defaults), with this project's
+          default ``feature_grid`` of 16 (the paper's 64x64 input is ``feature_grid=64``).
         - ``"robust"``: what this project's frontier supports against the full attack suite
           (benchmarks/RESULTS.md): base-calibrated features, a 20x stronger attacker term, a
-          faster attacker, and the privacy term on a quarter of each batch
-          (``privacy_fraction=0.25``), which keeps the base forward to a quarter batch.
+          faster attacker, the privacy term on a quarter of each batch (``privacy_fraction=0.25``),
+          which keeps the base forward to a quarter batch, and loss maps pooled to at most 32x32
+          (``feature_grid=32``).
         """
         if name not in PRESETS:
             raise ConfigError(f"preset {name!r} is unknown: use one of {sorted(PRESETS)}.")

@@ -12,16 +12,22 @@ from .errors import FeatureError
 Grid = Union[int, Tuple[int, int], None]
 
 
-def loss_maps(pred: torch.Tensor, target: torch.Tensor, grid: Grid = 64,
+def pooled_size(hw: Tuple[int, int], grid: Tuple[int, int]) -> Tuple[int, int]:
+    """The size a ``hw`` map is pooled to under ``grid``: ``grid``, capped per side at the map's own size
+    (a map is never pooled up: that would only repeat its values and inflate the attacker)."""
+    return (min(int(hw[0]), int(grid[0])), min(int(hw[1]), int(grid[1])))
+
+
+def loss_maps(pred: torch.Tensor, target: torch.Tensor, grid: Grid = 16,
               reference: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-element squared error ``(pred - target)^2`` in fp32, pooled per channel to ``grid``.
+    """Per-element squared error ``(pred - target)^2`` in fp32, average-pooled per channel down to ``grid``.
 
     ``pred`` and ``target`` are ``(B, C, H, W)`` (noise or velocity prediction and its target).
-    The map is average-pooled to ``grid`` (``(h, w)`` or an int) so every resolution, aspect-ratio
-    bucket or latent channel layout gives a fixed-size map; at ``H, W == grid`` pooling is the
-    identity (SD1.5 at 512 px with the default 64). ``grid=None`` returns the unpooled map of any
-    shape. The result keeps the autograd graph of ``pred``; take it *before* any per-sample loss
-    weighting (min-SNR etc.).
+    The map is average-pooled to ``grid`` (``(h, w)`` or an int), capped per side at ``H, W``
+    (:func:`pooled_size`): a map is only ever pooled down, never up (SD1.5's 64x64 latents with the
+    default 16 give 16x16 cells of 4x4; a 12x12 map stays 12x12). ``grid=None`` returns the unpooled
+    map of any shape. The result keeps the autograd graph of ``pred``; take it *before* any
+    per-sample loss weighting (min-SNR etc.).
 
     ``reference`` (the base model's prediction at the same noisy input, LoRA disabled) gives the
     base-calibrated map ``(pred - target)^2 - (reference - target)^2``.
@@ -51,13 +57,16 @@ def loss_maps(pred: torch.Tensor, target: torch.Tensor, grid: Grid = 64,
             f"pooling to feature_grid={size} needs (B, C, H, W) maps, got shape {tuple(maps.shape)}; "
             "reshape to 4-D or use feature_grid=None."
         )
+    size = pooled_size(maps.shape[-2:], size)
     if tuple(maps.shape[-2:]) == size:
         return maps
     return F.adaptive_avg_pool2d(maps, size)
 
 
 def flatten_features(feats: torch.Tensor, grid: Optional[Tuple[int, int]], name: str) -> torch.Tensor:
-    """Bring loss maps ``(B, C, H, W)`` (pooled to ``grid``) or flat ``(B, D)`` features to fp32 ``(B, D)``."""
+    """Bring loss maps ``(B, C, H, W)`` (adaptive-pooled to exactly ``grid`` when given) or flat ``(B, D)``
+    features to fp32 ``(B, D)``. The regulariser passes its fixed input grid, so a bucket of another size
+    lands on the size of the first batch's maps."""
     if not isinstance(feats, torch.Tensor):
         raise FeatureError(f"{name} must be a torch.Tensor of per-sample loss maps, got {type(feats).__name__}.")
     if feats.ndim < 2:

@@ -23,14 +23,15 @@ class DefaultFeatures:
 
     @hookimpl(trylast=True)
     def smplora_extract_features(self, reg, pred, target, reference):
-        return loss_maps(pred, target, reg.config.feature_grid, reference=reference)
+        grid = reg.config.feature_grid if reg.input_grid is None else reg.input_grid
+        return loss_maps(pred, target, grid, reference=reference)
 
 
 class DefaultMetadata:
     """Built-in file metadata: version, method, config and metrics under ``smplora.*``."""
 
     @hookimpl(tryfirst=True)
-    def smplora_file_metadata(self, config, metrics):
+    def smplora_file_metadata(self, reg, config, metrics):
         import json
 
         from . import __version__
@@ -40,6 +41,8 @@ class DefaultMetadata:
             "smplora.method": "smp-lora" if config.objective == "smp" else "mp-lora",
             "smplora.config": config.to_json(),
             "smplora.metrics": json.dumps(metrics, sort_keys=True),
+            # the grid the attacker's loss maps were pooled to (config.feature_grid capped at the latents' size)
+            "smplora.feature_grid": json.dumps(None if reg.input_grid is None else list(reg.input_grid)),
         }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 import os
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from . import state as state_io
 from .attacker import ProxyAttacker
 from .config import PrivacyConfig
 from .errors import FeatureError
-from .features import flatten_features
+from .features import flatten_features, pooled_size
 from .metadata import annotate as _annotate
 from .metadata import validate_entries
 from .plugins import make_plugin_manager
@@ -77,6 +77,9 @@ class PrivacyRegularizer:
         self.attacker_steps = 0       # optimiser steps of the attacker (k per update)
         self._last: Dict[str, torch.Tensor] = {}
         self._bank: Optional[torch.Tensor] = None  # last non-member features (detached)
+        #: ``(h, w)`` the attacker's loss maps are pooled to: ``config.feature_grid`` capped at the first batch's
+        #: map size, fixed from then on (saved in the state); ``None`` before the first batch or without pooling.
+        self.input_grid: Optional[Tuple[int, int]] = None
 
     # ------------------------------------------------------------------ plugins
     @property
@@ -93,7 +96,11 @@ class PrivacyRegularizer:
     # ------------------------------------------------------------------ features
     def features(self, pred: torch.Tensor, target: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
                  reference: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Attacker features of a batch: per-sample loss maps pooled to the config grid, ``(B, D)`` fp32.
+        """Attacker features of a batch: per-sample loss maps pooled to :attr:`input_grid`, ``(B, D)`` fp32.
+
+        The first batch fixes :attr:`input_grid` (``config.feature_grid``, capped at its maps' size: maps are
+        never pooled up); maps of later batches of another size (buckets) are pooled to that same grid (a
+        later map smaller than it on a side, i.e. a bucket below the grid, has its cells repeated to fit).
 
         Dispatched through the ``smplora_extract_features`` hook (first result wins). Keeps the
         graph of ``pred``: call it on the training forward's prediction for members, and under
@@ -113,7 +120,7 @@ class PrivacyRegularizer:
                                                    reference=reference)
         if feats is None:
             raise FeatureError("no plugin returned features for this batch (smplora_extract_features gave None).")
-        return flatten_features(feats, self.config.feature_grid, "features")
+        return self._flatten(feats, "features", fix=True)
 
     # ------------------------------------------------------------------ main entry point
     def step(self, loss: torch.Tensor, member_feats: torch.Tensor, nonmember_feats: Optional[torch.Tensor] = None,
@@ -160,6 +167,7 @@ class PrivacyRegularizer:
             )
 
         # ---- state changes from here on
+        self._fix_grid(member_feats)
         self._ensure_attacker(member.shape[1], member.device)
         member = member.to(self._device)
         if nonmember is not None:
@@ -234,6 +242,7 @@ class PrivacyRegularizer:
         member = member.detach()
         if self.config.k_steps == 0:
             return
+        self._fix_grid(member_feats)
         self._ensure_attacker(member.shape[1], member.device)
         self._bank = nonmember.to(self._device)
         self._update_attacker(member.to(self._device), self._bank)
@@ -241,12 +250,14 @@ class PrivacyRegularizer:
     def member_ce(self, member_feats: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the frozen attacker on members (label 1); differentiable in the features."""
         member = self._validated(member_feats, "member_feats")
+        self._fix_grid(member_feats)
         self._ensure_attacker(member.shape[1], member.device)
         return self._member_ce(member.to(self._device))
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """The frozen attacker's member logit margin per sample (higher = looks more like a member)."""
         x = self._validated(feats, "feats").detach()
+        self._fix_grid(feats)
         self._ensure_attacker(x.shape[1], x.device)
         with torch.no_grad():
             logits = self._frozen_logits(x.to(self._device))
@@ -322,9 +333,26 @@ class PrivacyRegularizer:
             return dist_utils.is_active()
         return bool(self._distributed)
 
+    def _grid_for(self, feats: Any) -> Optional[Tuple[int, int]]:
+        """The grid ``feats`` are pooled to: the fixed :attr:`input_grid`, else the config grid capped at their size."""
+        grid = self.config.feature_grid
+        if grid is None or not isinstance(feats, torch.Tensor) or feats.ndim != 4:
+            return None
+        return self.input_grid if self.input_grid is not None else pooled_size(feats.shape[-2:], grid)
+
+    def _fix_grid(self, feats: Any) -> None:
+        if self.input_grid is None:
+            self.input_grid = self._grid_for(feats)
+
+    def _flatten(self, feats: Any, name: str, fix: bool = False) -> torch.Tensor:
+        x = flatten_features(feats, self._grid_for(feats), name)
+        if fix:
+            self._fix_grid(feats)
+        return x
+
     def _validated(self, feats: torch.Tensor, name: str) -> torch.Tensor:
         """Flat fp32 ``(B, D)`` features, checked for size against the attacker and for finiteness."""
-        x = flatten_features(feats, self.config.feature_grid, name)
+        x = self._flatten(feats, name)
         self._check_dim(x.shape[1], name)
         _check_finite(x, name)
         return x
@@ -336,7 +364,7 @@ class PrivacyRegularizer:
             if require_nonmember:
                 raise FeatureError("nonmember_feats is None: the attacker update needs features of a held-out batch.")
             return member, None
-        nonmember = flatten_features(nonmember_feats, self.config.feature_grid, "nonmember_feats").detach()
+        nonmember = self._flatten(nonmember_feats, "nonmember_feats").detach()
         if nonmember.shape[1] != member.shape[1]:
             raise FeatureError(
                 f"nonmember_feats has {nonmember.shape[1]} features per sample but member_feats has "
@@ -349,7 +377,8 @@ class PrivacyRegularizer:
         if self.attacker is not None and dim != self.attacker.in_features:
             fix = ("set feature_grid=(h, w) so loss maps of every size are pooled to one size"
                    if self.config.feature_grid is None else
-                   "keep the same latent channel count for the whole run (pooling fixes only H and W)")
+                   f"keep the same latent channel count for the whole run (pooling to the input grid "
+                   f"{self.input_grid} fixes only H and W)")
             raise FeatureError(
                 f"{name} has {dim} features per sample but the attacker was built for {self.attacker.in_features}: {fix}."
             )

@@ -30,6 +30,7 @@ def regularizer_state(reg: "PrivacyRegularizer") -> Dict[str, Any]:
                                      "attacker_steps": reg.attacker_steps}),
         "meta.last": json.dumps({k: float(v) for k, v in reg._last.items()}, sort_keys=True),
         "meta.attacker": json.dumps(None),
+        "meta.input_grid": json.dumps(None if reg.input_grid is None else list(reg.input_grid)),
     }
     if reg.attacker is None:
         return sd
@@ -78,6 +79,10 @@ def load_regularizer_state(reg: "PrivacyRegularizer", state: Dict[str, Any]) -> 
         counters = {k: int(counters[k]) for k in ("global_step", "attacker_updates", "attacker_steps")}
     except (KeyError, ValueError, TypeError) as exc:
         raise StateError(f"state is missing or has corrupt counters ({exc}); re-save it with reg.save().") from exc
+    input_grid = _input_grid(state.get("meta.input_grid", "null"))
+    if info is not None and input_grid is not None and int(info["in_features"]) % (input_grid[0] * input_grid[1]):
+        raise StateError(f"the state's input grid {input_grid} does not divide its attacker input size "
+                         f"{info['in_features']}; the file is corrupt.")
 
     attacker = optimizer = generator = None
     if info is not None:
@@ -114,12 +119,27 @@ def load_regularizer_state(reg: "PrivacyRegularizer", state: Dict[str, Any]) -> 
     if bank is not None and (attacker is None or bank.ndim != 2 or bank.shape[1] != attacker.in_features):
         raise StateError("the non-member bank in the state does not match the attacker's input size; the file is corrupt.")
     reg.attacker, reg.optimizer, reg._generator = attacker, optimizer, generator
+    reg.input_grid = input_grid
     reg._bank = None if bank is None else bank.float().to(reg._device)
     reg.global_step = counters["global_step"]
     reg.attacker_updates = counters["attacker_updates"]
     reg.attacker_steps = counters["attacker_steps"]
     device = reg._device if attacker is not None else torch.device("cpu")
     reg._last = {k: torch.tensor(float(v), device=device) for k, v in last.items()}
+
+
+def _input_grid(raw: Any):
+    """The ``meta.input_grid`` entry: ``None`` or an ``(h, w)`` pair of positive ints."""
+    try:
+        value = json.loads(raw)
+        if value is None:
+            return None
+        h, w = (int(v) for v in value)
+        if h > 0 and w > 0 and list(value) == [h, w]:
+            return (h, w)
+    except (TypeError, ValueError):
+        pass
+    raise StateError(f"the state's input grid {raw!r} is corrupt (expected null or [h, w]); re-save it with reg.save().")
 
 
 def save_state(state: Dict[str, Any], path: PathLike) -> Path:

@@ -21,13 +21,19 @@ def test_step_overhead_runs_every_variant_and_reports():
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
     mod = _load("step_overhead")
-    times, sections = mod.time_variants("toy", steps=2, warmup=0)
+    times, sections, grids = mod.time_variants("toy", steps=2, warmup=0)
     assert set(times) == set(mod.VARIANTS) and all(len(v) == 2 for v in times.values())
     assert sections["smp-robust"]["base forward (calibration)"] > 0
+    assert sections["smp-default"][mod.FIXED_STEP] > 0 and sections["smp-default"][mod.FIXED_FEATURES] > 0
     assert "auxiliary forwards" in sections["reference"] and "non-member forward" in sections["smp-every"]
+    assert grids["smp-default"] == (8, 8) and grids["plain"] is None
     mem = {v: {"before_kib": 1000, "peak_kib": 1100} for v in mod.VARIANTS}
-    text = mod.report("toy", times, sections, mem)
-    assert "| smp-default |" in text and "time vs plain" in text
+    text = mod.report("toy", times, sections, mem, grids)
+    assert "| smp-default |" in text and "time vs plain" in text and "regulariser fixed cost" in text
+    sub, _, _ = mod.time_variants("toy", steps=2, warmup=0, variants=("plain", "smp-robust"))
+    assert set(sub) == {"plain", "smp-robust"}
+    fixed = mod.fixed_cost([4, 8], steps=2, latent=8)
+    assert "| 4 | 64 |" in fixed and "| 8 | 256 |" in fixed
     child = mod.memory_child("toy", "smp-default", steps=1)
     assert child["peak_kib"] >= child["before_kib"] > 0
 

@@ -1,6 +1,7 @@
 """--privacy_fraction in the kohya shim: only the first ``reg.privacy_rows(m)`` member rows of each batch
 feed the privacy term, held-out batches are cut to ``reg.privacy_rows(size)`` rows before their forward
-(and their base replay), and the calibrated base forward of a training batch is replayed whole and sliced."""
+(and their base replay), and the calibrated base prediction of a training batch is replayed on the whole batch
+with the denoiser running on those rows only (tests/test_kohya_base_rows.py)."""
 
 from __future__ import annotations
 
@@ -284,7 +285,8 @@ def test_fraction_one_leaves_features_whole_and_the_first_row_is_the_same(data, 
     for call in m_whole:
         assert torch.equal(call["pred"], call["forward"]["pred"]) and torch.equal(call["reference"], call["base"]["out"])
     # step 1 starts from the same LoRA and the same draws: the quarter's single row is the whole batch's first row
-    torch.testing.assert_close(m_quarter[0]["result"], m_whole[0]["result"][:1], rtol=0, atol=1e-7)
+    # (its base forward ran on that row only: a 1-row convolution rounds differently from a 4-row one, ~2e-7)
+    torch.testing.assert_close(m_quarter[0]["result"], m_whole[0]["result"][:1], rtol=0, atol=1e-6)
     # held-out passes: the whole held-out batch at fraction 1, its first image at 0.25
     assert torch.equal(whole.eval_batches[0]["latents"], whole._smplora.pool.batch(0)["latents"])
     assert torch.equal(quarter.eval_batches[0]["latents"], quarter._smplora.pool.batch(0)["latents"][:1])

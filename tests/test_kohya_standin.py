@@ -121,6 +121,11 @@ def test_launcher_run_writes_metadata_state_and_manifest(data, tmp_path, capsys)
     assert m2["step"] < mf["step"]
     assert (out / "lora-state" / "smplora_state.safetensors").is_file()
     assert (out / "lora-step00000004-state" / "smplora_state.safetensors").is_file()
+    # a --save_state folder at a checkpoint's step links that checkpoint's state file: no second copy
+    for step in ("00000002", "00000004"):
+        a, b = (out / f"lora-step{step}.smplora_state").stat(), (out / f"lora-step{step}-state" / "smplora_state.safetensors").stat()
+        assert a.st_ino == b.st_ino
+    assert json.loads(header(out / "lora.safetensors")["smplora.feature_grid"]) == [4, 4]
     from smplora_plugin.holdout import read_manifest
 
     sets = read_manifest(out / "lora_smplora_manifest.json")
@@ -263,6 +268,9 @@ def test_resume_restores_attacker_state(data, tmp_path):
 
     saved = PrivacyRegularizer.load(out / "lora-state" / "smplora_state.safetensors")
     assert saved.attacker_updates == 2
+    # the final checkpoint's sidecar and the final state folder hold the same state: one file, two names
+    sidecar, in_state = (out / "lora.smplora_state").stat(), (out / "lora-state" / "smplora_state.safetensors").stat()
+    assert sidecar.st_ino == in_state.st_ino and sidecar.st_nlink == 2
     tn = standin()
     from smplora_plugin.integrations.kohya import make_private_trainer
 

@@ -130,11 +130,11 @@ def test_low_precision_inputs_under_autocast_run_attacker_in_fp32(dtype):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_loss_maps_pool_any_resolution_to_the_grid_and_identity_at_grid():
+def test_loss_maps_pool_any_resolution_down_to_the_grid_and_identity_at_grid():
     pred, target = torch.randn(2, 4, 64, 64), torch.randn(2, 4, 64, 64)
     maps = loss_maps(pred, target, 64)
     torch.testing.assert_close(maps, (pred - target) ** 2)
-    for h, w in [(48, 80), (96, 64), (7, 9)]:
+    for h, w in [(48, 80), (96, 64), (8, 9)]:
         out = loss_maps(torch.randn(3, 4, h, w), torch.randn(3, 4, h, w), 8)
         assert out.shape == (3, 4, 8, 8)
     reg = small_reg(feature_grid=8)

@@ -41,7 +41,7 @@ Privacy options (also accepted in the --config_file TOML, e.g. in a [smplora] se
   --privacy {none,smplora,mplora}  --privacy_preset {paper,robust}  --[no-]privacy_calibrated
   --privacy_alpha A  --privacy_beta B  --privacy_delta D
   --privacy_k_steps K  --privacy_attacker_lr LR  --privacy_attacker_weight_decay WD
-  --privacy_attacker_hidden 512,256  --privacy_attacker_dropout P  --privacy_feature_grid 64
+  --privacy_attacker_hidden 512,256  --privacy_attacker_dropout P  --privacy_feature_grid 16
   --privacy_nonmember_every N  --privacy_fraction F  --privacy_seed S  --privacy_holdout_dir DIR
   --privacy_manifest FILE  --privacy_attacker_state FILE
 Non-members come from --privacy_holdout_dir (kohya folder layout) or kohya's validation split.

@@ -11,7 +11,8 @@ through unchanged:
   (``set_multiplier``), right after kohya creates it;
 - ``get_noise_pred_and_target``: capture ``(pred, target, timesteps)`` of a forward; with calibrated
   features, first replay the same call (same RNG draws, hence the same noisy latents and timesteps,
-  same conditioning) under ``no_grad`` with the LoRA at multiplier 0: the base prediction;
+  same conditioning; the streams are restored afterwards) under ``no_grad`` with the LoRA at multiplier 0,
+  the denoiser running on the privacy rows only (:mod:`.base_forward`): the base prediction;
 - ``process_batch``: while training only, feed the core (``reg.features``, ``reg.step``) with the first
   ``reg.privacy_rows(m)`` of the batch's ``m`` member rows, with one no-grad forward on a kohya validation
   batch cut to ``reg.privacy_rows(its size)`` rows when the attacker is due an update;
@@ -28,11 +29,12 @@ import inspect
 import json
 import logging
 import numbers
+import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,8 +43,7 @@ from smplora_plugin.errors import ConfigError, SmploraError, StateError
 from smplora_plugin.state import config_from_state, read_state
 
 from ..summary import summary_box
-from . import data
-from . import header
+from . import base_forward, data, header
 from .options import CONFIG_OPTIONS, KohyaPrivacySettings, settings_from_namespace
 
 logger = logging.getLogger("smplora.kohya")
@@ -105,6 +106,19 @@ def lora_off(net: Any) -> Iterator[None]:
         net.set_multiplier(previous)
 
 
+class _Base(NamedTuple):
+    """A replayed base prediction: ``pred`` (valid on ``rows``; the whole batch when ``rows`` is None),
+    the replay's ``target`` and timesteps ``t``, and the denoiser inputs of its cut forwards."""
+
+    pred: torch.Tensor
+    target: Any
+    t: Any
+    rows: Optional[Sequence[int]]
+    size: Optional[int]
+    inputs: List[Any]
+    denoiser: Any
+
+
 class _Run:
     """Per-``train()`` state of the privacy regulariser inside a kohya run."""
 
@@ -115,6 +129,8 @@ class _Run:
         self.captured = None
         self.batch_args: Optional[Dict[str, Any]] = None   # process_batch arguments of the forward being captured
         self.switch_checked = False
+        self.warned_whole_base = False
+        self.last_saved: Optional[Tuple[Tuple[int, int, int], Path]] = None   # (counters, file) of the last save
         self.feature_rows = {"member": 0, "nonmember": 0}   # samples that fed the privacy term in this run
         self.val_group = None
         self.pool: Optional[data.NonmemberPool] = None
@@ -249,8 +265,8 @@ class _Run:
                "(network.set_multiplier(0))"] if cfg.calibrated else []),
             *([f"privacy fraction {cfg.privacy_fraction:g}: the privacy term sees the first "
                f"ceil({cfg.privacy_fraction:g} x batch) member images of each batch; held-out forwards run on that "
-               "many images" + ("; the base forward of a training batch still runs on the whole batch (kohya draws "
-                                "its noise and timesteps for the whole batch at once)" if cfg.calibrated else "")]
+               "many images" + ("; so does the base forward (the LoRA-off denoiser forward) of a training batch"
+                                if cfg.calibrated else "")]
               if cfg.privacy_fraction < 1 else []),
             f"members (trained on, shown to the proxy attacker): {len(splits['member'])} images",
             f"non-members (NEVER trained on): {len(splits['nonmember'])} images [{self.source or 'validation dataset'}]",
@@ -275,22 +291,44 @@ class _Run:
         self.switch_checked = True
         return net
 
-    def base_prediction(self, trainer, call: Callable, a: tuple, kw: dict) -> Tuple[torch.Tensor, Any, Any]:
-        """``(base_pred, target, timesteps)`` of ``call(*a, **kw)`` (the trainer's ``get_noise_pred_and_target``)
-        replayed under ``no_grad`` with the LoRA switched off, then every RNG stream put back so that the
-        forward that follows draws the same noise and timesteps, i.e. runs at the same noisy input.
+    def base_rows(self, batch: Any, size: int, is_train: bool) -> List[int]:
+        """Rows of a batch of ``size`` whose base prediction the privacy term reads: the first
+        ``reg.privacy_rows(m)`` of its ``m`` member rows in a training batch (as :meth:`regularize` takes
+        them), every row of a held-out batch (already cut to its privacy rows by :meth:`nonmember_features`)."""
+        if not is_train:
+            return list(range(size))
+        rows = data.member_rows(batch if isinstance(batch, dict) else {}, size)
+        return rows[: self.reg.privacy_rows(len(rows))] if rows else []
 
-        The replay runs on the batch the forward gets, whole, also when ``privacy_fraction`` < 1 keeps only its
-        first rows: sd-scripts draws the noise of the whole batch and then its timesteps from one generator, so
-        a replay on fewer rows would draw other timesteps for them (``tests/test_kohya_fraction.py``). Held-out
-        batches are cut before their forward (:meth:`nonmember_features`), so their replay is cut too."""
+    def base_prediction(self, trainer, call: Callable, a: tuple, kw: dict) -> Optional[_Base]:
+        """The base prediction of ``call(*a, **kw)`` (the trainer's ``get_noise_pred_and_target``), or ``None``
+        when the batch has no row for the privacy term.
+
+        The call is replayed under ``no_grad`` with the LoRA switched off, and every RNG stream is put back
+        afterwards, so the forward that follows draws the same noise and timesteps (the replay draws nothing
+        the trainer would see). During the replay the denoiser (the call's ``unet`` argument: UNet or DiT) runs
+        on the privacy rows only (:func:`base_forward.cut_forward`: every batch-leading tensor argument, kwargs
+        included, is cut), and the trainer's own post-processing (SD3 / FLUX preconditioning) turns its output
+        into a prediction in the training forward's space. The replay must run on the whole batch: sd-scripts
+        draws the noise of the whole batch and then its timesteps from one generator, so a replay on fewer
+        rows would draw other timesteps for them (``tests/test_kohya_fraction.py``)."""
         bound = inspect.signature(call).bind(*a, **kw)
         arg = bound.arguments
         net = self.check_network(arg["network"], arg["accelerator"], arg["args"])
+        latents = arg.get("latents")
+        size = int(latents.shape[0]) if isinstance(latents, torch.Tensor) and latents.ndim else \
+            data.batch_rows(arg.get("batch"))
+        rows = None if size is None else self.base_rows(arg.get("batch"), size, bool(arg.get("is_train", True)))
+        if rows is not None and not rows:
+            return None
+        denoiser = arg.get("unet")
+        cut = isinstance(denoiser, torch.nn.Module) and rows is not None and rows != list(range(size))
+        record: List[base_forward.Inputs] = []
         arg["is_train"] = False    # in sd-scripts' trainers it only switches autograd off
-        snap = data.rng_snapshot(getattr(arg["latents"], "device", None))
+        snap = data.rng_snapshot(getattr(latents, "device", None))
         try:
-            with torch.no_grad(), lora_off(net):
+            with torch.no_grad(), lora_off(net), \
+                    (base_forward.cut_forward(denoiser, rows, size, record) if cut else nullcontext()):
                 out = call(*bound.args, **bound.kwargs)
         finally:
             data.rng_restore(snap)
@@ -298,27 +336,35 @@ class _Run:
         names = ("args", "accelerator", "network", "text_encoders", "unet", "batch", "weight_dtype")
         if all(n in b for n in names):  # kohya's hook after a forward without backward (block swapping re-arms)
             trainer.on_validation_step_end(*(b[n] for n in names))
-        return out[0].detach(), out[1], out[2] if len(out) > 2 else None
+        if cut and not record and not self.warned_whole_base:
+            self.warned_whole_base = True
+            logger.warning(f"SMP-LoRA: {type(trainer).__name__}.get_noise_pred_and_target did not call its 'unet' "
+                           "argument, so the base forward of calibrated features ran on the whole batch, not only on "
+                           "the privacy rows (correct, but slower)")
+        return _Base(out[0].detach(), out[1], out[2] if len(out) > 2 else None,
+                     rows if record else None, size, record, denoiser)
 
     @staticmethod
-    def check_replay(trainer, base: Tuple[torch.Tensor, Any, Any], out: tuple, batch: Any) -> torch.Tensor:
-        """The base prediction, once the replay is shown to have drawn the same timesteps and target."""
-        base_pred, base_target, base_t = base
+    def check_replay(trainer, base: _Base, out: tuple, batch: Any,
+                     inputs: Optional[List[base_forward.Inputs]] = None) -> torch.Tensor:
+        """The base prediction, once the replay is shown to have drawn the same timesteps and target, and to
+        have given the denoiser the training forward's own inputs (``inputs``) on the rows it kept."""
         pred, target = out[0], out[1]
         t = out[2] if len(out) > 2 else None
         rows = [i for i, attrs in enumerate((batch or {}).get("custom_attributes") or [])
                 if (attrs or {}).get("diff_output_preservation")]   # DOP targets are predictions: not compared
         keep = [i for i in range(target.shape[0]) if i not in rows]
-        same_t = not isinstance(t, torch.Tensor) or (isinstance(base_t, torch.Tensor) and torch.equal(base_t, t))
-        same_target = (isinstance(base_target, torch.Tensor) and base_target.shape == target.shape
-                       and torch.allclose(base_target[keep].float(), target[keep].detach().float(), rtol=1e-3, atol=1e-4))
-        if not (same_t and same_target and base_pred.shape == pred.shape):
+        same_t = not isinstance(t, torch.Tensor) or (isinstance(base.t, torch.Tensor) and torch.equal(base.t, t))
+        same_target = (isinstance(base.target, torch.Tensor) and base.target.shape == target.shape
+                       and torch.allclose(base.target[keep].float(), target[keep].detach().float(), rtol=1e-3, atol=1e-4))
+        same_inputs = base.rows is None or base_forward.same_inputs(base.inputs, inputs or [], base.rows, base.size)
+        if not (same_t and same_target and same_inputs and base.pred.shape == pred.shape):
             raise SmploraError(
                 f"{type(trainer).__name__}.get_noise_pred_and_target drew different noise or timesteps when it was "
                 "replayed for the base prediction of calibrated features (it uses a random source other than the "
                 "global torch / Python / NumPy generators), so the base prediction would not be at the same noisy "
                 "input. Train without calibrated features: --privacy_preset paper or --no-privacy_calibrated.")
-        return base_pred
+        return base.pred
 
     def hook_up(self, trainer, bound: inspect.BoundArguments) -> None:
         """One-time: state next to each checkpoint, state in --save_state folders, progress bar."""
@@ -352,7 +398,7 @@ class _Run:
         if register is not None:
             def save_state_hook(models, weights, output_dir):
                 if run.is_main:
-                    run.reg.save(Path(output_dir) / STATE_DIR_FILE)
+                    run.save_state(Path(output_dir) / STATE_DIR_FILE)
             register(save_state_hook)
         self._wrap_progress_bar()
 
@@ -457,7 +503,7 @@ class _Run:
         if not self.is_main:
             return
         path = state_path_for_checkpoint(ckpt_file)
-        self.reg.save(path)
+        self.save_state(path)
         m = self.reg.metrics()
         logger.info(f"SMP-LoRA: attacker state saved to {path} (step {int(m['step'])}, attacker CE on members "
                     f"{m.get('attacker_ce_member', float('nan')):.4f}, attacker accuracy "
@@ -467,6 +513,27 @@ class _Run:
             stem = old.name[: -len(STATE_SUFFIX)]
             if old != path and not any((old.parent / f"{stem}{ext}").exists() for ext in CHECKPOINT_EXTS):
                 old.unlink(missing_ok=True)
+
+    def save_state(self, path: Path) -> None:
+        """Save the attacker state to ``path``; when the same state (same step and attacker counters) was just
+        saved elsewhere (a checkpoint and its ``--save_state`` folder at the same step), hard-link that file
+        instead, so the two names share one copy on disk (a plain save where links are not possible)."""
+        reg = self.reg
+        counters = (reg.global_step, reg.attacker_updates, reg.attacker_steps)
+        if self.last_saved is not None and self.last_saved[0] == counters and self.last_saved[1].is_file():
+            source = self.last_saved[1]
+            try:
+                if path.resolve() != source.resolve():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(path.name + ".link-tmp")
+                    tmp.unlink(missing_ok=True)
+                    os.link(source, tmp)
+                    os.replace(tmp, path)
+                return
+            except OSError:
+                pass
+        reg.save(path)
+        self.last_saved = (counters, path)
 
     def file_metadata(self) -> Dict[str, str]:
         meta = self.reg.file_metadata()
@@ -530,11 +597,14 @@ class SmploraTrainerMixin:
         if run is None or not run.capturing:
             return call(*a, **kw)
         base = run.base_prediction(self, call, a, kw) if run.reg.config.calibrated else None
-        out = call(*a, **kw)
+        inputs: list = []
+        with (base_forward.record_inputs(base.denoiser, base.size, inputs) if base is not None and base.rows is not None
+              else nullcontext()):
+            out = call(*a, **kw)
         reference = None
         if base is not None:
             batch = inspect.signature(call).bind(*a, **kw).arguments.get("batch")
-            reference = run.check_replay(self, base, out, batch)
+            reference = run.check_replay(self, base, out, batch, inputs)
         run.captured = (out[0], out[1], out[2] if len(out) > 2 else None, reference)
         return out
 

@@ -32,7 +32,7 @@ CONFIG_OPTIONS: Dict[str, tuple] = {
     "privacy_attacker_weight_decay": ("attacker_weight_decay", float, "Adam weight decay of the attacker (paper: 1e-4)"),
     "privacy_attacker_hidden": ("hidden", str, "hidden widths of the attacker MLP, comma separated (paper: 512,256)"),
     "privacy_attacker_dropout": ("dropout", float, "dropout of the attacker while it trains (paper: 0.5)"),
-    "privacy_feature_grid": ("feature_grid", str, "loss maps are pooled per channel to this grid: N or H,W; 0 = no pooling (default 64)"),
+    "privacy_feature_grid": ("feature_grid", str, "loss maps are pooled per channel down to this grid: N or H,W; 0 = no pooling (default: the preset's, paper 16, robust 32)"),
     "privacy_nonmember_every": ("nonmember_every", int, "refresh the held-out forward every N attacker updates (default 4)"),
     "privacy_fraction": ("privacy_fraction", float, "share of each batch in the privacy term, in (0, 1]: its first "
                          "ceil(F * batch) member images, and held-out forwards of that many images (default: the "

@@ -1,0 +1,117 @@
+"""Step overhead of SMP-LoRA in the diffusers example script (the official recipe's flow) on the tiny pipeline.
+
+Runs ``examples/diffusers/train_text_to_image_lora.py`` as a user would (subprocess, offline, one thread)
+on the tiny pipeline of ``make_tiny_pipeline.py``: plain LoRA, ``--privacy smplora`` (the README's block
+with its defaults) and ``--privacy_preset robust``, rounds interleaved. The script runs unchanged in a
+child process that only adds a global ``torch.optim`` step post-hook time-stamping every step of the
+training optimiser (AdamW; the attacker's Adam is not counted): a step's time is the gap between two
+consecutive stamps (forward, privacy term, backward, optimiser), start-up and saving excluded. We
+report the median step per run (the first ``--skip`` steps dropped), then the median over rounds.
+
+Run:  python benchmarks/script_overhead.py --steps 40 --rounds 3 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import json
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import header, write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "diffusers" / "train_text_to_image_lora.py"
+VARIANTS = {
+    "plain": [],
+    "smplora (defaults)": ["--privacy", "smplora"],
+    "smplora robust": ["--privacy", "smplora", "--privacy_preset", "robust"],
+}
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", SMPLORA_DISABLE_PLUGINS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+CHILD = """
+import json, runpy, sys, time
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+stamps = []
+register_optimizer_step_post_hook(
+    lambda opt, args, kwargs: stamps.append(time.perf_counter()) if type(opt) is torch.optim.AdamW else None)
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    if exc.code not in (None, 0):
+        raise
+print("STEP_STAMPS " + json.dumps(stamps))
+"""
+
+
+def run(root: Path, variant: str, steps: int, batch: int, skip: int) -> float:
+    """Median seconds per training step of one run of the script."""
+    out = Path(tempfile.mkdtemp(dir=root))
+    extra = VARIANTS[variant] + (["--privacy_holdout_dir", str(root / "holdout")] if VARIANTS[variant] else [])
+    cmd = [sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(root / "pipeline"),
+           "--train_data_dir", str(root / "train"), "--resolution", "32", "--center_crop",
+           "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--learning_rate", "1e-4",
+           "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "none", "--output_dir", str(out), *extra]
+    res = subprocess.run([sys.executable, "-c", CHILD, *cmd[1:]], env=_env(), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{res.stderr[-3000:]}")
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("STEP_STAMPS "))
+    stamps = json.loads(line[len("STEP_STAMPS "):])
+    if len(stamps) != steps:
+        raise RuntimeError(f"{variant}: expected {steps} optimiser steps, stamped {len(stamps)}")
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])][skip:]
+    return statistics.median(gaps)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--skip", type=int, default=3, help="first step gaps dropped (warm-up)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.steps < args.skip + 3:
+        p.error("--steps must leave at least 2 step gaps after --skip")
+    root = Path(tempfile.mkdtemp(prefix="smplora_script_bench_"))
+    subprocess.run([sys.executable, str(REPO / "examples" / "diffusers" / "make_tiny_pipeline.py"), "--out", str(root),
+                    "--digits", "32", "--holdout", "16"], check=True, capture_output=True, env=_env())
+    per_step = {v: [] for v in VARIANTS}
+    names = list(VARIANTS)
+    for r in range(args.rounds):
+        for v in names[r % len(names):] + names[: r % len(names)]:
+            per_step[v].append(run(root, v, args.steps, args.batch, args.skip))
+            print(f"round {r} {v}: {per_step[v][-1] * 1e3:.1f} ms/step", flush=True)
+    med = {v: statistics.median(xs) for v, xs in per_step.items()}
+    lines = [f"Tiny pipeline (`make_tiny_pipeline.py --digits 32`: UNet blocks 16/32, 32 px images), batch "
+             f"{args.batch}, one thread; {args.steps} steps per run, median step time of each run (first {args.skip} "
+             f"dropped), median of {args.rounds} interleaved rounds.\n",
+             "| variant | ms per step (median) | per round (ms) | vs plain |", "|---|---|---|---|"]
+    for v in names:
+        lines.append(f"| {v} | {med[v] * 1e3:.1f} | {', '.join(f'{x * 1e3:.1f}' for x in per_step[v])} | "
+                     f"{med[v] / med['plain']:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        write_section("script_overhead", "## Step overhead in the diffusers example script (tiny pipeline)\n\n"
+                      + header() + "\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
