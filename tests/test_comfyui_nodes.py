@@ -61,7 +61,8 @@ def test_train_schema_has_comfyuis_inputs_plus_privacy(comfy):
 def test_train_save_label_roundtrip(comfy, data):
     nt = comfy.nodes_train
     sampler_before, guider_before = nt.TrainSampler, nt.TrainGuider
-    out = _train(comfy, data, steps=6, training_dtype="bf16")  # bf16 as ComfyUI trains
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        out = _train(comfy, data, steps=6, training_dtype="bf16")  # bf16 as ComfyUI trains
     assert (nt.TrainSampler, nt.TrainGuider) == (sampler_before, guider_before)  # swapped back
     model, lora, loss_map, steps, privacy = out.args
     assert steps == 6 and len(loss_map["loss"]) == 6
@@ -187,8 +188,9 @@ def test_audit_node_reports_and_plots(comfy, data, tmp_path):
     name = _saved_lora(comfy, data)
     m = write_pngs(tmp_path / "members", 8, seed=1)
     n = write_pngs(tmp_path / "nonmembers", 8, seed=2)
-    out = comfy.nodes.SmploraAuditLora.execute(data["model"], data["clip"], data["vae"], name, str(m), str(n), 32,
-                                               "a photo", "loss", 0)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        out = comfy.nodes.SmploraAuditLora.execute(data["model"], data["clip"], data["vae"], name, str(m), str(n), 32,
+                                                   "a photo", "loss,mlp", 0)
     text, roc = out.args
     assert text.startswith("max-attack AUC") and "loss" in text
     assert roc.ndim == 4 and roc.shape[0] == 1 and roc.shape[-1] == 3 and 0 <= float(roc.min()) <= float(roc.max()) <= 1

@@ -237,9 +237,10 @@ class SmploraAuditLora(io.ComfyNode):
         members = AuditSamples(*load_images(member_files, resolution, caption), ids=[str(p) for p in member_files])
         nonmembers = AuditSamples(*load_images(nonmember_files, resolution, caption), ids=[str(p) for p in nonmember_files])
         names = [a.strip() for a in attacks.split(",") if a.strip()] or None
-        report = run_audit(target, members, nonmembers, attacks=names, config={"seed": int(seed)},
-                           title=f"Membership-inference audit of {lora_name}",
-                           info={"lora": lora_name, "trainer": "comfyui", "resolution": int(resolution)})
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trained attacks need autograd
+            report = run_audit(target, members, nonmembers, attacks=names, config={"seed": int(seed)},
+                               title=f"Membership-inference audit of {lora_name}",
+                               info={"lora": lora_name, "trainer": "comfyui", "resolution": int(resolution)})
         out_dir = Path(folder_paths.get_output_directory()) / "smplora_audit" / f"{Path(lora_name).stem}_seed{int(seed)}"
         paths = report.write(out_dir)
         text = report_text(report) + f"\n\nreport written to {out_dir}"

@@ -50,7 +50,9 @@ def _random(module, generator, prefix: str):
 
     out = {}
     for name, t in module.state_dict().items():
-        if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        if t.ndim == 0:  # scalars (e.g. TAESD's latent scale and shift) keep the module's own value
+            out[prefix + name] = t.clone()
+        elif t.dtype in (torch.float32, torch.float16, torch.bfloat16):
             fan_in = t[0].numel() if t.ndim > 1 else 1
             std = 0.0 if name.endswith("bias") else (1.0 / fan_in ** 0.5 if t.ndim > 1 else 0.0)
             value = torch.randn(t.shape, generator=generator) * std if std else (
