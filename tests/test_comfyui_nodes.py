@@ -94,8 +94,8 @@ def test_train_save_label_roundtrip(comfy, data):
 def test_privacy_term_changes_the_trained_lora(comfy, data):
     plain = comfy.nodes_train.TrainLoraNode.execute(**{k: v for k, v in train_inputs(
         data["model"], [data["members"]], data["positive"], [data["holdout"]], data["holdout_positive"],
-        bucket_mode=False).items() if not k.startswith(("holdout", "privacy"))})
-    private = _train(comfy, data, privacy_preset="paper", privacy_alpha=50.0)
+        bucket_mode=False, steps=2).items() if not k.startswith(("holdout", "privacy"))})
+    private = _train(comfy, data, privacy_preset="paper", privacy_alpha=50.0, steps=2)
     a, b = plain.args[1], private.args[1]
     assert set(a) == set(b)
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -105,7 +105,7 @@ def test_privacy_term_changes_the_trained_lora(comfy, data):
 def test_lora_off_switches_only_trainable_adapters(comfy, data):
     from smplora_plugin.integrations.comfyui.training import ComfyTrainingError, lora_off
 
-    model = _train(comfy, data, steps=3).args[0]
+    model = _train(comfy, data, steps=2).args[0]
     comfy_mm = __import__("comfy.model_management", fromlist=["x"])
     comfy_mm.load_models_gpu([model])
     for m in model.model.modules():  # the trained adapters are still attached, frozen after training
@@ -235,3 +235,71 @@ def test_audit_bad_inputs_write_nothing(comfy, data, tmp_path, case, match):
         comfy.nodes.SmploraAuditLora.execute(data["model"], data["clip"], data["vae"], name, str(m), str(n), 32, "",
                                              "loss", 0)
     assert comfy.written() == before
+
+
+def test_target_maps_comfyuis_x0_prediction_to_ddpm_eps(comfy, data):
+    from smplora_plugin.integrations.comfyui.target import ComfyTarget
+
+    model = data["model"]
+    loads = []
+    target = ComfyTarget(model, data["clip"], data["vae"], model, data["clip"], load_models=loads.append)
+    sigmas = model.model.model_sampling.sigmas
+    assert torch.allclose(target.alphas_cumprod, 1 / (1 + sigmas ** 2)) and target.num_train_timesteps == len(sigmas)
+    gen = torch.Generator().manual_seed(5)
+    x0, eps = torch.randn(3, 4, 4, 4, generator=gen), torch.randn(3, 4, 4, 4, generator=gen)
+    t = torch.tensor([3, 40, 90])
+    ac = target.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z_t = ac.sqrt() * x0 + (1 - ac).sqrt() * eps  # the audit's DDPM view
+
+    def perfect(x, sigma, **kwargs):  # ComfyUI's contract: input x0 + sigma * eps, output the x0 prediction
+        assert torch.allclose(x, x0 + sigma.view(-1, 1, 1, 1) * eps, atol=1e-4)
+        return x0
+
+    model.model.apply_model = perfect
+    try:
+        out = target.eps(z_t, t, ["", "", ""], adapter=False)
+    finally:
+        del model.model.apply_model
+    assert torch.allclose(out, eps, atol=1e-4) and loads == [[model]]
+
+
+def test_target_refuses_flow_models(comfy, data):
+    from smplora_plugin.audit import AuditError
+    from smplora_plugin.integrations.comfyui.target import ComfyTarget
+
+    class Flow(torch.nn.Module):
+        sigmas = torch.linspace(1.0, 0.001, 10)
+
+        def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+            return sigma * noise + (1 - sigma) * latent_image
+
+    model = data["model"]
+    real = model.model.model_sampling
+    model.model.model_sampling = Flow()
+    try:
+        with pytest.raises(AuditError, match="flow-matching"):
+            ComfyTarget(model, data["clip"], data["vae"], model, data["clip"], load_models=lambda m: None)
+    finally:
+        model.model.model_sampling = real
+
+
+def test_report_text_shows_verdict_when_present():
+    from smplora_plugin.integrations.comfyui.verdict import report_text
+
+    class Report:
+        def __init__(self, d):
+            self.d = d
+
+        def to_dict(self):
+            return self.d
+
+        def markdown(self):
+            return "| table |"
+
+    base = {"max_over_attacks": {"auc": {"value": 0.61, "attack": "pia", "ci95": [0.5, 0.7]},
+                                 "tpr_at_1pct_fpr": {"value": 0.05, "attack": "pia"}}, "null_band_auc95": [0.4, 0.6]}
+    text = report_text(Report(base))
+    assert text.startswith("max-attack AUC 0.610 [0.50, 0.70] (pia); TPR at 1% FPR 5.0%; chance band for AUC [0.40, 0.60]")
+    assert text.endswith("| table |")
+    assert report_text(Report({**base, "verdict": "leaks"})).startswith("Verdict: leaks")
+    assert report_text(Report({**base, "verdict": {"text": "at chance"}})).startswith("Verdict: at chance")
