@@ -58,8 +58,10 @@ def test_train_schema_has_comfyuis_inputs_plus_privacy(comfy):
                                     "privacy_alpha"]
 
 
-def test_train_save_label_roundtrip(comfy, data):
+def test_train_save_label_roundtrip(comfy, data, monkeypatch):
     nt = comfy.nodes_train
+    texts = []
+    monkeypatch.setattr(comfy.nodes, "progress_sink", lambda cls: texts.append)
     sampler_before, guider_before = nt.TrainSampler, nt.TrainGuider
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         out = _train(comfy, data, steps=6, training_dtype="bf16")  # bf16 as ComfyUI trains
@@ -73,6 +75,7 @@ def test_train_save_label_roundtrip(comfy, data):
     assert privacy["data"] == {"members": 6, "nonmembers": 6, "steps": 6, "batch_size": 2, "trainer": "comfyui"}
     postfix = nt.PBARS[-1].postfixes[-1]  # the progress bar shows the defense's metrics
     assert {"loss", "adapt_loss", "mia_ce", "mia_acc"} <= set(postfix)
+    assert len(texts) == 6 and texts[-1].startswith("step 6/6: loss=") and "mia_acc=" in texts[-1]  # the UI's text
 
     saved = comfy.nodes.SmploraSaveLora.execute(lora, privacy, "mine/smp", "models/loras", steps=6)
     rel = saved.args[0]

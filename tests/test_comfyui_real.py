@@ -22,7 +22,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from _comfyui import write_pngs
 
@@ -195,7 +197,9 @@ def test_bad_audit_input_is_a_node_error_and_writes_nothing(server):
     del wf["2"]
     wf["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     write_pngs(base / "input" / "few", 3, seed=13, size=64)
-    wf["3"]["inputs"].update(lora_name=next(p.name for p in (base / "models" / "loras").glob("*.safetensors")),
+    lora = base / "models" / "loras" / "bad_input_case.safetensors"
+    save_file({"diffusion_model.out.2.diff_b": torch.zeros(4)}, str(lora))  # any file in models/loras will do
+    wf["3"]["inputs"].update(lora_name=lora.name,
                              member_folder=str(base / "input" / "members"), nonmember_folder=str(base / "input" / "few"),
                              resolution=64)
     result = server.run(wf, "bad audit input")

@@ -152,5 +152,10 @@ def test_node_api_names_exist():
     assert "class ComfyExtension" in init and "_io_public as io" in init and "_ui_public as ui" in init
     nodes_py = (Path(COMFY) / "nodes.py").read_text(encoding="utf-8")
     assert 'hasattr(module, "comfy_entrypoint")' in nodes_py  # how custom-node modules expose V3 nodes
+    assert 'unique_id = "UNIQUE_ID"' in (Path(COMFY) / "comfy_api" / "latest" / "_io.py").read_text(encoding="utf-8")
+    server = ast.parse((Path(COMFY) / "server.py").read_text(encoding="utf-8"))
+    prompt_server = next(n for n in server.body if isinstance(n, ast.ClassDef) and n.name == "PromptServer")
+    send = next(n for n in prompt_server.body if isinstance(n, ast.FunctionDef) and n.name == "send_progress_text")
+    assert _params(send)[:3] == ["self", "text", "node_id"]
     sampling = (Path(COMFY) / "comfy" / "model_sampling.py").read_text(encoding="utf-8")
     assert "self.register_buffer('sigmas'" in sampling

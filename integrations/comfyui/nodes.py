@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -73,6 +73,7 @@ class SmploraTrainLora(io.ComfyNode):
         outputs = list(base.outputs) + [PRIVACY.Output(display_name="privacy", tooltip="Privacy settings and metrics for Save LoRA (SMP-LoRA)")]
         return io.Schema(node_id="SmploraTrainLora", display_name="Train LoRA (SMP-LoRA)", category=CATEGORY,
                          is_experimental=True, is_input_list=True, inputs=inputs, outputs=outputs,
+                         hidden=[io.Hidden.unique_id],
                          description="ComfyUI's LoRA training with the SMP-LoRA privacy term against membership inference.")
 
     @classmethod
@@ -109,13 +110,27 @@ class SmploraTrainLora(io.ComfyNode):
                              "or one per held-out image.")
         reg = PrivacyRegularizer(config)
         kwargs["bucket_mode"] = [False]
-        with private_training(nodes_train, reg, Holdout(held, hconds), seed):
+        with private_training(nodes_train, reg, Holdout(held, hconds), seed, progress_sink(cls)):
             out = nodes_train.TrainLoraNode.execute(**kwargs)
         model, lora, loss_map, steps = out.args[:4]
         privacy = {"file_metadata": reg.file_metadata(), "metrics": reg.metrics(), "config": config.to_dict(),
                    "data": {"members": int(members.shape[0]), "nonmembers": int(held.shape[0]), "steps": int(steps),
                             "batch_size": batch_size, "trainer": "comfyui"}}
         return io.NodeOutput(model, lora, loss_map, steps, privacy)
+
+
+def progress_sink(cls: Any) -> Optional[Callable[[str], None]]:
+    """Where the training's progress text goes: the node's text in ComfyUI's UI (None outside a server)."""
+    node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+    if isinstance(node_id, (list, tuple)):  # is_input_list nodes may get hidden values as lists
+        node_id = node_id[0] if node_id else None
+    if node_id is None:
+        return None
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return lambda text: PromptServer.instance.send_progress_text(text, node_id)
 
 
 def _save_folder(save_to: str) -> str:

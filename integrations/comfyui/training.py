@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -171,8 +171,13 @@ class PrivateLoss:
             return self.reg.features(pred.float(), x0.float(), reference=None if reference is None else reference.float())
 
 
-def private_classes(nodes_train: Any, reg: PrivacyRegularizer, holdout: Holdout, seed: int):
-    """Subclasses of ComfyUI's ``TrainSampler`` and ``TrainGuider`` that add the privacy term."""
+def private_classes(nodes_train: Any, reg: PrivacyRegularizer, holdout: Holdout, seed: int,
+                    on_progress: Optional[Callable[[str], None]] = None):
+    """Subclasses of ComfyUI's ``TrainSampler`` and ``TrainGuider`` that add the privacy term.
+
+    ``on_progress`` receives a one-line summary of the defense's metrics after every step (the
+    node sends it to the UI as the node's progress text).
+    """
     check_training_module(nodes_train)
     base_sampler, base_guider = nodes_train.TrainSampler, nodes_train.TrainGuider
 
@@ -203,15 +208,20 @@ def private_classes(nodes_train: Any, reg: PrivacyRegularizer, holdout: Holdout,
 
         def _train_step_standard_mode(self, model_wrap, cond, extra_args, noisegen, latent_image, dataset_size, pbar):
             super()._train_step_standard_mode(model_wrap, cond, extra_args, noisegen, latent_image, dataset_size, pbar)
-            pbar.set_postfix({"loss": f"{self.smplora_last_loss:.4f}", **self.loss_fn.postfix()})
+            postfix = {"loss": f"{self.smplora_last_loss:.4f}", **self.loss_fn.postfix()}
+            pbar.set_postfix(postfix)
+            if on_progress is not None:
+                on_progress(f"step {self.smplora_micro}/{self.total_steps}: "
+                            + ", ".join(f"{k}={v}" for k, v in postfix.items()))
 
     return SmploraTrainSampler, SmploraTrainGuider
 
 
 @contextlib.contextmanager
-def private_training(nodes_train: Any, reg: PrivacyRegularizer, holdout: Holdout, seed: int) -> Iterator[None]:
+def private_training(nodes_train: Any, reg: PrivacyRegularizer, holdout: Holdout, seed: int,
+                     on_progress: Optional[Callable[[str], None]] = None) -> Iterator[None]:
     """Within the block, ``nodes_train.TrainLoraNode.execute`` trains with the privacy term."""
-    sampler_cls, guider_cls = private_classes(nodes_train, reg, holdout, seed)
+    sampler_cls, guider_cls = private_classes(nodes_train, reg, holdout, seed, on_progress)
     with _SWAP_LOCK:
         old = nodes_train.TrainSampler, nodes_train.TrainGuider
         nodes_train.TrainSampler, nodes_train.TrainGuider = sampler_cls, guider_cls

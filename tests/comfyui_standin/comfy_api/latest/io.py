@@ -54,6 +54,7 @@ def Custom(io_type: str) -> type:  # noqa: N802
 
 
 class Hidden:
+    unique_id = "UNIQUE_ID"
     prompt = "PROMPT"
     extra_pnginfo = "EXTRA_PNGINFO"
 
