@@ -121,7 +121,7 @@ class PrivateLoss:
                 reference = wrap(xt.detach(), batch["sigmas"][:n].detach(), **self._extra(batch, n))
         nonmember = None
         if self.reg.wants_nonmembers(update):
-            nonmember = self._nonmember_features(wrap, batch, n, x0.dtype)
+            nonmember = self._nonmember_features(wrap, batch, n)
         with torch.autocast(x0_pred.device.type, enabled=False):
             member = self.reg.features(x0_pred[:n].float(), x0[:n].float(),
                                        reference=None if reference is None else reference.float())
@@ -142,7 +142,7 @@ class PrivateLoss:
         return self.sampler.smplora_make_extra(batch["extra_args"], list(range(n)), full_size=batch["dataset_size"])
 
     @torch.no_grad()
-    def _nonmember_features(self, wrap: Any, batch: Dict[str, Any], n: int, dtype: torch.dtype) -> torch.Tensor:
+    def _nonmember_features(self, wrap: Any, batch: Dict[str, Any], n: int) -> torch.Tensor:
         latent = batch["latent"]
         if self._held_in is None:
             self._held_in = wrap.inner_model.process_latent_in(self.holdout.latents.float())
