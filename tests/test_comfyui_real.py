@@ -9,7 +9,6 @@ stopped by the test. COMFYUI_PYTHON names the Python that runs ComfyUI (default:
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil

@@ -12,7 +12,7 @@ import importlib
 import inspect
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import pytest
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -45,6 +44,10 @@ def _latent_rows(latents: List[Dict[str, torch.Tensor]], what: str) -> torch.Ten
         raise ValueError(f"{what} has latents of several sizes {shapes}: Train LoRA (SMP-LoRA) needs one size "
                          "(no bucket or multi-resolution mode); resize the images to one resolution.")
     return torch.cat(rows)
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _conds(positive: List[Any]) -> List[Any]:
@@ -94,7 +97,8 @@ class SmploraTrainLora(io.ComfyNode):
         if members.shape[1:] != held.shape[1:]:
             raise ValueError(f"holdout_latents have size {tuple(held.shape[1:])} but the training latents "
                              f"{tuple(members.shape[1:])}: encode the held-out images at the training resolution.")
-        same = [(j, i) for j in range(held.shape[0]) for i in range(members.shape[0]) if torch.equal(held[j], members[i])]
+        member_hash = {_digest(m): i for i, m in enumerate(members)}
+        same = [(j, member_hash[d]) for j, h in enumerate(held) if (d := _digest(h)) in member_hash]
         if same:
             raise ValueError(f"{len(same)} held-out latent(s) equal training latents (held-out #{same[0][0]} == training "
                              f"#{same[0][1]}): non-members must be images that are never trained on.")

@@ -5,4 +5,6 @@ Link or copy this folder into ``ComfyUI/custom_nodes/`` (e.g. as ``custom_nodes/
 ``comfy_entrypoint`` (docs/comfyui.md).
 """
 
-from smplora_plugin.integrations.comfyui import comfy_entrypoint  # noqa: F401
+from smplora_plugin.integrations.comfyui import comfy_entrypoint
+
+__all__ = ["comfy_entrypoint"]

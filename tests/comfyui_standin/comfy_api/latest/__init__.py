@@ -2,6 +2,8 @@
 
 from . import io, ui
 
+__all__ = ["ComfyExtension", "io", "ui"]
+
 
 class ComfyExtension:
     async def on_load(self) -> None:
