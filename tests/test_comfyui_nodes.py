@@ -105,6 +105,15 @@ def test_privacy_term_changes_the_trained_lora(comfy, data):
     assert diff > 1e-5
 
 
+def test_training_is_repeatable_and_leaves_the_global_rng_alone(comfy, data):
+    state = torch.get_rng_state()
+    a = _train(comfy, data, steps=2).args[1]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)  # a different global state must not change the result
+    b = _train(comfy, data, steps=2).args[1]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lora_off_switches_only_trainable_adapters(comfy, data):
     from smplora_plugin.integrations.comfyui.training import ComfyTrainingError, lora_off
 

@@ -114,7 +114,11 @@ class SmploraTrainLora(io.ComfyNode):
                              "or one per held-out image.")
         reg = PrivacyRegularizer(config)
         kwargs["bucket_mode"] = [False]
-        with private_training(nodes_train, reg, Holdout(held, hconds), seed, progress_sink(cls)):
+        # ComfyUI's sampler draws batch indices, sigmas and adapter inits from torch's global RNG; seed it
+        # from the node's seed inside a fork, so a run is repeatable and ComfyUI's RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]), \
+                private_training(nodes_train, reg, Holdout(held, hconds), seed, progress_sink(cls)):
+            torch.manual_seed(seed)
             out = nodes_train.TrainLoraNode.execute(**kwargs)
         model, lora, loss_map, steps = out.args[:4]
         privacy = {"file_metadata": reg.file_metadata(), "metrics": reg.metrics(), "config": config.to_dict(),
