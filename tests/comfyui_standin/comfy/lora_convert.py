@@ -1,0 +1,5 @@
+"""Stand-in of comfy.lora_convert."""
+
+
+def convert_lora(sd):
+    return sd

@@ -1,0 +1,209 @@
+"""The node pack in a real headless ComfyUI (skipped unless COMFYUI_DIR is set).
+
+Starts ``python main.py --cpu --listen 127.0.0.1 --port <free>`` with the pack linked into a
+temporary ``custom_nodes`` folder and a small random SD1.x-style checkpoint
+(scripts/comfyui/make_tiny_checkpoint.py, or COMFYUI_TINY_CHECKPOINT), posts the API-format
+workflows of examples/comfyui/ to ``/prompt`` and reads ``/history``. The server is always
+stopped by the test. COMFYUI_PYTHON names the Python that runs ComfyUI (default: this one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from _comfyui import write_pngs
+
+COMFY = os.environ.get("COMFYUI_DIR")
+PY = os.environ.get("COMFYUI_PYTHON", sys.executable)
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "comfyui"
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR to a ComfyUI checkout")]
+TIMINGS = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"/prompt refused the workflow: {exc.read().decode()[:2000]}") from exc
+
+
+class Server:
+    def __init__(self, base: Path, log: Path):
+        self.base, self.log = base, log
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [PY, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(base),
+               "--disable-auto-launch"]
+        self.proc = subprocess.Popen(cmd, cwd=COMFY, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        t0 = time.time()
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ComfyUI exited with {self.proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                info = _get(f"{self.url}/object_info/SmploraTrainLora")
+                if "SmploraTrainLora" in info:
+                    break
+                raise AssertionError(f"the node pack did not load:\n{log.read_text()[-4000:]}")
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.time() - t0 > 600:
+                    raise AssertionError(f"ComfyUI did not start in 600 s:\n{log.read_text()[-4000:]}")
+                time.sleep(1)
+        TIMINGS["server start (s)"] = round(time.time() - t0, 1)
+
+    def run(self, workflow: dict, name: str, timeout: float = 1800) -> dict:
+        t0 = time.time()
+        pid = _post(f"{self.url}/prompt", {"prompt": workflow, "client_id": "smplora-test"})["prompt_id"]
+        while time.time() - t0 < timeout:
+            hist = _get(f"{self.url}/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                TIMINGS[name + " (s)"] = round(time.time() - t0, 1)
+                return hist[pid]
+            time.sleep(1)
+        raise AssertionError(f"workflow {name} did not finish in {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def _checkpoint(dest: Path) -> None:
+    given = os.environ.get("COMFYUI_TINY_CHECKPOINT")
+    if given:
+        os.symlink(given, dest)
+        return
+    t0 = time.time()
+    subprocess.run([PY, str(ROOT / "scripts" / "comfyui" / "make_tiny_checkpoint.py"), str(dest), "--comfyui-dir", COMFY],
+                   check=True, capture_output=True)
+    TIMINGS["make tiny checkpoint (s)"] = round(time.time() - t0, 1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    for sub in ("custom_nodes", "models/checkpoints", "models/loras", "input", "output"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    os.symlink(EXAMPLES / "custom_node", base / "custom_nodes" / "smplora")
+    _checkpoint(base / "models" / "checkpoints" / "tiny_sd15.safetensors")
+    write_pngs(base / "input" / "members", 8, seed=11, size=64)
+    write_pngs(base / "input" / "holdout", 8, seed=12, size=64)
+    srv = Server(base, base / "comfyui.log")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        print("\nComfyUI real-run timings:", json.dumps(TIMINGS))
+
+
+def _ok(result: dict, name: str) -> dict:
+    status = result.get("status", {})
+    assert status.get("status_str") == "success", f"{name} failed: {json.dumps(status)[:3000]}"
+    return result["outputs"]
+
+
+def _train_workflow() -> dict:
+    wf = json.loads((EXAMPLES / "smplora_train_save_api.json").read_text())
+    wf["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    wf["6"]["inputs"].update(steps=4, gradient_checkpointing=False)
+    wf["7"]["inputs"]["prefix"] = "smplora/tiny"
+    plain = {k: v for k, v in wf["6"]["inputs"].items() if not k.startswith(("holdout", "privacy"))}
+    wf["9"] = {"class_type": "TrainLoraNode", "inputs": {**plain, "bucket_mode": False}}  # ComfyUI's own node
+    wf["10"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["9", 1], "prefix": "plain/tiny", "steps": ["9", 3]}}
+    return wf
+
+
+def test_train_save_label_audit_in_real_comfyui(server):
+    base = server.base
+    # (a) checkpoint -> dataset latents/conditioning -> Train LoRA (SMP-LoRA) -> Save LoRA (SMP-LoRA)
+    outputs = _ok(server.run(_train_workflow(), "train+save (SMP-LoRA and plain)"), "train")
+    smp = base / "models" / "loras" / "smplora" / "tiny_4_steps_00001_.safetensors"
+    assert smp.is_file(), sorted(str(p) for p in base.rglob("*.safetensors"))
+    assert "smplora/tiny_4_steps_00001_.safetensors" in outputs["7"]["text"][0]
+    with safe_open(str(smp), framework="pt") as f:
+        header, keys = f.metadata(), set(f.keys())
+    assert header["smplora.method"] == "smp-lora"
+    assert json.loads(header["smplora.config"])["calibrated"] is True
+    assert json.loads(header["smplora.data"]) == {"members": 8, "nonmembers": 8, "steps": 4, "batch_size": 2,
+                                                  "trainer": "comfyui"}
+    assert json.loads(header["smplora.metrics"])["step"] == 4.0
+    plain = next((base / "output" / "plain").glob("tiny_4_steps_*.safetensors"))
+    with safe_open(str(plain), framework="pt") as f:
+        assert set(f.keys()) == keys  # the same LoRA layout as ComfyUI's own Train LoRA
+    shutil.copy(plain, base / "models" / "loras" / "plain_tiny.safetensors")
+
+    # (b) LoRA privacy label on the SMP-LoRA file and on the plain one
+    label_wf = {"1": {"class_type": "SmploraLoraPrivacyLabel", "inputs": {"lora_name": "smplora/tiny_4_steps_00001_.safetensors"}},
+                "2": {"class_type": "SmploraLoraPrivacyLabel", "inputs": {"lora_name": "plain_tiny.safetensors"}}}
+    outputs = _ok(server.run(label_wf, "labels"), "labels")
+    smp_label, plain_label = outputs["1"]["text"][0], outputs["2"]["text"][0]
+    assert "trained with the membership-inference defense: smp-lora" in smp_label and "calibrated=True" in smp_label
+    assert "no privacy information" in plain_label
+    TIMINGS["label SMP-LoRA"] = smp_label.splitlines()[1]
+    TIMINGS["label plain"] = plain_label.splitlines()[1][:60]
+
+    # (c) Audit LoRA on it: report text (verdict or headline + table) and the ROC image
+    wf = json.loads((EXAMPLES / "smplora_label_audit_api.json").read_text())
+    wf["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    wf["2"]["inputs"]["lora_name"] = "smplora/tiny_4_steps_00001_.safetensors"
+    wf["3"]["inputs"].update(lora_name="smplora/tiny_4_steps_00001_.safetensors", resolution=64,
+                             member_folder=str(base / "input" / "members"), nonmember_folder=str(base / "input" / "holdout"),
+                             attacks=os.environ.get("COMFYUI_AUDIT_ATTACKS", ""))
+    outputs = _ok(server.run(wf, "label+audit"), "audit")
+    text = outputs["3"]["text"][0]
+    assert ("Verdict:" in text or "max-attack AUC" in text) and "|" in text
+    TIMINGS["audit headline"] = text.splitlines()[0]
+    images = outputs["4"]["images"]
+    assert len(images) == 1 and images[0]["filename"].endswith(".png")
+    assert (base / "output" / "smplora_audit" / "tiny_4_steps_00001__seed0" / "report.json").is_file()
+
+
+def test_bad_audit_input_is_a_node_error_and_writes_nothing(server):
+    base = server.base
+    before = sorted(p for p in (base / "output").rglob("*") if p.is_file())
+    wf = json.loads((EXAMPLES / "smplora_label_audit_api.json").read_text())
+    del wf["2"]
+    wf["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    write_pngs(base / "input" / "few", 3, seed=13, size=64)
+    lora = base / "models" / "loras" / "bad_input_case.safetensors"
+    save_file({"diffusion_model.out.2.diff_b": torch.zeros(4)}, str(lora))  # any file in models/loras will do
+    wf["3"]["inputs"].update(lora_name=lora.name,
+                             member_folder=str(base / "input" / "members"), nonmember_folder=str(base / "input" / "few"),
+                             resolution=64)
+    result = server.run(wf, "bad audit input")
+    status = result["status"]
+    assert status["status_str"] == "error"
+    assert "needs at least 8" in json.dumps(status["messages"])
+    after = sorted(p for p in (base / "output").rglob("*") if p.is_file())
+    assert after == before
