@@ -160,7 +160,7 @@ class GSAAttack(Attack):
         return AttackOutput(scores=scores, calibration_index=cal_index,
                             chosen={"classifier": kind, "cv_folds": folds, "lora_modules": len(modules),
                                     "pairs": [list(p) for p in gsa_pairs(ctx, timesteps)],
-                                    "calibration_auc_oof": a},
+                                    "calibration_auc": a},
                             curves={"total_gradient_norm": {"-|grad|": total}})
 
 

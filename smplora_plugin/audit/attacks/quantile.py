@@ -134,7 +134,7 @@ class QuantileRegressionAttack(Attack):
             scores=scores, calibration_index=cal_index,
             chosen={"candidate": name, "cv_folds": folds, "features": int(X.shape[1]),
                     "sign": "as expected" if sign > 0 else "flipped (anti-member direction)",
-                    "calibration_auc_oof": a if sign > 0 else 1.0 - a},
+                    "calibration_auc": a if sign > 0 else 1.0 - a},
             curves={"statistic_and_head": curves})
 
 
