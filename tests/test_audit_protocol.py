@@ -182,6 +182,7 @@ def test_near_duplicates_across_sets_are_warned_about(capsys):
     rep = _run(pool[:16], non)
     (w,) = rep.info["warnings"]
     assert w.startswith("1 near-duplicate image pair(s)") and "sha256:" in w
+    assert w in rep.verdict["warnings"]
     assert "near-duplicate" in capsys.readouterr().err
     clean = _run(pool[:16], pool[16:])
     assert "warnings" not in clean.info

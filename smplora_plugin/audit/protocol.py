@@ -248,6 +248,8 @@ def run_audit(
     util.update(dict(utility or {}))
     n_m, n_n = sizes[2], sizes[3]
     verdict = assess(kept, labels[eval_index], results, seed=cfg.seed, settings=vset)
+    if warnings:  # near-duplicates across sets inflate every score: the verdict says so too
+        verdict["warnings"] = list(warnings) + list(verdict.get("warnings") or [])
     report = AuditReport(
         title=title,
         verdict=verdict,
