@@ -558,9 +558,12 @@ def render_table(s: Mapping[str, Any]) -> str:
                       f"reference LoRAs ({refs['mode']}), trained the target's way on "
                       f"random halves of the {refs.get('pool')} audited images; each image IN for "
                       f"{refs['in_per_sample_min_mean_max'][1]:g} of them."]
-    warned = [(c["title"], w) for c in cols.values() for w in c.get("warnings") or []]
+    warned: Dict[str, List[str]] = {}  # one line per distinct warning, naming the columns it concerns
+    for c in cols.values():
+        for w in c.get("warnings") or []:
+            warned.setdefault(w, []).append(c["title"])
     if warned:
-        lines += [""] + [f"**Warning ({t})**: {w}" for t, w in warned]
+        lines += [""] + [f"**Warning ({', '.join(t)})**: {w}" for w, t in warned.items()]
     lines += ["", f"Verdict rule: {s['verdict_rule']}" if s.get("verdict_rule") else "Verdict rule: n/a",
               "", "The headline attack is chosen on the calibration split; the upper envelope is chosen on the "
                   "evaluation split, so judge it by its permutation null (q95), not by the chance band. A 'no evidence' "
