@@ -30,16 +30,19 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{audit,demo}")
     audit = sub.add_parser("audit", help="audit a LoRA file for membership-inference leakage",
                            description="Run the membership-inference attack suite on a LoRA file against a "
-                                       "diffusers base model and member / non-member images; writes "
-                                       "report.json, report.md, roc.png and manifest.json.")
+                                       "diffusers base model and member / non-member images; writes report.md "
+                                       "(the verdict first), report.json, roc.png, per_timestep_auc.png and "
+                                       "manifest.json to --out (with --run: the pooled report.md, report.json and "
+                                       "roc.png there, and each run's files in --out/run_NN_<name>/).")
     if command == "audit":
         from .audit.cli import add_arguments
 
         audit.add_argument("--list-attacks", action="store_true", help="list the available attacks and exit")
         add_arguments(audit)
     demo = sub.add_parser("demo", help="the end-to-end demo: plain LoRA vs SMP-LoRA on digits, audited",
-                          description="Train a tiny latent diffusion model on digits, fine-tune LoRA with and "
-                                      "without SMP-LoRA, audit both and print the side-by-side table.")
+                          description="On a tiny latent diffusion model (digits), fine-tune LoRA with and "
+                                      "without SMP-LoRA, audit each and the untouched base model, and print the "
+                                      "side-by-side table: verdict first, then utility.")
     if command == "demo":
         mod, _ = _demo_module()
         if mod is not None:

@@ -21,6 +21,9 @@ def quick_demo(tmp_path_factory):
     return rc, out
 
 
+from smplora_plugin.audit.verdict import VERDICTS  # noqa: E402
+
+
 def _in01(x):
     return x is None or 0.0 <= x <= 1.0
 
@@ -34,7 +37,15 @@ def test_quick_demo_writes_wellformed_reports(quick_demo, capsys):
     assert summary["base"].startswith("shipped weights")  # CI must not retrain the base
     assert set(summary["variants"]) == {"plain", "smp", "smp-robust"}
     table = (out / "summary.md").read_text()
-    assert "plain LoRA" in table and "SMP-LoRA" in table and "max-attack AUC" in table
+    assert "plain LoRA" in table and "SMP-LoRA" in table
+    # verdict first, then the headline, the epsilon lower bound, the upper envelope, and utility last
+    labels = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("| ")]
+    order = ["**verdict**", "**headline AUC** [95% CI]", "headline p-value", "**headline TPR@1%FPR**",
+             "empirical epsilon **lower bound**", "*upper envelope: max AUC", "held-out denoising loss"]
+    pos = [next(i for i, lab in enumerate(labels) if lab.startswith(o)) for o in order]
+    assert pos == sorted(pos), labels
+    header = next(ln for ln in table.splitlines() if ln.startswith("| |"))
+    assert header.split("|")[2].strip() == "base model (no LoRA)"  # the floor comes first
     lo, hi = summary["null_band_auc95"]
     assert 0 < lo < 0.5 < hi < 1
     for v, col in summary["variants"].items():
@@ -52,6 +63,25 @@ def test_quick_demo_writes_wellformed_reports(quick_demo, capsys):
         assert 0.0 <= col["classifier_accuracy"] <= 1.0 and col["frechet_distance"] >= 0.0
         assert col["heldout_loss"] > 0 and col["member_loss"] > 0
     assert summary["variants"]["plain"]["heldout_loss_ratio_to_plain"] == pytest.approx(1.0)
+    for col in [*summary["variants"].values(), summary["base_model_audit"]]:
+        assert col["verdict"] in VERDICTS
+        assert col["headline_auc_ci95"][0] <= col["headline_auc"] <= col["headline_auc_ci95"][1]
+        assert 0 < col["headline_p_value"] <= 1 and col["epsilon_lower_bound"] >= 0
+        assert col["max_auc"] >= col["headline_auc"]  # the envelope is the maximum over the same attacks
+    # the plain LoRA memorises at this size: its verdict must say so, with a positive epsilon lower bound
+    assert summary["variants"]["plain"]["verdict"] == "leaks"
+    assert summary["variants"]["plain"]["epsilon_lower_bound"] > 0
+    # the base model's audit: the same targets through a LoRA that never trained, i.e. the base itself,
+    # so the base-calibrated loss is exactly 0 for every sample and its AUC exactly 0.5
+    base = summary["base_model_audit"]
+    assert base["title"] == "base model (no LoRA)" and base["adaptation_loss_last"] is None
+    assert base["attacks"]["loss_calibrated"]["auc"] == 0.5
+    assert base["classifier_accuracy"] == summary["base_model_quality"]["classifier_accuracy"]
+    assert base["heldout_loss_ratio_to_plain"] > 0
+    for f in ("report.json", "report.md", "roc.png", "manifest.json"):
+        assert (out / "base" / f).is_file(), f
+    assert not (out / "base" / "lora.safetensors").exists()
+    assert json.loads((out / "base" / "report.json").read_text())["splits"] == summary["audit_splits"]
     # plain LoRA at the quick size memorises (measured AUC 1.000 against a null band ending near 0.71):
     # one pre-chosen attack's CI must clear the chance band.
     cal = summary["variants"]["plain"]["attacks"]["loss_calibrated"]

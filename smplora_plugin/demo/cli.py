@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_demo(cfg, args.out, progress=not args.no_progress, assets=None if args.retrain_base else ASSETS,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
     print(render_table(summary))
-    print(f"\nReports written to {args.out}/ (summary.md, summary.json, <variant>/report.md|json, roc.png, "
-          f"samples.png, lora.safetensors). Wall time {time.time() - t0:.0f} s.")
+    print(f"\nReports written to {args.out}/ (summary.md, summary.json, manifest.json; <variant>/report.md|json, "
+          f"roc.png, per_timestep_auc.png, manifest.json, samples.png, lora.safetensors; base/: the base model's "
+          f"audit). Wall time {time.time() - t0:.0f} s.")
     return 0

@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -211,6 +211,14 @@ def _regularizer(cfg: DemoConfig, variant: str):
 
 
 VARIANT_TITLES = {"plain": "plain LoRA", "smp": "SMP-LoRA", "smp-robust": "SMP-LoRA robust", "mp": "MP-LoRA"}
+BASE_TITLE = "base model (no LoRA)"
+
+
+def _verdict_line(v: Optional[Mapping[str, Any]]) -> str:
+    if not v or v.get("verdict") is None:
+        return "no verdict"
+    h = v["headline"]
+    return f"{v['verdict']} (headline {h['attack']} AUC {h['auc']:.3f}, p = {h['p_value']:.3g})"
 
 
 def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = True, assets: Union[str, Path, None] = ASSETS,
@@ -256,6 +264,19 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
                                       guidance=cfg.guidance, seed=cfg.seed, captioner=ds.captioner)
         base_quality["real_digits_frechet_distance"] = _real_floor(clf, ds.classifier_data(), reference,
                                                                    10 * cfg.samples_per_label, cfg.seed)
+        space = FEATURE_SPACE if ds.name == "digits" else FEATURE_SPACE.replace("digit", ds.name)
+
+        def audit(model: TinyLDM, title: str, utility: Dict[str, Any], info: Dict[str, Any]):
+            return run_audit(
+                TinyLDMTarget(model), _samples(m_eval), _samples(splits["nonmember_eval"]),
+                calibration_members=_samples(m_cal), calibration_nonmembers=_samples(splits["nonmember_calibration"]),
+                attacks=None if cfg.attacks is None else list(cfg.attacks), config={"seed": cfg.seed, **cfg.audit},
+                utility=utility, manifest_sets={"nonmember_defense": splits["nonmember_defense"].ids},
+                info={"model": f"smplora demo tiny LDM (diffusers UNet2DConditionModel + peft LoRA) on {ds.title}",
+                      "variant": title, "base": base_source, **info},
+                title=f"Membership-inference audit: {title} (smplora demo)", progress=progress, out_dir=None,
+                references=refs)
+
         results: Dict[str, Dict[str, Any]] = {}
         plain_heldout: Optional[float] = None
         for variant in cfg.variants:
@@ -278,7 +299,6 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
                                                guidance=cfg.guidance, seed=cfg.seed, captioner=ds.captioner), nrow=10),
                       vdir / "samples.png")
             timings[f"quality_{variant}"] = round(time.time() - t0, 1)
-            space = FEATURE_SPACE if ds.name == "digits" else FEATURE_SPACE.replace("digit", ds.name)
             utility = {"sample_quality": {**quality, "feature_space": space,
                                           "reference": "private non-members (calibration + evaluation)"},
                        "sample_quality_base_model": base_quality}
@@ -286,21 +306,12 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
                 utility["heldout_loss_ratio_to_plain_lora"] = None  # filled below, once this audit gives its loss
             t0 = time.time()
             log(f"Auditing {title} ...")
-            report = run_audit(
-                TinyLDMTarget(model), _samples(m_eval), _samples(splits["nonmember_eval"]),
-                calibration_members=_samples(m_cal), calibration_nonmembers=_samples(splits["nonmember_calibration"]),
-                attacks=None if cfg.attacks is None else list(cfg.attacks), config={"seed": cfg.seed, **cfg.audit},
-                utility=utility, manifest_sets={"nonmember_defense": splits["nonmember_defense"].ids},
-                info={"model": f"smplora demo tiny LDM (diffusers UNet2DConditionModel + peft LoRA) on {ds.title}",
-                      "variant": title, "base": base_source, "members_trained": cfg.members,
-                      "steps": cfg.steps, "batch_size": cfg.batch_size,
-                      "steps_per_image": cfg.steps * min(cfg.batch_size, cfg.members) / cfg.members,
-                      "lora_rank": cfg.lora_rank, "lora_lr": cfg.lora_lr,
-                      "regularizer": None if reg is None else reg.config.to_dict(),
-                      "defense_members": "every training batch (all members)",
-                      "training": run.summary()},
-                title=f"Membership-inference audit: {title} (smplora demo)", progress=progress, out_dir=None,
-                references=refs)
+            report = audit(model, title, utility, {
+                "members_trained": cfg.members, "steps": cfg.steps, "batch_size": cfg.batch_size,
+                "steps_per_image": cfg.steps * min(cfg.batch_size, cfg.members) / cfg.members,
+                "lora_rank": cfg.lora_rank, "lora_lr": cfg.lora_lr,
+                "regularizer": None if reg is None else reg.config.to_dict(),
+                "defense_members": "every training batch (all members)", "training": run.summary()})
             timings[f"audit_{variant}"] = round(time.time() - t0, 1)
             held = report.utility.get("heldout_denoising_loss")
             if variant == "plain":
@@ -310,13 +321,29 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
             report.write(vdir)
             results[variant] = {"title": title, "report": report.to_dict(), "training": run.summary(),
                                 "lora_file": str(lora_path)}
-            log(f"{title}: max-attack AUC {report.max_over_attacks['auc']['value']:.3f} "
-                f"({report.max_over_attacks['auc']['attack']})")
+            log(f"{title}: {_verdict_line(report.verdict)}")
+        t0 = time.time()
+        log(f"Auditing the {BASE_TITLE} (the same targets, LoRA disabled: the floor) ...")
+        model = TinyLDM(ds.model_config, seed=0)
+        model.load_base_state_dict(base_sd)
+        model.add_lora(cfg.lora_rank, seed=cfg.seed)  # never trained: B = 0, so it computes exactly the base model
+        report = audit(model, BASE_TITLE,
+                       {"sample_quality": {**base_quality, "feature_space": space,
+                                           "reference": "private non-members (calibration + evaluation)"}},
+                       {"note": "the untouched base model: a LoRA that was never trained (B = 0) is the identity"})
+        timings["audit_base"] = round(time.time() - t0, 1)
+        held = report.utility.get("heldout_denoising_loss")
+        report.utility["heldout_loss_ratio_to_plain_lora"] = None if (held is None or not plain_heldout) \
+            else held / plain_heldout
+        report.write(out / "base")
+        base_result = {"title": BASE_TITLE, "report": report.to_dict(), "training": None, "lora_file": None,
+                       "report_dir": str(out / "base")}
+        log(f"{BASE_TITLE}: {_verdict_line(report.verdict)}")
     finally:
         if flushed:
             torch.set_flush_denormal(False)
     timings["total"] = round(time.time() - t_all, 1)
-    summary = build_summary(cfg, splits, results, base_quality, base_source, timings)
+    summary = build_summary(cfg, splits, results, base_quality, base_source, timings, base_audit=base_result)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     (out / "summary.md").write_text(render_table(summary) + "\n")
     from ..holdout import write_manifest
@@ -396,34 +423,58 @@ def _save_lora(model: TinyLDM, reg: Any, folder: Path, variant: str, cfg: DemoCo
 # summary table
 
 
+def _column(r: Mapping[str, Any], report_dir: str) -> Dict[str, Any]:
+    """One column of the summary: the verdict block first, then the upper envelope, then utility."""
+    rep = r["report"]
+    mx = rep["max_over_attacks"]
+    q = rep["utility"]["sample_quality"]
+    v = rep.get("verdict") or {}
+    h = v.get("headline") or {}
+    env = v.get("upper_envelope") or {}
+    eps = v.get("epsilon_lower_bound") or {}
+    training = r.get("training") or {}
+    return {
+        "title": r["title"],
+        "verdict": v.get("verdict"),
+        "headline_attack": h.get("attack"), "headline_auc": h.get("auc"), "headline_auc_ci95": h.get("auc_ci95"),
+        "headline_p_value": h.get("p_value"), "headline_tpr_at_1pct_fpr": h.get("tpr_at_1pct_fpr"),
+        "epsilon_lower_bound": eps.get("epsilon"), "epsilon_lower_bound_at_delta": eps.get("epsilon_at_delta"),
+        "epsilon_delta": eps.get("delta"),
+        "envelope_auc_null_q95": (env.get("auc") or {}).get("null_q95"),
+        "envelope_auc_p_value": (env.get("auc") or {}).get("p_value"),
+        "smallest_detectable_auc": (v.get("power") or {}).get("smallest_detectable_auc"),
+        "warnings": list(v.get("warnings") or []),
+        "max_auc": mx["auc"]["value"], "max_auc_attack": mx["auc"]["attack"], "max_auc_ci95": mx["auc"]["ci95"],
+        "max_leakage": mx["leakage"]["value"],
+        "max_tpr_at_1pct_fpr": (mx.get("tpr_at_1pct_fpr") or {}).get("value"),
+        "attacks": {k: {"auc": a["auc"], "auc_ci95": a["auc_ci95"], "tpr_at_1pct_fpr": a["tpr_at_1pct_fpr"],
+                        "leakage": a["leakage"], "uses_model": a["uses_model"]} for k, a in rep["attacks"].items()},
+        "heldout_loss": rep["utility"].get("heldout_denoising_loss"),
+        "heldout_loss_ratio_to_plain": rep["utility"].get("heldout_loss_ratio_to_plain_lora"),
+        "member_loss": rep["utility"].get("member_denoising_loss"),
+        "classifier_accuracy": q["classifier_accuracy"], "frechet_distance": q["frechet_distance"],
+        "adaptation_loss_last": training.get("adaptation_loss_last"),
+        "proxy_attacker": training.get("proxy_attacker"),
+        "report_dir": report_dir,
+    }
+
+
 def build_summary(cfg: DemoConfig, splits: DigitSplits, results: Mapping[str, Dict[str, Any]],
-                  base_quality: Mapping[str, Any], base_source: str, timings: Mapping[str, float]) -> Dict[str, Any]:
-    cols: Dict[str, Any] = {}
-    for v, r in results.items():
-        rep = r["report"]
-        mx = rep["max_over_attacks"]
-        q = rep["utility"]["sample_quality"]
-        cols[v] = {
-            "title": r["title"],
-            "max_auc": mx["auc"]["value"], "max_auc_attack": mx["auc"]["attack"], "max_auc_ci95": mx["auc"]["ci95"],
-            "max_leakage": mx["leakage"]["value"],
-            "max_tpr_at_1pct_fpr": (mx.get("tpr_at_1pct_fpr") or {}).get("value"),
-            "attacks": {k: {"auc": a["auc"], "auc_ci95": a["auc_ci95"], "tpr_at_1pct_fpr": a["tpr_at_1pct_fpr"],
-                            "leakage": a["leakage"], "uses_model": a["uses_model"]} for k, a in rep["attacks"].items()},
-            "heldout_loss": rep["utility"].get("heldout_denoising_loss"),
-            "heldout_loss_ratio_to_plain": rep["utility"].get("heldout_loss_ratio_to_plain_lora"),
-            "member_loss": rep["utility"].get("member_denoising_loss"),
-            "classifier_accuracy": q["classifier_accuracy"], "frechet_distance": q["frechet_distance"],
-            "adaptation_loss_last": r["training"]["adaptation_loss_last"],
-            "proxy_attacker": r["training"].get("proxy_attacker"),
-            "report_dir": str(Path(r["lora_file"]).parent),
-        }
+                  base_quality: Mapping[str, Any], base_source: str, timings: Mapping[str, float], *,
+                  base_audit: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """``summary.json``: one column per variant (``variants``) and the base model's audit (``base_model_audit``)."""
+    cols = {v: _column(r, str(Path(r["lora_file"]).parent)) for v, r in results.items()}
+    first = next(iter(results.values()))["report"] if results else None
+    power = ((first or {}).get("verdict") or {}).get("power")
     return {"format": "smplora-demo-summary/1", "config": cfg.to_dict(), "base": base_source,
             "splits": {"public": len(splits.public), **{k: len(v) for k, v in splits.sets.items()}},
-            "audit_splits": next(iter(results.values()))["report"]["splits"] if results else {},
-            "null_band_auc95": next(iter(results.values()))["report"]["null_band_auc95"] if results else None,
-            "base_model_quality": dict(base_quality), "variants": cols, "seconds": dict(timings),
-            "references": next(iter(results.values()))["report"]["info"].get("references") if results else None}
+            "audit_splits": first["splits"] if first else {},
+            "null_band_auc95": first["null_band_auc95"] if first else None,
+            "power": power, "verdict_rule": ((first or {}).get("verdict") or {}).get("rule"),
+            "base_model_quality": dict(base_quality), "variants": cols,
+            "base_model_audit": None if base_audit is None else _column(base_audit, base_audit["report_dir"]),
+            "seconds": dict(timings),
+            "references": first["info"].get("references") if first else None}
 
 
 def _f(x: Optional[float], nd: int = 3) -> str:
@@ -434,9 +485,25 @@ def _p(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _auc_ci(x: Optional[float], ci: Optional[Sequence[float]]) -> str:
+    return "n/a" if x is None else f"{x:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _pv(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
 def render_table(s: Mapping[str, Any]) -> str:
-    """The side-by-side Markdown table (privacy, then utility) printed by ``smplora demo``."""
-    cols = s["variants"]
+    """The side-by-side Markdown table printed by ``smplora demo``.
+
+    Rows: each column's verdict, its headline attack (chosen on calibration) with evaluation AUC
+    [CI], p-value and TPR@1%FPR, the empirical epsilon lower bound, then the upper envelope (max
+    over attacks on the evaluation split), per-attack AUCs, and utility. The base model (no LoRA),
+    when audited, is the first column: the floor every figure sits next to.
+    """
+    cols = dict(s["variants"])
+    if s.get("base_model_audit"):
+        cols = {"base": s["base_model_audit"], **cols}
     names = list(cols)
     head = "| | " + " | ".join(cols[v]["title"] for v in names) + " |"
     sep = "|---|" + "---|" * len(names)
@@ -445,10 +512,20 @@ def render_table(s: Mapping[str, Any]) -> str:
     def row(label: str, fn) -> None:
         rows.append(f"| {label} | " + " | ".join(fn(cols[v]) for v in names) + " |")
 
-    row("**max-attack AUC** [95% CI]", lambda c: f"**{c['max_auc']:.3f}** [{c['max_auc_ci95'][0]:.2f}, "
-                                                 f"{c['max_auc_ci95'][1]:.2f}] ({c['max_auc_attack']})")
-    row("max leakage max(AUC, 1-AUC)", lambda c: _f(c["max_leakage"]))
-    row("**max TPR@1%FPR**", lambda c: f"**{_p(c['max_tpr_at_1pct_fpr'])}**")
+    row("**verdict**", lambda c: f"**{c.get('verdict') or 'n/a'}**")
+    row("headline attack (chosen on calibration)", lambda c: c.get("headline_attack") or "n/a")
+    row("**headline AUC** [95% CI]", lambda c: f"**{_auc_ci(c.get('headline_auc'), c.get('headline_auc_ci95'))}**")
+    row("headline p-value (one-sided, permutation)", lambda c: _pv(c.get("headline_p_value")))
+    row("**headline TPR@1%FPR**", lambda c: f"**{_p(c.get('headline_tpr_at_1pct_fpr'))}**")
+    delta = next((c["epsilon_delta"] for c in cols.values() if c.get("epsilon_delta") is not None), None)
+    row("empirical epsilon **lower bound** (not a guarantee), delta = 0"
+        + ("" if delta is None else f" / {delta:g}"),
+        lambda c: f"{_f(c.get('epsilon_lower_bound'), 2)} / {_f(c.get('epsilon_lower_bound_at_delta'), 2)}")
+    row("*upper envelope: max AUC over attacks (selected on evaluation, optimistic)*",
+        lambda c: f"*{c['max_auc']:.3f} ({c['max_auc_attack']}); null q95 {_f(c.get('envelope_auc_null_q95'))}, "
+                  f"p = {_pv(c.get('envelope_auc_p_value'))}*")
+    row("*upper envelope: max leakage max(AUC, 1-AUC)*", lambda c: f"*{_f(c['max_leakage'])}*")
+    row("*upper envelope: max TPR@1%FPR*", lambda c: f"*{_p(c['max_tpr_at_1pct_fpr'])}*")
     attacks = list(next(iter(cols.values()))["attacks"])
     for a in attacks:
         row(f"{a}: AUC / TPR@1%FPR", lambda c, a=a: f"{c['attacks'][a]['auc']:.3f} / {_p(c['attacks'][a]['tpr_at_1pct_fpr'])}")
@@ -462,10 +539,16 @@ def render_table(s: Mapping[str, Any]) -> str:
     lo, hi = s["null_band_auc95"]
     bq = s["base_model_quality"]
     dataset = s["config"].get("dataset", "digits")
+    pw = s.get("power") or {}
+    power = "" if not pw else (
+        f" At this size an attack of AUC {pw['smallest_detectable_auc']:.3f} or more is detected with "
+        f"{pw['power']:.0%} power (one-sided level {pw['alpha_one_sided']:g}); AUC "
+        f"{pw['needed_per_side_for_auc']['target_auc']:g} needs {pw['needed_per_side_for_auc']['members']} "
+        "members and as many non-members.")
     lines = [f"# smplora demo: plain LoRA vs SMP-LoRA on a tiny latent diffusion model ({dataset})", "",
              f"Audit: {sp.get('member_eval')} members / {sp.get('nonmember_eval')} non-members evaluated "
              f"(attacks tuned on {sp.get('member_calibration')} / {sp.get('nonmember_calibration')}); "
-             f"a chance-level AUC lies in [{lo:.3f}, {hi:.3f}] (95%). Base model: {s['base']}; "
+             f"one fixed attack at chance has AUC in [{lo:.3f}, {hi:.3f}] (95%).{power} Base model: {s['base']}; "
              f"its samples: classifier accuracy {_p(bq['classifier_accuracy'])}, "
              f"Fréchet distance {bq['frechet_distance']:.2f} (real public images, same count: "
              f"{bq['real_digits_frechet_distance']:.2f}).", ""] + rows
@@ -475,6 +558,16 @@ def render_table(s: Mapping[str, Any]) -> str:
                       f"reference LoRAs ({refs['mode']}), trained the target's way on "
                       f"random halves of the {refs.get('pool')} audited images; each image IN for "
                       f"{refs['in_per_sample_min_mean_max'][1]:g} of them."]
-    lines += ["", "TPR@1%FPR is conservative (largest threshold with FPR <= 1%). "
-              "Per-attack details: <out>/<variant>/report.md, report.json, roc.png."]
+    warned: Dict[str, List[str]] = {}  # one line per distinct warning, naming the columns it concerns
+    for c in cols.values():
+        for w in c.get("warnings") or []:
+            warned.setdefault(w, []).append(c["title"])
+    if warned:
+        lines += [""] + [f"**Warning ({', '.join(t)})**: {w}" for w, t in warned.items()]
+    lines += ["", f"Verdict rule: {s['verdict_rule']}" if s.get("verdict_rule") else "Verdict rule: n/a",
+              "", "The headline attack is chosen on the calibration split; the upper envelope is chosen on the "
+                  "evaluation split, so judge it by its permutation null (q95), not by the chance band. A 'no evidence' "
+                  "verdict is never a proof of privacy, and the epsilon lower bound is what this audit refutes, not a "
+                  "guarantee. TPR@1%FPR is conservative (largest threshold with FPR <= 1%). Details: "
+                  "<out>/<column>/report.md, report.json, roc.png (base model: <out>/base/)."]
     return "\n".join(lines)
