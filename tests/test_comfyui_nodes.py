@@ -204,7 +204,7 @@ def test_audit_node_reports_and_plots(comfy, data, tmp_path):
         out = comfy.nodes.SmploraAuditLora.execute(data["model"], data["clip"], data["vae"], name, str(m), str(n), 32,
                                                    "a photo", "loss,mlp", 0)
     text, roc = out.args
-    assert text.startswith("max-attack AUC") and "loss" in text
+    assert text.startswith("Verdict: ") and "Headline attack" in text and "loss" in text
     assert roc.ndim == 4 and roc.shape[0] == 1 and roc.shape[-1] == 3 and 0 <= float(roc.min()) <= float(roc.max()) <= 1
     report_dir = comfy.base / "output" / "smplora_audit" / "audited_4_steps_00001__seed0"
     assert (report_dir / "report.json").is_file() and (report_dir / "roc.png").is_file()
@@ -313,5 +313,7 @@ def test_report_text_shows_verdict_when_present():
     text = report_text(Report(base))
     assert text.startswith("max-attack AUC 0.610 [0.50, 0.70] (pia); TPR at 1% FPR 5.0%; chance band for AUC [0.40, 0.60]")
     assert text.endswith("| table |")
-    assert report_text(Report({**base, "verdict": "leaks"})).startswith("Verdict: leaks")
-    assert report_text(Report({**base, "verdict": {"text": "at chance"}})).startswith("Verdict: at chance")
+    summary = "Verdict: leaks. Headline attack pia (chosen on calibration, ...)"
+    assert report_text(Report({**base, "verdict": {"verdict": "leaks", "summary": summary}})).startswith(summary + "\n\n")
+    no_verdict = {"verdict": None, "summary": "no model-using attack was run: no verdict."}
+    assert report_text(Report({**base, "verdict": no_verdict})).startswith("max-attack AUC 0.610")

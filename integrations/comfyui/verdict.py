@@ -1,19 +1,8 @@
-"""The audit report as node text: the verdict when the report has one, else the max-attack headline."""
+"""The audit report as node text: the verdict summary, or the max-attack headline when no verdict was reached."""
 
 from __future__ import annotations
 
 from typing import Any, Dict
-
-
-def _verdict_text(verdict: Any) -> str:
-    if isinstance(verdict, str):
-        return verdict
-    if isinstance(verdict, dict):
-        for key in ("text", "summary", "message", "label"):
-            if isinstance(verdict.get(key), str):
-                return verdict[key]
-        return "; ".join(f"{k}: {v}" for k, v in verdict.items())
-    return str(verdict)
 
 
 def headline(d: Dict[str, Any]) -> str:
@@ -35,7 +24,11 @@ def headline(d: Dict[str, Any]) -> str:
 
 
 def report_text(report: Any) -> str:
-    """Verdict (or headline) followed by the report's Markdown table."""
+    """The audit's verdict summary (``report.verdict["summary"]``, "Verdict: ..."), then the Markdown table.
+
+    A report without a verdict (no model-using attack ran) falls back to the max-attack headline.
+    """
     d = report.to_dict()
-    first = f"Verdict: {_verdict_text(d['verdict'])}" if "verdict" in d else headline(d)
+    v = d.get("verdict")
+    first = v["summary"] if isinstance(v, dict) and v.get("verdict") and v.get("summary") else headline(d)
     return first + "\n\n" + report.markdown()

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                            calibration_nonmembers=samples["nonmember_calibration"], **kw)
     print(report.markdown())
     out = Path(args.out)
-    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'roc.png'}, {out / 'manifest.json'}")
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))} in {out}")
     return 0
 
 
