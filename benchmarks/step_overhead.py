@@ -92,7 +92,7 @@ class Batches:
 
     def __init__(self, size: dict, seed: int):
         g = torch.Generator().manual_seed(seed)
-        b, s = size["batch"], size["latent"]
+        s = size["latent"]
         self.latents = torch.randn(64, 4, s, s, generator=g)
         self.text = torch.randn(64, size.get("tokens", 4), size["cross"], generator=g)
         self.size, self.g, self.i = size, g, 0

@@ -166,7 +166,7 @@ def render_markdown(d: Mapping[str, Any]) -> str:
             lines.append(f"- {name} ({fam}): " + ", ".join(f"{k}: {v:.3f}" for k, v in c.items()))
     if d.get("info"):
         lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in d["info"].items()]
-    lines += ["", f"Model passes per sample: " + ", ".join(f"{k} {v:g}" for k, v in d["model_passes_per_sample"].items())
+    lines += ["", "Model passes per sample: " + ", ".join(f"{k} {v:g}" for k, v in d["model_passes_per_sample"].items())
               + f". Audit time {d['seconds']:.1f} s."]
     names = (d.get("pooling") or {}).get("runs") or []
     for i, run in enumerate(d.get("runs") or []):
