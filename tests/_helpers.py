@@ -1,5 +1,6 @@
 """Small shared builders for the core tests."""
 
+import pytest
 import torch
 
 from smplora_plugin import PrivacyRegularizer
@@ -32,3 +33,17 @@ def batch(n, seed):
     x = torch.randn(n, 2, 4, 4, generator=g)
     noise = torch.randn(n, 2, 4, 4, generator=g)
     return x, noise
+
+
+# audit tests: every default attack runs; small grids keep each audit about a second on a busy 2-core machine
+TINY_AUDIT = {"draws": 1, "timesteps": [100, 300], "sima_timesteps": [10, 100], "pia_timesteps": [200], "n_boot": 50,
+              "mlp_max_epochs": 5, "mlp_patience": 3, "cv_folds": 3}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread for the test (imported into a test module, it applies to that module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

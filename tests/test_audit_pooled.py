@@ -4,25 +4,16 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from smplora_plugin.audit import AuditError, AuditRun, run_audit_pooled
 from smplora_plugin.audit import metrics as M
 from smplora_plugin.audit.pooled import standardise
 from smplora_plugin.audit.synthetic import MemorizingTarget, synthetic_pool
+from _helpers import TINY_AUDIT, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 from smplora_plugin.audit.verdict import LEAKS
 
-CFG = {"draws": 1, "timesteps": [100, 300], "sima_timesteps": [10, 100], "pia_timesteps": [200], "n_boot": 50,
-       "mlp_max_epochs": 5, "mlp_patience": 3, "cv_folds": 3}
+CFG = TINY_AUDIT
 ATTACKS = ["loss", "loss_calibrated", "sima", "logreg", "blind"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(seed, strength, n_side=16, name=None):

@@ -7,19 +7,10 @@ import torch
 from smplora_plugin.audit import AuditError, AuditSamples, run_audit
 from smplora_plugin.audit import stats as S
 from smplora_plugin.audit.synthetic import MemorizingTarget, synthetic_pool
+from _helpers import TINY_AUDIT, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 from smplora_plugin.audit.verdict import LEAKS, NO_EVIDENCE, TOO_FEW
 
-# every default attack runs; small grids keep each audit about a second on a busy 2-core machine
-CFG = {"draws": 1, "timesteps": [100, 300], "sima_timesteps": [10, 100], "pia_timesteps": [200], "n_boot": 50,
-       "mlp_max_epochs": 5, "mlp_patience": 3, "cv_folds": 3}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+CFG = TINY_AUDIT
 
 
 def _null_audit(seed, n_side=24, side=4, **kw):
