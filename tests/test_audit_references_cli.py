@@ -3,11 +3,11 @@
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from _helpers import lora_state  # noqa: E402
 from smplora_plugin import cli  # noqa: E402
 
 FAST = json.dumps({"timesteps": [100, 300], "n_boot": 100})
@@ -17,18 +17,9 @@ ATTACKS = "loss,lira_online,lira_offline,rmia"
 def _lora_file(base, path, seed, rank=4):
     """A LoRA on the tiny UNet's attention with seeded random up-weights, saved in diffusers format."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=get_peft_model_state_dict(unet),
+    StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=lora_state(unet, seed, rank),
                                               weight_name="lora.safetensors")
     return path / "lora.safetensors"
 

@@ -9,24 +9,11 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from _helpers import lora_state as _lora_state  # noqa: E402
 from smplora_plugin import cli  # noqa: E402
 
 FAST = json.dumps({"timesteps": [100, 300], "sima_timesteps": [10], "pia_timesteps": [200], "secmi_t": [100],
                    "clid_timesteps": [450], "n_boot": 200, "mlp_max_epochs": 30})
-
-
-def _lora_state(unet, seed=0):
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return get_peft_model_state_dict(unet)
 
 
 def _to_kohya(state):
