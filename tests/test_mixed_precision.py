@@ -16,6 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from _helpers import one_thread  # noqa: F401,E402  (an autouse fixture)
 from safetensors import safe_open  # noqa: E402
 
 from smplora_plugin import PrivacyRegularizer, loss_maps  # noqa: E402
@@ -25,14 +26,6 @@ BF16 = torch.bfloat16
 SMALL = TinySDConfig(unet_channels=(8, 16), unet_norm_groups=4, attention_head_dim=4, vae_channels=(8, 8),
                      cross_attention_dim=16, text_layers=1, text_heads=2, text_intermediate=16, max_length=8)
 REG = dict(alpha=1.0, k_steps=2, feature_grid=4, hidden=(16,), attacker_lr=1e-2, seed=0, load_entry_points=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lora_unet(dtype=torch.float32, lora_dtype=None):
