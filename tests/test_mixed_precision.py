@@ -9,6 +9,11 @@ run here (no GPU).
 
 from __future__ import annotations
 
+import json
+import math
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -353,3 +358,30 @@ def test_diffusers_shim_under_accelerate_bf16(preset, tmp_path, fresh_accelerate
     loaded = reg2.state_dict()                    # attacker, its optimiser, RNG and non-member bank: bit-exact
     assert reg2.global_step == 3 and loaded.keys() == saved.keys()
     assert all(torch.equal(v, saved[k]) if isinstance(v, torch.Tensor) else v == saved[k] for k, v in loaded.items())
+
+
+@pytest.mark.slow
+def test_diffusers_example_script_trains_under_mixed_precision_bf16(tmp_path):
+    """examples/diffusers/train_text_to_image_lora.py (the official script plus the shim's lines) with
+    --mixed_precision bf16 and the robust preset: the LoRA trains in bf16 (its mid-run checkpoint is bf16; the
+    script casts the final one to fp32), the attacker state is fp32."""
+    from test_diffusers_example import SCRIPT, _env, _load_example
+
+    assert _load_example("make_tiny_pipeline").main(["--out", str(tmp_path), "--digits", "8", "--holdout", "8"]) == 0
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(tmp_path / "pipeline"),
+           "--train_data_dir", str(tmp_path / "train"), "--resolution", "32", "--center_crop",
+           "--train_batch_size", "4", "--max_train_steps", "3", "--checkpointing_steps", "2",
+           "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--seed", "0", "--rank", "4",
+           "--mixed_precision", "bf16", "--privacy", "smplora", "--privacy_preset", "robust",
+           "--privacy_holdout_dir", str(tmp_path / "holdout"), "--privacy_feature_grid", "8",
+           "--privacy_attacker_hidden", "32", "16", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("smplora {")]
+    metrics = json.loads(line[-1][len("smplora "):])
+    assert metrics["attacker_updates"] == 3 and all(math.isfinite(v) for v in metrics.values())
+    assert metrics["regularized_loss"] < metrics["adaptation_loss"]          # the SMP ratio, denominator > 1
+    assert set(float_dtypes(out / "checkpoint-2" / "pytorch_lora_weights.safetensors").values()) == {BF16}
+    for state in (out / "smplora_state.safetensors", out / "checkpoint-2" / "smplora_state.safetensors"):
+        assert set(float_dtypes(state).values()) == {torch.float32}
