@@ -14,7 +14,8 @@ class ProxyAttacker(nn.Module):
     """Member / non-member classifier on loss maps; logits ``(B, 2)``, class 1 = member.
 
     Dropout is applied with an explicit :class:`torch.Generator` so that training is
-    reproducible and resumable; it is active only in train mode.
+    reproducible and resumable; it is active only in train mode. Weights are fp32 whatever
+    ``torch.get_default_dtype()`` is (a trainer may set it to bf16 / fp16).
     """
 
     def __init__(self, in_features: int, hidden: Sequence[int] = (512, 256), dropout: float = 0.5, *, seed: int = 0):
@@ -22,7 +23,7 @@ class ProxyAttacker(nn.Module):
         self.in_features = int(in_features)
         self.dropout = float(dropout)
         widths = [self.in_features, *hidden, 2]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b, dtype=torch.float32) for a, b in zip(widths[:-1], widths[1:]))
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -31,8 +32,8 @@ class ProxyAttacker(nn.Module):
         gen = torch.Generator().manual_seed(int(seed))
         for layer in self.layers:
             bound = 1.0 / math.sqrt(layer.in_features)
-            layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound - bound)
-            layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * 2 * bound - bound)
+            layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen, dtype=torch.float32) * 2 * bound - bound)
+            layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen, dtype=torch.float32) * 2 * bound - bound)
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         *hidden_layers, last = self.layers

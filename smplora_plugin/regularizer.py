@@ -418,8 +418,8 @@ class PrivacyRegularizer:
         y = torch.cat([torch.ones(len(member), dtype=torch.long, device=x.device),
                        torch.zeros(len(nonmember), dtype=torch.long, device=x.device)])
         # balanced log-likelihood: each class weighs 1/2 whatever the batch sizes
-        w = torch.cat([torch.full((len(member),), 0.5 / len(member), device=x.device),
-                       torch.full((len(nonmember),), 0.5 / len(nonmember), device=x.device)])
+        w = torch.cat([torch.full((len(member),), 0.5 / len(member), dtype=torch.float32, device=x.device),
+                       torch.full((len(nonmember),), 0.5 / len(nonmember), dtype=torch.float32, device=x.device)])
         self.attacker.train()
         with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
             for _ in range(self.config.k_steps):

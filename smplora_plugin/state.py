@@ -95,6 +95,11 @@ def load_regularizer_state(reg: "PrivacyRegularizer", state: Dict[str, Any]) -> 
         if set(got) != set(expected) or any(got[k].shape != expected[k].shape for k in expected):
             raise StateError("the attacker weights in the state do not match the configured architecture "
                              f"(hidden={cfg.hidden}, in_features={in_features}); the file is corrupt or from another version.")
+        if any(v.dtype != torch.float32 for v in got.values()):
+            dtypes = sorted({str(v.dtype).replace("torch.", "") for v in got.values()})
+            raise StateError(f"the attacker weights in the state are {', '.join(dtypes)}, but states are saved in fp32 "
+                             "(whatever the training precision): the file was converted after saving; resume from "
+                             "the file as saved.")
         attacker.load_state_dict(got)
         attacker.to(device)
         optimizer = torch.optim.Adam(attacker.parameters(), lr=cfg.attacker_lr, weight_decay=cfg.attacker_weight_decay)
@@ -125,7 +130,7 @@ def load_regularizer_state(reg: "PrivacyRegularizer", state: Dict[str, Any]) -> 
     reg.attacker_updates = counters["attacker_updates"]
     reg.attacker_steps = counters["attacker_steps"]
     device = reg._device if attacker is not None else torch.device("cpu")
-    reg._last = {k: torch.tensor(float(v), device=device) for k, v in last.items()}
+    reg._last = {k: torch.tensor(float(v), dtype=torch.float32, device=device) for k, v in last.items()}
 
 
 def _input_grid(raw: Any):

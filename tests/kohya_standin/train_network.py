@@ -66,7 +66,7 @@ def ss_hash(tensors, metadata):
     h = hashlib.sha256(json.dumps({k: v for k, v in sorted(metadata.items()) if k.startswith("ss_")}).encode())
     for key in sorted(tensors):
         h.update(key.encode())
-        h.update(tensors[key].contiguous().numpy().tobytes())
+        h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())   # any dtype, bf16 too
     return h.hexdigest()
 
     def load_weights(self, file):
@@ -115,7 +115,7 @@ class NetworkTrainer:
         timesteps = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
         abar = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps][:, None, None, None]
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
-        with torch.set_grad_enabled(is_train):
+        with torch.set_grad_enabled(is_train), accelerator.autocast():
             pred = self.call_unet(args, accelerator, unet, noisy, timesteps, text_encoder_conds, batch, weight_dtype)
         return pred, noise, timesteps, None
 
@@ -168,13 +168,18 @@ class NetworkTrainer:
             return
         self.assert_extra_args(args, train_group, val_group)
 
-        accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=True)
-        weight_dtype = torch.float32
+        accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=True,
+                                  mixed_precision=args.mixed_precision)
+        weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
         model_version, text_encoder, vae, unet = self.load_target_model(args, weight_dtype, accelerator)
         text_encoders = text_encoder if isinstance(text_encoder, list) else [text_encoder]
         unet.requires_grad_(False)
+        unet.to(dtype=weight_dtype)   # as sd-scripts: the frozen base model in weight_dtype
         torch.manual_seed(args.seed)
         network = TinyLoRANetwork(args.network_dim or 4)
+        if args.full_bf16:            # as sd-scripts: the LoRA itself (weights, gradients) in bf16
+            assert args.mixed_precision == "bf16", "full_bf16 requires mixed precision='bf16'"
+            network.to(weight_dtype)
         self._network = network
         self.post_process_network(args, accelerator, network, text_encoders, unet)
         optimizer = torch.optim.AdamW(network.parameters(), lr=args.learning_rate)
@@ -332,6 +337,9 @@ def setup_parser():
     p.add_argument("--random_crop", action="store_true")
     p.add_argument("--shuffle_caption", action="store_true")
     p.add_argument("--keep_tokens", type=int, default=0)
+    # sd-scripts also offers fp16 / --full_fp16; accelerate's CPU autocast is bf16 only, so the stand-in is too
+    p.add_argument("--mixed_precision", type=str, default="no", choices=["no", "bf16"])
+    p.add_argument("--full_bf16", action="store_true")
     return p
 
 
