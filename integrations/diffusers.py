@@ -415,6 +415,7 @@ def nonmember_loss_maps(reg: _CoreRegularizer, forward_fn: Callable[[Any], Tuple
                                + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "") + ".")
         pred, target = out[0], out[1]
         reference = out[2] if len(out) == 3 else None
+        _check_unpacked(pred, reg.config.feature_grid)
         if reg.config.calibrated and reference is None:
             raise FeatureError(
                 "calibrated features (--privacy_preset robust / --privacy_calibrated) need the base prediction of "
@@ -426,6 +427,16 @@ def nonmember_loss_maps(reg: _CoreRegularizer, forward_fn: Callable[[Any], Tuple
             raise FeatureError(f"the third value of the non-member forward must be the base prediction, shaped like "
                                f"model_pred {tuple(pred.shape)}; got {got}.")
         return _CoreRegularizer.features(reg, pred, target, reference=reference).detach()
+
+
+def _check_unpacked(pred: Any, grid: Any) -> None:
+    """Refuse a packed token prediction ``(B, tokens, D)`` (FLUX) where (B, C, H, W) loss maps are pooled."""
+    if grid is not None and isinstance(pred, torch.Tensor) and pred.ndim == 3:
+        raise FeatureError(
+            f"model_pred has shape {tuple(pred.shape)}: a packed (B, tokens, channels) prediction, as FLUX's "
+            "transformer returns. Unpack it to (B, C, H, W) latents first, as train_dreambooth_lora_flux.py does "
+            "before its loss (FluxPipeline._unpack_latents(model_pred, height=..., width=..., vae_scale_factor=...)), "
+            "and unpack the base prediction of reg.reference the same way (see docs/diffusers.md).")
 
 
 def unwrap_model(model: Any, accelerator: Any = None) -> Any:
@@ -665,6 +676,7 @@ class PrivacyRegularizer(_CoreRegularizer):
         on its first ``n = reg.privacy_rows(len(pred))`` samples (the whole batch unless
         ``--privacy_fraction`` < 1), with script-level hints when ``reference`` is missing or was not
         computed on those ``n`` samples."""
+        _check_unpacked(pred, self.config.feature_grid)
         n = self.privacy_rows(int(pred.shape[0])) if isinstance(pred, torch.Tensor) and pred.ndim else None
         if n is not None and isinstance(reference, torch.Tensor) and reference.ndim and reference.shape[0] != n:
             raise FeatureError(
@@ -714,12 +726,24 @@ class PrivacyRegularizer(_CoreRegularizer):
         finally:
             self._nonmember_pass = False
 
-    def privacy_rows(self, batch_size: int) -> int:
+    def privacy_rows(self, batch_size: int, *, with_prior_preservation: bool = False) -> int:
         """Rows of a batch that feed the privacy term: ``ceil(privacy_fraction * batch_size)`` for the
         training batch, all of them for the held-out batch inside :meth:`nonmember_features` (its
-        size is already that share: ``--privacy_holdout_batch_size`` defaults to it)."""
+        size is already that share: ``--privacy_holdout_batch_size`` defaults to it).
+
+        ``with_prior_preservation=True`` (DreamBooth: instance images first, then as many class
+        images) counts the instance half only, so the first rows never reach a class image; a
+        held-out batch has no class images and is used whole either way.
+        """
         rows = super().privacy_rows(batch_size)  # validates batch_size
-        return batch_size if getattr(self, "_nonmember_pass", False) else rows
+        if getattr(self, "_nonmember_pass", False):
+            return batch_size
+        if with_prior_preservation:
+            if batch_size % 2:
+                raise FeatureError(f"prior-preservation batch has odd size {batch_size}: expected instance images "
+                                   "followed by as many class images.")
+            return super().privacy_rows(batch_size // 2)
+        return rows
 
     # ---------------------------------------------------------------- logging
     def log_dict(self, prefix: str = "smplora/") -> Dict[str, float]:
