@@ -45,7 +45,7 @@ import torch
 
 from .. import PrivacyConfig
 from ..config import PRESETS
-from ..errors import FeatureError, HoldoutError, StateError
+from ..errors import ConfigError, FeatureError, HoldoutError, StateError
 from ..holdout import check_disjoint
 from ..regularizer import PrivacyRegularizer as _CoreRegularizer
 from ..state import read_state, save_state
@@ -111,8 +111,10 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help=f"Attacker Adam learning rate (paper {d.attacker_lr}, robust 1e-3).")
     g.add_argument("--privacy_attacker_weight_decay", type=float, default=None,
                    help=f"Attacker Adam weight decay ({d.attacker_weight_decay}).")
-    g.add_argument("--privacy_attacker_hidden", type=int, nargs="+", default=None,
-                   help=f"Hidden widths of the attacker MLP ({' '.join(map(str, d.hidden))}).")
+    g.add_argument("--privacy_attacker_hidden", nargs="+", default=None, action=_HiddenWidths, metavar="WIDTH",
+                   help=f"Hidden widths of the attacker MLP ({' '.join(map(str, d.hidden))}; '512,256' works too). "
+                        "Stored as a comma-separated string, so that trackers' hyperparameter logging "
+                        "(init_trackers(config=vars(args)), e.g. tensorboard) accepts it.")
     g.add_argument("--privacy_attacker_dropout", type=float, default=None, help=f"Attacker dropout ({d.dropout}).")
     g.add_argument("--privacy_feature_grid", type=int, default=None,
                    help="Loss maps are pooled per channel down to (never up to) this square grid (default: the "
@@ -123,6 +125,31 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--privacy_seed", type=int, default=None,
                    help="Seed of the attacker and of the holdout order (default: --seed, else 0).")
     return parser
+
+
+def _hidden_widths(value: Any) -> Tuple[int, ...]:
+    """Attacker widths from ``"512,256"``, ``"512 256"`` or a sequence of ints / strings."""
+    text = value if isinstance(value, str) else " ".join(map(str, value))
+    try:
+        widths = tuple(int(p) for p in text.replace(",", " ").split())
+    except ValueError:
+        widths = ()
+    if not widths or any(w < 1 for w in widths):
+        raise ConfigError(f"--privacy_attacker_hidden {value!r}: give positive ints, e.g. 512 256 (or 512,256).")
+    return widths
+
+
+class _HiddenWidths(argparse.Action):
+    """``--privacy_attacker_hidden 512 256`` (or ``512,256``) stored as the string ``"512,256"``: a list in
+    ``vars(args)`` would break ``accelerator.init_trackers(config=vars(args))`` with tensorboard, whose
+    hyperparameter log takes only scalars and strings."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            widths = _hidden_widths(values)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        setattr(namespace, self.dest, ",".join(map(str, widths)))
 
 
 # option name -> PrivacyConfig field
@@ -156,7 +183,7 @@ def privacy_config_from_args(args: argparse.Namespace, device: Optional[Union[st
         )
     overrides: Dict[str, Any] = {f: getattr(args, a) for a, f in _ARG_FIELDS.items() if _arg(args, a) is not None}
     if _arg(args, "privacy_attacker_hidden") is not None:
-        overrides["hidden"] = tuple(args.privacy_attacker_hidden)
+        overrides["hidden"] = _hidden_widths(args.privacy_attacker_hidden)
     grid = _arg(args, "privacy_feature_grid")
     if grid is not None:
         overrides["feature_grid"] = None if grid == 0 else grid
