@@ -93,7 +93,7 @@ FLUX_DEF = """\
         nonlocal tokens_one, tokens_two  # the moved lines assign them (custom prompts with --train_text_encoder)
 """
 
-FLUX_CACHED = "                if args.cache_latents and step is not None:  # held-out batches are never cached\n"
+FLUX_CACHED = "        if args.cache_latents and step is not None:  # held-out batches are never cached\n"
 
 FLUX_TAIL = """\
 
@@ -233,10 +233,9 @@ def patch_flux(src: str) -> str:
                         FLUX_HOLDOUT)
     src = replace_line(src, "        if args.validation_prompt is None:\n            del vae\n", FLUX_KEEP_VAE)
     src = insert_before(src, AFTER_PREPARE, REG)
-    src = replace_line(src, "                if args.cache_latents:\n                    model_input = latents_cache[step]",
-                       FLUX_CACHED)
     src = move_forward(src, '                prompts = batch["prompts"]\n', "                target = noise - model_input\n",
                        LOOP, FLUX_DEF, FLUX_TAIL, FLUX_CALL)
+    src = replace_line(src, "        if args.cache_latents:\n            model_input = latents_cache[step]", FLUX_CACHED)
     src = insert_before(src, "                if args.with_prior_preservation:\n"
                              "                    # Add the prior loss to the instance loss.\n", FLUX_STEP)
     src = insert_after(src, "            accelerator.log(logs, step=global_step)\n", FLUX_LOG)
