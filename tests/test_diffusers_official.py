@@ -1,4 +1,4 @@
-"""diffusers' own SDXL and FLUX LoRA scripts with the SMP-LoRA lines, on tiny offline pipelines (hand-run).
+"""diffusers' own SD1, SDXL and FLUX LoRA scripts with the SMP-LoRA lines, on tiny offline pipelines (hand-run).
 
 Runs only when DIFFUSERS_EXAMPLES_DIR points to the ``examples`` folder of a diffusers checkout (the
 scripts need torchvision and, for SDXL, ``datasets``)::
@@ -6,11 +6,11 @@ scripts need torchvision and, for SDXL, ``datasets``)::
     DIFFUSERS_EXAMPLES_DIR=/path/to/diffusers/examples pytest -q tests/test_diffusers_official.py
 
 Each official script is copied to a temporary folder and patched there by
-``examples/diffusers/patch_official.py`` (the lines of PATCH_SDXL.md / PATCH_FLUX.md), so no line of it
-ships with this project. It then trains 4 optimiser steps with ``--privacy smplora --privacy_preset
-robust`` on a tiny pipeline from :mod:`smplora_plugin.tiny_xl`, checkpointing at step 2 (an epoch
-boundary); a second run resumes from that checkpoint and must end with the same LoRA and the same
-attacker state. FLUX runs DreamBooth with prior preservation (only the instance half reaches the
+``examples/diffusers/patch_official.py`` (the lines of PATCH.md / PATCH_SDXL.md / PATCH_FLUX.md), so no
+line of it ships with this project. It then trains 4 optimiser steps with ``--privacy smplora
+--privacy_preset robust`` on a tiny pipeline (:mod:`smplora_plugin.tiny_sd` / :mod:`smplora_plugin.tiny_xl`),
+checkpointing at step 2 (an epoch boundary); a second run resumes from that checkpoint and must end with
+the same LoRA and the same attacker state. FLUX runs DreamBooth with prior preservation (only the instance half reaches the
 attacker); a third FLUX run covers ``--cache_latents`` with gradient accumulation and the paper preset.
 """
 
@@ -118,6 +118,25 @@ def _same_files(root, *rels):
         assert set(ta) == set(tb) and ta, rel
         for k in ta:
             assert torch.equal(ta[k], tb[k]), f"{rel}:{k} differs after resume"
+
+
+def test_sd1_text_to_image_lora(tmp_path):
+    """The README's block (PATCH.md) in the official SD1.x script, on the tiny SD pipeline."""
+    from smplora_plugin.tiny_sd import save_tiny_pipeline, write_digit_images
+
+    script = _patched("sd1", "text_to_image/train_text_to_image_lora.py", tmp_path / "scripts" / "sd1.py")
+    save_tiny_pipeline(tmp_path / "pipeline")
+    write_digit_images(tmp_path / "train", n=8, start=0, size=32)
+    write_digit_images(tmp_path / "holdout", n=8, start=8, size=32)
+    common = ["--pretrained_model_name_or_path", tmp_path / "pipeline", "--train_data_dir", tmp_path / "train",
+              "--resolution", "32", "--center_crop", "--train_batch_size", "4", "--max_train_steps", STEPS,
+              "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--seed", "0",
+              "--rank", "4", *PRIV, "--privacy_preset", "robust", "--privacy_holdout_dir", tmp_path / "holdout"]
+    a, _ = _train_and_resume(script, common, tmp_path)
+    assert "mia_ce=" in a.stderr and "SMP-LoRA" in a.stdout
+    _check_run(tmp_path, "outA")
+    _check_run(tmp_path, "outB")
+    _same_files(tmp_path, "pytorch_lora_weights.safetensors", "checkpoint-4/smplora_state.safetensors")
 
 
 def test_sdxl_text_to_image_lora(tmp_path):

@@ -1,4 +1,4 @@
-"""examples/diffusers/patch_official.py: its lines are the ones PATCH_SDXL.md / PATCH_FLUX.md show, the
+"""examples/diffusers/patch_official.py: its lines are the ones PATCH.md / PATCH_SDXL.md / PATCH_FLUX.md show, the
 forward moves into a function intact, and a script of another layout is refused before anything is written.
 (The official scripts themselves run in tests/test_diffusers_official.py, with DIFFUSERS_EXAMPLES_DIR.)"""
 
@@ -18,7 +18,7 @@ def patcher():
     return mod
 
 
-@pytest.mark.parametrize("kind,doc", [("sdxl", "PATCH_SDXL.md"), ("flux", "PATCH_FLUX.md")])
+@pytest.mark.parametrize("kind,doc", [("sd1", "PATCH.md"), ("sdxl", "PATCH_SDXL.md"), ("flux", "PATCH_FLUX.md")])
 def test_patch_files_show_every_line_the_patcher_adds(patcher, kind, doc):
     shown = set((DIR / doc).read_text(encoding="utf-8").splitlines())
     for snippet in patcher.SNIPPETS[kind]:

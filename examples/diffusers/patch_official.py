@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Write a copy of diffusers' official SDXL or FLUX LoRA script with the SMP-LoRA lines added.
+"""Write a copy of diffusers' official SD1, SDXL or FLUX LoRA script with the SMP-LoRA lines added.
 
+    python examples/diffusers/patch_official.py sd1 <diffusers>/examples/text_to_image/train_text_to_image_lora.py out.py
     python examples/diffusers/patch_official.py sdxl <diffusers>/examples/text_to_image/train_text_to_image_lora_sdxl.py out.py
     python examples/diffusers/patch_official.py flux <diffusers>/examples/dreambooth/train_dreambooth_lora_flux.py out.py
 
-The edits are exactly those shown in ``PATCH_SDXL.md`` and ``PATCH_FLUX.md`` next to this file (the
+The edits are exactly those shown in ``PATCH.md``, ``PATCH_SDXL.md`` and ``PATCH_FLUX.md`` next to this file (the
 lines below are the ones those files show). Each edit looks for one short anchor line of the official
 script; when the script's layout differs from the diffusers tree this was written against (0.40.0.dev0
 examples, run with diffusers 0.42.1) it stops with an error naming the missing anchor, and nothing is
@@ -40,6 +41,32 @@ ANNOTATE = """\
         if reg:
             reg.annotate(os.path.join(args.output_dir, "pytorch_lora_weights.safetensors"))
 """
+
+# ------------------------------------------------------------------------------------------------ SD1.x / 2.x
+SD1_ARGS = "    add_privacy_args(parser)\n"
+
+SD1_REG = """\
+    reg = PrivacyRegularizer.from_args(args, device=accelerator.device)  # None with --privacy none
+    if reg:
+        reg.attach(accelerator, holdout)  # prints the summary; save/load hooks: checkpoint-N/smplora_state.safetensors
+
+"""
+
+SD1_DEF = "    def predict(batch):  # the loop's forward, moved here unchanged\n"
+
+SD1_TAIL = """\
+        # the base prediction for calibrated features (--privacy_preset robust); else None, no forward
+        n = reg.privacy_rows(bsz) if reg else 0  # the batch's share in the privacy term
+        base_pred = reg.reference(unet, lambda: unet(noisy_latents[:n], timesteps[:n],
+                                                     encoder_hidden_states[:n], return_dict=False)[0]) if reg else None
+        return model_pred, target, base_pred, timesteps
+
+"""
+
+SD1_STEP = ("                if reg:  # before the gather: `loss` keeps its value (step_loss, train_loss), gets the SMP "
+            "gradient\n" + STEP_LINES)
+
+SD1_POSTFIX = "            logs.update(reg.progress_postfix() if reg else {})\n"
 
 # ------------------------------------------------------------------------------------------------ SDXL
 SDXL_HOLDOUT = """\
@@ -122,6 +149,8 @@ FLUX_LOG = """\
 """
 
 SNIPPETS: Dict[str, List[str]] = {
+    "sd1": [IMPORT, SD1_ARGS, SDXL_HOLDOUT, SD1_REG, SD1_DEF, SD1_TAIL, SDXL_CALL, SD1_STEP, SDXL_LOG, SD1_POSTFIX,
+            ANNOTATE],
     "sdxl": [IMPORT, ARGS, SDXL_HOLDOUT, REG, SDXL_DEF, SDXL_TAIL, SDXL_CALL, SDXL_STEP, SDXL_LOG, SDXL_POSTFIX,
              ANNOTATE],
     "flux": [IMPORT, ARGS, FLUX_HOLDOUT, FLUX_KEEP_VAE, REG, FLUX_DEF, FLUX_CACHED, FLUX_TAIL, FLUX_CALL, FLUX_STEP,
@@ -140,7 +169,7 @@ def _find(src: str, anchor: str) -> int:
         first = anchor.strip().splitlines()[0]
         raise PatchError(f"anchor {first!r} occurs {count} times in the script (expected once): this script's "
                          "layout differs from the one the patch was written for; add the lines by hand following "
-                         "examples/diffusers/PATCH_SDXL.md / PATCH_FLUX.md.")
+                         "examples/diffusers/PATCH.md / PATCH_SDXL.md / PATCH_FLUX.md.")
     return src.index(anchor)
 
 
@@ -208,6 +237,23 @@ LOOP = "    for epoch in range(first_epoch, args.num_train_epochs):\n"
 AFTER_PREPARE = "    # We need to recalculate our total training steps as the size of the training dataloader may have changed."
 
 
+def patch_sd1(src: str) -> str:
+    """``train_text_to_image_lora.py`` (SD1.x / 2.x) with the lines of PATCH.md (the README's block)."""
+    src = insert_after(src, "from diffusers.utils.torch_utils import is_compiled_module\n", IMPORT)
+    src = insert_before(src, "    args = parser.parse_args()\n", SD1_ARGS)
+    src = insert_before(src, "    # DataLoaders creation:\n", SDXL_HOLDOUT)
+    src = insert_before(src, AFTER_PREPARE, SD1_REG)
+    src = move_forward(src, "                # Convert images to latent space\n",
+                       "                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, "
+                       "return_dict=False)[0]\n", LOOP, SD1_DEF, SD1_TAIL, SDXL_CALL)
+    src = insert_before(src, "                # Gather the losses across all processes for logging", SD1_STEP)
+    src = insert_after(src, '                accelerator.log({"train_loss": train_loss}, step=global_step)\n', SDXL_LOG)
+    src = insert_after(src, '            logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}'
+                       '\n', SD1_POSTFIX)
+    at = after_call(src, "        StableDiffusionPipeline.save_lora_weights(", "            save_directory=args.output_dir,")
+    return src[:at] + ANNOTATE + src[at:]
+
+
 def patch_sdxl(src: str) -> str:
     """``train_text_to_image_lora_sdxl.py`` with the lines of PATCH_SDXL.md."""
     src = insert_after(src, "from diffusers.utils.torch_utils import is_compiled_module\n", IMPORT)
@@ -243,13 +289,13 @@ def patch_flux(src: str) -> str:
     return src[:at] + ANNOTATE + src[at:]
 
 
-PATCHERS = {"sdxl": patch_sdxl, "flux": patch_flux}
+PATCHERS = {"sd1": patch_sd1, "sdxl": patch_sdxl, "flux": patch_flux}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("script", choices=sorted(PATCHERS), help="sdxl: train_text_to_image_lora_sdxl.py; flux: "
-                                                            "train_dreambooth_lora_flux.py")
+    p.add_argument("script", choices=sorted(PATCHERS), help="sd1: train_text_to_image_lora.py; sdxl: "
+                   "train_text_to_image_lora_sdxl.py; flux: train_dreambooth_lora_flux.py")
     p.add_argument("source", type=Path, help="the official script (your diffusers checkout)")
     p.add_argument("dest", type=Path, help="where to write the patched copy (must not be the source)")
     args = p.parse_args(argv)
