@@ -24,6 +24,9 @@ a handful of lines (see ``docs/diffusers.md``)::
     if reg:
         reg.annotate(os.path.join(args.output_dir, "pytorch_lora_weights.safetensors"))
 
+SDXL (``train_text_to_image_lora_sdxl.py``) and FLUX DreamBooth (``train_dreambooth_lora_flux.py``) take
+the same calls; their forwards' lines are in ``examples/diffusers/PATCH_SDXL.md`` / ``PATCH_FLUX.md``.
+
 This module holds no algorithm code: it moves data (held-out images through the script's own
 preprocessing and forward) and state (accelerate checkpoint hooks) to the core
 :class:`smplora_plugin.PrivacyRegularizer`. It imports neither diffusers nor accelerate at import
