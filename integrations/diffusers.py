@@ -24,6 +24,9 @@ a handful of lines (see ``docs/diffusers.md``)::
     if reg:
         reg.annotate(os.path.join(args.output_dir, "pytorch_lora_weights.safetensors"))
 
+SDXL (``train_text_to_image_lora_sdxl.py``) and FLUX DreamBooth (``train_dreambooth_lora_flux.py``) take
+the same calls; their forwards' lines are in ``examples/diffusers/PATCH_SDXL.md`` / ``PATCH_FLUX.md``.
+
 This module holds no algorithm code: it moves data (held-out images through the script's own
 preprocessing and forward) and state (accelerate checkpoint hooks) to the core
 :class:`smplora_plugin.PrivacyRegularizer`. It imports neither diffusers nor accelerate at import
@@ -45,7 +48,7 @@ import torch
 
 from .. import PrivacyConfig
 from ..config import PRESETS
-from ..errors import FeatureError, HoldoutError, StateError
+from ..errors import ConfigError, FeatureError, HoldoutError, StateError
 from ..holdout import check_disjoint
 from ..regularizer import PrivacyRegularizer as _CoreRegularizer
 from ..state import read_state, save_state
@@ -111,8 +114,10 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help=f"Attacker Adam learning rate (paper {d.attacker_lr}, robust 1e-3).")
     g.add_argument("--privacy_attacker_weight_decay", type=float, default=None,
                    help=f"Attacker Adam weight decay ({d.attacker_weight_decay}).")
-    g.add_argument("--privacy_attacker_hidden", type=int, nargs="+", default=None,
-                   help=f"Hidden widths of the attacker MLP ({' '.join(map(str, d.hidden))}).")
+    g.add_argument("--privacy_attacker_hidden", nargs="+", default=None, action=_HiddenWidths, metavar="WIDTH",
+                   help=f"Hidden widths of the attacker MLP ({' '.join(map(str, d.hidden))}; '512,256' works too). "
+                        "Stored as a comma-separated string, so that trackers' hyperparameter logging "
+                        "(init_trackers(config=vars(args)), e.g. tensorboard) accepts it.")
     g.add_argument("--privacy_attacker_dropout", type=float, default=None, help=f"Attacker dropout ({d.dropout}).")
     g.add_argument("--privacy_feature_grid", type=int, default=None,
                    help="Loss maps are pooled per channel down to (never up to) this square grid (default: the "
@@ -123,6 +128,31 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--privacy_seed", type=int, default=None,
                    help="Seed of the attacker and of the holdout order (default: --seed, else 0).")
     return parser
+
+
+def _hidden_widths(value: Any) -> Tuple[int, ...]:
+    """Attacker widths from ``"512,256"``, ``"512 256"`` or a sequence of ints / strings."""
+    text = value if isinstance(value, str) else " ".join(map(str, value))
+    try:
+        widths = tuple(int(p) for p in text.replace(",", " ").split())
+    except ValueError:
+        widths = ()
+    if not widths or any(w < 1 for w in widths):
+        raise ConfigError(f"--privacy_attacker_hidden {value!r}: give positive ints, e.g. 512 256 (or 512,256).")
+    return widths
+
+
+class _HiddenWidths(argparse.Action):
+    """``--privacy_attacker_hidden 512 256`` (or ``512,256``) stored as the string ``"512,256"``: a list in
+    ``vars(args)`` would break ``accelerator.init_trackers(config=vars(args))`` with tensorboard, whose
+    hyperparameter log takes only scalars and strings."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            widths = _hidden_widths(values)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        setattr(namespace, self.dest, ",".join(map(str, widths)))
 
 
 # option name -> PrivacyConfig field
@@ -156,7 +186,7 @@ def privacy_config_from_args(args: argparse.Namespace, device: Optional[Union[st
         )
     overrides: Dict[str, Any] = {f: getattr(args, a) for a, f in _ARG_FIELDS.items() if _arg(args, a) is not None}
     if _arg(args, "privacy_attacker_hidden") is not None:
-        overrides["hidden"] = tuple(args.privacy_attacker_hidden)
+        overrides["hidden"] = _hidden_widths(args.privacy_attacker_hidden)
     grid = _arg(args, "privacy_feature_grid")
     if grid is not None:
         overrides["feature_grid"] = None if grid == 0 else grid
@@ -415,6 +445,7 @@ def nonmember_loss_maps(reg: _CoreRegularizer, forward_fn: Callable[[Any], Tuple
                                + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "") + ".")
         pred, target = out[0], out[1]
         reference = out[2] if len(out) == 3 else None
+        _check_unpacked(pred, reg.config.feature_grid)
         if reg.config.calibrated and reference is None:
             raise FeatureError(
                 "calibrated features (--privacy_preset robust / --privacy_calibrated) need the base prediction of "
@@ -426,6 +457,16 @@ def nonmember_loss_maps(reg: _CoreRegularizer, forward_fn: Callable[[Any], Tuple
             raise FeatureError(f"the third value of the non-member forward must be the base prediction, shaped like "
                                f"model_pred {tuple(pred.shape)}; got {got}.")
         return _CoreRegularizer.features(reg, pred, target, reference=reference).detach()
+
+
+def _check_unpacked(pred: Any, grid: Any) -> None:
+    """Refuse a packed token prediction ``(B, tokens, D)`` (FLUX) where (B, C, H, W) loss maps are pooled."""
+    if grid is not None and isinstance(pred, torch.Tensor) and pred.ndim == 3:
+        raise FeatureError(
+            f"model_pred has shape {tuple(pred.shape)}: a packed (B, tokens, channels) prediction, as FLUX's "
+            "transformer returns. Unpack it to (B, C, H, W) latents first, as train_dreambooth_lora_flux.py does "
+            "before its loss (FluxPipeline._unpack_latents(model_pred, height=..., width=..., vae_scale_factor=...)), "
+            "and unpack the base prediction of reg.reference the same way (see docs/diffusers.md).")
 
 
 def unwrap_model(model: Any, accelerator: Any = None) -> Any:
@@ -665,6 +706,7 @@ class PrivacyRegularizer(_CoreRegularizer):
         on its first ``n = reg.privacy_rows(len(pred))`` samples (the whole batch unless
         ``--privacy_fraction`` < 1), with script-level hints when ``reference`` is missing or was not
         computed on those ``n`` samples."""
+        _check_unpacked(pred, self.config.feature_grid)
         n = self.privacy_rows(int(pred.shape[0])) if isinstance(pred, torch.Tensor) and pred.ndim else None
         if n is not None and isinstance(reference, torch.Tensor) and reference.ndim and reference.shape[0] != n:
             raise FeatureError(
@@ -714,12 +756,24 @@ class PrivacyRegularizer(_CoreRegularizer):
         finally:
             self._nonmember_pass = False
 
-    def privacy_rows(self, batch_size: int) -> int:
+    def privacy_rows(self, batch_size: int, *, with_prior_preservation: bool = False) -> int:
         """Rows of a batch that feed the privacy term: ``ceil(privacy_fraction * batch_size)`` for the
         training batch, all of them for the held-out batch inside :meth:`nonmember_features` (its
-        size is already that share: ``--privacy_holdout_batch_size`` defaults to it)."""
+        size is already that share: ``--privacy_holdout_batch_size`` defaults to it).
+
+        ``with_prior_preservation=True`` (DreamBooth: instance images first, then as many class
+        images) counts the instance half only, so the first rows never reach a class image; a
+        held-out batch has no class images and is used whole either way.
+        """
         rows = super().privacy_rows(batch_size)  # validates batch_size
-        return batch_size if getattr(self, "_nonmember_pass", False) else rows
+        if getattr(self, "_nonmember_pass", False):
+            return batch_size
+        if with_prior_preservation:
+            if batch_size % 2:
+                raise FeatureError(f"prior-preservation batch has odd size {batch_size}: expected instance images "
+                                   "followed by as many class images.")
+            return super().privacy_rows(batch_size // 2)
+        return rows
 
     # ---------------------------------------------------------------- logging
     def log_dict(self, prefix: str = "smplora/") -> Dict[str, float]:

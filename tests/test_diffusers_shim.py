@@ -85,6 +85,22 @@ def test_args_map_to_the_core_config(folders):
         PrivacyRegularizer.from_args(parse("--privacy", "smp", "--privacy_holdout_dir", "x", "--privacy_beta", "0"))
 
 
+def test_parsed_privacy_args_are_scalars_for_the_trackers(capsys):
+    """The official scripts call accelerator.init_trackers(config=vars(args)); tensorboard's hyperparameter
+    log takes only None, bool, int, float and str, so no --privacy* value may be a list."""
+    args = parse("--privacy", "smplora", "--privacy_holdout_dir", "x", "--privacy_attacker_hidden", "32", "16",
+                 "--privacy_preset", "robust", "--privacy_calibrated")
+    assert args.privacy_attacker_hidden == "32,16"
+    assert all(v is None or isinstance(v, (bool, int, float, str)) for v in vars(args).values())
+    assert privacy_config_from_args(args).hidden == (32, 16)
+    comma = parse("--privacy", "smplora", "--privacy_holdout_dir", "x", "--privacy_attacker_hidden", "64,32")
+    assert privacy_config_from_args(comma).hidden == (64, 32)
+    for bad in (["0"], ["8", "x"]):
+        with pytest.raises(SystemExit):
+            parse("--privacy_attacker_hidden", *bad)
+        assert "--privacy_attacker_hidden" in capsys.readouterr().err
+
+
 def test_preset_gives_the_base_values_and_only_given_flags_override_it():
     base = ("--privacy", "smplora", "--privacy_holdout_dir", "x", "--seed", "3")
     paper = privacy_config_from_args(parse(*base))
