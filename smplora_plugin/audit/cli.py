@@ -14,8 +14,14 @@ CAPTION_EXTS = (".txt", ".caption")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-model", required=True, metavar="DIR",
-                   help="diffusers-format base model folder (unet/, scheduler/, optional vae/, text_encoder/, tokenizer/)")
+    p.add_argument("--base-model", required=True, metavar="DIR|FILE",
+                   help="diffusers-format base model folder (SD1.x/SD2.x/SDXL: unet/, scheduler/, vae/, text_encoder/, "
+                        "tokenizer/ [, text_encoder_2/, tokenizer_2/]; SD3/FLUX: the saved pipeline with transformer/), "
+                        "or a single-file .safetensors checkpoint in the original SD1.x / SDXL layout")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="for a single-file --base-model: the CLIP tokenizer (a folder with vocab.json and merges.txt, or "
+                        "a diffusers model folder of the same architecture with tokenizer/ [and tokenizer_2/]); "
+                        "default: the local Hugging Face cache (nothing is downloaded)")
     p.add_argument("--lora", metavar="FILE",
                    help="LoRA .safetensors file, diffusers/peft or kohya format (one run; or use --run)")
     p.add_argument("--run", action="append", default=None, metavar="LORA=MANIFEST",
@@ -123,9 +129,9 @@ def run(args: argparse.Namespace) -> int:
     from .target import load_lora_target
 
     ref_specs = reference_specs(args.reference)
-    target = load_lora_target(args.base_model, args.lora, device=args.device)
+    target = load_lora_target(args.base_model, args.lora, device=args.device, tokenizer=args.tokenizer)
     size = args.resolution or _model_resolution(target)
-    channels = 3 if target.vae is not None else int(target.unet.config.in_channels)
+    channels = _image_channels(target)
     samples = {name: load_images(paths, size, channels, captions=not args.no_captions) for name, paths in groups.items()}
     references = reference_models(ref_specs, args, size, channels)
     kw = dict(config=cfg, out_dir=args.out, progress=not args.no_progress, num_threads=args.threads,
@@ -179,10 +185,10 @@ def _run_pooled(args: argparse.Namespace) -> int:
     size = None
     references = None
     for name, lora, _ in specs:
-        target = load_lora_target(args.base_model, str(lora), device=args.device)
+        target = load_lora_target(args.base_model, str(lora), device=args.device, tokenizer=args.tokenizer)
         if size is None:  # one resolution and one set of reference LoRAs for every run
             size = args.resolution or _model_resolution(target)
-            channels = 3 if target.vae is not None else int(target.unet.config.in_channels)
+            channels = _image_channels(target)
             references = reference_models(ref_specs, args, size, channels, like=lora)
         s = {k: load_images(v, size, channels, captions=not args.no_captions) for k, v in groups[name].items()}
         info = {"lora": str(lora), "resolution": size}
@@ -250,7 +256,8 @@ def reference_models(specs: Sequence[tuple], args: argparse.Namespace, size: int
         ids |= {str(f.resolve()) for f in files}
         pairs.append((lora, ids))
     return References.from_lora_files(args.base_model, pairs, mode=args.reference_mode, device=args.device,
-                                      like=like if like is not None else args.lora)
+                                      like=like if like is not None else args.lora,
+                                      tokenizer=getattr(args, "tokenizer", None))
 
 
 def _config(args: argparse.Namespace):
@@ -282,10 +289,19 @@ def _config(args: argparse.Namespace):
 
 
 def _model_resolution(target) -> int:
-    s = int(getattr(target.unet.config, "sample_size", 64) or 64)
+    unet = getattr(target, "unet", None)
+    if unet is None:  # flow-matching transformers: the VAE's image size
+        return int(getattr(target.vae.config, "sample_size", 1024) or 1024)
+    s = int(getattr(unet.config, "sample_size", 64) or 64)
     if target.vae is not None:
         s *= 2 ** (len(target.vae.config.block_out_channels) - 1)
     return s
+
+
+def _image_channels(target) -> int:
+    if getattr(target, "vae", None) is not None:
+        return 3
+    return int(target.unet.config.in_channels)
 
 
 def folder_images(folder: str, what: str) -> List[Path]:
