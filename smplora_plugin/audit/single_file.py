@@ -243,7 +243,7 @@ def _text_encoder_1(state: Dict[str, torch.Tensor], prefix: str, act: str, head_
         raise AuditError(f"the text encoder under {prefix} lacks {exc.args[0]}: not a CLIP text model.") from exc
     model = CLIPTextModel(_clip_config(tok.shape[1], layers, inter, tok.shape[0], pos.shape[0], act, head_dim))
     _load_strict(model, _strip_text_model(model, sd), "text encoder")
-    return model.to(dtype).eval()
+    return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
 def _text_encoder_2(state: Dict[str, torch.Tensor], act: str, head_dim: int, dtype: torch.dtype):
@@ -267,7 +267,7 @@ def _text_encoder_2(state: Dict[str, torch.Tensor], act: str, head_dim: int, dty
                                                      head_dim, projection=int(proj.shape[1])))
     sd = convert_open_clip_checkpoint(model, state, prefix=p)
     _load_strict(model, _strip_text_model(model, sd), "second text encoder")
-    return model.to(dtype).eval()
+    return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
 def _tokenizers(layout: str, tokenizer: Optional[PathLike], n: int) -> List[Any]:
@@ -332,7 +332,9 @@ def load_single_file(path: PathLike, *, tokenizer: Optional[PathLike] = None, dt
     vsd = convert_ldm_vae_checkpoint(state, vcfg)
     _load_strict(vae, vsd, "VAE")
     head = facts["text_head_dim"]
-    out: Dict[str, Any] = {"layout": layout, "unet": unet.to(dtype).eval(), "vae": vae.to(dtype).eval(),
+    if dtype != torch.float32:
+        unet, vae = unet.to(dtype), vae.to(dtype)
+    out: Dict[str, Any] = {"layout": layout, "unet": unet.eval(), "vae": vae.eval(),
                            "scheduler": diffusers.DDPMScheduler.from_config(sched), "tokenizer": toks[0]}
     if layout == "sd1":
         out["text_encoder"] = _text_encoder_1(state, SD1_TEXT_PREFIX, facts["text_act"][0], head, dtype)
@@ -340,8 +342,14 @@ def load_single_file(path: PathLike, *, tokenizer: Optional[PathLike] = None, dt
         out["text_encoder"] = _text_encoder_1(state, SDXL_TEXT_PREFIX, facts["text_act"][0], head, dtype)
         out["text_encoder_2"] = _text_encoder_2(state, facts["text_act"][1], head, dtype)
         out["tokenizer_2"] = toks[1]
-    for tok in toks:
-        pos = out["text_encoder"].config.max_position_embeddings
+    for tok, enc in zip(toks, [out["text_encoder"], out.get("text_encoder_2")]):
+        rows = int(enc.config.vocab_size)
+        if not 2 < len(tok) <= rows:
+            where = f"--tokenizer {tokenizer}" if tokenizer is not None else "the tokenizer in the local cache"
+            raise AuditError(f"{where} has {len(tok)} tokens but the checkpoint's text encoder knows {rows}: it is not "
+                             "this model's tokenizer. Pass --tokenizer DIR with the CLIP tokenizer of this "
+                             "architecture (vocab.json, merges.txt), or a diffusers model folder with tokenizer/.")
+        pos = int(enc.config.max_position_embeddings)
         if tok.model_max_length > pos:
             tok.model_max_length = pos
     return out
