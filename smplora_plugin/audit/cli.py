@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     kw = dict(config=cfg, out_dir=args.out, progress=not args.no_progress, num_threads=args.threads,
               n_permutations=args.permutations,
               attacks=None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()],
-              info={"base_model": str(args.base_model), "lora": str(args.lora), "resolution": size},
+              info={"base_model": str(args.base_model), "lora": str(args.lora), "resolution": size,
+                    **architecture_info(target)},
               title=f"Membership-inference audit of {Path(args.lora).name}", references=references)
     if "members" in samples:
         report = run_audit(target, samples["members"], samples["nonmembers"],
@@ -191,7 +192,7 @@ def _run_pooled(args: argparse.Namespace) -> int:
             channels = _image_channels(target)
             references = reference_models(ref_specs, args, size, channels, like=lora)
         s = {k: load_images(v, size, channels, captions=not args.no_captions) for k, v in groups[name].items()}
-        info = {"lora": str(lora), "resolution": size}
+        info = {"lora": str(lora), "resolution": size, **architecture_info(target)}
         if "members" in s:
             runs.append(AuditRun(target, s["members"], s["nonmembers"], calibration_fraction=args.calibration_fraction,
                                  name=name, info=info, references=references))
@@ -296,6 +297,18 @@ def _model_resolution(target) -> int:
     if target.vae is not None:
         s *= 2 ** (len(target.vae.config.block_out_channels) - 1)
     return s
+
+
+def architecture_info(target) -> Dict[str, str]:
+    """What the report says about the audited model's family and how its losses are measured."""
+    arch = getattr(target, "architecture", None)
+    if arch is None:
+        return {}
+    out = {"architecture": arch}
+    if getattr(target, "prediction_type", None) == "flow":
+        out["loss_parameterisation"] = ("flow matching audited as the equivalent noise prediction: loss at a level = "
+                                        "(1 - sigma)^2 x the velocity loss (docs/audit.md)")
+    return out
 
 
 def _image_channels(target) -> int:

@@ -67,6 +67,7 @@ class FlowMatchTarget:
         else:
             raise AuditError(f"FlowMatchTarget needs a FluxPipeline or StableDiffusion3Pipeline, got {kind}.")
         self.pipe = pipeline
+        self.architecture = self.kind  # for the report
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
         self.device = torch.device(device) if device is not None else next(self.transformer.parameters()).device
@@ -223,7 +224,8 @@ def load_flow_target(base_model: Any, lora: Any, *, device: Union[str, torch.dev
                          "(SD1.x, SD2.x, SDXL) and the flow-matching FluxPipeline and StableDiffusion3Pipeline.")
     cls = diffusers.FluxPipeline if name.startswith("Flux") else diffusers.StableDiffusion3Pipeline
     try:
-        pipe = cls.from_pretrained(str(base_model), torch_dtype=dtype, local_files_only=True)
+        kw = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+        pipe = cls.from_pretrained(str(base_model), local_files_only=True, **kw)
     except Exception as exc:
         raise AuditError(f"{base_model} could not be loaded as a {cls.__name__}: {exc}") from exc
     pipe.to(device)

@@ -111,6 +111,7 @@ class DiffusersTarget:
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
         self.sdxl = getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+        self.architecture = "sdxl" if self.sdxl else "unet"  # for the report
         if self.sdxl and (text_encoder is None or tokenizer is None or text_encoder_2 is None or tokenizer_2 is None):
             raise AuditError("this UNet takes SDXL's added conditions (text_embeds, time_ids): give DiffusersTarget "
                              "text_encoder, tokenizer, text_encoder_2 and tokenizer_2.")
