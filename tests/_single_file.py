@@ -132,3 +132,16 @@ def save_original_layout(pipe, path) -> None:
     else:
         state.update(clip_to_ldm(pipe.text_encoder.state_dict(), "cond_stage_model.transformer."))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def kohya_sdxl(state, layers_per_block):
+    """A peft UNet LoRA state dict under kohya's SDXL names (the original UNet's paths: ``lora_unet_input_blocks_4_1_...``)."""
+    from _helpers import to_kohya
+
+    out = {}
+    for k, v in state.items():
+        mod, kind = k.rsplit(".lora_", 1)
+        ldm = next(iter(unet_to_ldm({mod + ".weight": v}, layers_per_block)))
+        ldm = ldm[len("model.diffusion_model."):-len(".weight")]
+        out.update(to_kohya({f"{ldm}.lora_{kind}": v}))
+    return out

@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from _helpers import TINY_AUDIT, lora_state, one_thread, to_kohya  # noqa: E402,F401
-from _single_file import unet_to_ldm  # noqa: E402
+from _helpers import TINY_AUDIT, lora_state, one_thread  # noqa: E402,F401
+from _single_file import kohya_sdxl  # noqa: E402
 from smplora_plugin import cli  # noqa: E402
 from smplora_plugin.audit import AuditConfig, ScoreContext, load_lora_target  # noqa: E402
 from smplora_plugin.audit.attacks import DEFAULT_ATTACKS  # noqa: E402
@@ -34,17 +34,6 @@ def _transformer_lora(transformer, seed):
     return get_peft_model_state_dict(transformer)
 
 
-def _kohya_sdxl(state, layers_per_block):
-    """kohya's SDXL names: the original UNet's module paths (``lora_unet_input_blocks_4_1_...``)."""
-    out = {}
-    for k, v in state.items():
-        mod, kind = k.rsplit(".lora_", 1)
-        ldm = next(iter(unet_to_ldm({mod + ".weight": v}, layers_per_block)))
-        ldm = ldm[len("model.diffusion_model."):-len(".weight")]
-        out.update(to_kohya({f"{ldm}.lora_{kind}": v}))
-    return out
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
@@ -62,7 +51,7 @@ def ws(tmp_path_factory):
     state = lora_state(unet, seed=2)
     StableDiffusionXLPipeline.save_lora_weights(str(root / "sdxl_lora"), unet_lora_layers=state)
     out["sdxl_lora"] = root / "sdxl_lora" / "pytorch_lora_weights.safetensors"
-    save_file(_kohya_sdxl(state, unet.config.layers_per_block), str(root / "sdxl_kohya.safetensors"))
+    save_file(kohya_sdxl(state, unet.config.layers_per_block), str(root / "sdxl_kohya.safetensors"))
     out["sdxl_kohya"] = root / "sdxl_kohya.safetensors"
     for kind, save, cls in (("flux", save_tiny_flux_pipeline, FluxPipeline),
                             ("sd3", save_tiny_sd3_pipeline, StableDiffusion3Pipeline)):

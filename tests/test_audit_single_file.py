@@ -9,7 +9,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from _helpers import lora_state, one_thread, to_kohya  # noqa: E402,F401
-from _single_file import save_original_layout  # noqa: E402
+from _single_file import kohya_sdxl, save_original_layout  # noqa: E402
 from smplora_plugin import cli  # noqa: E402
 from smplora_plugin.audit import AuditError, load_lora_target  # noqa: E402
 from smplora_plugin.audit.single_file import ARCHITECTURES, detect_layout, load_single_file  # noqa: E402
@@ -114,3 +114,41 @@ def test_single_file_errors_name_the_fix(ws, tmp_path, monkeypatch, capsys):
                    "--nonmembers", str(ws["nonmembers"]), "--out", str(tmp_path / "o")])
     assert rc == 2 and "not a known single-file layout" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sdxl_single_file_reads_back_the_same_model(tmp_path):
+    """A tiny SDXL of original-architecture conventions (GroupNorm 32, heads of 64, OpenCLIP's gelu) in the SGM
+    layout: both text encoders (the second in OpenCLIP's layout), the added conditions and a kohya LoRA."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModelWithProjection
+
+    from smplora_plugin.tiny_xl import TinySDXLConfig, build_sdxl_components
+
+    cfg = TinySDXLConfig(unet_channels=(32, 64), unet_norm_groups=32, attention_head_dim=1, vae_channels=(32, 32),
+                         vae_norm_groups=32, text_dim=64, text_dim_2=64, projection_dim=64, text_heads=1)
+    parts = build_sdxl_components(cfg)
+    te2_config = parts["text_encoder_2"].config
+    te2_config.hidden_act = "gelu"
+    torch.manual_seed(7)
+    parts["text_encoder_2"] = CLIPTextModelWithProjection(te2_config).eval()
+    pipe = StableDiffusionXLPipeline(**parts, add_watermarker=False)
+    folder = tmp_path / "folder"
+    pipe.save_pretrained(str(folder))
+    save_original_layout(pipe, tmp_path / "sdxl.safetensors")
+    got = load_single_file(tmp_path / "sdxl.safetensors", tokenizer=folder)
+    assert got["layout"] == "sdxl"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(pipe, name).state_dict(), got[name].state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    assert got["unet"].config.addition_time_embed_dim == 8 and got["text_encoder_2"].config.hidden_act == "gelu"
+    assert got["vae"].config.scaling_factor == 0.13025
+
+    save_file(kohya_sdxl(lora_state(pipe.unet, seed=4), 1), str(tmp_path / "kohya.safetensors"))
+    a = load_lora_target(tmp_path / "sdxl.safetensors", tmp_path / "kohya.safetensors", tokenizer=folder)
+    b = load_lora_target(folder, tmp_path / "kohya.safetensors")
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 300)
+    c = a.condition(["a handwritten digit 3", ""])
+    for adapter in (True, False):
+        assert torch.allclose(a.eps(z, t, c, adapter=adapter), b.eps(z, t, c, adapter=adapter), atol=1e-5)

@@ -197,12 +197,14 @@ def vae_config(state: Dict[str, torch.Tensor], layout: str) -> Dict[str, Any]:
 
 
 def _clip_config(hidden: int, layers: int, intermediate: int, vocab: int, positions: int, act: str,
-                 head_dim: int, projection: Optional[int] = None):
+                 head_dim: int, tokenizer: Any, projection: Optional[int] = None):
+    """The CLIP text config; the special-token ids (the pooled output is read at the end token) are the tokenizer's."""
     from transformers import CLIPTextConfig
 
     kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
               num_attention_heads=max(1, hidden // head_dim), max_position_embeddings=positions, hidden_act=act,
-              projection_dim=projection or hidden)
+              projection_dim=projection or hidden, bos_token_id=tokenizer.bos_token_id,
+              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return CLIPTextConfig(**kw)
 
 
@@ -229,7 +231,8 @@ def _load_strict(model: torch.nn.Module, sd: Dict[str, torch.Tensor], what: str)
     model.load_state_dict({k: v for k, v in sd.items()}, strict=False)
 
 
-def _text_encoder_1(state: Dict[str, torch.Tensor], prefix: str, act: str, head_dim: int, dtype: torch.dtype):
+def _text_encoder_1(state: Dict[str, torch.Tensor], prefix: str, act: str, head_dim: int, tokenizer: Any,
+                    dtype: torch.dtype):
     from transformers import CLIPTextModel
 
     sd = _sub(state, prefix)
@@ -241,12 +244,13 @@ def _text_encoder_1(state: Dict[str, torch.Tensor], prefix: str, act: str, head_
         inter = sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
     except KeyError as exc:
         raise AuditError(f"the text encoder under {prefix} lacks {exc.args[0]}: not a CLIP text model.") from exc
-    model = CLIPTextModel(_clip_config(tok.shape[1], layers, inter, tok.shape[0], pos.shape[0], act, head_dim))
+    model = CLIPTextModel(_clip_config(tok.shape[1], layers, inter, tok.shape[0], pos.shape[0], act, head_dim,
+                                       tokenizer))
     _load_strict(model, _strip_text_model(model, sd), "text encoder")
     return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
-def _text_encoder_2(state: Dict[str, torch.Tensor], act: str, head_dim: int, dtype: torch.dtype):
+def _text_encoder_2(state: Dict[str, torch.Tensor], act: str, head_dim: int, tokenizer: Any, dtype: torch.dtype):
     """SDXL's OpenCLIP ViT-bigG/14 text tower as a ``CLIPTextModelWithProjection``."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextModelWithProjection
@@ -264,7 +268,7 @@ def _text_encoder_2(state: Dict[str, torch.Tensor], act: str, head_dim: int, dty
         raise AuditError(f"the second text encoder's text_projection has shape {tuple(proj.shape)}, expected "
                          f"({tok.shape[1]}, N): not an SDXL OpenCLIP text tower.")
     model = CLIPTextModelWithProjection(_clip_config(tok.shape[1], layers, inter, tok.shape[0], pos.shape[0], act,
-                                                     head_dim, projection=int(proj.shape[1])))
+                                                     head_dim, tokenizer, projection=int(proj.shape[1])))
     sd = convert_open_clip_checkpoint(model, state, prefix=p)
     _load_strict(model, _strip_text_model(model, sd), "second text encoder")
     return (model if dtype == torch.float32 else model.to(dtype)).eval()
@@ -337,10 +341,10 @@ def load_single_file(path: PathLike, *, tokenizer: Optional[PathLike] = None, dt
     out: Dict[str, Any] = {"layout": layout, "unet": unet.eval(), "vae": vae.eval(),
                            "scheduler": diffusers.DDPMScheduler.from_config(sched), "tokenizer": toks[0]}
     if layout == "sd1":
-        out["text_encoder"] = _text_encoder_1(state, SD1_TEXT_PREFIX, facts["text_act"][0], head, dtype)
+        out["text_encoder"] = _text_encoder_1(state, SD1_TEXT_PREFIX, facts["text_act"][0], head, toks[0], dtype)
     else:
-        out["text_encoder"] = _text_encoder_1(state, SDXL_TEXT_PREFIX, facts["text_act"][0], head, dtype)
-        out["text_encoder_2"] = _text_encoder_2(state, facts["text_act"][1], head, dtype)
+        out["text_encoder"] = _text_encoder_1(state, SDXL_TEXT_PREFIX, facts["text_act"][0], head, toks[0], dtype)
+        out["text_encoder_2"] = _text_encoder_2(state, facts["text_act"][1], head, toks[1], dtype)
         out["tokenizer_2"] = toks[1]
     for tok, enc in zip(toks, [out["text_encoder"], out.get("text_encoder_2")]):
         rows = int(enc.config.vocab_size)
