@@ -200,3 +200,43 @@ def test_audit_cli_on_an_sd3_lora(ws, tmp_path):
                  attacks=["loss", "loss_calibrated", "sima", "secmi", "pia", "clid", "gsa", "blind"])
     assert set(rep["attacks"]) == {"loss", "loss_calibrated", "sima", "secmi", "pia", "clid", "gsa", "blind"}
     assert rep["info"]["architecture"] == "sd3"
+
+
+def test_kohya_flux_lora_equals_its_diffusers_form(ws, tmp_path):
+    """sd-scripts' FLUX names (``lora_unet_double_blocks_0_img_attn_qkv``: q, k, v fused; alpha) load as the same LoRA."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    tr = FluxPipeline.from_pretrained(ws["flux"]).transformer
+    D = tr.config.num_attention_heads * tr.config.attention_head_dim
+    mlp = tr.transformer_blocks[0].ff.net[0].proj.out_features
+    g = torch.Generator().manual_seed(9)
+    r, alpha = 4, 2.0
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    kohya, diff = {}, {}
+    plain = {"double_blocks_0_img_attn_proj": ("transformer_blocks.0.attn.to_out.0", D, D),
+             "double_blocks_0_txt_attn_proj": ("transformer_blocks.0.attn.to_add_out", D, D),
+             "double_blocks_0_img_mlp_0": ("transformer_blocks.0.ff.net.0.proj", D, mlp),
+             "single_blocks_0_linear2": ("single_transformer_blocks.0.proj_out", D + tr.single_transformer_blocks[0].proj_mlp.out_features, D)}
+    for name, (module, d_in, d_out) in plain.items():
+        down, up = rnd(r, d_in), rnd(d_out, r)
+        kohya.update({f"lora_unet_{name}.lora_down.weight": down, f"lora_unet_{name}.lora_up.weight": up,
+                      f"lora_unet_{name}.alpha": torch.tensor(alpha)})
+        diff.update({f"transformer.{module}.lora_A.weight": down * (alpha / r), f"transformer.{module}.lora_B.weight": up})
+    down, up = rnd(r, D), rnd(3 * D, r)
+    kohya.update({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
+                  "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
+                  "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(alpha)})
+    for i, p in enumerate("qkv"):
+        diff.update({f"transformer.transformer_blocks.0.attn.to_{p}.lora_A.weight": down * (alpha / r),
+                     f"transformer.transformer_blocks.0.attn.to_{p}.lora_B.weight": up[i * D:(i + 1) * D]})
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(tmp_path / "kohya_flux.safetensors"))
+    save_file({k: v.contiguous() for k, v in diff.items()}, str(tmp_path / "diffusers_flux.safetensors"))
+    a = load_lora_target(ws["flux"], tmp_path / "kohya_flux.safetensors")
+    b = load_lora_target(ws["flux"], tmp_path / "diffusers_flux.safetensors")
+    z = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 400)
+    c = a.condition(["a handwritten digit 7", ""])
+    on = a.eps(z, t, c)
+    assert torch.allclose(on, b.eps(z, t, c), atol=1e-5)
+    assert (on - a.eps(z, t, c, adapter=False)).abs().max() > 1e-3
