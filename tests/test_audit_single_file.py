@@ -114,6 +114,10 @@ def test_single_file_errors_name_the_fix(ws, tmp_path, monkeypatch, capsys):
                    "--nonmembers", str(ws["nonmembers"]), "--out", str(tmp_path / "o")])
     assert rc == 2 and "not a known single-file layout" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    rc = cli.main(["audit", "--base-model", str(ws["folder"]), "--tokenizer", str(ws["folder"]), "--lora", str(ws["lora"]),
+                   "--members", str(ws["members"]), "--nonmembers", str(ws["nonmembers"]), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--tokenizer is for a single-file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_sdxl_single_file_reads_back_the_same_model(tmp_path):

@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         raise AuditError(f"--permutations {args.permutations}: use at least 1000.")
     if args.threads is not None and args.threads < 1:
         raise AuditError(f"--threads {args.threads} must be >= 1.")
+    if args.tokenizer is not None and not Path(args.base_model).is_file():
+        raise AuditError(f"--tokenizer is for a single-file --base-model; {args.base_model} is not a file (a diffusers "
+                         "folder brings its own tokenizer/): drop --tokenizer.")
     if args.run:
         return _run_pooled(args)
     if not args.lora:
