@@ -156,3 +156,41 @@ def test_sdxl_single_file_reads_back_the_same_model(tmp_path):
     c = a.condition(["a handwritten digit 3", ""])
     for adapter in (True, False):
         assert torch.allclose(a.eps(z, t, c, adapter=adapter), b.eps(z, t, c, adapter=adapter), atol=1e-5)
+
+
+# the published diffusers configs of the full-size models (unet/config.json, vae/config.json), for the checks below
+SD15_UNET = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8, use_linear_projection=False, transformer_layers_per_block=1,
+                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, in_channels=4, out_channels=4, sample_size=64)
+SDXL_UNET = dict(block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
+                 attention_head_dim=[5, 10, 20], use_linear_projection=True, transformer_layers_per_block=[1, 2, 10],
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], in_channels=4, out_channels=4,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, sample_size=128)
+VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, in_channels=3, out_channels=3)
+
+
+@pytest.mark.parametrize("layout,published", [("sd1", SD15_UNET), ("sdxl", SDXL_UNET)])
+def test_full_size_configs_are_read_from_the_shapes(layout, published):
+    """SD1.5's and SDXL's published UNet and VAE configs come back from original-layout shapes (meta tensors, no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from _single_file import unet_to_ldm, vae_to_ldm
+    from smplora_plugin.audit.single_file import unet_config, vae_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**published)
+        vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, **VAE)
+    state = {**unet_to_ldm(unet.state_dict(), 2), **vae_to_ldm(vae.state_dict())}
+    if layout == "sdxl":
+        state["conditioner.embedders.1.model.text_projection"] = torch.empty(1280, 1280, device="meta")
+    got = unet_config(state, layout)
+    for k, v in published.items():
+        want = [v] * len(got["block_out_channels"]) if k == "transformer_layers_per_block" and isinstance(v, int) else v
+        assert got[k] == want, (k, got[k], want)
+    got_vae = vae_config(state, layout)
+    for k, v in VAE.items():
+        assert got_vae[k] == v, k
+    assert got_vae["scaling_factor"] == (0.18215 if layout == "sd1" else 0.13025)
