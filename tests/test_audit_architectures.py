@@ -240,3 +240,15 @@ def test_kohya_flux_lora_equals_its_diffusers_form(ws, tmp_path):
     on = a.eps(z, t, c)
     assert torch.allclose(on, b.eps(z, t, c), atol=1e-5)
     assert (on - a.eps(z, t, c, adapter=False)).abs().max() > 1e-3
+
+
+def test_kohya_sd3_lora_is_refused_with_the_fix(ws, tmp_path):
+    from safetensors.torch import save_file
+
+    from smplora_plugin.audit import AuditError
+
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.ones(4, 32),
+               "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.ones(96, 4)},
+              str(tmp_path / "kohya_sd3.safetensors"))
+    with pytest.raises(AuditError, match="kohya's .sd-scripts'. SD3 format.*diffusers/peft format"):
+        load_lora_target(ws["sd3"], tmp_path / "kohya_sd3.safetensors")

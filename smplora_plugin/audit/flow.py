@@ -236,7 +236,18 @@ def load_flow_target(base_model: Any, lora: Any, *, device: Union[str, torch.dev
                          f"(diffusers/peft or kohya format, made for this model): {exc}") from exc
     mods = [getattr(pipe, n, None) for n in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")]
     if not any(_lora_layers(m) for m in mods if m is not None):
-        raise AuditError(f"{lora} contains no LoRA weights that diffusers' {cls.__name__} loader recognises.")
+        hint = ""
+        if cls is diffusers.StableDiffusion3Pipeline and _has_kohya_keys(lora):
+            hint = (" It is in kohya's (sd-scripts') SD3 format, which diffusers has no converter for: audit a LoRA "
+                    "saved in diffusers/peft format (e.g. by diffusers' train_dreambooth_lora_sd3.py).")
+        raise AuditError(f"{lora} contains no LoRA weights that diffusers' {cls.__name__} loader recognises.{hint}")
     return FlowMatchTarget(pipe, device=device, dtype=dtype)
+
+def _has_kohya_keys(path: Any) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith("lora_unet_") for k in f.keys())
+
 
 __all__ = ["FlowMatchTarget", "flow_alphas_cumprod", "flow_matching_loss", "flow_sigmas", "load_flow_target"]
