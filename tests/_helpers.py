@@ -62,3 +62,17 @@ def lora_state(unet, seed=0, rank=4):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return get_peft_model_state_dict(unet)
+
+
+def to_kohya(state, prefix="lora_unet_"):
+    """A peft/diffusers LoRA state dict (``<module>.lora_A/B.weight``) in kohya's format (``lora_unet_<module>``)."""
+    out = {}
+    for k, v in state.items():
+        mod, kind = k.rsplit(".lora_", 1)
+        base = prefix + mod.replace(".", "_")
+        if kind.startswith("A"):
+            out[base + ".lora_down.weight"] = v.contiguous()
+            out[base + ".alpha"] = torch.tensor(float(v.shape[0]))
+        else:
+            out[base + ".lora_up.weight"] = v.contiguous()
+    return out

@@ -10,23 +10,11 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from _helpers import lora_state as _lora_state  # noqa: E402
+from _helpers import to_kohya as _to_kohya  # noqa: E402
 from smplora_plugin import cli  # noqa: E402
 
 FAST = json.dumps({"timesteps": [100, 300], "sima_timesteps": [10], "pia_timesteps": [200], "secmi_t": [100],
                    "clid_timesteps": [450], "n_boot": 200, "mlp_max_epochs": 30})
-
-
-def _to_kohya(state):
-    out = {}
-    for k, v in state.items():
-        mod, kind = k.rsplit(".lora_", 1)
-        base = "lora_unet_" + mod.replace(".", "_")
-        if kind.startswith("A"):
-            out[base + ".lora_down.weight"] = v.contiguous()
-            out[base + ".alpha"] = torch.tensor(float(v.shape[0]))
-        else:
-            out[base + ".lora_up.weight"] = v.contiguous()
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,10 @@ CPU speed: small UNets on near-black images hit denormal floats (~10x slower); r
 torch.set_flush_denormal(True) while it runs (do the same in CPU training loops), and the
 default of one thread avoids OpenMP threads spinning against each other on a busy machine.
 
+Targets: ``load_lora_target(base, lora)`` for a diffusers folder (SD1.x/SD2.x, SDXL: a
+:class:`DiffusersTarget`; SD3, FLUX: a :class:`FlowMatchTarget`, flow matching as the equivalent
+noise predictor) or an original-layout single-file SD1.x / SDXL checkpoint (``load_single_file``).
+
 Built-in attacks (``available_attacks()``): loss, loss_calibrated, loss_best_t, sima, secmi, pia,
 clid, mlp, logreg, gboost and the blind baseline ``blind``; with ``references=``, also
 lira_online, lira_offline and rmia (:class:`References`: reference LoRAs and what each trained on). Known-answer target for checks:
@@ -67,6 +71,8 @@ from .protocol import AuditReport, AuditSamples, run_audit
 from .references import References
 from .report import side_by_side
 from .target import AuditError, AuditTarget, DiffusersTarget, load_lora_target
+from .flow import FlowMatchTarget
+from .single_file import load_single_file
 
 __all__ = [
     "Attack",
@@ -78,11 +84,13 @@ __all__ = [
     "AuditSamples",
     "AuditTarget",
     "DiffusersTarget",
+    "FlowMatchTarget",
     "MetricError",
     "References",
     "ScoreContext",
     "available_attacks",
     "load_lora_target",
+    "load_single_file",
     "register_attack",
     "run_audit",
     "run_audit_pooled",

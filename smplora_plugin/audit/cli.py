@@ -14,8 +14,14 @@ CAPTION_EXTS = (".txt", ".caption")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-model", required=True, metavar="DIR",
-                   help="diffusers-format base model folder (unet/, scheduler/, optional vae/, text_encoder/, tokenizer/)")
+    p.add_argument("--base-model", required=True, metavar="DIR|FILE",
+                   help="diffusers-format base model folder (SD1.x/SD2.x/SDXL: unet/, scheduler/, vae/, text_encoder/, "
+                        "tokenizer/ [, text_encoder_2/, tokenizer_2/]; SD3/FLUX: the saved pipeline with transformer/), "
+                        "or a single-file .safetensors checkpoint in the original SD1.x / SDXL layout")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="for a single-file --base-model: the CLIP tokenizer (a folder with vocab.json and merges.txt, or "
+                        "a diffusers model folder of the same architecture with tokenizer/ [and tokenizer_2/]); "
+                        "default: the local Hugging Face cache (nothing is downloaded)")
     p.add_argument("--lora", metavar="FILE",
                    help="LoRA .safetensors file, diffusers/peft or kohya format (one run; or use --run)")
     p.add_argument("--run", action="append", default=None, metavar="LORA=MANIFEST",
@@ -96,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         raise AuditError(f"--permutations {args.permutations}: use at least 1000.")
     if args.threads is not None and args.threads < 1:
         raise AuditError(f"--threads {args.threads} must be >= 1.")
+    if args.tokenizer is not None and not Path(args.base_model).is_file():
+        raise AuditError(f"--tokenizer is for a single-file --base-model; {args.base_model} is not a file (a diffusers "
+                         "folder brings its own tokenizer/): drop --tokenizer.")
     if args.run:
         return _run_pooled(args)
     if not args.lora:
@@ -123,15 +132,16 @@ def run(args: argparse.Namespace) -> int:
     from .target import load_lora_target
 
     ref_specs = reference_specs(args.reference)
-    target = load_lora_target(args.base_model, args.lora, device=args.device)
+    target = load_lora_target(args.base_model, args.lora, device=args.device, tokenizer=args.tokenizer)
     size = args.resolution or _model_resolution(target)
-    channels = 3 if target.vae is not None else int(target.unet.config.in_channels)
+    channels = _image_channels(target)
     samples = {name: load_images(paths, size, channels, captions=not args.no_captions) for name, paths in groups.items()}
     references = reference_models(ref_specs, args, size, channels)
     kw = dict(config=cfg, out_dir=args.out, progress=not args.no_progress, num_threads=args.threads,
               n_permutations=args.permutations,
               attacks=None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()],
-              info={"base_model": str(args.base_model), "lora": str(args.lora), "resolution": size},
+              info={"base_model": str(args.base_model), "lora": str(args.lora), "resolution": size,
+                    **architecture_info(target)},
               title=f"Membership-inference audit of {Path(args.lora).name}", references=references)
     if "members" in samples:
         report = run_audit(target, samples["members"], samples["nonmembers"],
@@ -179,13 +189,13 @@ def _run_pooled(args: argparse.Namespace) -> int:
     size = None
     references = None
     for name, lora, _ in specs:
-        target = load_lora_target(args.base_model, str(lora), device=args.device)
+        target = load_lora_target(args.base_model, str(lora), device=args.device, tokenizer=args.tokenizer)
         if size is None:  # one resolution and one set of reference LoRAs for every run
             size = args.resolution or _model_resolution(target)
-            channels = 3 if target.vae is not None else int(target.unet.config.in_channels)
+            channels = _image_channels(target)
             references = reference_models(ref_specs, args, size, channels, like=lora)
         s = {k: load_images(v, size, channels, captions=not args.no_captions) for k, v in groups[name].items()}
-        info = {"lora": str(lora), "resolution": size}
+        info = {"lora": str(lora), "resolution": size, **architecture_info(target)}
         if "members" in s:
             runs.append(AuditRun(target, s["members"], s["nonmembers"], calibration_fraction=args.calibration_fraction,
                                  name=name, info=info, references=references))
@@ -250,7 +260,8 @@ def reference_models(specs: Sequence[tuple], args: argparse.Namespace, size: int
         ids |= {str(f.resolve()) for f in files}
         pairs.append((lora, ids))
     return References.from_lora_files(args.base_model, pairs, mode=args.reference_mode, device=args.device,
-                                      like=like if like is not None else args.lora)
+                                      like=like if like is not None else args.lora,
+                                      tokenizer=getattr(args, "tokenizer", None))
 
 
 def _config(args: argparse.Namespace):
@@ -282,10 +293,31 @@ def _config(args: argparse.Namespace):
 
 
 def _model_resolution(target) -> int:
-    s = int(getattr(target.unet.config, "sample_size", 64) or 64)
+    unet = getattr(target, "unet", None)
+    if unet is None:  # flow-matching transformers: the VAE's image size
+        return int(getattr(target.vae.config, "sample_size", 1024) or 1024)
+    s = int(getattr(unet.config, "sample_size", 64) or 64)
     if target.vae is not None:
         s *= 2 ** (len(target.vae.config.block_out_channels) - 1)
     return s
+
+
+def architecture_info(target) -> Dict[str, str]:
+    """What the report says about the audited model's family and how its losses are measured."""
+    arch = getattr(target, "architecture", None)
+    if arch is None:
+        return {}
+    out = {"architecture": arch}
+    if getattr(target, "prediction_type", None) == "flow":
+        out["loss_parameterisation"] = ("flow matching audited as the equivalent noise prediction: loss at a level = "
+                                        "(1 - sigma)^2 x the velocity loss (docs/audit.md)")
+    return out
+
+
+def _image_channels(target) -> int:
+    if getattr(target, "vae", None) is not None:
+        return 3
+    return int(target.unet.config.in_channels)
 
 
 def folder_images(folder: str, what: str) -> List[Path]:

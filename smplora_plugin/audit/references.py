@@ -130,8 +130,9 @@ class References:
 
     @classmethod
     def from_lora_files(cls, base_model: Any, pairs: Sequence[Tuple[Any, Iterable[str]]], *, mode: str = "auto",
-                        device: Any = "cpu", like: Any = None) -> "References":
-        """References from LoRA files trained against ``base_model`` (a diffusers folder).
+                        device: Any = "cpu", like: Any = None, tokenizer: Any = None) -> "References":
+        """References from LoRA files trained against ``base_model`` (a diffusers folder or a single file;
+        ``tokenizer`` as for :func:`~.target.load_lora_target`).
 
         Each file is checked now (readable, same tensors and shapes as ``like``, the audited LoRA
         file, when given) and loaded with :func:`~.target.load_lora_target` only while its loss
@@ -153,7 +154,8 @@ class References:
                     "reference LoRAs must be trained on the same base model with the same LoRA settings "
                     "(rank, target modules, text-encoder LoRA or not).")
             models.append(ReferenceModel(frozenset(str(s) for s in ids), name=str(lora),
-                                         loader=lambda lora=lora: load_lora_target(base_model, lora, device=device)))
+                                         loader=lambda lora=lora: load_lora_target(
+                                             base_model, lora, device=device, tokenizer=tokenizer)))
         return cls(models, mode=mode, info={"trained_with": "LoRA files", "base_model": str(base_model)})
 
 

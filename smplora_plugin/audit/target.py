@@ -1,8 +1,10 @@
 """The audit target protocol: how attacks query a (LoRA-adapted) diffusion model.
 
 Every attack scores samples only through :class:`AuditTarget`, so the same attacks serve the tiny
-demo model, a diffusers UNet carrying a peft/diffusers LoRA, and a kohya LoRA loaded into diffusers
-(:func:`load_lora_target`). diffusers, peft and transformers are imported lazily.
+demo model, a diffusers UNet (SD1.x/SD2.x, SDXL) carrying a peft/diffusers LoRA, a kohya LoRA loaded
+into diffusers, and flow-matching transformers (SD3, FLUX: :mod:`.flow`), all through
+:func:`load_lora_target` (diffusers folders or original-layout single files, :mod:`.single_file`).
+diffusers, peft and transformers are imported lazily.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class AuditTarget(Protocol):
 
     num_train_timesteps: int  # T
     alphas_cumprod: torch.Tensor  # (T,) on CPU
-    prediction_type: str  # "epsilon" | "v_prediction"
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow" (what the model predicts; eps() is always noise)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(N, C, H, W)`` in [-1, 1] -> latents, deterministically (VAE posterior mean, scaled)."""
@@ -90,15 +92,29 @@ class DiffusersTarget:
     when given. ``vae`` (optional ``AutoencoderKL``): latents are the scaled posterior mean.
     ``text_encoder`` + ``tokenizer`` (optional): captions are encoded per call with the adapter
     state of that call, so a text-encoder LoRA is switched off for the base model too.
+
+    SDXL (a UNet with ``addition_embed_type="text_time"``) also needs ``text_encoder_2`` and
+    ``tokenizer_2``: the cross-attention input is both encoders' penultimate hidden states side by
+    side, ``text_embeds`` the second encoder's pooled projection, and ``time_ids`` are
+    ``(H, W, 0, 0, H, W)`` in pixels of the audited image (original size = target size, no crop), as
+    the diffusers and kohya SDXL trainers give an image already at the training resolution.
     """
 
     def __init__(self, unet: Any, scheduler: Any, *, vae: Any = None, text_encoder: Any = None, tokenizer: Any = None,
-                 base_unet: Any = None, device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32):
+                 base_unet: Any = None, device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
+                 text_encoder_2: Any = None, tokenizer_2: Any = None):
         self.unet = unet
         self.base_unet = base_unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+        self.sdxl = getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+        self.architecture = "sdxl" if self.sdxl else "unet"  # for the report
+        if self.sdxl and (text_encoder is None or tokenizer is None or text_encoder_2 is None or tokenizer_2 is None):
+            raise AuditError("this UNet takes SDXL's added conditions (text_embeds, time_ids): give DiffusersTarget "
+                             "text_encoder, tokenizer, text_encoder_2 and tokenizer_2.")
         self.device = torch.device(device) if device is not None else next(unet.parameters()).device
         self.dtype = dtype
         cfg = scheduler.config
@@ -110,7 +126,7 @@ class DiffusersTarget:
         self._cross_attention_dim = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
         if self._cross_attention_dim is not None and (text_encoder is None or tokenizer is None):
             raise AuditError("this UNet is text-conditional: give DiffusersTarget a text_encoder and a tokenizer.")
-        for m in (unet, base_unet, vae, text_encoder):
+        for m in (unet, base_unet, vae, text_encoder, text_encoder_2):
             if m is not None:
                 m.eval()  # queries run under torch.no_grad(); parameters are left as they are
 
@@ -139,8 +155,9 @@ class DiffusersTarget:
 
     # -- optional capabilities ("gradients", "decode") -------------------------------------
     def adapter_parameters(self) -> Dict[str, torch.nn.Parameter]:
-        """The LoRA parameters of the UNet and the text encoder, by qualified name."""
-        return {f"{prefix}.{n}": p for prefix, mod in (("unet", self.unet), ("text_encoder", self.text_encoder))
+        """The LoRA parameters of the UNet and the text encoder(s), by qualified name."""
+        return {f"{prefix}.{n}": p for prefix, mod in (("unet", self.unet), ("text_encoder", self.text_encoder),
+                                                       ("text_encoder_2", self.text_encoder_2))
                 if mod is not None for n, p in mod.named_parameters() if ".lora_" in n}
 
     def eps_grad(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
@@ -162,7 +179,13 @@ class DiffusersTarget:
         with self._adapter(adapter) as unet:
             z = z_t.to(self.device, self.dtype)
             tt = torch.as_tensor(t, device=self.device).long().reshape(-1).expand(z.shape[0])
-            if self.tokenizer is not None:
+            if self.sdxl:
+                hidden, pooled = self._encode_text_sdxl(cond)
+                h, w = (s * self._vae_scale() for s in z.shape[-2:])
+                time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype).expand(z.shape[0], 6)
+                out = unet(z, tt, encoder_hidden_states=hidden,
+                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            elif self.tokenizer is not None:
                 hidden = self._encode_text(cond)
                 out = unet(z, tt, encoder_hidden_states=hidden).sample
             else:
@@ -179,6 +202,22 @@ class DiffusersTarget:
                              max_length=getattr(self.tokenizer, "model_max_length", 77), return_tensors="pt")
         return self.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
 
+    def _encode_text_sdxl(self, captions: Sequence[str]):
+        """SDXL: (both encoders' penultimate hidden states concatenated, the second's pooled projection)."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            tok = tokenizer(list(captions), padding="max_length", truncation=True,
+                            max_length=getattr(tokenizer, "model_max_length", 77), return_tensors="pt")
+            out = encoder(tok.input_ids.to(self.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]
+        return torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype)
+
+    def _vae_scale(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     @contextlib.contextmanager
     def _adapter(self, enabled: bool) -> Iterator[Any]:
         """Yield the UNet to query; with ``enabled=False`` every LoRA layer is switched off meanwhile.
@@ -193,7 +232,8 @@ class DiffusersTarget:
         if self.base_unet is not None:
             yield self.base_unet
             return
-        layers = [m for mod in (self.unet, self.text_encoder) if mod is not None for m in _lora_layers(mod)]
+        layers = [m for mod in (self.unet, self.text_encoder, self.text_encoder_2) if mod is not None
+                  for m in _lora_layers(mod)]
         if not layers:
             raise AuditError(
                 "no LoRA adapter found on the UNet or text encoder, so the base model cannot be queried: "
@@ -228,70 +268,101 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def load_lora_target(base_model: PathLike, lora: PathLike, *, device: Union[str, torch.device] = "cpu",
-                     dtype: torch.dtype = torch.float32, adapter_name: str = "audited") -> DiffusersTarget:
-    """Load a diffusers-format base model folder and a LoRA file (diffusers/peft or kohya format).
+                     dtype: torch.dtype = torch.float32, adapter_name: str = "audited",
+                     tokenizer: Optional[PathLike] = None) -> Any:
+    """Load a base model and a LoRA file (diffusers/peft or kohya format) as an audit target.
 
-    The folder needs ``unet/`` and ``scheduler/``; ``vae/``, ``text_encoder/`` and ``tokenizer/``
-    are used when present. The LoRA is converted by diffusers' Stable Diffusion LoRA loader
-    (which reads kohya ``lora_unet_*`` / ``lora_te_*`` keys) and injected into the UNet and, when
-    the file has text-encoder weights, the text encoder.
+    ``base_model`` is a diffusers-format folder (SD1.x/SD2.x and SDXL: ``unet/`` and ``scheduler/``,
+    with ``vae/``, ``text_encoder/``, ``tokenizer/`` [and ``text_encoder_2/``, ``tokenizer_2/``] when
+    present; SD3 and FLUX: ``transformer/`` and the rest of the pipeline) or a single-file
+    ``.safetensors`` checkpoint in the original SD1.x / SDXL layout, built offline from its tensor
+    shapes (:mod:`.single_file`; its tokenizer from ``tokenizer``, a folder, or the local Hugging
+    Face cache). The LoRA is converted by diffusers' LoRA loaders (kohya ``lora_unet_*`` /
+    ``lora_te*_*`` keys included) and injected into the denoiser and, when the file has
+    text-encoder weights, the text encoder(s). UNet models give a :class:`DiffusersTarget`,
+    flow-matching models a :class:`~.flow.FlowMatchTarget`.
     """
     base_model, lora = Path(base_model), Path(lora)
-    if not base_model.is_dir():
-        raise AuditError(f"base model folder {base_model} does not exist: pass a diffusers-format model folder.")
-    for sub in ("unet", "scheduler"):
-        if not (base_model / sub).is_dir():
-            raise AuditError(
-                f"{base_model} has no {sub}/ subfolder: a diffusers-format model folder is needed "
-                "(e.g. one written by pipeline.save_pretrained)."
-            )
+    if not base_model.exists():
+        raise AuditError(f"base model {base_model} does not exist: pass a diffusers-format model folder or a "
+                         "single-file .safetensors checkpoint (SD1.x / SDXL original layout).")
     if not lora.is_file():
         raise AuditError(f"LoRA file {lora} does not exist.")
     if lora.suffix != ".safetensors":
         raise AuditError(f"LoRA file {lora} is not a .safetensors file; only safetensors LoRA files are read (never pickles).")
+    if base_model.is_file():
+        from .single_file import load_single_file
+
+        parts = load_single_file(base_model, tokenizer=tokenizer, dtype=dtype)
+        parts.pop("layout")
+        parts = {k: v.to(device) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
+        return _unet_target(parts, lora, str(base_model), device, dtype, adapter_name)
+    if (base_model / "transformer").is_dir():
+        from .flow import load_flow_target
+
+        return load_flow_target(base_model, lora, device=device, dtype=dtype, adapter_name=adapter_name)
+    for sub in ("unet", "scheduler"):
+        if not (base_model / sub).is_dir():
+            raise AuditError(
+                f"{base_model} has no {sub}/ subfolder: a diffusers-format model folder is needed "
+                "(e.g. one written by pipeline.save_pretrained), or a single-file .safetensors checkpoint."
+            )
 
     import diffusers
 
     unet_cfg = _read_json(base_model / "unet" / "config.json")
     unet_cls = getattr(diffusers, unet_cfg.get("_class_name", "UNet2DConditionModel"))
-    unet = unet_cls.from_pretrained(base_model, subfolder="unet", torch_dtype=dtype).to(device)
+    parts: Dict[str, Any] = {"unet": unet_cls.from_pretrained(base_model, subfolder="unet", torch_dtype=dtype).to(device)}
     sched_cfg = _read_json(base_model / "scheduler" / "scheduler_config.json")
-    scheduler = diffusers.DDPMScheduler.from_config(sched_cfg)
-    vae = None
+    parts["scheduler"] = diffusers.DDPMScheduler.from_config(sched_cfg)
     if (base_model / "vae").is_dir():
-        vae = diffusers.AutoencoderKL.from_pretrained(base_model, subfolder="vae", torch_dtype=dtype).to(device)
-    text_encoder = tokenizer = None
-    if (base_model / "text_encoder").is_dir() and (base_model / "tokenizer").is_dir():
-        import transformers
+        parts["vae"] = diffusers.AutoencoderKL.from_pretrained(base_model, subfolder="vae", torch_dtype=dtype).to(device)
+    for suffix in ("", "_2"):
+        if (base_model / f"text_encoder{suffix}").is_dir() and (base_model / f"tokenizer{suffix}").is_dir():
+            import transformers
 
-        te_cfg = _read_json(base_model / "text_encoder" / "config.json")
-        te_cls = getattr(transformers, (te_cfg.get("architectures") or ["CLIPTextModel"])[0])
-        text_encoder = te_cls.from_pretrained(base_model / "text_encoder", torch_dtype=dtype).to(device)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(base_model / "tokenizer")
+            te_cfg = _read_json(base_model / f"text_encoder{suffix}" / "config.json")
+            te_cls = getattr(transformers, (te_cfg.get("architectures") or ["CLIPTextModel"])[0])
+            parts[f"text_encoder{suffix}"] = te_cls.from_pretrained(base_model / f"text_encoder{suffix}",
+                                                                    torch_dtype=dtype).to(device)
+            parts[f"tokenizer{suffix}"] = transformers.AutoTokenizer.from_pretrained(base_model / f"tokenizer{suffix}")
+    return _unet_target(parts, lora, str(base_model), device, dtype, adapter_name)
 
-    from diffusers import StableDiffusionPipeline
 
+def _unet_target(parts: Dict[str, Any], lora: Path, base_name: str, device: Any, dtype: torch.dtype,
+                 adapter_name: str) -> DiffusersTarget:
+    """Inject the LoRA in ``lora`` into the UNet (and text encoders) of ``parts``; the target over them."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    sdxl = getattr(parts["unet"].config, "addition_embed_type", None) == "text_time"
+    loader = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     try:
-        state, alphas = StableDiffusionPipeline.lora_state_dict(str(lora))
+        kw = {"unet_config": parts["unet"].config} if sdxl else {}
+        state, alphas = loader.lora_state_dict(str(lora), **kw)
     except Exception as exc:
         raise AuditError(f"{lora} could not be read as a LoRA file (diffusers/peft or kohya format): {exc}") from exc
+    encoders = ["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"]
     unet_keys = [k for k in state if k.startswith("unet.")]
-    te_keys = [k for k in state if k.startswith("text_encoder.")]
-    if not unet_keys and not te_keys:
+    te_keys = {e: [k for k in state if k.startswith(e + ".")] for e in encoders}
+    if not unet_keys and not any(te_keys.values()):
         raise AuditError(f"{lora} contains no UNet or text-encoder LoRA weights that diffusers recognises.")
     try:
         if unet_keys:
-            StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=unet, adapter_name=adapter_name)
-        if te_keys:
-            if text_encoder is None:
-                raise AuditError(f"{lora} has text-encoder LoRA weights but {base_model} has no text_encoder/ folder.")
-            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder=text_encoder,
-                                                                adapter_name=adapter_name)
+            loader.load_lora_into_unet(state, alphas, unet=parts["unet"], adapter_name=adapter_name)
+        for enc, keys in te_keys.items():
+            if not keys:
+                continue
+            if parts.get(enc) is None:
+                raise AuditError(f"{lora} has {enc} LoRA weights but {base_name} has no {enc}.")
+            loader.load_lora_into_text_encoder(state, alphas, text_encoder=parts[enc], prefix=enc,
+                                               adapter_name=adapter_name)
     except AuditError:
         raise
     except Exception as exc:
-        raise AuditError(f"the LoRA in {lora} does not fit the base model in {base_model}: {exc}") from exc
-    return DiffusersTarget(unet, scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        raise AuditError(f"the LoRA in {lora} does not fit the base model in {base_name}: {exc}") from exc
+    return DiffusersTarget(parts["unet"], parts["scheduler"], vae=parts.get("vae"),
+                           text_encoder=parts.get("text_encoder"), tokenizer=parts.get("tokenizer"),
+                           text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
                            device=device, dtype=dtype)
 
 
