@@ -48,7 +48,6 @@ class BatchSizes:
 # ------------------------------------------------------------------------------------------------ SDXL
 @pytest.fixture(scope="module")
 def sdxl():
-    torch.set_num_threads(1)
     parts = build_sdxl_components(TinySDXLConfig())
     lora_state(parts["unet"], seed=1)
     return parts
@@ -159,7 +158,6 @@ def test_sdxl_holdout_forward_is_the_member_forward(sdxl):
 # ------------------------------------------------------------------------------------------------ FLUX
 @pytest.fixture(scope="module")
 def flux():
-    torch.set_num_threads(1)
     parts = build_flux_components(TinyFluxConfig())
     lora_state(parts["transformer"], seed=2)
     return parts
