@@ -139,7 +139,7 @@ def test_quick_demo_on_emoji(tmp_path):
     verdict = next(ln for ln in table.splitlines() if ln.startswith("| **verdict**"))
     assert verdict.count("**") >= 8 and "n/a" not in verdict
     plain = summary["variants"]["plain"]
-    assert plain["style_gain_members"] > 0.2  # plain LoRA learns the Twemoji style at its members' captions
+    assert plain["style_gain_members"] > 0.1  # plain LoRA learns the Twemoji style at its members' captions
     base = summary["base_model_quality"]
     assert base["style_share_members"] < 0.5 and plain["style_share_members"] > base["style_share_members"]
     assert plain["kernel_distance"] is not None and plain["heldout_loss"] > 0
