@@ -300,7 +300,7 @@ class HoldoutImages:
         config = privacy_config_from_args(args)
         if config is None:
             return None
-        batch = _arg(args, "privacy_holdout_batch_size") or config.privacy_rows(max(1, int(_arg(args, "train_batch_size", 1))))
+        batch = _arg(args, "privacy_holdout_batch_size") or config.nonmember_rows(max(1, int(_arg(args, "train_batch_size", 1))))
         opts = dict(
             preprocess=preprocess, collate_fn=collate_fn, batch_size=int(batch), seed=_privacy_seed(args),
             image_column=_arg(args, "image_column", "image"),
@@ -589,8 +589,8 @@ class PrivacyRegularizer(_CoreRegularizer):
             lines.append("base-calibrated features: one extra no-grad UNet forward with the LoRA disabled "
                          "(reg.reference)")
         if cfg.privacy_fraction < 1:
-            lines.append(f"privacy fraction {cfg.privacy_fraction:g}: the privacy term sees the first "
-                         f"ceil({cfg.privacy_fraction:g} x batch) images of each batch")
+            lines.append(f"privacy fraction {cfg.privacy_fraction:g}, taken over steps: step k's privacy term (and its "
+                         f"forwards) uses the first ceil((k+1) f B) - ceil(k f B) images of its batch of B")
         h = self.holdout
         if h is not None:
             checked = (f"checked against {h.train_checked} training images (no byte-identical file)"
@@ -655,8 +655,8 @@ class PrivacyRegularizer(_CoreRegularizer):
         disabled (see :func:`base_prediction`). Pass the result as ``reference=`` to :meth:`features`
         and as the third value of the forward given to :meth:`nonmember_features`.
         """
-        if not self.config.calibrated:
-            return None
+        if not self.config.calibrated or self._no_rows_now():
+            return None     # no forward: not calibrated, or no privacy row on this step (reg.privacy_rows gave 0)
         return base_prediction(model, fn, self.accelerator)
 
     def features(self, pred: torch.Tensor, target: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
@@ -664,8 +664,11 @@ class PrivacyRegularizer(_CoreRegularizer):
         """Member features of a training batch: the core's :meth:`~smplora_plugin.PrivacyRegularizer.features`
         on its first ``n = reg.privacy_rows(len(pred))`` samples (the whole batch unless
         ``--privacy_fraction`` < 1), with script-level hints when ``reference`` is missing or was not
-        computed on those ``n`` samples."""
+        computed on those ``n`` samples. ``None`` when ``n`` is 0 (``privacy_fraction`` taken over steps):
+        ``reg.step(loss, None, ...)`` then scales the loss by the last denominator."""
         n = self.privacy_rows(int(pred.shape[0])) if isinstance(pred, torch.Tensor) and pred.ndim else None
+        if n == 0:
+            return None
         if n is not None and isinstance(reference, torch.Tensor) and reference.ndim and reference.shape[0] != n:
             raise FeatureError(
                 f"base_pred has {reference.shape[0]} samples but the privacy term uses the first {n} of the "
@@ -700,7 +703,7 @@ class PrivacyRegularizer(_CoreRegularizer):
         """
         if sync is None:
             sync = bool(getattr(self.accelerator, "sync_gradients", True))
-        if not self.wants_nonmembers(update_attacker=sync):
+        if self._no_rows_now() or not self.wants_nonmembers(update_attacker=sync):
             return None
         if batch is None:
             if self.holdout is None:
@@ -715,11 +718,21 @@ class PrivacyRegularizer(_CoreRegularizer):
             self._nonmember_pass = False
 
     def privacy_rows(self, batch_size: int) -> int:
-        """Rows of a batch that feed the privacy term: ``ceil(privacy_fraction * batch_size)`` for the
-        training batch, all of them for the held-out batch inside :meth:`nonmember_features` (its
-        size is already that share: ``--privacy_holdout_batch_size`` defaults to it)."""
+        """Rows of this step's batch that feed the privacy term (the core's schedule: ``privacy_fraction``
+        taken over steps, possibly 0) for the training batch, all of them for the held-out batch inside
+        :meth:`nonmember_features` (its size is already that share: ``--privacy_holdout_batch_size``
+        defaults to ``reg.nonmember_rows(train_batch_size)``). A 0 for the training batch makes
+        :meth:`reference`, :meth:`features` and :meth:`nonmember_features` of this step return ``None``
+        without a forward."""
         rows = super().privacy_rows(batch_size)  # validates batch_size
-        return batch_size if getattr(self, "_nonmember_pass", False) else rows
+        if getattr(self, "_nonmember_pass", False):
+            return batch_size
+        self._rows_at = (self.global_step, rows)
+        return rows
+
+    def _no_rows_now(self) -> bool:
+        """Whether :meth:`privacy_rows` gave 0 for the training batch of the current step."""
+        return getattr(self, "_rows_at", None) == (self.global_step, 0) and not getattr(self, "_nonmember_pass", False)
 
     # ---------------------------------------------------------------- logging
     def log_dict(self, prefix: str = "smplora/") -> Dict[str, float]:

@@ -42,3 +42,18 @@ class ProxyAttacker(nn.Module):
                 keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) >= self.dropout
                 x = x * keep / (1.0 - self.dropout)
         return last(x)
+
+
+def attacker_optimizer(attacker: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam for the attacker, with PyTorch's fused kernel where it has one (CPU, CUDA): the same update rule
+    in one kernel per step instead of a dozen elementwise passes, about 3x faster on CPU at the default sizes
+    (benchmarks/RESULTS.md). A state saved without it resumes as it was saved (its ``fused`` flag is part of
+    the saved param groups)."""
+    device = next(attacker.parameters()).device
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.Adam(attacker.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, ValueError):   # a build without the fused kernel for this device
+            pass
+    return torch.optim.Adam(attacker.parameters(), lr=lr, weight_decay=weight_decay)
+
