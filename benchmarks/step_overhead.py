@@ -361,10 +361,13 @@ def report(size_name: str, times, sections, memory, grids=None, kinds=None, shar
         "growth over start (MiB) | growth vs plain |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base_peak = memory["plain"]["peak_kib"]
-    base_growth = max(memory["plain"]["peak_kib"] - memory["plain"]["before_kib"], 1)
+    if memory is None:
+        lines[-2] = lines[-2].split(" | peak RSS")[0] + " |"
+        lines[-1] = "|---|---|---|---|---|---|"
+    else:
+        base_peak = memory["plain"]["peak_kib"]
+        base_growth = max(memory["plain"]["peak_kib"] - memory["plain"]["before_kib"], 1)
     for v in variants:
-        growth = memory[v]["peak_kib"] - memory[v]["before_kib"]
         extra = sum(sections[v].get(k, 0) for k in EXTRA_FORWARDS)
         fixed = sections[v].get(FIXED_FEATURES, 0) + sections[v].get(FIXED_STEP, 0)
         kind_text = "; ".join(
@@ -373,9 +376,12 @@ def report(size_name: str, times, sections, memory, grids=None, kinds=None, shar
             for k, share in sorted(shares[v].items(), key=lambda kv: -kv[1]))
         step = "n/a" if mean[v] is None else f"{mean[v] * 1e3:.1f}"
         ratio = "n/a" if mean[v] is None or mean["plain"] is None else f"{mean[v] / mean['plain']:.2f}x"
-        lines.append(f"| {v} | {step} | {ratio} | {kind_text} | {extra * 1e3:.1f} | {fixed * 1e3:.1f} | "
-                     f"{memory[v]['peak_kib'] / 1024:.0f} | "
-                     f"{memory[v]['peak_kib'] / base_peak:.2f}x | {growth / 1024:.0f} | {growth / base_growth:.2f}x |")
+        row = f"| {v} | {step} | {ratio} | {kind_text} | {extra * 1e3:.1f} | {fixed * 1e3:.1f} |"
+        if memory is not None:
+            growth = memory[v]["peak_kib"] - memory[v]["before_kib"]
+            row += (f" {memory[v]['peak_kib'] / 1024:.0f} | {memory[v]['peak_kib'] / base_peak:.2f}x | "
+                    f"{growth / 1024:.0f} | {growth / base_growth:.2f}x |")
+        lines.append(row)
     lines.append("\nWhere the time goes (ms per step, long-run mean as above):\n")
     names = sorted({k for s in sections.values() for k in s})
     lines.append("| section | " + " | ".join(variants) + " |")
@@ -436,7 +442,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (plain is always run)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--memory-steps", type=int, default=4)
+    p.add_argument("--memory-steps", type=int, default=4, help="steps of each memory child (0: memory not measured)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     p.add_argument("--section", default=None, help="RESULTS.md section to write (default: step_overhead, or "
@@ -465,7 +471,7 @@ def main(argv=None) -> int:
     body = [header(), f"Library defaults at the time of the run: `{PrivacyConfig().to_json()}`\n"]
     for name in sizes:
         times, sections, grids, kinds, shares = time_variants(name, args.steps, args.warmup, variants)
-        memory = measure_memory(name, args.memory_steps, variants, args.threads)
+        memory = measure_memory(name, args.memory_steps, variants, args.threads) if args.memory_steps else None
         table = report(name, times, sections, memory, grids, kinds, shares)
         print(table, flush=True)
         body.append(table)

@@ -159,8 +159,10 @@ def summarise(rows: List[Dict[str, Any]], mode: str) -> str:
             f"single-attack chance band: {sum(r['max_auc_above_band'] for r in rows)}/{n}; mean max AUC "
             f"{sum(r['max_auc'] for r in rows) / n:.3f}",
         ])
+    timed = mode == "fraction"   # the training time shows what the schedule saves (wall clock, machine shared)
     lines = ["| model | runs | leaks | no evidence | too few samples | headline AUC (mean) | max AUC (mean) | "
-             "eps lower bound (mean) | smallest detectable AUC |", "|---|---|---|---|---|---|---|---|---|"]
+             "eps lower bound (mean) | smallest detectable AUC |" + (" training wall s (mean) |" if timed else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
     for variant in FRACTION_VARIANTS:
         rs = [r for r in rows if r["variant"] == variant]
         if not rs:
@@ -169,7 +171,8 @@ def summarise(rows: List[Dict[str, Any]], mode: str) -> str:
         m = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
         lines.append(f"| {variant} | {len(rs)} | {c('leaks')} | {c('no evidence of leakage at this size')} | "
                      f"{c('too few samples to tell')} | {m('headline_auc'):.3f} | {m('max_auc'):.3f} | "
-                     f"{m('epsilon_lb'):.2f} | {m('smallest_detectable_auc'):.3f} |")
+                     f"{m('epsilon_lb'):.2f} | {m('smallest_detectable_auc'):.3f} |"
+                     + (f" {m('train_seconds'):.0f} |" if timed else ""))
     r0 = rows[0]
     lines.append("")
     lines.append(f"{r0['members']} members (evaluation {r0['n_member_eval']} members / {r0['n_nonmember_eval']} "
@@ -228,7 +231,9 @@ def main(argv=None) -> int:
     text = summarise(sel, args.mode)
     print(text)
     if args.write:
-        write_section(f"verdict_{args.mode}", f"## Verdict calibration: {args.mode}\n\n{header()}\n{text}\n")
+        title = ("Privacy fraction over steps at batch 1: the verdict (issue 12)" if args.mode == "fraction"
+                 else f"Verdict calibration: {args.mode}")
+        write_section(f"verdict_{args.mode}", f"## {title}\n\n{header()}\n{text}\n")
     return 0
 
 

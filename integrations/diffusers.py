@@ -88,8 +88,9 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="Attacker sees loss maps minus the base model's (LoRA disabled) at the same noisy input; "
                         "costs a no-grad base forward per step (default: the preset's; robust turns it on).")
     g.add_argument("--privacy_fraction", type=float, default=None,
-                   help="Share of each training batch whose loss maps feed the privacy term (its first "
-                        "ceil(fraction * batch) samples; the base forward and the held-out batches use that many). "
+                   help="Share of the training samples whose loss maps feed the privacy term, taken over steps: step k "
+                        "uses the first ceil((k+1) f B) - ceil(k f B) of its batch of B (at batch 1 and 0.25, one step "
+                        "in four; the base forward runs on those only); held-out batches hold ceil(f B). "
                         f"Default: the preset's (paper {d.privacy_fraction:g}, robust 0.25).")
     g.add_argument("--privacy_holdout_dir", type=str, default=None,
                    help="Folder of held-out (non-member) images with captions (metadata.jsonl or .txt files). "
