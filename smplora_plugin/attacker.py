@@ -43,6 +43,14 @@ class ProxyAttacker(nn.Module):
                 x = x * keep / (1.0 - self.dropout)
         return last(x)
 
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits through detached weights: gradients reach ``x`` but never the attacker
+        (what ``torch.func.functional_call`` with detached parameters gives, without its per-call overhead)."""
+        *hidden_layers, last = self.layers
+        for layer in hidden_layers:
+            x = F.relu(F.linear(x, layer.weight.detach(), layer.bias.detach()))
+        return F.linear(x, last.weight.detach(), last.bias.detach())
+
 
 def attacker_optimizer(attacker: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
     """Adam for the attacker, with PyTorch's fused kernel where it has one (CPU, CUDA): the same update rule

@@ -361,7 +361,7 @@ class PrivacyRegularizer:
     # ------------------------------------------------------------------ internals
     @property
     def _device(self) -> torch.device:
-        return next(self.attacker.parameters()).device
+        return self.attacker.layers[0].weight.device
 
     def _is_distributed(self) -> bool:
         if self._distributed is None:
@@ -429,14 +429,8 @@ class PrivacyRegularizer:
 
     def _frozen_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Attacker logits in eval mode with detached parameters (no grad reaches the attacker)."""
-        params = {name: p.detach() for name, p in self.attacker.named_parameters()}
-        was_training = self.attacker.training
-        self.attacker.eval()
-        try:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                return torch.func.functional_call(self.attacker, params, (x.float(),))
-        finally:
-            self.attacker.train(was_training)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.attacker.frozen(x.float())
 
     def _member_ce(self, member: torch.Tensor) -> torch.Tensor:
         logits = self._frozen_logits(member)
