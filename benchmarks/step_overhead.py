@@ -59,6 +59,7 @@ SIZES = {
     "sd15": dict(blocks=(320, 640, 1280, 1280), latent=64, batch=1, cross=768, tokens=77, layers=2),
     "sd15-bf16": dict(blocks=(320, 640, 1280, 1280), latent=64, batch=1, cross=768, tokens=77, layers=2,
                       autocast="bf16"),
+    "sd15-b2": dict(blocks=(320, 640, 1280, 1280), latent=64, batch=2, cross=768, tokens=77, layers=2),
     # for the smoke test only
     "toy": dict(blocks=(32, 32), latent=8, batch=2, grid=8, cross=32),
 }
@@ -123,6 +124,9 @@ class Runner:
         self.members = Batches(size, seed=1)
         self.nonmembers = Batches(size, seed=2)
         self.sections = defaultdict(float)
+        self.kind_sections = defaultdict(lambda: defaultdict(float))   # per step kind: summed section times
+        self.kind_counts = defaultdict(int)
+        self.kind = "every step"
         grid = {"feature_grid": size["grid"]} if "grid" in size else {}
         if variant == "smp-every":
             self.reg = PrivacyRegularizer(nonmember_every=1, **grid)
@@ -159,12 +163,34 @@ class Runner:
         with torch.no_grad():
             for p, mine in zip(self.params, self.lora):
                 p.copy_(mine)
+        before = dict(self.sections)
         try:
             self._step()
         finally:
             with torch.no_grad():
                 for p, mine in zip(self.params, self.lora):
                     mine.copy_(p)
+        for name, total in self.sections.items():
+            self.kind_sections[self.kind][name] += total - before.get(name, 0.0)
+        self.kind_counts[self.kind] += 1
+
+    def amortised_sections(self, shares: dict) -> dict:
+        """Mean seconds per step of each section, each step kind weighted by its long-run share."""
+        out = defaultdict(float)
+        for kind, share in shares.items():
+            if self.kind_counts.get(kind):
+                for name, total in self.kind_sections[kind].items():
+                    out[name] += share * total / self.kind_counts[kind]
+        return dict(out)
+
+    def fresh_regularizer(self) -> None:
+        """After the warm-up: a new regulariser with the same config (timed steps start the schedule at 0),
+        and the section timers cleared."""
+        if self.variant in SMP_VARIANTS:
+            self.reg = PrivacyRegularizer(self.reg.config)
+        self.sections.clear()
+        self.kind_sections.clear()
+        self.kind_counts.clear()
 
     def _step(self) -> None:
         b = self.size["batch"]
@@ -172,9 +198,10 @@ class Runner:
         smp = self.variant in SMP_VARIANTS
         n = self.reg.privacy_rows(b) if smp else b
         nonmember = None
-        if smp and self.reg.wants_nonmembers():
+        self.kind = step_kind(n if smp else None, smp and n > 0 and self.reg.wants_nonmembers())
+        if smp and n > 0 and self.reg.wants_nonmembers():
             # before the training forward, so its activations don't coexist with the training graph
-            data = self.nonmembers.next(n)
+            data = self.nonmembers.next(self.reg.nonmember_rows(b))
             with torch.no_grad():
                 out = self._fwd(data)
                 t0 = self._tick("non-member forward", t0)
@@ -186,7 +213,10 @@ class Runner:
         pred, target = self._fwd(data)
         loss = F.mse_loss(pred.float(), target.float())
         t0 = self._tick("forward", t0)
-        if smp:
+        if smp and n == 0:   # privacy_fraction over steps: no privacy row on this step
+            loss = self.reg.step(loss, None)
+            t0 = self._tick(FIXED_STEP, t0)
+        elif smp:
             reference = self._base(tuple(x[:n] for x in data))
             t0 = self._tick("base forward (calibration)", t0)
             member = self.reg.features(pred[:n], target[:n], reference=reference)
@@ -215,22 +245,61 @@ class Runner:
                 t0 = self._tick(FIXED_STEP, t0)
 
 
+def step_kind(rows, refresh: bool) -> str:
+    """What a step ran: the same work every step (no regulariser, or the reference's), a privacy term (with
+    or without a held-out forward), or none."""
+    if rows is None:
+        return "every step"
+    if rows == 0:
+        return "no privacy row"
+    return "privacy + held-out forward" if refresh else "privacy"
+
+
+def kind_shares(config: PrivacyConfig, batch: int, steps: int = 4096) -> dict:
+    """The long-run share of each :func:`step_kind` under ``config``'s deterministic schedule (privacy rows
+    per step, attacker updates on steps with rows, a held-out refresh every ``nonmember_every`` updates)."""
+    counts, updates = defaultdict(int), 0
+    for k in range(steps):
+        rows = config.privacy_rows(batch, k)
+        refresh = rows > 0 and config.k_steps > 0 and updates % config.nonmember_every == 0
+        counts[step_kind(rows, refresh)] += 1
+        updates += rows > 0 and config.k_steps > 0
+    return {kind: c / steps for kind, c in counts.items()}
+
+
 def time_variants(size_name: str, steps: int, warmup: int, variants=VARIANTS):
+    """Interleaved timed steps per variant, each labelled with its :func:`step_kind`; the regularisers are
+    made afresh after the warm-up, so the timed steps start their schedules at step 0."""
     size = SIZES[size_name]
     base, sched = build(size)
     variants = tuple(variants)
     runners = {v: Runner(v, size, base, sched) for v in variants}
     times = defaultdict(list)
+    kinds = defaultdict(lambda: defaultdict(list))
     for r in range(warmup + steps):
+        if r == warmup:
+            for runner in runners.values():
+                runner.fresh_regularizer()
         order = variants[r % len(variants):] + variants[: r % len(variants)]
         for v in order:
             t0 = time.perf_counter()
             runners[v].step()
             if r >= warmup:
                 times[v].append(time.perf_counter() - t0)
-    sections = {v: {k: s / (warmup + steps) for k, s in runners[v].sections.items()} for v in variants}
+                kinds[v][runners[v].kind].append(times[v][-1])
     grids = {v: getattr(getattr(runners[v], "reg", None), "input_grid", None) for v in variants}
-    return times, sections, grids
+    shares = {v: kind_shares(runners[v].reg.config, size["batch"]) if v in SMP_VARIANTS else {"every step": 1.0}
+              for v in variants}
+    sections = {v: runners[v].amortised_sections(shares[v]) for v in variants}
+    return times, sections, grids, kinds, shares
+
+
+def amortised(kinds: dict, shares: dict):
+    """The long-run mean step: each kind's median timed step weighted by its schedule share (``None`` when
+    a kind with a share was never timed: run more steps)."""
+    if any(share > 0 and not kinds.get(kind) for kind, share in shares.items()):
+        return None
+    return sum(share * statistics.median(kinds[kind]) for kind, share in shares.items() if share > 0)
 
 
 def memory_child(size_name: str, variant: str, steps: int) -> dict:
@@ -274,33 +343,46 @@ def measure_memory(size_name: str, steps: int, variants=VARIANTS, threads: int =
     return out
 
 
-def report(size_name: str, times, sections, memory, grids=None) -> str:
+def report(size_name: str, times, sections, memory, grids=None, kinds=None, shares=None) -> str:
     size = SIZES[size_name]
     variants = [v for v in VARIANTS if v in times]
-    med = {v: statistics.median(ts) for v, ts in times.items()}
+    mean = {v: amortised(kinds[v], shares[v]) for v in variants}
     grid = ", ".join(sorted({f"{g[0]}x{g[1]}" for g in (grids or {}).values() if g})) or "n/a"
     lines = [
         f"**{size_name}**: UNet blocks {size['blocks']}, {size.get('layers', 1)} layer(s) per block, latents "
         f"4x{size['latent']}x{size['latent']}, batch {size['batch']}, "
         f"{'CPU bf16 autocast' if size.get('autocast') == 'bf16' else 'fp32'}, attacker input grid {grid}, "
-        f"LoRA r=8 on attention; {len(times['plain'])} interleaved steps per variant.\n",
-        "| variant | median step (ms) | IQR (ms) | time vs plain | extra forwards (ms/step) | "
-        "regulariser fixed cost (ms/step) | peak RSS (MiB) | peak vs plain | growth over start (MiB) | "
-        "growth vs plain |",
+        f"LoRA r=8 on attention; {len(times['plain'])} interleaved steps per variant. A variant's steps differ in "
+        "kind (a privacy term or none, a held-out forward or none: `privacy_fraction` and `nonmember_every` are "
+        "deterministic schedules), so the step time is the long-run mean: each kind's median timed step "
+        "weighted by its share of a long run of the schedule (column 'kinds').\n",
+        "| variant | long-run step (ms) | time vs plain | kinds: share, timed steps, median (ms) | "
+        "extra forwards (ms/step) | regulariser fixed cost (ms/step) | peak RSS (MiB) | peak vs plain | "
+        "growth over start (MiB) | growth vs plain |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base_peak = memory["plain"]["peak_kib"]
-    base_growth = max(memory["plain"]["peak_kib"] - memory["plain"]["before_kib"], 1)
+    if memory is None:
+        lines[-2] = lines[-2].split(" | peak RSS")[0] + " |"
+        lines[-1] = "|---|---|---|---|---|---|"
+    else:
+        base_peak = memory["plain"]["peak_kib"]
+        base_growth = max(memory["plain"]["peak_kib"] - memory["plain"]["before_kib"], 1)
     for v in variants:
-        q = statistics.quantiles(times[v], n=4)
-        growth = memory[v]["peak_kib"] - memory[v]["before_kib"]
         extra = sum(sections[v].get(k, 0) for k in EXTRA_FORWARDS)
         fixed = sections[v].get(FIXED_FEATURES, 0) + sections[v].get(FIXED_STEP, 0)
-        lines.append(f"| {v} | {med[v] * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[2] * 1e3:.1f} | "
-                     f"{med[v] / med['plain']:.2f}x | {extra * 1e3:.1f} | {fixed * 1e3:.1f} | "
-                     f"{memory[v]['peak_kib'] / 1024:.0f} | "
-                     f"{memory[v]['peak_kib'] / base_peak:.2f}x | {growth / 1024:.0f} | {growth / base_growth:.2f}x |")
-    lines.append("\nWhere the time goes (mean ms per step, all steps):\n")
+        kind_text = "; ".join(
+            f"{k} {share:.3g}, {len(kinds[v].get(k, []))}, "
+            + (f"{statistics.median(kinds[v][k]) * 1e3:.0f}" if kinds[v].get(k) else "not timed")
+            for k, share in sorted(shares[v].items(), key=lambda kv: -kv[1]))
+        step = "n/a" if mean[v] is None else f"{mean[v] * 1e3:.1f}"
+        ratio = "n/a" if mean[v] is None or mean["plain"] is None else f"{mean[v] / mean['plain']:.2f}x"
+        row = f"| {v} | {step} | {ratio} | {kind_text} | {extra * 1e3:.1f} | {fixed * 1e3:.1f} |"
+        if memory is not None:
+            growth = memory[v]["peak_kib"] - memory[v]["before_kib"]
+            row += (f" {memory[v]['peak_kib'] / 1024:.0f} | {memory[v]['peak_kib'] / base_peak:.2f}x | "
+                    f"{growth / 1024:.0f} | {growth / base_growth:.2f}x |")
+        lines.append(row)
+    lines.append("\nWhere the time goes (ms per step, long-run mean as above):\n")
     names = sorted({k for s in sections.values() for k in s})
     lines.append("| section | " + " | ".join(variants) + " |")
     lines.append("|---|" + "---|" * len(variants))
@@ -360,7 +442,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (plain is always run)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--memory-steps", type=int, default=4)
+    p.add_argument("--memory-steps", type=int, default=4, help="steps of each memory child (0: memory not measured)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     p.add_argument("--section", default=None, help="RESULTS.md section to write (default: step_overhead, or "
@@ -388,9 +470,9 @@ def main(argv=None) -> int:
     sizes = args.sizes.split(",")
     body = [header(), f"Library defaults at the time of the run: `{PrivacyConfig().to_json()}`\n"]
     for name in sizes:
-        times, sections, grids = time_variants(name, args.steps, args.warmup, variants)
-        memory = measure_memory(name, args.memory_steps, variants, args.threads)
-        table = report(name, times, sections, memory, grids)
+        times, sections, grids, kinds, shares = time_variants(name, args.steps, args.warmup, variants)
+        memory = measure_memory(name, args.memory_steps, variants, args.threads) if args.memory_steps else None
+        table = report(name, times, sections, memory, grids, kinds, shares)
         print(table, flush=True)
         body.append(table)
     if args.write:

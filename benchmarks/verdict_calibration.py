@@ -16,6 +16,11 @@ Two measurements, both with the whole default attack suite and the verdict of
 Run (niced, one thread):
   nice -n 10 python benchmarks/verdict_calibration.py null --seeds 0-59 --write
   nice -n 10 python benchmarks/verdict_calibration.py demo --seeds 0-19 --write   (300 steps, 48 / 64 non-members)
+  nice -n 10 python benchmarks/verdict_calibration.py fraction --batch-size 1 --steps 2400 --seeds 0-1 --write
+
+``fraction`` (issue 12): untouched, plain, and the ``robust`` preset with the privacy term on every
+step vs ``privacy_fraction=0.25`` taken over steps (at batch 1: one step in four carries the
+term, the base forward and the attacker update), audited alike.
 """
 
 from __future__ import annotations
@@ -71,9 +76,17 @@ def null_run(seed: int, n_eval: int, n_cal: int, side: int = 8, toy: bool = Fals
             "blind_warning": any("blind" in w for w in v["warnings"]), "seconds": round(time.time() - t0, 1)}
 
 
+#: ``fraction`` mode: the ``robust`` preset at one row per step (the old cost at batch 1) and with the
+#: preset's privacy_fraction 0.25 taken over steps (one step in four at batch 1)
+FRACTION_VARIANTS = {"untouched": None, "plain": None, "robust every step": 1.0, "robust f=0.25 over steps": 0.25}
+
+
 def demo_run(seed: int, members: int, steps: int, n_cal: int = 48, n_eval: int = 64,
-             toy: bool = False) -> List[Dict[str, Any]]:
-    """Plain LoRA and the untouched model on the demo's digits, one member draw per seed."""
+             toy: bool = False, variants=("untouched", "plain"), batch_size: int = 0,
+             mode: str = "demo") -> List[Dict[str, Any]]:
+    """Plain LoRA and the untouched model on the demo's digits, one member draw per seed (``variants`` may add
+    ``FRACTION_VARIANTS``' robust rows; ``batch_size`` 0 keeps the demo's)."""
+    from smplora_plugin import PrivacyConfig, PrivacyRegularizer
     from smplora_plugin.audit import AuditSamples, run_audit
     from smplora_plugin.demo.model import TinyLDM
     from smplora_plugin.demo.pipeline import DemoConfig, _member_halves, load_assets, train_assets
@@ -82,7 +95,8 @@ def demo_run(seed: int, members: int, steps: int, n_cal: int = 48, n_eval: int =
 
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
-    cfg = DemoConfig(members=members, steps=steps, nonmember_calibration=n_cal, nonmember_eval=n_eval)
+    cfg = DemoConfig(members=members, steps=steps, nonmember_calibration=n_cal, nonmember_eval=n_eval,
+                     **({"batch_size": batch_size} if batch_size else {}))
     loaded = load_assets(cfg)
     base = (loaded if loaded is not None else train_assets(cfg, progress=False))[0]
     splits = cfg.data.splits({"member": cfg.members, "nonmember_defense": cfg.nonmember_defense,
@@ -94,20 +108,24 @@ def demo_run(seed: int, members: int, steps: int, n_cal: int = 48, n_eval: int =
     m_cal, m_eval = _member_halves(splits["member"], seed)
     samples = lambda d: AuditSamples(d.images, d.captions, d.ids)  # noqa: E731
     rows = []
-    for variant in ("untouched", "plain"):
+    for variant in variants:
         model = TinyLDM(cfg.data.model_config, seed=0)
         model.load_base_state_dict(base.base_state_dict())
         model.add_lora(cfg.lora_rank, seed=seed)
         t0 = time.time()
-        if variant == "plain":
+        if variant != "untouched":
+            fraction = FRACTION_VARIANTS.get(variant)
+            reg = None if fraction is None else PrivacyRegularizer(
+                PrivacyConfig.preset("robust", privacy_fraction=fraction, seed=seed), load_entry_points=False)
             train_lora(model, splits["member"], steps=cfg.steps, lr=cfg.lora_lr, batch_size=cfg.batch_size, seed=seed,
-                       progress=False)
+                       reg=reg, nonmembers=splits["nonmember_defense"] if reg is not None else None, progress=False)
         t1 = time.time()
         rep = run_audit(TinyLDMTarget(model), samples(m_eval), samples(splits["nonmember_eval"]),
                         calibration_members=samples(m_cal), calibration_nonmembers=samples(splits["nonmember_calibration"]),
                         config=audit_cfg, progress=False, num_threads=1)
         v = rep.verdict
-        rows.append({"mode": "demo", "variant": variant, "seed": seed, "members": members, "steps": steps,
+        rows.append({"mode": mode, "variant": variant, "seed": seed, "members": members, "steps": steps,
+                     "batch_size": cfg.batch_size,
                      "n_member_eval": len(m_eval), "n_nonmember_eval": len(splits["nonmember_eval"]),
                      "verdict": v["verdict"], "p_headline": v["p_values"]["headline"],
                      "p_envelope": v["p_values"]["upper_envelope_auc"], "headline": v["headline"]["attack"],
@@ -141,9 +159,11 @@ def summarise(rows: List[Dict[str, Any]], mode: str) -> str:
             f"single-attack chance band: {sum(r['max_auc_above_band'] for r in rows)}/{n}; mean max AUC "
             f"{sum(r['max_auc'] for r in rows) / n:.3f}",
         ])
+    timed = mode == "fraction"   # the training time shows what the schedule saves (wall clock, machine shared)
     lines = ["| model | runs | leaks | no evidence | too few samples | headline AUC (mean) | max AUC (mean) | "
-             "eps lower bound (mean) | smallest detectable AUC |", "|---|---|---|---|---|---|---|---|---|"]
-    for variant in ("untouched", "plain"):
+             "eps lower bound (mean) | smallest detectable AUC |" + (" training wall s (mean) |" if timed else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
+    for variant in FRACTION_VARIANTS:
         rs = [r for r in rows if r["variant"] == variant]
         if not rs:
             continue
@@ -151,18 +171,21 @@ def summarise(rows: List[Dict[str, Any]], mode: str) -> str:
         m = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
         lines.append(f"| {variant} | {len(rs)} | {c('leaks')} | {c('no evidence of leakage at this size')} | "
                      f"{c('too few samples to tell')} | {m('headline_auc'):.3f} | {m('max_auc'):.3f} | "
-                     f"{m('epsilon_lb'):.2f} | {m('smallest_detectable_auc'):.3f} |")
+                     f"{m('epsilon_lb'):.2f} | {m('smallest_detectable_auc'):.3f} |"
+                     + (f" {m('train_seconds'):.0f} |" if timed else ""))
     r0 = rows[0]
     lines.append("")
     lines.append(f"{r0['members']} members (evaluation {r0['n_member_eval']} members / {r0['n_nonmember_eval']} "
-                 f"non-members), plain LoRA {r0['steps']} steps; the member draw, LoRA init, batches and audit seed "
-                 "change with the seed.")
+                 f"non-members), LoRA {r0['steps']} steps at batch {r0.get('batch_size', 32)}; the member draw, LoRA "
+                 "init, batches and audit seed change with the seed.")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["null", "demo"])
+    p.add_argument("mode", choices=["null", "demo", "fraction"],
+                   help="fraction: as demo, plus the robust preset every step vs privacy_fraction 0.25 over steps")
+    p.add_argument("--batch-size", type=int, default=0, help="demo / fraction: LoRA batch size (0: the demo's 32)")
     p.add_argument("--seeds", default="0-39", help="e.g. 0-39 or 0,1,2")
     p.add_argument("--n-eval", type=int, default=100, help="null: evaluation members (= non-members)")
     p.add_argument("--n-cal", type=int, default=50, help="null: calibration members (= non-members)")
@@ -180,17 +203,19 @@ def main(argv=None) -> int:
     def key(r):
         if r["mode"] == "null":
             return ("null", r["seed"], r["n_eval"], r["n_cal"])
-        return ("demo", r["seed"], r["members"], r["steps"], r["n_nonmember_eval"])
+        return (r["mode"], r["seed"], r["members"], r["steps"], r["n_nonmember_eval"], r.get("batch_size", 32))
 
     done = {key(r) for r in rows}
+    batch = args.batch_size or 32
+    variants = tuple(FRACTION_VARIANTS) if args.mode == "fraction" else ("untouched", "plain")
     for s in _seeds(args.seeds):
-        k = ("null", s, args.n_eval, args.n_cal) if args.mode == "null" else ("demo", s, args.members, args.steps,
-                                                                               args.nonmember_eval)
+        k = ("null", s, args.n_eval, args.n_cal) if args.mode == "null" else (args.mode, s, args.members, args.steps,
+                                                                               args.nonmember_eval, batch)
         if k in done:
             continue
-        new = [null_run(s, args.n_eval, args.n_cal)] if args.mode == "null" else demo_run(s, args.members, args.steps,
-                                                                                      args.nonmember_calibration,
-                                                                                      args.nonmember_eval)
+        new = [null_run(s, args.n_eval, args.n_cal)] if args.mode == "null" else demo_run(
+            s, args.members, args.steps, args.nonmember_calibration, args.nonmember_eval, variants=variants,
+            batch_size=args.batch_size, mode=args.mode)
         with rows_path.open("a") as f:
             for r in new:
                 f.write(json.dumps(r) + "\n")
@@ -201,12 +226,14 @@ def main(argv=None) -> int:
     if args.mode == "null":
         sel = [r for r in rows if r["mode"] == "null" and r["n_eval"] == args.n_eval and r["n_cal"] == args.n_cal]
     else:
-        sel = [r for r in rows if r["mode"] == "demo" and r["members"] == args.members and r["steps"] == args.steps
-               and r["n_nonmember_eval"] == args.nonmember_eval]
+        sel = [r for r in rows if r["mode"] == args.mode and r["members"] == args.members and r["steps"] == args.steps
+               and r["n_nonmember_eval"] == args.nonmember_eval and r.get("batch_size", 32) == batch]
     text = summarise(sel, args.mode)
     print(text)
     if args.write:
-        write_section(f"verdict_{args.mode}", f"## Verdict calibration: {args.mode}\n\n{header()}\n{text}\n")
+        title = ("Privacy fraction over steps at batch 1: the verdict (issue 12)" if args.mode == "fraction"
+                 else f"Verdict calibration: {args.mode}")
+        write_section(f"verdict_{args.mode}", f"## {title}\n\n{header()}\n{text}\n")
     return 0
 
 

@@ -91,8 +91,9 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="Attacker sees loss maps minus the base model's (LoRA disabled) at the same noisy input; "
                         "costs a no-grad base forward per step (default: the preset's; robust turns it on).")
     g.add_argument("--privacy_fraction", type=float, default=None,
-                   help="Share of each training batch whose loss maps feed the privacy term (its first "
-                        "ceil(fraction * batch) samples; the base forward and the held-out batches use that many). "
+                   help="Share of the training samples whose loss maps feed the privacy term, taken over steps: step k "
+                        "uses the first ceil((k+1) f B) - ceil(k f B) of its batch of B (at batch 1 and 0.25, one step "
+                        "in four; the base forward runs on those only); held-out batches hold ceil(f B). "
                         f"Default: the preset's (paper {d.privacy_fraction:g}, robust 0.25).")
     g.add_argument("--privacy_holdout_dir", type=str, default=None,
                    help="Folder of held-out (non-member) images with captions (metadata.jsonl or .txt files). "
@@ -330,7 +331,7 @@ class HoldoutImages:
         config = privacy_config_from_args(args)
         if config is None:
             return None
-        batch = _arg(args, "privacy_holdout_batch_size") or config.privacy_rows(max(1, int(_arg(args, "train_batch_size", 1))))
+        batch = _arg(args, "privacy_holdout_batch_size") or config.nonmember_rows(max(1, int(_arg(args, "train_batch_size", 1))))
         opts = dict(
             preprocess=preprocess, collate_fn=collate_fn, batch_size=int(batch), seed=_privacy_seed(args),
             image_column=_arg(args, "image_column", "image"),
@@ -630,8 +631,8 @@ class PrivacyRegularizer(_CoreRegularizer):
             lines.append("base-calibrated features: one extra no-grad UNet forward with the LoRA disabled "
                          "(reg.reference)")
         if cfg.privacy_fraction < 1:
-            lines.append(f"privacy fraction {cfg.privacy_fraction:g}: the privacy term sees the first "
-                         f"ceil({cfg.privacy_fraction:g} x batch) images of each batch")
+            lines.append(f"privacy fraction {cfg.privacy_fraction:g}, taken over steps: step k's privacy term (and its "
+                         f"forwards) uses the first ceil((k+1) f B) - ceil(k f B) images of its batch of B")
         h = self.holdout
         if h is not None:
             checked = (f"checked against {h.train_checked} training images (no byte-identical file)"
@@ -696,8 +697,8 @@ class PrivacyRegularizer(_CoreRegularizer):
         disabled (see :func:`base_prediction`). Pass the result as ``reference=`` to :meth:`features`
         and as the third value of the forward given to :meth:`nonmember_features`.
         """
-        if not self.config.calibrated:
-            return None
+        if not self.config.calibrated or self._no_rows_now():
+            return None     # no forward: not calibrated, or no privacy row on this step (reg.privacy_rows gave 0)
         return base_prediction(model, fn, self.accelerator)
 
     def features(self, pred: torch.Tensor, target: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
@@ -705,9 +706,12 @@ class PrivacyRegularizer(_CoreRegularizer):
         """Member features of a training batch: the core's :meth:`~smplora_plugin.PrivacyRegularizer.features`
         on its first ``n = reg.privacy_rows(len(pred))`` samples (the whole batch unless
         ``--privacy_fraction`` < 1), with script-level hints when ``reference`` is missing or was not
-        computed on those ``n`` samples."""
+        computed on those ``n`` samples. ``None`` when ``n`` is 0 (``privacy_fraction`` taken over steps):
+        ``reg.step(loss, None, ...)`` then scales the loss by the last denominator."""
         _check_unpacked(pred, self.config.feature_grid)
         n = self.privacy_rows(int(pred.shape[0])) if isinstance(pred, torch.Tensor) and pred.ndim else None
+        if n == 0:
+            return None
         if n is not None and isinstance(reference, torch.Tensor) and reference.ndim and reference.shape[0] != n:
             raise FeatureError(
                 f"base_pred has {reference.shape[0]} samples but the privacy term uses the first {n} of the "
@@ -742,7 +746,7 @@ class PrivacyRegularizer(_CoreRegularizer):
         """
         if sync is None:
             sync = bool(getattr(self.accelerator, "sync_gradients", True))
-        if not self.wants_nonmembers(update_attacker=sync):
+        if self._no_rows_now() or not self.wants_nonmembers(update_attacker=sync):
             return None
         if batch is None:
             if self.holdout is None:
@@ -757,9 +761,12 @@ class PrivacyRegularizer(_CoreRegularizer):
             self._nonmember_pass = False
 
     def privacy_rows(self, batch_size: int, *, with_prior_preservation: bool = False) -> int:
-        """Rows of a batch that feed the privacy term: ``ceil(privacy_fraction * batch_size)`` for the
-        training batch, all of them for the held-out batch inside :meth:`nonmember_features` (its
-        size is already that share: ``--privacy_holdout_batch_size`` defaults to it).
+        """Rows of this step's batch that feed the privacy term (the core's schedule: ``privacy_fraction``
+        taken over steps, possibly 0) for the training batch, all of them for the held-out batch inside
+        :meth:`nonmember_features` (its size is already that share: ``--privacy_holdout_batch_size``
+        defaults to ``reg.nonmember_rows(train_batch_size)``). A 0 for the training batch makes
+        :meth:`reference`, :meth:`features` and :meth:`nonmember_features` of this step return ``None``
+        without a forward.
 
         ``with_prior_preservation=True`` (DreamBooth: instance images first, then as many class
         images) counts the instance half only, so the first rows never reach a class image; a
@@ -772,8 +779,13 @@ class PrivacyRegularizer(_CoreRegularizer):
             if batch_size % 2:
                 raise FeatureError(f"prior-preservation batch has odd size {batch_size}: expected instance images "
                                    "followed by as many class images.")
-            return super().privacy_rows(batch_size // 2)
+            rows = super().privacy_rows(batch_size // 2)
+        self._rows_at = (self.global_step, rows)
         return rows
+
+    def _no_rows_now(self) -> bool:
+        """Whether :meth:`privacy_rows` gave 0 for the training batch of the current step."""
+        return getattr(self, "_rows_at", None) == (self.global_step, 0) and not getattr(self, "_nonmember_pass", False)
 
     # ---------------------------------------------------------------- logging
     def log_dict(self, prefix: str = "smplora/") -> Dict[str, float]:

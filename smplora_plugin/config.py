@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from .errors import ConfigError
@@ -56,11 +57,14 @@ class PrivacyConfig:
             removes each sample's and noise draw's own difficulty, the noise that keeps a proxy on
             raw maps near chance on small models, at the price of a no-grad base forward for the
             member batch (and the non-member batch when it is refreshed). Off by default.
-        privacy_fraction: share of each member batch that feeds the privacy term: its first
-            ``ceil(privacy_fraction * batch)`` samples (at least one; ``reg.privacy_rows(batch)``),
-            and the size of the non-member batches. The term's estimate gets noisier, not biased;
-            below 1 it makes calibrated features cheaper, since the base forward and the non-member
-            forwards run on that share only. 1 (the default) uses the whole batch.
+        privacy_fraction: share of the member samples that feed the privacy term, taken over steps
+            with no random draw: step ``k`` uses the first ``ceil((k+1) f B) - ceil(k f B)`` samples of
+            its batch of ``B`` (``reg.privacy_rows(batch)``), so a batch of 4 at 0.25 gives one row every
+            step and a batch of 1 one row every fourth step (steps 0, 4, 8, ...); a step with no row
+            skips the attacker update, the member features and (calibrated) the base forward. Non-member
+            batches hold ``ceil(f B)`` samples (``reg.nonmember_rows(batch)``). The term's estimate gets
+            noisier, not biased; below 1 it makes calibrated features cheaper, since the base forward
+            and the non-member forwards run on that share only. 1 (the default) uses the whole batch.
         nonmember_every: refresh the non-member features every this many attacker updates;
             in between the attacker reuses the last non-member batch (a bank). 1 (the paper's
             schedule) needs a held-out forward every step; the default 4 amortises it to a quarter
@@ -118,11 +122,31 @@ class PrivacyConfig:
                 raise ConfigError(f"device={self.device!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda:0'.") from None
             set_("device", str(self.device))
 
-    def privacy_rows(self, batch_size: int) -> int:
-        """``ceil(privacy_fraction * batch_size)``, at least 1: the batch's share in the privacy term."""
+    def privacy_rows(self, batch_size: int, step: int = 0) -> int:
+        """Rows of the batch of call ``step`` (0-based) of ``reg.step`` that feed the privacy term.
+
+        The fraction is taken over steps, with no random draw: ``ceil((step + 1) f B) - ceil(step f B)``
+        for ``f = privacy_fraction`` and ``B = batch_size``, so the counts add up to ``ceil(K f B)`` over
+        the first ``K`` batches and the first batch always has at least one row. ``f B`` whole (e.g. 0.25 of
+        a batch of 4, or 1) gives ``f B`` rows on every step; below that some steps get none, e.g. at batch 1
+        with ``f = 0.25`` steps 0, 4, 8, ... carry one row and the others none (their loss is scaled by the
+        last denominator, see :meth:`PrivacyRegularizer.step`).
+        """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
-        return max(1, min(batch_size, math.ceil(self.privacy_fraction * batch_size - 1e-9)))
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a whole number >= 0, got {step!r}.")
+        share = self._fraction() * batch_size
+        return _ceil(share * (step + 1)) - _ceil(share * step)
+
+    def nonmember_rows(self, batch_size: int) -> int:
+        """``ceil(privacy_fraction * batch_size)``, at least 1: the size of a held-out (non-member) batch
+        drawn for a training batch of ``batch_size`` (the rows of its first step, :meth:`privacy_rows`)."""
+        return self.privacy_rows(batch_size, 0)
+
+    def _fraction(self) -> Fraction:
+        """``privacy_fraction`` as an exact fraction (denominator <= 10**6), so the schedule has no rounding."""
+        return Fraction(self.privacy_fraction).limit_denominator(10 ** 6)
 
     # ------------------------------------------------------------------ conversion
     def to_dict(self) -> dict:
@@ -159,8 +183,9 @@ class PrivacyConfig:
           default ``feature_grid`` of 16 (the paper's 64x64 input is ``feature_grid=64``).
         - ``"robust"``: what this project's frontier supports against the full attack suite
           (benchmarks/RESULTS.md): base-calibrated features, a 20x stronger attacker term, a
-          faster attacker, the privacy term on a quarter of each batch (``privacy_fraction=0.25``),
-          which keeps the base forward to a quarter batch, and loss maps pooled to at most 32x32
+          faster attacker, the privacy term on a quarter of the samples (``privacy_fraction=0.25``:
+          a quarter of each batch, or at batch 1 every fourth step), which keeps the base forward to a quarter
+          of the samples, and loss maps pooled to at most 32x32
           (``feature_grid=32``).
         """
         if name not in PRESETS:
@@ -176,6 +201,10 @@ class PrivacyConfig:
         d = self.to_dict()
         d.pop("device")
         return d
+
+
+def _ceil(x: Fraction) -> int:
+    return -((-x.numerator) // x.denominator)
 
 
 def _number(name: str, value: Any, *, lo=None, hi=None, lo_open=False, hi_open=False, hint: str = "") -> float:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import distributed as dist_utils
 from . import state as state_io
-from .attacker import ProxyAttacker
+from .attacker import ProxyAttacker, attacker_optimizer
 from .config import PrivacyConfig
 from .errors import FeatureError
 from .features import flatten_features, pooled_size
@@ -123,13 +123,19 @@ class PrivacyRegularizer:
         return self._flatten(feats, "features", fix=True)
 
     # ------------------------------------------------------------------ main entry point
-    def step(self, loss: torch.Tensor, member_feats: torch.Tensor, nonmember_feats: Optional[torch.Tensor] = None,
-             *, update_attacker: bool = True, keep_loss_value: bool = False) -> torch.Tensor:
+    def step(self, loss: torch.Tensor, member_feats: Optional[torch.Tensor],
+             nonmember_feats: Optional[torch.Tensor] = None, *, update_attacker: bool = True,
+             keep_loss_value: bool = False) -> torch.Tensor:
         """Update the attacker (``k_steps``), then return the regularised loss.
 
         Args:
             loss: the trainer's scalar adaptation loss (after its own weighting).
-            member_feats: loss maps or features of the forward that produced ``loss`` (with grad).
+            member_feats: loss maps or features of the forward that produced ``loss`` (with grad), on
+                its first :meth:`privacy_rows` samples; ``None`` when that count is 0 (``privacy_fraction``
+                taken over steps): then nothing is updated and the loss is combined with the last
+                step's member CE, detached (smp: ``loss / (beta + alpha * CE_last + delta)``, so every
+                step's adaptation gradient has the same scale; mp: ``loss - alpha * CE_last``). The
+                step counter still advances, which drives the schedule.
             nonmember_feats: features of a no-grad forward on held-out data; needed when the
                 attacker is updated.
             update_attacker: ``False`` skips the attacker update (e.g. on gradient-accumulation
@@ -152,6 +158,8 @@ class PrivacyRegularizer:
             )
         if not torch.isfinite(loss.detach()).all():
             raise FeatureError(f"loss is {loss.item()}: the trainer's loss is not finite; fix the model/lr before regularising.")
+        if member_feats is None:
+            return self._step_without_members(loss, nonmember_feats, keep_loss_value)
         member, nonmember = self._validated_pair(member_feats, nonmember_feats)
         if loss.requires_grad and not member.requires_grad:
             raise FeatureError(
@@ -180,14 +188,34 @@ class PrivacyRegularizer:
             ada, ce_m, scale = dist_utils.global_terms(ada, ce_m, member.shape[0])
         else:
             scale = None
-        if cfg.objective == "smp":
-            denominator = cfg.beta + cfg.alpha * ce_m + cfg.delta
-            out = ada / denominator
-        else:
-            denominator = torch.ones_like(ce_m)
-            out = ada - cfg.alpha * ce_m
+        out, denominator = self._combine(ada, ce_m)
         if scale is not None:  # value of the global loss, gradient scaled for the ranks' averaging
             out = out * scale - (scale - 1) * out.detach()
+        return self._finish(out, loss, ada, ce_m, denominator, keep_loss_value)
+
+    def _combine(self, ada: torch.Tensor, ce_m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if cfg.objective == "smp":
+            denominator = cfg.beta + cfg.alpha * ce_m + cfg.delta
+            return ada / denominator, denominator
+        return ada - cfg.alpha * ce_m, torch.ones_like(ce_m)
+
+    def _step_without_members(self, loss: torch.Tensor, nonmember_feats: Any, keep_loss_value: bool) -> torch.Tensor:
+        """:meth:`step` on a batch with no privacy row: the last member CE, detached; nothing else changes."""
+        if nonmember_feats is not None:
+            raise FeatureError("nonmember_feats was given without member_feats: a step with no privacy rows "
+                               "(reg.privacy_rows(batch) == 0) updates no attacker, so draw no held-out batch on it.")
+        last = self._last.get("attacker_ce_member")
+        if last is None:
+            raise FeatureError("member_feats is None on the first step: the first batch always has privacy rows "
+                               "(reg.privacy_rows(batch) >= 1 at step 0); pass reg.features(...) of them.")
+        ada = loss.float()
+        ce_m = last.detach().to(ada.device)
+        out, denominator = self._combine(ada, ce_m)
+        return self._finish(out, loss, ada, ce_m, denominator, keep_loss_value)
+
+    def _finish(self, out: torch.Tensor, loss: torch.Tensor, ada: torch.Tensor, ce_m: torch.Tensor,
+                denominator: torch.Tensor, keep_loss_value: bool) -> torch.Tensor:
         out = out.to(loss.dtype).reshape(loss.shape)
         self.global_step += 1
         self._last.update(adaptation_loss=ada.detach(), regularized_loss=out.detach().float(),
@@ -228,13 +256,20 @@ class PrivacyRegularizer:
         return self._bank is None or self.attacker_updates % self.config.nonmember_every == 0
 
     def privacy_rows(self, batch_size: int) -> int:
-        """How many leading samples of a batch of ``batch_size`` feed the privacy term.
+        """How many leading samples of this step's batch of ``batch_size`` feed the privacy term.
 
-        ``ceil(config.privacy_fraction * batch_size)``, at least 1 (:meth:`PrivacyConfig.privacy_rows`):
+        :meth:`PrivacyConfig.privacy_rows` at :attr:`global_step` (the ``privacy_fraction`` taken over
+        steps: ``ceil((k+1) f B) - ceil(k f B)``, no random draw; a resumed run continues the schedule):
         integrations compute the member features (and, when calibrated, the base forward) on
-        ``batch[:n]`` only and draw non-member batches of ``n``.
+        ``batch[:n]`` only, and when ``n`` is 0 call ``step(loss, None)`` with no forward at all.
+        Call it before :meth:`step`, which advances the step.
         """
-        return self.config.privacy_rows(batch_size)
+        return self.config.privacy_rows(batch_size, self.global_step)
+
+    def nonmember_rows(self, batch_size: int) -> int:
+        """Size of a held-out batch for training batches of ``batch_size``: ``ceil(privacy_fraction * batch_size)``,
+        at least 1 (:meth:`PrivacyConfig.nonmember_rows`)."""
+        return self.config.nonmember_rows(batch_size)
 
     def update_attacker(self, member_feats: torch.Tensor, nonmember_feats: torch.Tensor) -> None:
         """Run the ``k_steps`` attacker updates alone (features are detached)."""
@@ -326,7 +361,7 @@ class PrivacyRegularizer:
     # ------------------------------------------------------------------ internals
     @property
     def _device(self) -> torch.device:
-        return next(self.attacker.parameters()).device
+        return self.attacker.layers[0].weight.device
 
     def _is_distributed(self) -> bool:
         if self._distributed is None:
@@ -389,20 +424,13 @@ class PrivacyRegularizer:
         cfg = self.config
         device = torch.device(cfg.device) if cfg.device is not None else device
         self.attacker = ProxyAttacker(in_features, cfg.hidden, cfg.dropout, seed=cfg.seed).to(device)
-        self.optimizer = torch.optim.Adam(self.attacker.parameters(), lr=cfg.attacker_lr,
-                                          weight_decay=cfg.attacker_weight_decay)
+        self.optimizer = attacker_optimizer(self.attacker, cfg.attacker_lr, cfg.attacker_weight_decay)
         self._generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
     def _frozen_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Attacker logits in eval mode with detached parameters (no grad reaches the attacker)."""
-        params = {name: p.detach() for name, p in self.attacker.named_parameters()}
-        was_training = self.attacker.training
-        self.attacker.eval()
-        try:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                return torch.func.functional_call(self.attacker, params, (x.float(),))
-        finally:
-            self.attacker.train(was_training)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.attacker.frozen(x.float())
 
     def _member_ce(self, member: torch.Tensor) -> torch.Tensor:
         logits = self._frozen_logits(member)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Dict, Union
 import torch
 
 from ._io import atomic_write
-from .attacker import ProxyAttacker
+from .attacker import ProxyAttacker, attacker_optimizer
 from .config import PrivacyConfig
 from .errors import ConfigError, StateError
 
@@ -102,7 +102,7 @@ def load_regularizer_state(reg: "PrivacyRegularizer", state: Dict[str, Any]) -> 
                              "the file as saved.")
         attacker.load_state_dict(got)
         attacker.to(device)
-        optimizer = torch.optim.Adam(attacker.parameters(), lr=cfg.attacker_lr, weight_decay=cfg.attacker_weight_decay)
+        optimizer = attacker_optimizer(attacker, cfg.attacker_lr, cfg.attacker_weight_decay)
         try:
             meta = json.loads(state["meta.optimizer"])
             opt_state = {}

@@ -21,17 +21,24 @@ def test_step_overhead_runs_every_variant_and_reports():
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
     mod = _load("step_overhead")
-    times, sections, grids = mod.time_variants("toy", steps=2, warmup=0)
-    assert set(times) == set(mod.VARIANTS) and all(len(v) == 2 for v in times.values())
+    times, sections, grids, kinds, shares = mod.time_variants("toy", steps=4, warmup=1)
+    assert set(times) == set(mod.VARIANTS) and all(len(v) == 4 for v in times.values())
+    # toy batch 2 at privacy_fraction 0.25: one row on every other step, a held-out refresh every 4th update
+    assert {k: len(v) for k, v in kinds["smp-robust"].items()} == {"privacy + held-out forward": 1,
+                                                                   "no privacy row": 2, "privacy": 1}
+    assert shares["smp-robust"] == {"privacy + held-out forward": 0.125, "privacy": 0.375, "no privacy row": 0.5}
+    assert shares["smp-every"] == {"privacy + held-out forward": 1.0} and shares["plain"] == {"every step": 1.0}
     assert sections["smp-robust"]["base forward (calibration)"] > 0
     assert sections["smp-default"][mod.FIXED_STEP] > 0 and sections["smp-default"][mod.FIXED_FEATURES] > 0
     assert "auxiliary forwards" in sections["reference"] and "non-member forward" in sections["smp-every"]
     assert grids["smp-default"] == (8, 8) and grids["plain"] is None
     mem = {v: {"before_kib": 1000, "peak_kib": 1100} for v in mod.VARIANTS}
-    text = mod.report("toy", times, sections, mem, grids)
+    text = mod.report("toy", times, sections, mem, grids, kinds, shares)
     assert "| smp-default |" in text and "time vs plain" in text and "regulariser fixed cost" in text
-    sub, _, _ = mod.time_variants("toy", steps=2, warmup=0, variants=("plain", "smp-robust"))
+    assert "n/a" not in text
+    sub, _, _, sub_kinds, sub_shares = mod.time_variants("toy", steps=2, warmup=0, variants=("plain", "smp-robust"))
     assert set(sub) == {"plain", "smp-robust"}
+    assert mod.amortised(sub_kinds["smp-robust"], sub_shares["smp-robust"]) is None   # 'privacy' never timed
     fixed = mod.fixed_cost([4, 8], steps=2, latent=8)
     assert "| 4 | 64 |" in fixed and "| 8 | 256 |" in fixed
     child = mod.memory_child("toy", "smp-default", steps=1)

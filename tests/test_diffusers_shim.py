@@ -392,8 +392,6 @@ def test_robust_preset_feeds_the_base_prediction_for_members_and_nonmembers(peft
     assert nm.shape[0] == len(x_n)
     assert torch.allclose(nm, core.features(pred_n, torch.zeros_like(x_n), reference=base_n), atol=1e-5)
     assert not nm.requires_grad
-    loss = reg.step(F.mse_loss(pred, target), feats, nm)
-    assert torch.isfinite(loss) and reg.attacker_updates == 1
     # a base prediction of the whole batch (the line before --privacy_fraction) is refused with the fix
     full = reg.reference(wrapped, lambda: wrapped(x, t, c, return_dict=False)[0])
     with pytest.raises(FeatureError, match=r"privacy_rows\(len\(noisy_latents\)\)"):
@@ -406,7 +404,42 @@ def test_robust_preset_feeds_the_base_prediction_for_members_and_nonmembers(peft
         reg.nonmember_features(lambda b: predict(b)[:2], batch=x_n)
     with pytest.raises(FeatureError, match="shaped like model_pred"):
         reg.nonmember_features(lambda b: (*predict(b)[:2], t), batch=x_n)
-    assert reg.attacker_updates == 1
+    assert reg.attacker_updates == 0
+    loss = reg.step(F.mse_loss(pred, target), feats, nm)
+    assert torch.isfinite(loss) and reg.attacker_updates == 1
+
+
+def test_a_step_without_privacy_rows_runs_no_base_or_heldout_forward(peft_unet):
+    """privacy_fraction over steps: at batch 2 and 0.25, steps 1, 3, ... have no privacy row; the documented
+    lines then run no base forward and draw no held-out batch, and reg.step(loss, None) keeps the scale."""
+    unet, (x, t, c, x_n), _ = peft_unet
+    args = parse("--privacy", "smplora", "--privacy_preset", "robust", "--privacy_holdout_dir", "x",
+                 "--privacy_feature_grid", "4", "--privacy_attacker_hidden", "8", "--seed", "0",
+                 "--privacy_nonmember_every", "1")
+    reg = PrivacyRegularizer.from_args(args, device="cpu")
+    base_calls, held_out = [], []
+
+    def predict(latents):
+        pred = unet(latents, t[:len(latents)], c[:len(latents)], return_dict=False)[0]
+        n = reg.privacy_rows(len(latents))
+        return pred, torch.zeros_like(latents), reg.reference(unet, lambda: base_calls.append(n) or unet(
+            latents[:n], t[:n], c[:n], return_dict=False)[0])
+
+    def held(batch):
+        held_out.append(len(batch))
+        return predict(batch)
+
+    rows = []
+    for _ in range(4):
+        pred, target, ref = predict(x)
+        feats = reg.features(pred, target, reference=ref)
+        nm = reg.nonmember_features(held, batch=x_n)
+        rows.append(None if feats is None else feats.shape[0])
+        assert (feats is None) == (ref is None) == (nm is None)
+        loss = reg.step(F.mse_loss(pred, target), feats, nm)
+        assert loss.requires_grad and torch.isfinite(loss)
+    assert rows == [1, None, 1, None] and base_calls == [1, 2, 1, 2]   # member (1 row), held-out (whole): steps 0, 2
+    assert held_out == [2, 2] and reg.attacker_updates == 2 and reg.global_step == 4
 
 
 def test_reference_costs_nothing_without_calibration_and_restores_adapters(peft_unet):

@@ -62,6 +62,19 @@ def test_base_forward_runs_on_the_privacy_rows_only(data, tmp_path):  # noqa: F8
     assert [c["m"] for c in no_grad] == [0.0, 0.0, 1.0] * 3
 
 
+def test_at_batch_one_the_privacy_forwards_run_on_every_fourth_step_only(data, tmp_path):  # noqa: F811
+    """privacy_fraction 0.25 over steps: at batch 1 steps 0 and 4 carry the privacy term, with their base forward
+    and held-out forwards; steps 1-3 run the training forward alone (reg.step(loss, None))."""
+    tn = standin()
+    trainer = train(tn, recording_trainer(tn), data, tmp_path / "out", *ROBUST_EVERY, steps=5, batch=1)
+    calls = [(c["grad"], c["m"]) for c in trainer.denoiser_calls]
+    privacy_step = [(False, 0.0), (True, 1.0), (False, 0.0), (False, 1.0)]   # base, training, held-out base, held-out
+    assert calls == privacy_step + [(True, 1.0)] * 3 + privacy_step
+    assert all(c["sizes"] == [1, 1] for c in trainer.denoiser_calls)
+    reg = trainer.privacy_regularizer
+    assert reg.global_step == 5 and reg.attacker_updates == 2
+
+
 def test_fraction_one_runs_the_base_forward_on_the_whole_batch(data, tmp_path):  # noqa: F811
     tn = standin()
     trainer = train(tn, recording_trainer(tn), data, tmp_path / "out", *ROBUST_EVERY, "--privacy_fraction", "1",

@@ -102,10 +102,10 @@ class SmploraTrainLora(io.ComfyNode):
         if same:
             raise ValueError(f"{len(same)} held-out latent(s) equal training latents (held-out #{same[0][0]} == training "
                              f"#{same[0][1]}): non-members must be images that are never trained on.")
-        need = config.privacy_rows(batch_size)
+        need = config.nonmember_rows(batch_size)
         if held.shape[0] < need:
             raise ValueError(f"{held.shape[0]} held-out latent(s) for non-member batches of {need} "
-                             f"(privacy_rows of batch {batch_size}): add held-out images or lower batch_size.")
+                             f"(nonmember_rows of batch {batch_size}): add held-out images or lower batch_size.")
         hconds = _conds(own["holdout_positive"])
         if len(hconds) == 1:
             hconds = hconds * held.shape[0]

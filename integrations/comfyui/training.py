@@ -110,8 +110,12 @@ class PrivateLoss:
         loss = self.criterion(x0_pred, x0)
         batch = self.sampler.smplora_batch
         wrap = batch["model_wrap"]
-        n = self.reg.privacy_rows(x0_pred.shape[0])
+        n = self.reg.privacy_rows(x0_pred.shape[0])   # privacy_fraction over steps: 0 on some steps
         update = self.sampler.smplora_micro % max(1, int(self.sampler.grad_acc)) == 0
+        self.last_adaptation_loss = float(loss.detach())
+        if n == 0:   # no privacy row on this step: no base or held-out forward, the last denominator
+            with torch.autocast(x0_pred.device.type, enabled=False):
+                return self.reg.step(loss.float(), None, update_attacker=update)
         calibrated = self.reg.config.calibrated
         reference = None
         if calibrated:  # the base prediction at the same noisy input, LoRA off, same conds
@@ -121,13 +125,11 @@ class PrivateLoss:
                 reference = wrap(xt.detach(), batch["sigmas"][:n].detach(), **self._extra(batch, n))
         nonmember = None
         if self.reg.wants_nonmembers(update):
-            nonmember = self._nonmember_features(wrap, batch, n)
+            nonmember = self._nonmember_features(wrap, batch, self.reg.nonmember_rows(x0_pred.shape[0]))
         with torch.autocast(x0_pred.device.type, enabled=False):
             member = self.reg.features(x0_pred[:n].float(), x0[:n].float(),
                                        reference=None if reference is None else reference.float())
-            out = self.reg.step(loss.float(), member, nonmember, update_attacker=update)
-        self.last_adaptation_loss = float(loss.detach())
-        return out
+            return self.reg.step(loss.float(), member, nonmember, update_attacker=update)
 
     def postfix(self) -> Dict[str, str]:
         """Progress-bar entries: the regularised and adaptation losses, the attacker's CE and accuracy."""

@@ -14,8 +14,9 @@ through unchanged:
   same conditioning; the streams are restored afterwards) under ``no_grad`` with the LoRA at multiplier 0,
   the denoiser running on the privacy rows only (:mod:`.base_forward`): the base prediction;
 - ``process_batch``: while training only, feed the core (``reg.features``, ``reg.step``) with the first
-  ``reg.privacy_rows(m)`` of the batch's ``m`` member rows, with one no-grad forward on a kohya validation
-  batch cut to ``reg.privacy_rows(its size)`` rows when the attacker is due an update;
+  ``reg.privacy_rows(m)`` of the batch's ``m`` member rows (``privacy_fraction`` over steps: 0 on some
+  steps, then ``reg.step(loss, None)`` and no base forward), with one no-grad forward on a kohya validation
+  batch cut to ``reg.nonmember_rows(its size)`` rows when the attacker is due an update;
 - ``on_step_start``: after ``super()``, one-time hookup of checkpoint / ``--save_state`` saving;
 - ``get_sai_model_spec``: ``smplora.*`` keys in every saved LoRA;
 - ``generate_step_logs``: metrics for kohya's trackers (TensorBoard / wandb).
@@ -263,10 +264,11 @@ class _Run:
             f"beta={cfg.beta}, k_steps={cfg.k_steps}",
             *(["base-calibrated features: one extra no-grad forward per batch with the LoRA switched off "
                "(network.set_multiplier(0))"] if cfg.calibrated else []),
-            *([f"privacy fraction {cfg.privacy_fraction:g}: the privacy term sees the first "
-               f"ceil({cfg.privacy_fraction:g} x batch) member images of each batch; held-out forwards run on that "
-               "many images" + ("; so does the base forward (the LoRA-off denoiser forward) of a training batch"
-                                if cfg.calibrated else "")]
+            *([f"privacy fraction {cfg.privacy_fraction:g}, taken over steps: step k's privacy term uses the "
+               f"first ceil((k+1) f m) - ceil(k f m) of its m member images (none on some steps at small batches); "
+               f"held-out forwards run on ceil(f x batch) images" + (
+                   "; the base forward (the LoRA-off denoiser forward) of a training batch runs on the privacy rows "
+                   "only, and not at all on a step without one" if cfg.calibrated else "")]
               if cfg.privacy_fraction < 1 else []),
             f"members (trained on, shown to the proxy attacker): {len(splits['member'])} images",
             f"non-members (NEVER trained on): {len(splits['nonmember'])} images [{self.source or 'validation dataset'}]",
@@ -434,11 +436,14 @@ class _Run:
         acc = bound.arguments["accelerator"]
         sync = bool(getattr(acc, "sync_gradients", True))
         rows = data.member_rows(batch, pred.shape[0])
-        if not _all_ranks_have(bool(rows), pred.device):
-            # every process must call reg.step together (it gathers features across ranks)
+        rows = rows[: self.reg.privacy_rows(len(rows))] if rows else None   # the first n member rows (n may be 0)
+        # every process must call reg.step together and alike (it gathers features across ranks)
+        state = _min_over_ranks(0 if rows is None else 2 if rows else 1, pred.device)
+        if state == 0:   # a batch of regularisation / DOP images only, on some rank
             self.reg_only_batches += 1
             return loss
-        rows = rows[: self.reg.privacy_rows(len(rows))]   # the first n member rows feed the privacy term
+        if state == 1:   # no privacy row on this step (privacy_fraction over steps), on some rank: no features
+            return self.reg.step(loss, None, update_attacker=sync, keep_loss_value=True)
         if len(rows) < pred.shape[0]:
             idx = torch.tensor(rows, device=pred.device)
             pred, target = pred.index_select(0, idx), target.index_select(0, idx)
@@ -456,7 +461,7 @@ class _Run:
 
     def nonmember_features(self, trainer, bound: inspect.BoundArguments) -> torch.Tensor:
         """One no-grad forward of the current model on a kohya validation (non-member) batch, cut to its first
-        ``reg.privacy_rows(size)`` samples (:func:`data.first_rows`), so that with calibrated features its base
+        ``reg.nonmember_rows(size)`` samples (:func:`data.first_rows`), so that with calibrated features its base
         replay runs on those samples only."""
         acc = bound.arguments["accelerator"]
         if self.pool is None:
@@ -469,7 +474,7 @@ class _Run:
         with data.forked_rng(self.settings.config.seed * 7919 + counter, device), torch.no_grad():
             nm_batch = self.pool.batch(counter)
             size = data.batch_rows(nm_batch)
-            rows = None if size is None else self.reg.privacy_rows(size)
+            rows = None if size is None else self.reg.nonmember_rows(size)
             cut = rows is not None and rows < size
             if cut:
                 nm_batch = data.first_rows(nm_batch, rows, size)
@@ -657,14 +662,14 @@ class SmploraTrainerMixin:
         return None if self._smplora is None else self._smplora.reg
 
 
-def _all_ranks_have(flag: bool, device: torch.device) -> bool:
-    """``flag`` on every process of a torch.distributed run (just ``flag`` in a single process)."""
+def _min_over_ranks(value: int, device: torch.device) -> int:
+    """The least ``value`` over the processes of a torch.distributed run (just ``value`` in a single process)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device if dist.get_backend() == "nccl" else "cpu")
+        return value
+    t = torch.tensor([int(value)], device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return int(t.item())
 
 
 _FIELD_FLAGS = {field: name for name, (field, _, _) in CONFIG_OPTIONS.items()}

@@ -34,8 +34,9 @@ CONFIG_OPTIONS: Dict[str, tuple] = {
     "privacy_attacker_dropout": ("dropout", float, "dropout of the attacker while it trains (paper: 0.5)"),
     "privacy_feature_grid": ("feature_grid", str, "loss maps are pooled per channel down to this grid: N or H,W; 0 = no pooling (default: the preset's, paper 16, robust 32)"),
     "privacy_nonmember_every": ("nonmember_every", int, "refresh the held-out forward every N attacker updates (default 4)"),
-    "privacy_fraction": ("privacy_fraction", float, "share of each batch in the privacy term, in (0, 1]: its first "
-                         "ceil(F * batch) member images, and held-out forwards of that many images (default: the "
+    "privacy_fraction": ("privacy_fraction", float, "share of the member images in the privacy term, in (0, 1], taken "
+                         "over steps: step k uses the first ceil((k+1) F m) - ceil(k F m) of its m (at batch 1 and "
+                         "0.25, one step in four); held-out forwards of ceil(F * batch) images (default: the "
                          "preset's: paper 1, robust 0.25)"),
     "privacy_seed": ("seed", int, "seed of the attacker and of the non-member draws (default: --seed, else 0)"),
 }

@@ -101,8 +101,9 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
     forward on a batch of ``nonmembers`` (the defense's held-out set) and optimises
     ``reg.step(loss, member_feats, nonmember_feats)``; without it, the plain adaptation loss.
     The privacy term (and, with calibrated features, the base forward) sees the first
-    ``reg.privacy_rows(batch)`` members of each batch (``PrivacyConfig.privacy_fraction``) and
-    non-member batches of that size.
+    ``reg.privacy_rows(batch)`` members of each batch (``PrivacyConfig.privacy_fraction``, taken
+    over steps: a step with none calls ``reg.step(loss, None)``) and non-member batches of
+    ``reg.nonmember_rows(batch)``.
     """
     import time
 
@@ -121,7 +122,7 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
             z_n, c_n = model.encode(nonmembers.images), model.text(nonmembers.captions)
     T = model.cfg.num_train_timesteps
     bs = min(batch_size, len(members))
-    pb = reg.privacy_rows(bs) if reg is not None else bs
+    nb = reg.nonmember_rows(bs) if reg is not None else bs
     res = LoRAResult(name)
     model.unet.train()
     bar = _bar(steps, f"LoRA ({name})", progress)
@@ -133,12 +134,15 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
         pred = model.predict(z_t, t, c_m[idx])
         loss = F.mse_loss(pred, noise)
         res.losses.append(loss.item())
-        if reg is not None:
+        pb = reg.privacy_rows(bs) if reg is not None else 0
+        if reg is not None and pb == 0:
+            loss = reg.step(loss, None)
+        elif reg is not None:
             member_feats = reg.features(pred[:pb], noise[:pb],
                                         reference=_base_pred(model, reg, z_t[:pb], t[:pb], c_m[idx[:pb]]))
             nonmember_feats = None
             if reg.wants_nonmembers():
-                j = torch.randperm(len(nonmembers), generator=g_nm)[:pb]
+                j = torch.randperm(len(nonmembers), generator=g_nm)[:nb]
                 noise_n = torch.randn(z_n[j].shape, generator=g_nm)
                 t_n = torch.randint(0, T, (len(j),), generator=g_nm)
                 z_tn = model.add_noise(z_n[j], t_n, noise_n)
@@ -146,8 +150,8 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
                     pred_n = model.predict(z_tn, t_n, c_n[j])
                 nonmember_feats = reg.features(pred_n, noise_n, reference=_base_pred(model, reg, z_tn, t_n, c_n[j]))
             loss = reg.step(loss, member_feats, nonmember_feats)
-            if step % 10 == 0 or step == steps - 1:
-                res.reg_metrics.append(reg.metrics())
+        if reg is not None and (step % 10 == 0 or step == steps - 1):
+            res.reg_metrics.append(reg.metrics())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
