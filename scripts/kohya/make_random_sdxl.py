@@ -42,10 +42,14 @@ TEXT_ENCODER_2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120
                       num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 
 
-def _import_sd_scripts(sd_dir: Path):
+def _check_sd_scripts(sd_dir: Path) -> None:
     if not (sd_dir / "library" / "sdxl_model_util.py").is_file():
         raise SystemExit(f"{sd_dir} is not an sd-scripts checkout with SDXL support (no library/sdxl_model_util.py); "
                          "pass --sd_scripts /path/to/sd-scripts or set SD_SCRIPTS_DIR.")
+
+
+def _import_sd_scripts(sd_dir: Path):
+    _check_sd_scripts(sd_dir)
     sys.path.insert(0, str(sd_dir))
     from library import model_util, sdxl_model_util, sdxl_original_unet
 
@@ -94,6 +98,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.sd_scripts is None and not a.skip_model:
         p.error("pass --sd_scripts /path/to/sd-scripts or set SD_SCRIPTS_DIR")
+    if not a.skip_model:
+        _check_sd_scripts(a.sd_scripts.expanduser().resolve())   # before anything is written
     out: Path = a.out
     for name in TOKENIZER_DIRS:
         make_tokenizer(out / "tokenizers" / name)
