@@ -7,7 +7,9 @@ from 2025-02). Older versions computed the loss inline in ``train()``; they are 
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from smplora_plugin.errors import SmploraError
@@ -16,12 +18,15 @@ MIN_VERSION = "v0.10.0"
 REQUIREMENT = (f"smplora-kohya needs kohya sd-scripts {MIN_VERSION} (2026-01-19) or newer (or the sd3 branch from "
                "2025-02 on); update your checkout (git pull, or git checkout v0.10.1) and try again")
 
-# hook -> parameter names it must accept (beyond self)
+# The one list of what the mixin relies on in a kohya trainer: hook -> parameter names it must accept (beyond
+# self). "a|b" accepts either name: the denoiser is passed by position by train_network.process_batch, and
+# Lumina's get_noise_pred_and_target calls it ``dit``. tests/test_kohya_trainer_sources.py checks every trainer
+# of a real checkout (SD_SCRIPTS_DIR) and of the stand-in against it, by reading their source.
 REQUIRED_HOOKS: Dict[str, tuple] = {
     "train": ("args",),
     "assert_extra_args": ("args", "train_dataset_group", "val_dataset_group"),
     "get_noise_pred_and_target": ("args", "accelerator", "noise_scheduler", "latents", "batch", "text_encoder_conds",
-                                  "unet", "network", "weight_dtype", "train_unet", "is_train"),
+                                  "unet|dit", "network", "weight_dtype", "train_unet", "is_train"),
     "process_batch": ("batch", "text_encoders", "unet", "network", "vae", "noise_scheduler", "vae_dtype",
                       "weight_dtype", "accelerator", "args", "text_encoding_strategy", "tokenize_strategy", "is_train"),
     "on_step_start": ("args", "accelerator", "network", "text_encoders", "unet", "batch", "weight_dtype", "is_train"),
@@ -29,6 +34,26 @@ REQUIRED_HOOKS: Dict[str, tuple] = {
     "get_sai_model_spec": ("args",),
     "generate_step_logs": ("args", "current_loss", "avr_loss", "lr_scheduler"),
 }
+# the names the denoiser argument of get_noise_pred_and_target goes by
+DENOISER_PARAMS = ("unet", "dit")
+
+# The LoRA trainer scripts of sd-scripts v0.10.x (main 48d368fa) the launcher accepts, with their trainer class.
+KNOWN_TRAINERS: Dict[str, str] = {
+    "train_network.py": "NetworkTrainer",
+    "sdxl_train_network.py": "SdxlNetworkTrainer",
+    "sd3_train_network.py": "Sd3NetworkTrainer",
+    "flux_train_network.py": "FluxNetworkTrainer",
+    "lumina_train_network.py": "LuminaNetworkTrainer",
+    "hunyuan_image_train_network.py": "HunyuanImageNetworkTrainer",
+    "anima_train_network.py": "AnimaNetworkTrainer",
+}
+
+
+def _lacking(params: tuple, have, var_kw: bool) -> List[str]:
+    """The required names (``a|b`` = either) that a hook with parameter names ``have`` does not accept."""
+    if var_kw:
+        return []
+    return [p for p in params if not any(alt in have for alt in p.split("|"))]
 
 
 class KohyaVersionError(SmploraError):
@@ -48,7 +73,7 @@ def missing_hooks(trainer_cls: type) -> List[str]:
         except (TypeError, ValueError):
             continue
         accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-        lacking = [p for p in params if p not in sig.parameters and not accepts_var_kw]
+        lacking = _lacking(params, sig.parameters, accepts_var_kw)
         if lacking:
             problems.append(f"{name}() lacks parameter(s) {', '.join(lacking)}")
     return problems
@@ -81,20 +106,76 @@ def find_trainer_class(module, base: type) -> type:
     return leaves[0]
 
 
-def static_check(train_network_py) -> None:
-    """Check ``train_network.py``'s ``NetworkTrainer`` by reading its source, before importing anything
-    (an old checkout may not even import with today's packages)."""
-    import ast
-    from pathlib import Path
+def _trainer_classes(tree: ast.Module) -> Dict[str, ast.ClassDef]:
+    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
 
-    path = Path(train_network_py)
-    if not path.is_file():
-        raise KohyaVersionError(f"{path} does not exist: not an sd-scripts checkout. {REQUIREMENT}.")
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "NetworkTrainer"), None)
+
+def _methods(cls: ast.ClassDef) -> Dict[str, ast.FunctionDef]:
+    return {n.name: n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def _own_nodes(fn: ast.FunctionDef):
+    """The nodes of ``fn``'s body, without those of functions defined inside it."""
+    todo = list(fn.body)
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            todo.extend(ast.iter_child_nodes(node))
+
+
+def _calls(fn: ast.FunctionDef, attr: str) -> bool:
+    """Whether ``fn`` calls ``super().attr(...)`` or ``self.attr(...)``."""
+    for node in _own_nodes(fn):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr:
+            owner = node.func.value
+            if (isinstance(owner, ast.Name) and owner.id == "self") or (
+                    isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super"):
+                return True
+    return False
+
+
+def _main_names(tree: ast.Module) -> Optional[set]:
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test):
+            return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+    return None
+
+
+def trainer_source_problems(script_py, train_network_py=None, class_name: Optional[str] = None) -> List[str]:
+    """What the mixin would meet in a kohya trainer script, read from its source (nothing is imported).
+
+    ``script_py`` is ``train_network.py`` or a ``*_train_network.py``; ``train_network_py`` (default: next to it)
+    supplies the inherited ``NetworkTrainer`` hooks. Checked: every hook of :data:`REQUIRED_HOOKS` (own or
+    inherited) takes the parameters the mixin passes or reads; an overridden ``process_batch`` still reaches
+    ``get_noise_pred_and_target``; an overridden ``get_noise_pred_and_target`` returns (prediction, target,
+    timesteps, ...); the ``__main__`` block calls ``setup_parser()`` and the trainer class by name (the launcher
+    runs that block with both replaced). Returns descriptions of the problems (empty = supported).
+    """
+    script = Path(script_py)
+    base_path = Path(train_network_py) if train_network_py is not None else script.with_name("train_network.py")
+    for path in (script, base_path):
+        if not path.is_file():
+            return [f"{path} does not exist"]
+    base_tree = ast.parse(base_path.read_text(encoding="utf-8"), filename=str(base_path))
+    base_cls = _trainer_classes(base_tree).get("NetworkTrainer")
+    if base_cls is None:
+        return [f"{base_path} defines no NetworkTrainer class"]
+    tree = base_tree if script.resolve() == base_path.resolve() else \
+        ast.parse(script.read_text(encoding="utf-8"), filename=str(script))
+    classes = _trainer_classes(tree)
+    if class_name is None:
+        class_name = KNOWN_TRAINERS.get(script.name)
+    if class_name is None:   # the classes that name NetworkTrainer as a base
+        found = [c for c in classes.values() if any(ast.unparse(b).split(".")[-1] == "NetworkTrainer" for b in c.bases)]
+        if len(found) != 1:
+            return [f"{script.name} defines {len(found)} direct subclasses of NetworkTrainer (expected one)"]
+        class_name = found[0].name
+    cls = classes.get(class_name)
     if cls is None:
-        raise KohyaVersionError(f"{path} defines no NetworkTrainer class. {REQUIREMENT}.")
-    methods = {n.name: n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        return [f"{script.name} defines no class {class_name}"]
+    own = _methods(cls) if cls is not base_cls else {}
+    methods = {**_methods(base_cls), **own}
     problems = []
     for name, params in REQUIRED_HOOKS.items():
         fn = methods.get(name)
@@ -102,10 +183,31 @@ def static_check(train_network_py) -> None:
             problems.append(f"{name}() is missing")
             continue
         a = fn.args
-        have = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}
-        lacking = [p for p in params if p not in have and a.kwarg is None]
+        lacking = _lacking(params, {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}, a.kwarg is not None)
         if lacking:
-            problems.append(f"{name}() lacks parameter(s) {', '.join(lacking)}")
+            where = class_name if name in own else "NetworkTrainer"
+            problems.append(f"{where}.{name}() lacks parameter(s) {', '.join(lacking)}")
+    pb = methods.get("process_batch")
+    if pb is not None and not (_calls(pb, "process_batch") or _calls(pb, "get_noise_pred_and_target")):
+        problems.append("process_batch() neither calls super().process_batch() nor get_noise_pred_and_target()")
+    gnp = methods.get("get_noise_pred_and_target")
+    if gnp is not None:
+        returns = [n for n in _own_nodes(gnp) if isinstance(n, ast.Return)]
+        if not returns or any(not (isinstance(r.value, ast.Tuple) and len(r.value.elts) >= 3) for r in returns):
+            problems.append("get_noise_pred_and_target() does not return (prediction, target, timesteps, ...)")
+    names = _main_names(tree)
+    if names is not None and not {"setup_parser", class_name} <= names:
+        problems.append(f"the __main__ block does not call setup_parser() and {class_name}()")
+    return problems
+
+
+def static_check(train_network_py) -> None:
+    """Check ``train_network.py``'s ``NetworkTrainer`` by reading its source, before importing anything
+    (an old checkout may not even import with today's packages)."""
+    path = Path(train_network_py)
+    if not path.is_file():
+        raise KohyaVersionError(f"{path} does not exist: not an sd-scripts checkout. {REQUIREMENT}.")
+    problems = trainer_source_problems(path, path, "NetworkTrainer")
     if problems:
         raise KohyaVersionError(
             f"the sd-scripts checkout at {path.parent} is older than {MIN_VERSION}: NetworkTrainer has no per-batch "

@@ -45,6 +45,7 @@ from smplora_plugin.state import config_from_state, read_state
 
 from ..summary import summary_box
 from . import base_forward, data, header
+from .compat import DENOISER_PARAMS
 from .options import CONFIG_OPTIONS, KohyaPrivacySettings, settings_from_namespace
 
 logger = logging.getLogger("smplora.kohya")
@@ -323,7 +324,7 @@ class _Run:
         rows = None if size is None else self.base_rows(arg.get("batch"), size, bool(arg.get("is_train", True)))
         if rows is not None and not rows:
             return None
-        denoiser = arg.get("unet")
+        denoiser = next((arg[n] for n in DENOISER_PARAMS if n in arg), None)   # Lumina names it dit
         cut = isinstance(denoiser, torch.nn.Module) and rows is not None and rows != list(range(size))
         record: List[base_forward.Inputs] = []
         arg["is_train"] = False    # in sd-scripts' trainers it only switches autograd off
