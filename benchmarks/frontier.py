@@ -346,11 +346,17 @@ def _references(cache: Cache, rc: Recipe, setup) -> Any:
     return References.from_targets(pairs, mode="online")
 
 
-def _quality(rc: Recipe, model, clf, cfg, reference, seed: int) -> Dict[str, float]:
+def _quality(rc: Recipe, model, clf, cfg, members, reference, seed: int) -> Dict[str, Any]:
+    """The data set's sample quality (``classifier_accuracy``: the share of samples the classifier puts in the
+    intended class or style), with the run's non-members as the Fréchet reference."""
+    ds = cfg.data
+    if hasattr(ds, "sample_quality"):  # data sets with their own utility (emoji: style shares)
+        return ds.sample_quality(model, clf, members, reference, per_label=rc.per_label, steps=rc.sample_steps,
+                                 guidance=1.0, seed=seed)
     from smplora_plugin.demo.quality import sample_quality
 
     return sample_quality(model, clf, reference, per_label=rc.per_label, steps=rc.sample_steps, seed=seed,
-                          captioner=cfg.data.captioner)
+                          captioner=ds.captioner)
 
 
 def ensure_audit(cache: Cache, rc: Recipe, row: str, run: int, setup=None) -> Dict[str, Any]:
@@ -378,7 +384,7 @@ def ensure_audit(cache: Cache, rc: Recipe, row: str, run: int, setup=None) -> Di
                        progress=False, num_threads=1, references=refs, load_plugins=False)
     audit_s = time.time() - t0
     nonmembers = pool.subset(draw["nonmember_cal"] + draw["nonmember_eval"])
-    quality = _quality(rc, model, clf, cfg, nonmembers, run)
+    quality = _quality(rc, model, clf, cfg, pool.subset(draw["member"]), nonmembers, run)
     tensors: Dict[str, Any] = {"eval_labels": torch.as_tensor(report.eval_labels.astype(np.int64))}
     for a, sc in report.scores.items():
         tensors[f"{a}.eval"] = torch.as_tensor(sc.eval_scores, dtype=torch.float64)
