@@ -51,7 +51,7 @@ def test_splits_are_disjoint_and_checked():
 
 
 def test_dataset_registry_and_config():
-    assert set(NAMES) == {"digits", "textures"}
+    assert set(NAMES) == {"digits", "textures", "emoji"}
     with pytest.raises(ValueError, match="choose one of"):
         get_dataset("cifar")
     with pytest.raises(ValueError, match="dataset='cifar' is unknown"):

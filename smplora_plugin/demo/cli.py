@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--dataset", choices=NAMES, default=d.dataset,
                         help="digits (default): scikit-learn's 8x8 digits; textures: 16x16 procedurally generated "
-                             "textured shapes with per-instance detail (harder to protect; about twice as slow)")
+                             "textured shapes with per-instance detail (harder to protect; about twice as slow); "
+                             "emoji: 16x16 RGB emoji, a base drawing them in Noto's style and a LoRA learning "
+                             "Twemoji's (a style LoRA; utility is the share of samples in the LoRA's style)")
     parser.add_argument("--members", type=int, default=None, help=f"number of members (default {d.members})")
     parser.add_argument("--steps", type=int, default=None, help=f"LoRA steps (default {d.steps})")
     parser.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {d.lora_rank})")

@@ -4,12 +4,14 @@
 - ``textures``: 16x16 textured shapes generated in code (:mod:`.textures`), harder: every
   image carries instance detail its caption does not describe, and the base model has never
   seen half of the classes (dotted shapes), so the LoRA has something to learn.
+- ``emoji``: 16x16 RGB emoji (:mod:`.emoji`); the base draws them in Noto's style, the LoRA learns
+  Twemoji's from its members: a style LoRA, the paper's Pokemon setting scaled down.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from .data import DigitSet, DigitSplits
 from .model import TinyLDMConfig
@@ -30,9 +32,39 @@ class DemoDataset:
     pool_tag: str
     #: what the utility classifier is trained on; ``None``: the public pool
     classifier_pool: Optional[Callable[[], DigitSet]] = None
+    #: the classifier's number of classes
+    classes: int = 10
+    #: ``(model, clf, member_captions, reference, *, n, steps, guidance, seed) -> dict``: a data set's own
+    #: sample quality (emoji: style shares); ``None``: classifier accuracy per label (digits, textures)
+    utility: Optional[Callable[..., Dict[str, Any]]] = None
+    #: real images a perfect generator would match (the Fréchet floor); ``None``: the classifier pool
+    real_pool: Optional[Callable[[], DigitSet]] = None
 
     def classifier_data(self) -> DigitSet:
         return (self.classifier_pool or self.public_pool)()
+
+    def real_data(self) -> DigitSet:
+        return (self.real_pool or self.classifier_data)()
+
+    def sample_quality(self, model: Any, clf: Any, members: DigitSet, reference: DigitSet, *, per_label: int,
+                       steps: int, guidance: float, seed: int) -> Dict[str, Any]:
+        """Sample quality of ``model``: per label (``per_label`` samples of each class), or the data
+        set's own ``utility`` (``5 * per_label`` samples at the members' captions and as many at
+        ``reference``'s, never trained on)."""
+        from .quality import sample_quality
+
+        if self.utility is None:
+            return sample_quality(model, clf, reference, per_label=per_label, steps=steps, guidance=guidance,
+                                  seed=seed, captioner=self.captioner)
+        return self.utility(model, clf, members.captions, reference, n=5 * per_label, steps=steps,
+                            guidance=guidance, seed=seed)
+
+    def grid_captions(self, members: DigitSet, reference: DigitSet) -> List[str]:
+        """The 40 captions of ``samples.png`` (4 rows of 10): the 10 classes, or 5 members' and 5 unseen captions."""
+        if self.utility is None:
+            return [self.captioner(i) for i in range(10)] * 4
+        row = [members.captions[i % len(members)] for i in range(5)] + [reference.captions[i] for i in range(5)]
+        return row * 4
 
     def splits(self, sizes: Mapping[str, int], seed: int) -> DigitSplits:
         return self.make_splits(sizes, seed=seed)
@@ -55,7 +87,19 @@ def _textures() -> DemoDataset:
                        "textures_classifier.safetensors", "textures-striped-public-v1", textures.classifier_pool)
 
 
-_REGISTRY: Dict[str, Callable[[], DemoDataset]] = {"digits": _digits, "textures": _textures}
+def _emoji() -> DemoDataset:
+    from . import emoji
+
+    cfg = TinyLDMConfig(image_size=emoji.IMAGE_SIZE, latent_channels=12, image_channels=3, max_words=emoji.MAX_WORDS,
+                        vocab=emoji.vocab())
+    return DemoDataset("emoji", "emoji, Noto base / Twemoji LoRA (16x16 RGB)", cfg, emoji.make_splits,
+                       emoji.public_pool, emoji.caption_for, "tiny_ldm_emoji_base.safetensors",
+                       "emoji_style_classifier.safetensors", "emoji-google-candidates-v1", emoji.classifier_pool,
+                       classes=2, utility=emoji.style_utility,
+                       real_pool=lambda: emoji.load_emoji("classifier_twitter"))
+
+
+_REGISTRY: Dict[str, Callable[[], DemoDataset]] = {"digits": _digits, "textures": _textures, "emoji": _emoji}
 NAMES = tuple(_REGISTRY)
 
 

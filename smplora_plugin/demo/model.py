@@ -41,6 +41,8 @@ class TinyLDMConfig:
 
     image_size: int = 8
     latent_channels: int = 4
+    #: 1: grey images (digits, textures); 3: RGB (emoji), with ``latent_channels`` = 4 x this
+    image_channels: int = 1
     block_out_channels: Tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
     text_dim: int = 32
@@ -57,6 +59,8 @@ class TinyLDMConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
+        if d["image_channels"] == 1:  # grey models keep the fingerprint they were shipped with
+            del d["image_channels"]
         d["block_out_channels"] = list(self.block_out_channels)
         d["vocab"] = list(self.vocab)
         return d
@@ -69,13 +73,18 @@ class TinyLDMConfig:
 
 
 class PixelUnshuffleAE:
-    """Exact "autoencoder": ``(N, 1, 2s, 2s)`` images <-> ``(N, 4, s, s)`` latents by pixel (un)shuffle."""
+    """Exact "autoencoder": ``(N, C, 2s, 2s)`` images <-> ``(N, 4C, s, s)`` latents by pixel (un)shuffle."""
 
     factor = 2
 
+    def __init__(self, channels: int = 1):
+        self.channels = int(channels)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"images must be (N, 1, H, W) grey images in [-1, 1], got shape {tuple(images.shape)}.")
+        if images.ndim != 4 or images.shape[1] != self.channels:
+            kind = "grey images" if self.channels == 1 else f"{self.channels}-channel images"
+            raise ValueError(f"images must be (N, {self.channels}, H, W) {kind} in [-1, 1], "
+                             f"got shape {tuple(images.shape)}.")
         return F.pixel_unshuffle(images.float(), self.factor)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -142,7 +151,10 @@ class TinyLDM(nn.Module):
             torch.manual_seed(seed)
             self.text = CaptionEncoder(cfg.text_dim, cfg.max_words, cfg.vocab)
             self.unet = build_unet(cfg)
-        self.ae = PixelUnshuffleAE()
+        if cfg.latent_channels != cfg.image_channels * PixelUnshuffleAE.factor ** 2:
+            raise ValueError(f"latent_channels must be 4 x image_channels ({4 * cfg.image_channels}), "
+                             f"got {cfg.latent_channels}.")
+        self.ae = PixelUnshuffleAE(cfg.image_channels)
         self.scheduler = build_scheduler(cfg)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.detach().float().clone(), persistent=False)
 

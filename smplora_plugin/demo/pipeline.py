@@ -169,7 +169,8 @@ def load_assets(cfg: DemoConfig, folder: Union[str, Path] = ASSETS) -> Optional[
     model = load_base(bpath, ds.model_config)
     if model is None:
         return None
-    clf = DigitClassifier(image_size=ds.model_config.image_size)
+    clf = DigitClassifier(image_size=ds.model_config.image_size, classes=ds.classes,
+                          in_channels=ds.model_config.image_channels)
     clf.load_state_dict(load_file(str(cpath)))
     clf.eval().requires_grad_(False)
     return model, clf
@@ -225,7 +226,7 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
              log=print) -> Dict[str, Any]:
     """Run the demo; writes reports under ``out_dir`` and returns the summary (also ``summary.json``)."""
     from ..audit import run_audit
-    from .quality import FEATURE_SPACE, image_grid, sample_digits, sample_quality
+    from .quality import FEATURE_SPACE, image_grid, sample_captions
     from .target import TinyLDMTarget
     from .train import train_lora
 
@@ -260,9 +261,10 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
             refs = reference_models(cfg, base_sd, splits, progress=progress, log=log)
             timings["train_references"] = round(time.time() - t0, 1)
         reference = DigitSet.concat(splits["nonmember_calibration"], splits["nonmember_eval"])
-        base_quality = sample_quality(base, clf, reference, per_label=cfg.samples_per_label, steps=cfg.sample_steps,
-                                      guidance=cfg.guidance, seed=cfg.seed, captioner=ds.captioner)
-        base_quality["real_digits_frechet_distance"] = _real_floor(clf, ds.classifier_data(), reference,
+        quality_args = dict(per_label=cfg.samples_per_label, steps=cfg.sample_steps, guidance=cfg.guidance,
+                            seed=cfg.seed)
+        base_quality = ds.sample_quality(base, clf, splits["member"], reference, **quality_args)
+        base_quality["real_digits_frechet_distance"] = _real_floor(clf, ds.real_data(), reference,
                                                                    10 * cfg.samples_per_label, cfg.seed)
         space = FEATURE_SPACE if ds.name == "digits" else FEATURE_SPACE.replace("digit", ds.name)
 
@@ -293,11 +295,10 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
             timings[f"train_{variant}"] = round(time.time() - t0, 1)
             lora_path = _save_lora(model, reg, vdir, variant, cfg)
             t0 = time.time()
-            quality = sample_quality(model, clf, reference, per_label=cfg.samples_per_label, steps=cfg.sample_steps,
-                                     guidance=cfg.guidance, seed=cfg.seed, captioner=ds.captioner)
-            _save_png(image_grid(sample_digits(model, torch.arange(10).repeat(4), steps=cfg.sample_steps,
-                                               guidance=cfg.guidance, seed=cfg.seed, captioner=ds.captioner), nrow=10),
-                      vdir / "samples.png")
+            quality = ds.sample_quality(model, clf, splits["member"], reference, **quality_args)
+            _save_png(image_grid(sample_captions(model, ds.grid_captions(splits["member"], reference),
+                                                 steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed),
+                                 nrow=10), vdir / "samples.png")
             timings[f"quality_{variant}"] = round(time.time() - t0, 1)
             utility = {"sample_quality": {**quality, "feature_space": space,
                                           "reference": "private non-members (calibration + evaluation)"},
@@ -453,6 +454,8 @@ def _column(r: Mapping[str, Any], report_dir: str) -> Dict[str, Any]:
         "heldout_loss_ratio_to_plain": rep["utility"].get("heldout_loss_ratio_to_plain_lora"),
         "member_loss": rep["utility"].get("member_denoising_loss"),
         "classifier_accuracy": q["classifier_accuracy"], "frechet_distance": q["frechet_distance"],
+        "style_share_members": q.get("style_share_members"), "style_share_unseen": q.get("style_share_unseen"),
+        "kernel_distance": q.get("kernel_distance"),
         "adaptation_loss_last": training.get("adaptation_loss_last"),
         "proxy_attacker": training.get("proxy_attacker"),
         "report_dir": report_dir,
@@ -464,6 +467,10 @@ def build_summary(cfg: DemoConfig, splits: DigitSplits, results: Mapping[str, Di
                   base_audit: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """``summary.json``: one column per variant (``variants``) and the base model's audit (``base_model_audit``)."""
     cols = {v: _column(r, str(Path(r["lora_file"]).parent)) for v, r in results.items()}
+    if base_quality.get("style_share_members") is not None:  # the style a LoRA adds over the base
+        for c in cols.values():
+            c["style_gain_members"] = c["style_share_members"] - base_quality["style_share_members"]
+            c["style_gain_unseen"] = c["style_share_unseen"] - base_quality["style_share_unseen"]
     first = next(iter(results.values()))["report"] if results else None
     power = ((first or {}).get("verdict") or {}).get("power")
     return {"format": "smplora-demo-summary/1", "config": cfg.to_dict(), "base": base_source,
@@ -532,8 +539,18 @@ def render_table(s: Mapping[str, Any]) -> str:
     row("held-out denoising loss (ratio to plain LoRA)",
         lambda c: f"{_f(c['heldout_loss'], 4)} ({_f(c['heldout_loss_ratio_to_plain'])})")
     row("member denoising loss", lambda c: _f(c["member_loss"], 4))
-    row("classifier accuracy on samples", lambda c: _p(c["classifier_accuracy"]))
+    styled = any(c.get("style_share_members") is not None for c in cols.values())
+    if styled:
+        row("**style share (LoRA's style) at members' captions**", lambda c: f"**{_p(c.get('style_share_members'))}**")
+        row("**style share (LoRA's style) at unseen captions**", lambda c: f"**{_p(c.get('style_share_unseen'))}**")
+        row("style gain over the base model (members' / unseen captions, points)",
+            lambda c: "n/a" if c.get("style_gain_members") is None else
+            f"{100 * c['style_gain_members']:+.1f} / {100 * c['style_gain_unseen']:+.1f}")
+    else:
+        row("classifier accuracy on samples", lambda c: _p(c["classifier_accuracy"]))
     row("Fréchet distance (classifier features)", lambda c: _f(c["frechet_distance"], 2))
+    if styled:
+        row("kernel distance (classifier features, KID-like)", lambda c: _f(c.get("kernel_distance"), 4))
     row("final adaptation loss (train)", lambda c: _f(c["adaptation_loss_last"], 4))
     sp = s["audit_splits"]
     lo, hi = s["null_band_auc95"]
@@ -545,13 +562,18 @@ def render_table(s: Mapping[str, Any]) -> str:
         f"{pw['power']:.0%} power (one-sided level {pw['alpha_one_sided']:g}); AUC "
         f"{pw['needed_per_side_for_auc']['target_auc']:g} needs {pw['needed_per_side_for_auc']['members']} "
         "members and as many non-members.")
+    if bq.get("style_share_members") is None:
+        base_utility, real = f"classifier accuracy {_p(bq['classifier_accuracy'])}", "public"
+    else:
+        base_utility = (f"{_p(bq['style_share_members'])} in the LoRA's style ({bq['target_style']}) at the members' "
+                        f"captions, {_p(bq['style_share_unseen'])} at unseen captions")
+        real = f"{bq['target_style']} classifier-pool"
     lines = [f"# smplora demo: plain LoRA vs SMP-LoRA on a tiny latent diffusion model ({dataset})", "",
              f"Audit: {sp.get('member_eval')} members / {sp.get('nonmember_eval')} non-members evaluated "
              f"(attacks tuned on {sp.get('member_calibration')} / {sp.get('nonmember_calibration')}); "
              f"one fixed attack at chance has AUC in [{lo:.3f}, {hi:.3f}] (95%).{power} Base model: {s['base']}; "
-             f"its samples: classifier accuracy {_p(bq['classifier_accuracy'])}, "
-             f"Fréchet distance {bq['frechet_distance']:.2f} (real public images, same count: "
-             f"{bq['real_digits_frechet_distance']:.2f}).", ""] + rows
+             f"its samples: {base_utility}, Fréchet distance {bq['frechet_distance']:.2f} (real {real} images, "
+             f"same count: {bq['real_digits_frechet_distance']:.2f}).", ""] + rows
     refs = s.get("references")
     if refs:
         lines += ["", f"LiRA / RMIA: {refs['count']} {VARIANT_TITLES[s['config'].get('reference_variant', 'plain')]} "

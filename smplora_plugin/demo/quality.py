@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence
 
 import numpy as np
 import torch
@@ -25,14 +25,15 @@ FEATURE_SPACE = "smplora demo digit classifier, 64-d penultimate layer"
 class DigitClassifier(nn.Module):
     """``(N, 1, s, s)`` images in [-1, 1] -> ``classes`` logits; ``features()`` gives the 64-d embedding.
 
-    ``image_size`` 8 and 10 classes are the digits; the textures data set uses 16.
+    ``image_size`` 8 and 10 classes are the digits; the textures data set uses 16; the emoji
+    style classifier is RGB (``in_channels=3``) with 2 classes.
     """
 
-    def __init__(self, image_size: int = 8, classes: int = 10):
+    def __init__(self, image_size: int = 8, classes: int = 10, in_channels: int = 1):
         super().__init__()
         if image_size < 2 or image_size % 2:
             raise ValueError(f"image_size must be even and >= 2, got {image_size}.")
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.fc = nn.Linear(32 * (image_size // 2) ** 2, 64)
         self.head = nn.Linear(64, classes)
@@ -54,7 +55,8 @@ def train_classifier(data: DigitSet, *, epochs: int = 30, batch_size: int = 64, 
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clf = DigitClassifier(image_size=int(data.images.shape[-1]), classes=int(data.labels.max()) + 1)
+        clf = DigitClassifier(image_size=int(data.images.shape[-1]), classes=int(data.labels.max()) + 1,
+                              in_channels=int(data.images.shape[1]))
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
     n = len(data)
     clf.train()
@@ -87,6 +89,15 @@ def sample_digits(model: TinyLDM, labels: torch.Tensor, *, steps: int = 20, guid
                   captioner: Callable[[int], str] = caption_for) -> torch.Tensor:
     """Deterministic DDIM samples (eta 0) for ``labels`` (captioned by ``captioner``), with
     classifier-free guidance; images in [-1, 1]."""
+    return sample_captions(model, [captioner(int(y)) for y in labels], steps=steps, guidance=guidance, seed=seed,
+                           adapter=adapter, batch_size=batch_size)
+
+
+@torch.no_grad()
+def sample_captions(model: TinyLDM, captions: Sequence[str], *, steps: int = 20, guidance: float = 1.0,
+                    seed: int = 0, adapter: bool = True, batch_size: int = 500) -> torch.Tensor:
+    """Deterministic DDIM samples (eta 0), one per caption, with classifier-free guidance; images in [-1, 1]."""
+    captions = list(captions)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     T = model.cfg.num_train_timesteps
@@ -94,13 +105,13 @@ def sample_digits(model: TinyLDM, labels: torch.Tensor, *, steps: int = 20, guid
     ts = torch.linspace(T - 1, 0, steps).round().long().tolist()
     s = model.cfg.latent_size
     g = torch.Generator().manual_seed(seed)
-    x_all = torch.randn((len(labels), model.cfg.latent_channels, s, s), generator=g)
+    x_all = torch.randn((len(captions), model.cfg.latent_channels, s, s), generator=g)
     out = []
     null = model.text([""])
     with model.adapter(adapter):
-        for b in range(0, len(labels), batch_size):
+        for b in range(0, len(captions), batch_size):
             x = x_all[b:b + batch_size]
-            cond = model.text([captioner(int(y)) for y in labels[b:b + batch_size]])
+            cond = model.text(captions[b:b + batch_size])
             both = torch.cat([null.expand(x.shape[0], -1, -1), cond])
             for i, t in enumerate(ts):
                 if guidance == 1.0:  # plain conditional sampling: no unconditional pass needed
@@ -144,11 +155,13 @@ def sample_quality(model: TinyLDM, clf: DigitClassifier, reference: DigitSet, *,
 
 
 def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
-    """``(N, 1, h, w)`` in [-1, 1] -> one uint8 grid image (rows of ``nrow``)."""
-    n, _, h, w = images.shape
+    """``(N, 1, h, w)`` or ``(N, 3, h, w)`` in [-1, 1] -> one uint8 grid image (rows of ``nrow``;
+    ``(H, W)`` grey or ``(H, W, 3)`` RGB)."""
+    n, c, h, w = images.shape
     rows = (n + nrow - 1) // nrow
-    grid = np.zeros((rows * (h + 1), nrow * (w + 1)), np.uint8)
-    x = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    grid = np.zeros((rows * (h + 1), nrow * (w + 1)) + (() if c == 1 else (c,)), np.uint8)
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().byte()
+    x = (x[:, 0] if c == 1 else x.permute(0, 2, 3, 1)).numpy()
     for i in range(n):
         r, c = divmod(i, nrow)
         grid[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = x[i]
