@@ -217,11 +217,14 @@ def _json_default(o: Any) -> Any:
 
 
 def _setup(dataset: str):
-    from smplora_plugin.demo.pipeline import DemoConfig, load_assets, train_assets
+    from smplora_plugin.demo.pipeline import DemoConfig, load_assets
 
     cfg = DemoConfig(dataset=dataset)
     loaded = load_assets(cfg)
-    base, clf = loaded if loaded is not None else train_assets(cfg, progress=False)
+    if loaded is None:  # never train a base model in every worker: the frontier needs the shipped weights
+        raise SystemExit(f"no shipped base weights for {dataset!r} match this code; build them once with "
+                         f"`python -m smplora_plugin.demo.make_assets --dataset {dataset}`.")
+    base, clf = loaded
     return cfg, base, clf
 
 
@@ -650,7 +653,13 @@ def plot(points: List[Dict[str, Any]], path: Path) -> None:
 def _recipe(args) -> Recipe:
     from smplora_plugin.demo.pipeline import DemoConfig
 
-    steps = args.steps or DemoConfig(dataset=args.dataset).steps
+    if args.steps and args.epochs:
+        raise SystemExit("give --steps or --epochs, not both.")
+    batch = Recipe.__dataclass_fields__["batch_size"].default
+    if args.epochs:  # passes over the members: steps = epochs * M / batch (at least one step)
+        steps = max(1, -(-args.epochs * args.members // min(batch, args.members)))
+    else:
+        steps = args.steps or DemoConfig(dataset=args.dataset).steps
     audit = {"n_boot": 200, **json.loads(args.audit_json)}
     rc = Recipe(dataset=args.dataset, members=args.members, steps=steps, runs=args.runs, references=args.references,
                 audit=audit, attacks=None if not args.attacks else tuple(args.attacks.split(",")),
@@ -663,6 +672,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="textures")
     p.add_argument("--members", type=int, default=64)
     p.add_argument("--steps", type=int, default=0, help="LoRA steps (0: the demo's for the data set)")
+    p.add_argument("--epochs", type=int, default=0, help="instead of --steps: passes over the members (batch 32)")
     p.add_argument("--runs", type=int, default=8, help="independently trained LoRAs pooled per point")
     p.add_argument("--references", type=int, default=8, help="plain reference LoRAs per (data set, M); 0: none")
     p.add_argument("--audit-json", default="{}", help="audit config overrides (JSON), on top of n_boot 200")
@@ -717,7 +727,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for fr in frontiers:
         parts = fr.split(":")
         ns = argparse.Namespace(**{**vars(args), "dataset": parts[0], "members": int(parts[1]),
-                                   "steps": int(parts[3]) if len(parts) > 3 else args.steps})
+                                   "steps": int(parts[3]) if len(parts) > 3 else args.steps,
+                                   "epochs": 0 if len(parts) > 3 else args.epochs})
         rc = _recipe(ns)
         for row in parts[2].split(","):
             p = pooled_point(cache, rc, row)
