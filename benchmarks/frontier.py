@@ -17,6 +17,9 @@ Design (per data set and member count ``M``):
 - **Utility.** The data set's classifier on generated samples (accuracy; for textures the share of
   samples of the captioned class), Fréchet distance in its feature space, held-out denoising loss.
   The style / concept **gain kept** is ``(acc - acc_untouched) / (acc_plain - acc_untouched)``.
+- **Reference memo.** A reference's noise predictions are memoised per input row on disk
+  (``<cache>/refeps``): every run at one ``(data set, M)`` queries the same images at the same
+  noise draws, so LiRA/RMIA's reference grids (more than half of an audit) are computed once.
 - **Cache.** Every trained LoRA (``<cache>/lora/<key>``) and every run's audit scores and utility
   (``<cache>/audit/<key>``) are stored under a hash of everything that determines them (data set,
   model and base recipe, ``M``, run, row settings, steps, LoRA recipe, audit settings, reference
@@ -336,17 +339,82 @@ def ensure_lora(cache: Cache, rc: Recipe, spec: Mapping[str, Any], run: int, *, 
 # auditing one run
 
 
-def _references(cache: Cache, rc: Recipe, setup) -> Any:
+class MemoTarget:
+    """A reference target whose noise predictions are memoised per input row, on disk.
+
+    Every run and row at one ``(data set, M)`` audits images of the same pool with the same noise
+    draws (audit seed 0), so a reference's loss grid is the same whatever the run: most of an audit's
+    time (LiRA/RMIA's reference grids) is computed once per reference and read back afterwards. A row's
+    key is the SHA-1 of its noisy latent, timestep and condition rounded to float16 (a rounding that
+    differs only costs a recomputation). New rows are written by :meth:`flush` as one more shard.
+    """
+
+    def __init__(self, inner: Any, folder: Path):
+        from safetensors.torch import load_file
+
+        self.inner, self.folder = inner, Path(folder)
+        self.memo: Dict[bytes, torch.Tensor] = {}
+        self.new: Dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+        for shard in sorted(self.folder.glob("shard_*.safetensors")):
+            t = load_file(str(shard))
+            for k, v in zip(t["keys"], t["eps"]):
+                self.memo[bytes(k.tolist())] = v
+        self.num_train_timesteps = inner.num_train_timesteps
+        self.alphas_cumprod = inner.alphas_cumprod
+        self.prediction_type = getattr(inner, "prediction_type", "epsilon")
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode(images)
+
+    def condition(self, captions: Any) -> Any:
+        return self.inner.condition(captions)
+
+    @staticmethod
+    def _key(z: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> bytes:
+        h = hashlib.sha1(z.half().numpy().tobytes())
+        h.update(str(int(t)).encode())
+        h.update(c.half().numpy().tobytes())
+        return h.digest()
+
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, *, adapter: bool = True) -> torch.Tensor:
+        if not adapter or not isinstance(cond, torch.Tensor):
+            return self.inner.eps(z_t, t, cond, adapter=adapter)
+        keys = [self._key(z_t[i].float(), t[i], cond[i].float()) for i in range(z_t.shape[0])]
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+        if todo:
+            out = torch.as_tensor(self.inner.eps(z_t[todo], t[todo], cond[todo], adapter=True)).float().cpu()
+            for j, i in enumerate(todo):
+                self.memo[keys[i]] = self.new[keys[i]] = out[j].clone()
+        self.hits += z_t.shape[0] - len(todo)
+        self.misses += len(todo)
+        return torch.stack([self.memo[k] for k in keys])
+
+    def flush(self) -> None:
+        if not self.new:
+            return
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        keys = torch.tensor([list(k) for k in self.new], dtype=torch.uint8)
+        tmp = self.folder / f".shard_{os.getpid()}_{time.time_ns()}.tmp"
+        save_file({"keys": keys, "eps": torch.stack(list(self.new.values())).contiguous()}, str(tmp))
+        os.replace(tmp, self.folder / f"shard_{os.getpid()}_{time.time_ns()}.safetensors")
+        self.new = {}
+
+
+def _references(cache: Cache, rc: Recipe, setup) -> Tuple[Any, List[MemoTarget]]:
     if not rc.references:
-        return None
+        return None, []
     from smplora_plugin.audit import References
     from smplora_plugin.demo.target import TinyLDMTarget
 
-    pairs = []
+    pairs, memos = [], []
     for r in range(rc.references):
         model, meta = ensure_lora(cache, rc, {"kind": "plain"}, 0, reference=r, setup=setup)
-        pairs.append((TinyLDMTarget(model), meta["trained_ids"]))
-    return References.from_targets(pairs, mode="online")
+        memos.append(MemoTarget(TinyLDMTarget(model), cache.path("refeps", meta["key"])))
+        pairs.append((memos[-1], meta["trained_ids"]))
+    return References.from_targets(pairs, mode="online"), memos
 
 
 def _quality(rc: Recipe, model, clf, cfg, members, reference, seed: int) -> Dict[str, Any]:
@@ -375,7 +443,7 @@ def ensure_audit(cache: Cache, rc: Recipe, row: str, run: int, setup=None) -> Di
     cfg, _, clf = setup
     torch.set_flush_denormal(True)
     model, lmeta = ensure_lora(cache, rc, spec, run, setup=setup)
-    refs = _references(cache, rc, setup)
+    refs, memos = _references(cache, rc, setup)
     pool, _ = audited_pool(rc.dataset, rc.members)
     draw = run_draw(len(pool), rc.members, run)
     s = lambda part: AuditSamples(pool.subset(draw[part]).images, pool.subset(draw[part]).captions,  # noqa: E731
@@ -386,6 +454,8 @@ def ensure_audit(cache: Cache, rc: Recipe, row: str, run: int, setup=None) -> Di
                        attacks=None if rc.attacks is None else list(rc.attacks), config={"seed": 0, **rc.audit},
                        progress=False, num_threads=1, references=refs, load_plugins=False)
     audit_s = time.time() - t0
+    for m in memos:
+        m.flush()
     nonmembers = pool.subset(draw["nonmember_cal"] + draw["nonmember_eval"])
     quality = _quality(rc, model, clf, cfg, pool.subset(draw["member"]), nonmembers, run)
     tensors: Dict[str, Any] = {"eval_labels": torch.as_tensor(report.eval_labels.astype(np.int64))}
@@ -394,6 +464,7 @@ def ensure_audit(cache: Cache, rc: Recipe, row: str, run: int, setup=None) -> Di
         tensors[f"{a}.cal"] = torch.as_tensor(sc.cal_scores, dtype=torch.float64)
         tensors[f"{a}.cal_labels"] = torch.as_tensor(np.asarray(sc.cal_labels).astype(np.int64))
     meta = {"row": row, "run": run, "dataset": rc.dataset, "members": rc.members, "key": key,
+            "reference_eps_memo": {"hits": sum(m.hits for m in memos), "misses": sum(m.misses for m in memos)},
             "lora_key": lmeta["key"], "train": {k: lmeta.get(k) for k in ("steps", "epsilon", "train_seconds",
                                                                           "final_loss")},
             "audit_seconds": round(audit_s, 1), "quality": quality,

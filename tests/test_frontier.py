@@ -75,6 +75,9 @@ def test_tiny_frontier_end_to_end_and_resume(fr, tmp_path):
         for i in range(rc.runs):
             meta = fr.ensure_audit(cache, rc, row, i, setup=setup)
             assert meta["report"]["verdict"]["verdict"] is not None
+    memo = [fr.load_report(cache, fr.settings_key(fr.audit_settings(rc, fr.row_spec(r), i)))[1]["reference_eps_memo"]
+            for r in rows for i in range(rc.runs)]
+    assert memo[0]["misses"] > 0 and all(m["misses"] == 0 and m["hits"] > 0 for m in memo[1:])  # grids reused
     assert fr.tasks_for(cache, rc, rows) == []  # resume: nothing left to do
     assert fr.schedule(cache, rc, rows, jobs=2) == 0  # and no worker is started
     # a cached run is read back, not retrained: its file is untouched by a second call
@@ -97,3 +100,32 @@ def test_tiny_frontier_end_to_end_and_resume(fr, tmp_path):
     fr.plot(points, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
     json.dumps(points)
+
+
+def test_memo_target_serves_repeated_rows_from_disk(fr, tmp_path):
+    import torch
+
+    class Inner:
+        num_train_timesteps, alphas_cumprod, calls = 10, torch.linspace(0.99, 0.01, 10), 0
+
+        def encode(self, x):
+            return x
+
+        def condition(self, caps):
+            return torch.ones(len(caps), 2, 3)
+
+        def eps(self, z, t, c, adapter=True):
+            Inner.calls += z.shape[0]
+            return z * 2 + t.view(-1, 1, 1, 1) + c.sum((1, 2)).view(-1, 1, 1, 1) * float(adapter)
+
+    z, t, c = torch.randn(3, 1, 2, 2), torch.tensor([1, 2, 3]), torch.ones(3, 2, 3)
+    m = fr.MemoTarget(Inner(), tmp_path / "memo")
+    first = m.eps(z, t, c)
+    assert torch.allclose(first, Inner().eps(z, t, c)) and m.misses == 3
+    m.flush()
+    m2 = fr.MemoTarget(Inner(), tmp_path / "memo")
+    calls = Inner.calls
+    again = m2.eps(torch.cat([z[[2, 0]], z[:1] + 1]), torch.tensor([3, 1, 1]), torch.ones(3, 2, 3))
+    assert Inner.calls == calls + 1 and m2.hits == 2  # two rows from disk, in any batch order; one new
+    assert torch.allclose(again[:2], first[[2, 0]])
+    assert torch.allclose(m2.eps(z, t, c, adapter=False), Inner().eps(z, t, c, adapter=False))  # never memoised
