@@ -26,7 +26,8 @@ Selection (deliberate, and recorded in ``emoji.json``):
   near-duplicate of a member can ever be a non-member.
 
 Images: the 64 px PNGs composited on white, then area-averaged (PIL ``BOX``) to 32 and 16 px.
-Deterministic: the same packages give byte-identical files.
+Deterministic: the same packages give identical arrays (checked: a second build matched pixel for
+pixel; the safetensors header's key order may differ) and the same ``emoji.json`` but its ``command``.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def build(src: Path, out: Path, argv: Sequence[str]) -> Dict:
         save_file({s: np.stack(images[r][s]) for s in STYLES}, str(out / f"emoji_{r}px.safetensors"),
                   metadata={"smplora.demo.kind": "emoji-images", "resolution": str(r), "layout": "N,H,W,RGB uint8",
                             "rows": "same order as emoji.json 'emoji'"})
+        (out / f"emoji_{r}px.safetensors").chmod(0o644)
     rows = [{"unified": e["unified"], "name": e["name"].lower(), "short_name": e["short_name"],
              "category": e["category"], "subcategory": e["subcategory"], "caption": caption(e),
              "group": variant_group(e["unified"])} for e in kept]

@@ -39,6 +39,28 @@ class DemoDataset:
     utility: Optional[Callable[..., Dict[str, Any]]] = None
     #: real images a perfect generator would match (the Fréchet floor); ``None``: the classifier pool
     real_pool: Optional[Callable[[], DigitSet]] = None
+    #: ``(data, *, epochs, seed, progress) -> classifier`` and ``() -> untrained classifier``;
+    #: ``None``: the demo's :class:`~smplora_plugin.demo.quality.DigitClassifier`
+    fit_classifier: Optional[Callable[..., Any]] = None
+    new_classifier: Optional[Callable[[], Any]] = None
+    #: the classifier's epochs when they differ from ``DemoConfig.classifier_epochs``
+    classifier_epochs: Optional[int] = None
+
+    def make_classifier(self) -> Any:
+        """An untrained utility classifier of the shipped shape (to load weights into)."""
+        from .quality import DigitClassifier
+
+        if self.new_classifier is not None:
+            return self.new_classifier()
+        return DigitClassifier(image_size=self.model_config.image_size, classes=self.classes,
+                               in_channels=self.model_config.image_channels)
+
+    def train_classifier(self, default_epochs: int, *, progress: bool = True) -> Any:
+        """Train the utility classifier on :meth:`classifier_data` (seed 0)."""
+        from .quality import train_classifier
+
+        fit = self.fit_classifier or train_classifier
+        return fit(self.classifier_data(), epochs=self.classifier_epochs or default_epochs, seed=0, progress=progress)
 
     def classifier_data(self) -> DigitSet:
         return (self.classifier_pool or self.public_pool)()
@@ -96,7 +118,9 @@ def _emoji() -> DemoDataset:
                        emoji.public_pool, emoji.caption_for, "tiny_ldm_emoji_base.safetensors",
                        "emoji_style_classifier.safetensors", "emoji-google-candidates-v1", emoji.classifier_pool,
                        classes=2, utility=emoji.style_utility,
-                       real_pool=lambda: emoji.load_emoji("classifier_twitter"))
+                       real_pool=lambda: emoji.load_emoji("classifier_twitter"),
+                       fit_classifier=emoji.train_style_classifier, new_classifier=emoji.StyleClassifier,
+                       classifier_epochs=emoji.STYLE_CLASSIFIER_EPOCHS)
 
 
 _REGISTRY: Dict[str, Callable[[], DemoDataset]] = {"digits": _digits, "textures": _textures, "emoji": _emoji}

@@ -176,6 +176,67 @@ def draw_members(members: int, seed: int, *, nonmembers: Optional[int] = None, d
 
 # -- utility -------------------------------------------------------------------------------------
 
+#: Epochs of the style classifier (it sees 400 images: 7 batches an epoch).
+STYLE_CLASSIFIER_EPOCHS = 80
+
+
+class StyleClassifier(torch.nn.Module):
+    """Twemoji vs Noto on ``(N, 3, 16, 16)`` images in [-1, 1]: three 3x3 convs, then the mean and
+    max over positions (style is local: outlines, shading, flat fills; the layout is the emoji's, not
+    the style's), a 64-d feature layer (:meth:`features`, the distances' feature space) and 2 logits."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.conv3 = torch.nn.Conv2d(width, 64, 3, padding=1)
+        self.fc = torch.nn.Linear(128, 64)
+        self.head = torch.nn.Linear(64, 2)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        relu = torch.nn.functional.relu
+        h = relu(self.conv3(relu(self.conv2(relu(self.conv1(x))))))
+        return relu(self.fc(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def train_style_classifier(data: DigitSet, *, epochs: int = STYLE_CLASSIFIER_EPOCHS, batch_size: int = 64,
+                           lr: float = 2e-3, seed: int = 0, progress: bool = True) -> StyleClassifier:
+    """Train :class:`StyleClassifier` on ``data`` (labels 1 = Twemoji) with random one-pixel shifts
+    and horizontal flips; deterministic for a ``seed``."""
+    import torch.nn.functional as F
+
+    from .train import _bar
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}.")
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clf = StyleClassifier()
+    opt = torch.optim.Adam(clf.parameters(), lr=lr)
+    clf.train()
+    bar = _bar(epochs, "style classifier", progress)
+    for _ in range(epochs):
+        perm = torch.randperm(len(data), generator=g)
+        for i in range(0, len(data), batch_size):
+            idx = perm[i:i + batch_size]
+            dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
+            x = torch.roll(data.images[idx], shifts=(dy, dx), dims=(2, 3))
+            if bool(torch.rand(1, generator=g) < 0.5):
+                x = x.flip(3)
+            loss = F.cross_entropy(clf(x), data.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        bar.update(1)
+    bar.close()
+    clf.eval().requires_grad_(False)
+    return clf
+
+
 
 @torch.no_grad()
 def style_share(clf: Any, images: torch.Tensor) -> float:
@@ -219,7 +280,7 @@ def style_utility(model: Any, clf: Any, member_captions: Sequence[str], unseen: 
 
 
 def load_base_model(folder: Optional[Path] = None):
-    """The shipped emoji base model and style classifier ``(TinyLDM, DigitClassifier)``; ``None`` if
+    """The shipped emoji base model and style classifier ``(TinyLDM, StyleClassifier)``; ``None`` if
     they are missing or stale (``python -m smplora_plugin.demo.make_assets --dataset emoji``)."""
     from .pipeline import ASSETS, DemoConfig, load_assets
 

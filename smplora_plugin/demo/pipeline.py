@@ -124,14 +124,13 @@ def base_recipe(cfg: DemoConfig) -> Dict[str, str]:
 
 def train_assets(cfg: DemoConfig, *, progress: bool = True) -> Tuple[TinyLDM, "Any"]:
     """Train the base model and the classifier on the data set's public pool (deterministic)."""
-    from .quality import train_classifier
     from .train import train_base
 
     pub = cfg.data.public_pool()
     model = TinyLDM(cfg.data.model_config, seed=0)
     train_base(model, pub, steps=cfg.base_steps, batch_size=cfg.base_batch_size, lr=cfg.base_lr, seed=0,
                progress=progress)
-    clf = train_classifier(cfg.data.classifier_data(), epochs=cfg.classifier_epochs, seed=0, progress=progress)
+    clf = cfg.data.train_classifier(cfg.classifier_epochs, progress=progress)
     return model, clf
 
 
@@ -144,7 +143,7 @@ def save_assets(model: TinyLDM, clf: Any, cfg: DemoConfig, folder: Union[str, Pa
     save_base(model, folder / ds.base_file, extra=base_recipe(cfg))
     save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(folder / ds.classifier_file),
               metadata={"smplora.demo.kind": f"{ds.name}-classifier" if ds.name != "digits" else "digit-classifier",
-                        "smplora.demo.classifier_epochs": str(cfg.classifier_epochs)})
+                        "smplora.demo.classifier_epochs": str(ds.classifier_epochs or cfg.classifier_epochs)})
     for name in (ds.base_file, ds.classifier_file):
         (folder / name).chmod(0o644)
     return {"base": folder / ds.base_file, "classifier": folder / ds.classifier_file}
@@ -154,8 +153,6 @@ def load_assets(cfg: DemoConfig, folder: Union[str, Path] = ASSETS) -> Optional[
     """Shipped base + classifier if both exist and were made with this model config and recipe."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from .quality import DigitClassifier
 
     folder = Path(folder)
     ds = cfg.data
@@ -169,8 +166,7 @@ def load_assets(cfg: DemoConfig, folder: Union[str, Path] = ASSETS) -> Optional[
     model = load_base(bpath, ds.model_config)
     if model is None:
         return None
-    clf = DigitClassifier(image_size=ds.model_config.image_size, classes=ds.classes,
-                          in_channels=ds.model_config.image_channels)
+    clf = ds.make_classifier()
     clf.load_state_dict(load_file(str(cpath)))
     clf.eval().requires_grad_(False)
     return model, clf
