@@ -708,7 +708,7 @@ def plot(points: List[Dict[str, Any]], path: Path) -> None:
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_title(ds)
         ax.set_xlabel("classifier accuracy on generated samples (higher = more useful)")
-        ax.set_ylabel("pooled headline AUC, calibrated verdict's attack (lower = more private)")
+        ax.set_ylabel("pooled headline AUC (lower = more private)")
         ax.grid(alpha=0.3)
     fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, frameon=False)
     fig.suptitle("Privacy-utility frontier, audit v2 (each point pooled over its runs; Pareto points joined)")
@@ -818,10 +818,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(text)
     if args.write and points:
         Path(args.out_rows).write_text("".join(json.dumps(p) + "\n" for p in points))
-        plot(points, Path(args.png))
+        figure = ""
+        if len({p["family"] for p in points}) > 1:  # a single family is no frontier: no figure
+            plot(points, Path(args.png))
+            figure = f"\n![frontier]({Path(args.png).name})\n"
         cmd_note = "run: `python benchmarks/frontier.py run --dataset D --members M --rows ... --runs 8 --jobs 2`"
         write_section("frontier_v2", "## Privacy-utility frontier, audit v2 (issue 11)\n\n" + header() +
-                      f"- {cmd_note}; the cache is outside the repository\n" + text + f"\n![frontier]({Path(args.png).name})\n")
+                      f"- {cmd_note}; the cache is outside the repository\n" + text + figure)
     return 0
 
 
