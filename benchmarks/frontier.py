@@ -46,7 +46,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -266,7 +266,8 @@ def _grid(cfg, spec: Mapping[str, Any]) -> int:
     return max(1, lat * int(spec.get("grid", 32)) // 64)
 
 
-def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, cfg, base_sd) -> Tuple[Any, Dict[str, Any]]:
+def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, cfg,
+              base_sd) -> Tuple[Any, Dict[str, Any]]:
     """Train one LoRA per ``spec`` on ``members``; returns the model and facts (seconds, epsilon)."""
     from privacy_utility import train_dpsgd, train_floor
 
@@ -527,7 +528,8 @@ def pooled_point(cache: Cache, rc: Recipe, row: str) -> Optional[Dict[str, Any]]
         "verdict": v["verdict"], "headline_attack": h["attack"], "headline_auc": h["auc"],
         "headline_auc_ci95": h["auc_ci95"], "headline_p": h["p_value"],
         "headline_tpr_1pct": head.get("tpr_at_1pct_fpr"), "headline_tpr_01pct": head.get("tpr_at_0.1pct_fpr"),
-        "envelope_auc": v["upper_envelope"]["auc"]["value"], "envelope_auc_attack": v["upper_envelope"]["auc"]["attack"],
+        "envelope_auc": v["upper_envelope"]["auc"]["value"],
+        "envelope_auc_attack": v["upper_envelope"]["auc"]["attack"],
         "envelope_auc_p": v["upper_envelope"]["auc"]["p_value"],
         "envelope_tpr_01pct": model_attacks[env01].get("tpr_at_0.1pct_fpr"), "envelope_tpr_01pct_attack": env01,
         "epsilon_lower_bound": v["epsilon_lower_bound"]["epsilon"],
@@ -537,7 +539,7 @@ def pooled_point(cache: Cache, rc: Recipe, row: str) -> Optional[Dict[str, Any]]
         "frechet_distance": mean([m["quality"]["frechet_distance"] for m in metas]),
         "heldout_loss": mean([m["heldout_loss"] for m in metas]),
         "member_loss": mean([m["member_loss"] for m in metas]),
-        "dp_epsilon": mean([m["train"]["epsilon"] for m in metas]) if metas[0]["train"]["epsilon"] is not None else None,
+        "dp_epsilon": None if metas[0]["train"]["epsilon"] is None else mean([m["train"]["epsilon"] for m in metas]),
         "train_seconds": mean([m["train"]["train_seconds"] for m in metas]),
         "audit_seconds": mean([m["audit_seconds"] for m in metas]),
     }
@@ -550,7 +552,8 @@ def add_gain(points: List[Dict[str, Any]]) -> None:
         u, pl = by.get((p["dataset"], p["members"], "untouched")), by.get((p["dataset"], p["members"], "plain"))
         gain = None
         if u and pl and abs(pl["classifier_accuracy"] - u["classifier_accuracy"]) > 1e-9:
-            gain = (p["classifier_accuracy"] - u["classifier_accuracy"]) / (pl["classifier_accuracy"] - u["classifier_accuracy"])
+            base = u["classifier_accuracy"]
+            gain = (p["classifier_accuracy"] - base) / (pl["classifier_accuracy"] - base)
         p["gain_kept"] = gain
 
 
@@ -671,7 +674,8 @@ def table(points: List[Dict[str, Any]]) -> str:
     for p in points:
         lo, hi = p["headline_auc_ci95"]
         lines.append(
-            f"| {p['members']} | {p['row']} | {p['runs']} | {p['epochs']:g} | {p['verdict']} | {p['headline_attack']} | "
+            f"| {p['members']} | {p['row']} | {p['runs']} | {p['epochs']:g} | {p['verdict']} | "
+            f"{p['headline_attack']} | "
             f"{p['headline_auc']:.3f} [{lo:.2f}, {hi:.2f}] | {_pct(p['headline_tpr_1pct'])} | "
             f"{_pct(p['headline_tpr_01pct'])} | {p['envelope_auc']:.3f} ({p['envelope_auc_attack']}) | "
             f"{_pct(p['envelope_tpr_01pct'])} | {_f(p['classifier_accuracy'])} ± {_f(p['classifier_accuracy_sd'])} | "
