@@ -1,0 +1,836 @@
+"""The privacy-utility frontier measured with audit v2 (issue 11), cached and resumable.
+
+Design (per data set and member count ``M``):
+
+- **Audited pool.** A fixed set ``A`` of ``2M`` private images (``splits(seed=0)``'s ``member``
+  set) and a fixed defense set of non-members (seen only by a defense's proxy or loss floor).
+- **Runs.** Run ``i`` of a row draws its members as a seeded random half of ``A`` (``M`` images);
+  the other half are its non-members. Each half is split in two: calibration and evaluation.
+  The LoRA init, batches and noise are seeded by ``i``; every row's run ``i`` sees the same draw.
+- **References.** ``R`` plain reference LoRAs per ``(data set, M)``, trained the target's way on
+  balanced halves of ``A`` (each image IN for exactly ``R/2`` of them), shared by every row and
+  run at that member count: online LiRA, offline LiRA and RMIA join the default suite.
+- **Audit.** The whole default suite (:func:`smplora_plugin.audit.run_audit`, one audit seed for
+  every run: common noise draws), then the runs are pooled with
+  :func:`smplora_plugin.audit.pooled.pool_reports` (per-run standardisation on calibration
+  non-members, calibrated verdict, stratified permutations).
+- **Utility.** The data set's classifier on generated samples (accuracy; for textures the share of
+  samples of the captioned class), Fréchet distance in its feature space, held-out denoising loss.
+  The style / concept **gain kept** is ``(acc - acc_untouched) / (acc_plain - acc_untouched)``.
+- **Reference memo.** A reference's noise predictions are memoised per input row on disk
+  (``<cache>/refeps``): every run at one ``(data set, M)`` queries the same images at the same
+  noise draws, so LiRA/RMIA's reference grids (more than half of an audit) are computed once.
+- **Cache.** Every trained LoRA (``<cache>/lora/<key>``) and every run's audit scores and utility
+  (``<cache>/audit/<key>``) are stored under a hash of everything that determines them (data set,
+  model and base recipe, ``M``, run, row settings, steps, LoRA recipe, audit settings, reference
+  keys, :data:`FRONTIER_VERSION`). Re-running skips what is cached, so the frontier runs in parts
+  across sittings. The cache lives outside the repository (``--cache``, default
+  ``/work/scratch/frontier/cache`` or ``$SMPLORA_FRONTIER_CACHE``).
+
+Run (two jobs at a time, one thread each, niced):
+
+  python benchmarks/frontier.py run --dataset textures --members 64 --rows untouched,plain,robust --runs 8 --jobs 2
+  python benchmarks/frontier.py report --write      # pools every finished point: RESULTS.md, PNG, rows jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _results import header, write_section  # noqa: E402
+
+#: Bump when a change to this harness or to the code it calls changes what a cached result would be.
+FRONTIER_VERSION = 1
+DEFAULT_CACHE = Path(os.environ.get("SMPLORA_FRONTIER_CACHE", "/work/scratch/frontier/cache"))
+ROWS_JSONL = HERE / "frontier_rows.jsonl"
+PNG = HERE / "frontier.png"
+DEFENSE_NONMEMBERS = 64
+REFERENCE_SEED = 2027
+
+#: name -> (family, settings). ``grid``: the pooling grid's SD1.5 analogue (64 = no pooling at 64x64
+#: latents); on the tiny latents it becomes ``latent * grid / 64`` per side. ``steps_frac``: early stopping.
+ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "untouched": ("untouched", {"kind": "untouched"}),
+    "plain": ("plain", {"kind": "plain"}),
+    "plain stop@1/4": ("plain", {"kind": "plain", "steps_frac": 0.25}),
+    "plain stop@1/2": ("plain", {"kind": "plain", "steps_frac": 0.5}),
+    "smp paper features a10 k5": ("smp paper", {"kind": "smp", "alpha": 10.0, "k_steps": 5, "attacker_lr": 1e-3,
+                                                "grid": 64}),
+    "robust": ("robust", {"kind": "robust"}),
+    "robust grid16": ("robust", {"kind": "robust", "grid": 16}),
+    "robust grid64": ("robust", {"kind": "robust", "grid": 64}),
+    "robust a5": ("robust", {"kind": "robust", "alpha": 5.0}),
+    "robust a50": ("robust", {"kind": "robust", "alpha": 50.0}),
+    "robust whole-batch": ("robust", {"kind": "robust", "privacy_fraction": 1.0}),
+    "robust k5": ("robust", {"kind": "robust", "k_steps": 5}),
+    "robust attacker-lr 1e-4": ("robust", {"kind": "robust", "attacker_lr": 1e-4}),
+    "robust attacker-lr 1e-2": ("robust", {"kind": "robust", "attacker_lr": 1e-2}),
+    "robust wide attacker": ("robust", {"kind": "robust", "hidden": [1024, 512]}),
+    "mp a0.05": ("mp", {"kind": "mp", "alpha": 0.05, "attacker_lr": 1e-3, "grid": 64}),
+    "dp-sgd s0.5": ("dp-sgd", {"kind": "dpsgd", "noise": 0.5, "clip": 0.05}),
+    "dp-sgd s1": ("dp-sgd", {"kind": "dpsgd", "noise": 1.0, "clip": 0.05}),
+    "dp-sgd s2": ("dp-sgd", {"kind": "dpsgd", "noise": 2.0, "clip": 0.05}),
+    "dp-sgd s4": ("dp-sgd", {"kind": "dpsgd", "noise": 4.0, "clip": 0.05}),
+    "loss floor": ("loss floor", {"kind": "floor"}),
+}
+FAMILY_ORDER = ("untouched", "plain", "smp paper", "robust", "mp", "dp-sgd", "loss floor")
+KINDS = ("untouched", "plain", "smp", "robust", "mp", "dpsgd", "floor")
+
+
+# ---------------------------------------------------------------------------------------------
+# settings and keys
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What every run of one frontier shares: LoRA recipe, audit settings, utility settings."""
+
+    dataset: str
+    members: int
+    steps: int
+    runs: int = 8
+    references: int = 8
+    batch_size: int = 32
+    lora_rank: int = 8
+    lora_lr: float = 1e-3
+    audit: Mapping[str, Any] = field(default_factory=lambda: {"n_boot": 200})
+    attacks: Optional[Tuple[str, ...]] = None  # None: the whole default suite (+ LiRA/RMIA with references)
+    per_label: int = 20
+    sample_steps: int = 20
+
+    def validate(self) -> None:
+        from smplora_plugin.demo.datasets import NAMES
+
+        if self.dataset not in NAMES:
+            raise ValueError(f"unknown data set {self.dataset!r}; choose one of {list(NAMES)}.")
+        for name in ("members", "steps", "runs", "batch_size", "lora_rank", "per_label", "sample_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {v!r}.")
+        if self.members < 8 or self.members % 4:
+            raise ValueError(f"members={self.members}: use a multiple of 4, at least 8 (calibration and evaluation "
+                             "halves of members and non-members).")
+        if self.references == 1 or self.references < 0 or self.references % 2:
+            raise ValueError(f"references={self.references}: 0 (no LiRA/RMIA) or an even number >= 2.")
+
+
+def settings_key(settings: Mapping[str, Any]) -> str:
+    """A 20-hex-digit SHA-256 of the settings' canonical JSON (key order does not matter)."""
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def _code_facts(dataset: str) -> Dict[str, Any]:
+    from smplora_plugin import __version__
+    from smplora_plugin.demo.pipeline import DemoConfig, base_recipe
+
+    cfg = DemoConfig(dataset=dataset)
+    return {"frontier_version": FRONTIER_VERSION, "smplora": __version__, "model": cfg.data.model_config.fingerprint(),
+            "base": base_recipe(cfg), "pool": cfg.data.pool_tag}
+
+
+def row_spec(row: str) -> Dict[str, Any]:
+    if row not in ROWS:
+        raise ValueError(f"unknown row {row!r}; choose from {list(ROWS)}.")
+    return dict(ROWS[row][1])
+
+
+def lora_settings(rc: Recipe, spec: Mapping[str, Any], run: int, *, reference: Optional[int] = None) -> Dict[str, Any]:
+    """Everything that determines one trained LoRA (target run or reference)."""
+    d = {"code": _code_facts(rc.dataset), "dataset": rc.dataset, "members": rc.members, "steps": rc.steps,
+         "batch_size": rc.batch_size, "lora_rank": rc.lora_rank, "lora_lr": rc.lora_lr,
+         "defense_nonmembers": DEFENSE_NONMEMBERS, "spec": dict(spec)}
+    if reference is None:
+        d["run"] = run
+    else:
+        d.update(reference=reference, references=rc.references, reference_seed=REFERENCE_SEED)
+    return d
+
+
+def audit_settings(rc: Recipe, spec: Mapping[str, Any], run: int) -> Dict[str, Any]:
+    """Everything that determines one run's audit scores and utility."""
+    refs = [settings_key(lora_settings(rc, {"kind": "plain"}, 0, reference=r)) for r in range(rc.references)]
+    return {"lora": settings_key(lora_settings(rc, spec, run)), "audit": dict(rc.audit),
+            "attacks": None if rc.attacks is None else list(rc.attacks), "references": refs,
+            "per_label": rc.per_label, "sample_steps": rc.sample_steps}
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+class Cache:
+    """``<root>/lora/<key>/`` (LoRA + meta) and ``<root>/audit/<key>/`` (scores + meta); atomic writes."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def done(self, kind: str, key: str) -> bool:
+        return (self.path(kind, key) / "meta.json").is_file()
+
+    def write(self, kind: str, key: str, meta: Mapping[str, Any], tensors: Mapping[str, Any]) -> Path:
+        from safetensors.torch import save_file
+
+        final = self.path(kind, key)
+        tmp = final.with_name(f".{key}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: torch.as_tensor(v).contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        if final.exists():  # another worker finished the same key first: keep theirs
+            shutil.rmtree(tmp)
+            return final
+        os.replace(tmp, final)
+        return final
+
+    def read(self, kind: str, key: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+        from safetensors.torch import load_file
+
+        p = self.path(kind, key)
+        return json.loads((p / "meta.json").read_text()), load_file(str(p / "tensors.safetensors"))
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _setup(dataset: str):
+    from smplora_plugin.demo.pipeline import DemoConfig, load_assets
+
+    cfg = DemoConfig(dataset=dataset)
+    loaded = load_assets(cfg)
+    if loaded is None:  # never train a base model in every worker: the frontier needs the shipped weights
+        raise SystemExit(f"no shipped base weights for {dataset!r} match this code; build them once with "
+                         f"`python -m smplora_plugin.demo.make_assets --dataset {dataset}`.")
+    base, clf = loaded
+    return cfg, base, clf
+
+
+def audited_pool(dataset: str, members: int):
+    """The fixed audited pool ``A`` (``2 * members``) and the defense's non-members."""
+    from smplora_plugin.demo.datasets import get_dataset
+
+    sp = get_dataset(dataset).splits({"member": 2 * members, "nonmember_defense": DEFENSE_NONMEMBERS}, 0)
+    return sp["member"], sp["nonmember_defense"]
+
+
+def run_draw(n_pool: int, members: int, run: int) -> Dict[str, List[int]]:
+    """Run ``run``'s indices into the pool: members / non-members, each split into calibration / evaluation."""
+    perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(100_003 + run)).tolist()
+    h = members // 2
+    mem, non = perm[:members], perm[members:2 * members]
+    return {"member": sorted(mem), "member_cal": sorted(mem[:h]), "member_eval": sorted(mem[h:]),
+            "nonmember_cal": sorted(non[:h]), "nonmember_eval": sorted(non[h:])}
+
+
+def _new_model(cfg, base_sd, rank: int, seed: int):
+    from smplora_plugin.demo.model import TinyLDM
+
+    model = TinyLDM(cfg.data.model_config, seed=0)
+    model.load_base_state_dict(base_sd)
+    model.add_lora(rank, seed=seed)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# training one LoRA
+
+
+def _grid(cfg, spec: Mapping[str, Any]) -> int:
+    lat = cfg.data.model_config.latent_size
+    return max(1, lat * int(spec.get("grid", 32)) // 64)
+
+
+def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, cfg,
+              base_sd) -> Tuple[Any, Dict[str, Any]]:
+    """Train one LoRA per ``spec`` on ``members``; returns the model and facts (seconds, epsilon)."""
+    from privacy_utility import train_dpsgd, train_floor
+
+    from smplora_plugin import PrivacyConfig, PrivacyRegularizer
+    from smplora_plugin.demo.train import train_lora
+
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if kind not in KINDS:
+        raise ValueError(f"unknown row kind {kind!r}; choose one of {list(KINDS)}.")
+    steps = max(1, int(round(rc.steps * spec.pop("steps_frac", 1.0))))
+    model = _new_model(cfg, base_sd, rc.lora_rank, seed)
+    torch.manual_seed(seed)
+    t0 = time.time()
+    facts: Dict[str, Any] = {"steps": 0 if kind == "untouched" else steps, "epsilon": None}
+    grid = _grid(cfg, spec)
+    spec.pop("grid", None)
+    if "hidden" in spec:
+        spec["hidden"] = tuple(spec["hidden"])
+    if kind == "dpsgd":
+        facts["epsilon"] = train_dpsgd(model, members, steps=steps, lr=rc.lora_lr, bs=rc.batch_size, seed=seed, **spec)
+    elif kind == "floor":
+        train_floor(model, members, defense, steps=steps, lr=rc.lora_lr, bs=rc.batch_size, seed=seed)
+    elif kind != "untouched":
+        reg = None
+        if kind == "robust":
+            reg = PrivacyRegularizer(PrivacyConfig.preset("robust", feature_grid=grid, seed=seed, **spec),
+                                     load_entry_points=False)
+        elif kind in ("smp", "mp"):
+            reg = PrivacyRegularizer(objective=kind, feature_grid=grid, seed=seed, load_entry_points=False, **spec)
+        res = train_lora(model, members, steps=steps, lr=rc.lora_lr, batch_size=rc.batch_size, seed=seed, reg=reg,
+                         nonmembers=defense, name=kind, progress=False)
+        facts["final_loss"] = res.summary()["adaptation_loss_last"]
+    facts["train_seconds"] = round(time.time() - t0, 1)
+    model.requires_grad_(False)
+    return model, facts
+
+
+def ensure_lora(cache: Cache, rc: Recipe, spec: Mapping[str, Any], run: int, *, reference: Optional[int] = None,
+                setup=None):
+    """The trained LoRA (from the cache, or trained now and cached); returns (model, meta)."""
+    cfg, base, _ = setup or _setup(rc.dataset)
+    settings = lora_settings(rc, spec, run, reference=reference)
+    key = settings_key(settings)
+    pool, defense = audited_pool(rc.dataset, rc.members)
+    if reference is None:
+        train = pool.subset(run_draw(len(pool), rc.members, run)["member"])
+        seed = run
+    else:
+        from smplora_plugin.audit.references import balanced_halves
+
+        keep = balanced_halves(len(pool), rc.references, REFERENCE_SEED)
+        train = pool.subset(np.flatnonzero(keep[reference]).tolist())
+        seed = 50_000 + reference
+    base_sd = base.base_state_dict()
+    if cache.done("lora", key):
+        meta, state = cache.read("lora", key)
+        model = _new_model(cfg, base_sd, rc.lora_rank, seed)
+        if state:
+            model.load_lora_state_dict(state)
+        model.requires_grad_(False)
+        return model, meta
+    model, facts = train_one(rc, spec, train, defense, seed, cfg, base_sd)
+    meta = {"settings": settings, "key": key, "trained_ids": list(train.ids), **facts}
+    cache.write("lora", key, meta, model.lora_state_dict())
+    return model, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# auditing one run
+
+
+class MemoTarget:
+    """A reference target whose noise predictions are memoised per input row, on disk.
+
+    Every run and row at one ``(data set, M)`` audits images of the same pool with the same noise
+    draws (audit seed 0), so a reference's loss grid is the same whatever the run: most of an audit's
+    time (LiRA/RMIA's reference grids) is computed once per reference and read back afterwards. A row's
+    key is the SHA-1 of its noisy latent, timestep and condition rounded to float16 (a rounding that
+    differs only costs a recomputation). New rows are written by :meth:`flush` as one more shard.
+    """
+
+    def __init__(self, inner: Any, folder: Path):
+        from safetensors.torch import load_file
+
+        self.inner, self.folder = inner, Path(folder)
+        self.memo: Dict[bytes, torch.Tensor] = {}
+        self.new: Dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+        for shard in sorted(self.folder.glob("shard_*.safetensors")):
+            t = load_file(str(shard))
+            for k, v in zip(t["keys"], t["eps"]):
+                self.memo[bytes(k.tolist())] = v
+        self.num_train_timesteps = inner.num_train_timesteps
+        self.alphas_cumprod = inner.alphas_cumprod
+        self.prediction_type = getattr(inner, "prediction_type", "epsilon")
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode(images)
+
+    def condition(self, captions: Any) -> Any:
+        return self.inner.condition(captions)
+
+    @staticmethod
+    def _key(z: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> bytes:
+        h = hashlib.sha1(z.half().numpy().tobytes())
+        h.update(str(int(t)).encode())
+        h.update(c.half().numpy().tobytes())
+        return h.digest()
+
+    def eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, *, adapter: bool = True) -> torch.Tensor:
+        if not adapter or not isinstance(cond, torch.Tensor):
+            return self.inner.eps(z_t, t, cond, adapter=adapter)
+        keys = [self._key(z_t[i].float(), t[i], cond[i].float()) for i in range(z_t.shape[0])]
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+        if todo:
+            out = torch.as_tensor(self.inner.eps(z_t[todo], t[todo], cond[todo], adapter=True)).float().cpu()
+            for j, i in enumerate(todo):
+                self.memo[keys[i]] = self.new[keys[i]] = out[j].clone()
+        self.hits += z_t.shape[0] - len(todo)
+        self.misses += len(todo)
+        return torch.stack([self.memo[k] for k in keys])
+
+    def flush(self) -> None:
+        if not self.new:
+            return
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        keys = torch.tensor([list(k) for k in self.new], dtype=torch.uint8)
+        tmp = self.folder / f".shard_{os.getpid()}_{time.time_ns()}.tmp"
+        save_file({"keys": keys, "eps": torch.stack(list(self.new.values())).contiguous()}, str(tmp))
+        os.replace(tmp, self.folder / f"shard_{os.getpid()}_{time.time_ns()}.safetensors")
+        self.new = {}
+
+
+def _references(cache: Cache, rc: Recipe, setup) -> Tuple[Any, List[MemoTarget]]:
+    if not rc.references:
+        return None, []
+    from smplora_plugin.audit import References
+    from smplora_plugin.demo.target import TinyLDMTarget
+
+    pairs, memos = [], []
+    for r in range(rc.references):
+        model, meta = ensure_lora(cache, rc, {"kind": "plain"}, 0, reference=r, setup=setup)
+        memos.append(MemoTarget(TinyLDMTarget(model), cache.path("refeps", meta["key"])))
+        pairs.append((memos[-1], meta["trained_ids"]))
+    return References.from_targets(pairs, mode="online"), memos
+
+
+def _quality(rc: Recipe, model, clf, cfg, members, reference, seed: int) -> Dict[str, Any]:
+    """The data set's sample quality (``classifier_accuracy``: the share of samples the classifier puts in the
+    intended class or style), with the run's non-members as the Fréchet reference."""
+    ds = cfg.data
+    if hasattr(ds, "sample_quality"):  # data sets with their own utility (emoji: style shares)
+        return ds.sample_quality(model, clf, members, reference, per_label=rc.per_label, steps=rc.sample_steps,
+                                 guidance=1.0, seed=seed)
+    from smplora_plugin.demo.quality import sample_quality
+
+    return sample_quality(model, clf, reference, per_label=rc.per_label, steps=rc.sample_steps, seed=seed,
+                          captioner=ds.captioner)
+
+
+def ensure_audit(cache: Cache, rc: Recipe, row: str, run: int, setup=None) -> Dict[str, Any]:
+    """Run ``run`` of ``row``: train (or load) its LoRA, audit it and measure utility; cached."""
+    spec = row_spec(row)
+    key = settings_key(audit_settings(rc, spec, run))
+    if cache.done("audit", key):
+        return cache.read("audit", key)[0]
+    from smplora_plugin.audit import AuditSamples, run_audit
+    from smplora_plugin.demo.target import TinyLDMTarget
+
+    setup = setup or _setup(rc.dataset)
+    cfg, _, clf = setup
+    torch.set_flush_denormal(True)
+    model, lmeta = ensure_lora(cache, rc, spec, run, setup=setup)
+    refs, memos = _references(cache, rc, setup)
+    pool, _ = audited_pool(rc.dataset, rc.members)
+    draw = run_draw(len(pool), rc.members, run)
+    s = lambda part: AuditSamples(pool.subset(draw[part]).images, pool.subset(draw[part]).captions,  # noqa: E731
+                                  pool.subset(draw[part]).ids)
+    t0 = time.time()
+    report = run_audit(TinyLDMTarget(model), s("member_eval"), s("nonmember_eval"),
+                       calibration_members=s("member_cal"), calibration_nonmembers=s("nonmember_cal"),
+                       attacks=None if rc.attacks is None else list(rc.attacks), config={"seed": 0, **rc.audit},
+                       progress=False, num_threads=1, references=refs, load_plugins=False)
+    audit_s = time.time() - t0
+    for m in memos:
+        m.flush()
+    nonmembers = pool.subset(draw["nonmember_cal"] + draw["nonmember_eval"])
+    quality = _quality(rc, model, clf, cfg, pool.subset(draw["member"]), nonmembers, run)
+    tensors: Dict[str, Any] = {"eval_labels": torch.as_tensor(report.eval_labels.astype(np.int64))}
+    for a, sc in report.scores.items():
+        tensors[f"{a}.eval"] = torch.as_tensor(sc.eval_scores, dtype=torch.float64)
+        tensors[f"{a}.cal"] = torch.as_tensor(sc.cal_scores, dtype=torch.float64)
+        tensors[f"{a}.cal_labels"] = torch.as_tensor(np.asarray(sc.cal_labels).astype(np.int64))
+    meta = {"row": row, "run": run, "dataset": rc.dataset, "members": rc.members, "key": key,
+            "reference_eps_memo": {"hits": sum(m.hits for m in memos), "misses": sum(m.misses for m in memos)},
+            "lora_key": lmeta["key"], "train": {k: lmeta.get(k) for k in ("steps", "epsilon", "train_seconds",
+                                                                          "final_loss")},
+            "audit_seconds": round(audit_s, 1), "quality": quality,
+            "heldout_loss": report.utility.get("heldout_denoising_loss"),
+            "member_loss": report.utility.get("member_denoising_loss"),
+            "uses_model": {a: bool(sc.uses_model) for a, sc in report.scores.items()},
+            "report": report.to_dict()}
+    cache.write("audit", key, meta, tensors)
+    return meta
+
+
+def load_report(cache: Cache, key: str):
+    """A cached run rebuilt as an :class:`AuditReport` with its scores (what pooling needs)."""
+    from smplora_plugin.audit.protocol import AuditReport
+    from smplora_plugin.audit.verdict import AttackScores
+
+    meta, t = cache.read("audit", key)
+    d = meta["report"]
+    scores = {a: AttackScores(t[f"{a}.eval"].numpy(), t[f"{a}.cal"].numpy(), t[f"{a}.cal_labels"].numpy(),
+                              uses_model=meta["uses_model"][a]) for a in meta["uses_model"]}
+    n = max(1, sum(d["splits"].values()))
+    rep = AuditReport(title=d["title"], attacks=d["attacks"], max_over_attacks=d["max_over_attacks"],
+                      utility=d["utility"], splits=d["splits"], null_band=tuple(d["null_band_auc95"]),
+                      config=d["config"], timesteps=d["timesteps"],
+                      passes={k: int(round(v * n)) for k, v in d["model_passes_per_sample"].items()}, info=d["info"],
+                      seconds=d["seconds"], manifest=None, roc={}, verdict=d["verdict"], scores=scores,
+                      eval_labels=t["eval_labels"].numpy())
+    return rep, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# one point: pooled over its runs
+
+
+def pooled_point(cache: Cache, rc: Recipe, row: str) -> Optional[Dict[str, Any]]:
+    """The pooled row of ``row`` when all ``rc.runs`` runs are cached; ``None`` otherwise."""
+    from smplora_plugin.audit.engine import AuditConfig
+    from smplora_plugin.audit.pooled import pool_reports
+
+    spec = row_spec(row)
+    keys = [settings_key(audit_settings(rc, spec, i)) for i in range(rc.runs)]
+    if not all(cache.done("audit", k) for k in keys):
+        return None
+    loaded = [load_report(cache, k) for k in keys]
+    reports, metas = [r for r, _ in loaded], [m for _, m in loaded]
+    cfg = AuditConfig.from_dict({"seed": 0, **rc.audit})
+    pooled = pool_reports(reports, [f"run {i}" for i in range(rc.runs)], config=cfg, title=row)
+    v = pooled.verdict
+    h = v["headline"]
+    head = pooled.attacks[h["attack"]]
+    model_attacks = {a: r for a, r in pooled.attacks.items() if r.get("uses_model", True)}
+    env01 = max(model_attacks, key=lambda a: model_attacks[a].get("tpr_at_0.1pct_fpr") or 0.0)
+    mean = lambda xs: None if not xs or any(x is None for x in xs) else float(statistics.mean(xs))  # noqa: E731
+    sd = lambda xs: None if len(xs) < 2 or any(x is None for x in xs) else float(statistics.stdev(xs))  # noqa: E731
+    acc = [m["quality"]["classifier_accuracy"] for m in metas]
+    return {
+        "dataset": rc.dataset, "members": rc.members, "row": row, "family": ROWS[row][0], "spec": spec,
+        "runs": rc.runs, "references": rc.references, "steps": metas[0]["train"]["steps"],
+        "epochs": round(metas[0]["train"]["steps"] * min(rc.batch_size, rc.members) / rc.members, 1),
+        "verdict": v["verdict"], "headline_attack": h["attack"], "headline_auc": h["auc"],
+        "headline_auc_ci95": h["auc_ci95"], "headline_p": h["p_value"],
+        "headline_tpr_1pct": head.get("tpr_at_1pct_fpr"), "headline_tpr_01pct": head.get("tpr_at_0.1pct_fpr"),
+        "envelope_auc": v["upper_envelope"]["auc"]["value"],
+        "envelope_auc_attack": v["upper_envelope"]["auc"]["attack"],
+        "envelope_auc_p": v["upper_envelope"]["auc"]["p_value"],
+        "envelope_tpr_01pct": model_attacks[env01].get("tpr_at_0.1pct_fpr"), "envelope_tpr_01pct_attack": env01,
+        "epsilon_lower_bound": v["epsilon_lower_bound"]["epsilon"],
+        "per_attack_auc": {a: r["auc"] for a, r in pooled.attacks.items()},
+        "n_member_eval": v["n_member"], "n_nonmember_eval": v["n_nonmember"],
+        "classifier_accuracy": mean(acc), "classifier_accuracy_sd": sd(acc),
+        "frechet_distance": mean([m["quality"]["frechet_distance"] for m in metas]),
+        "heldout_loss": mean([m["heldout_loss"] for m in metas]),
+        "member_loss": mean([m["member_loss"] for m in metas]),
+        "dp_epsilon": None if metas[0]["train"]["epsilon"] is None else mean([m["train"]["epsilon"] for m in metas]),
+        "train_seconds": mean([m["train"]["train_seconds"] for m in metas]),
+        "audit_seconds": mean([m["audit_seconds"] for m in metas]),
+    }
+
+
+def add_gain(points: List[Dict[str, Any]]) -> None:
+    """``gain_kept``: share of plain LoRA's classifier-accuracy gain over the untouched model, per (data set, M)."""
+    by = {(p["dataset"], p["members"], p["row"]): p for p in points}
+    for p in points:
+        u, pl = by.get((p["dataset"], p["members"], "untouched")), by.get((p["dataset"], p["members"], "plain"))
+        gain = None
+        if u and pl and abs(pl["classifier_accuracy"] - u["classifier_accuracy"]) > 1e-9:
+            base = u["classifier_accuracy"]
+            gain = (p["classifier_accuracy"] - base) / (pl["classifier_accuracy"] - base)
+        p["gain_kept"] = gain
+
+
+def pareto(points: Sequence[Tuple[float, float]]) -> List[int]:
+    """Indices of the points no other point dominates (utility ``x`` higher, privacy ``y`` lower), by ``x``.
+
+    A point is dominated when another has ``x >=`` and ``y <=`` with at least one strict; exact
+    duplicates keep the first.
+    """
+    keep = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 >= x and y2 <= y and (x2 > x or y2 < y)) or ((x2, y2) == (x, y) and j < i)
+                        for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            keep.append(i)
+    return sorted(keep, key=lambda i: (points[i][0], points[i][1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# scheduling
+
+
+def tasks_for(cache: Cache, rc: Recipe, rows: Sequence[str]) -> List[Dict[str, Any]]:
+    """What is not cached yet: references first, then each row's runs (a point completes before the next)."""
+    out: List[Dict[str, Any]] = []
+    for r in range(rc.references):
+        if not cache.done("lora", settings_key(lora_settings(rc, {"kind": "plain"}, 0, reference=r))):
+            out.append({"task": "reference", "index": r})
+    for row in rows:
+        spec = row_spec(row)
+        for i in range(rc.runs):
+            if not cache.done("audit", settings_key(audit_settings(rc, spec, i))):
+                out.append({"task": "run", "row": row, "run": i})
+    return out
+
+
+def _recipe_json(rc: Recipe) -> str:
+    d = {k: getattr(rc, k) for k in rc.__dataclass_fields__}
+    d["audit"] = dict(rc.audit)
+    d["attacks"] = None if rc.attacks is None else list(rc.attacks)
+    return json.dumps(d)
+
+
+def _recipe_from_json(text: str) -> Recipe:
+    d = json.loads(text)
+    d["attacks"] = None if d["attacks"] is None else tuple(d["attacks"])
+    return Recipe(**d)
+
+
+def execute(task: Mapping[str, Any], cache: Cache, rc: Recipe) -> Dict[str, Any]:
+    torch.set_num_threads(1)
+    setup = _setup(rc.dataset)
+    if task["task"] == "reference":
+        _, meta = ensure_lora(cache, rc, {"kind": "plain"}, 0, reference=int(task["index"]), setup=setup)
+        return {"task": "reference", "index": task["index"], "train_seconds": meta.get("train_seconds")}
+    meta = ensure_audit(cache, rc, task["row"], int(task["run"]), setup=setup)
+    rep = meta["report"]["verdict"]
+    return {"task": "run", "row": task["row"], "run": task["run"], "verdict": rep["verdict"],
+            "headline": rep["headline"]["attack"], "headline_auc": rep["headline"]["auc"],
+            "accuracy": meta["quality"]["classifier_accuracy"], "train_seconds": meta["train"]["train_seconds"],
+            "audit_seconds": meta["audit_seconds"]}
+
+
+def schedule(cache: Cache, rc: Recipe, rows: Sequence[str], jobs: int, nice: int = 19, log=print,
+             deadline: Optional[float] = None) -> int:
+    """Run the missing tasks, ``jobs`` worker processes at a time (one torch thread, niced); returns failures."""
+    todo = tasks_for(cache, rc, rows)
+    refs = [t for t in todo if t["task"] == "reference"]
+    runs = [t for t in todo if t["task"] == "run"]
+    failures = 0
+    for phase in (refs, runs):
+        running: List[Tuple[subprocess.Popen, Dict[str, Any]]] = []
+        while phase or running:
+            while phase and len(running) < jobs and (deadline is None or time.time() < deadline):
+                t = phase.pop(0)
+                cmd = ["nice", "-n", str(nice), sys.executable, str(Path(__file__).resolve()), "one", "--task",
+                       json.dumps(t), "--recipe", _recipe_json(rc), "--cache", str(cache.root)]
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+                running.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                 env=env), t))
+            if deadline is not None and time.time() >= deadline:
+                phase.clear()
+            time.sleep(0.5)
+            for proc, t in list(running):
+                if proc.poll() is None:
+                    continue
+                running.remove((proc, t))
+                out, err = proc.communicate()
+                lines = out.strip().splitlines()
+                if proc.returncode != 0 or not lines:
+                    failures += 1
+                    log(f"FAILED {t} (exit {proc.returncode}): {err.strip()[-2000:]}")
+                    continue
+                log(f"{rc.dataset} M={rc.members}: {lines[-1]}")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# report: table, figure, RESULTS.md
+
+
+def _f(x: Optional[float], nd: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _eps(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:.0f}"
+
+
+def table(points: List[Dict[str, Any]]) -> str:
+    lines = ["| M | row | runs | epochs | verdict | headline attack | headline AUC [95% CI] | TPR@1%FPR | "
+             "TPR@0.1%FPR | envelope AUC (attack) | envelope TPR@0.1%FPR | classifier acc. | gain kept | "
+             "held-out loss | DP epsilon |", "|" + "---|" * 15]
+    for p in points:
+        lo, hi = p["headline_auc_ci95"]
+        lines.append(
+            f"| {p['members']} | {p['row']} | {p['runs']} | {p['epochs']:g} | {p['verdict']} | "
+            f"{p['headline_attack']} | "
+            f"{p['headline_auc']:.3f} [{lo:.2f}, {hi:.2f}] | {_pct(p['headline_tpr_1pct'])} | "
+            f"{_pct(p['headline_tpr_01pct'])} | {p['envelope_auc']:.3f} ({p['envelope_auc_attack']}) | "
+            f"{_pct(p['envelope_tpr_01pct'])} | {_f(p['classifier_accuracy'])} ± {_f(p['classifier_accuracy_sd'])} | "
+            f"{_pct(p.get('gain_kept'))} | {_f(p['heldout_loss'], 4)} | "
+            f"{_eps(p['dp_epsilon'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: List[Dict[str, Any]], path: Path) -> None:
+    """One panel per data set: pooled headline AUC against classifier accuracy; each family's Pareto points joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({p["dataset"] for p in points})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.2 * len(datasets) + 2.6, 5.0), squeeze=False)
+    colors = dict(zip(FAMILY_ORDER, plt.get_cmap("tab10").colors))
+    markers = {32: "o", 64: "s", 128: "^", 256: "D", 512: "v"}
+    handles: Dict[str, Any] = {}
+    for ax, ds in zip(axes[0], datasets):
+        for fam in FAMILY_ORDER:
+            for m in sorted({p["members"] for p in points if p["dataset"] == ds}):
+                ps = [p for p in points if p["dataset"] == ds and p["family"] == fam and p["members"] == m]
+                if not ps:
+                    continue
+                xy = [(p["classifier_accuracy"], p["headline_auc"]) for p in ps]
+                sc = ax.scatter([x for x, _ in xy], [y for _, y in xy], color=colors[fam], marker=markers.get(m, "P"),
+                                s=36, zorder=3)
+                front = pareto(xy)
+                ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color=colors[fam], lw=1.2, zorder=2)
+                handles.setdefault(fam, sc)
+                handles.setdefault(f"M = {m}", plt.Line2D([], [], color="k", marker=markers.get(m, "P"), ls=""))
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_title(ds)
+        ax.set_xlabel("classifier accuracy on generated samples (higher = more useful)")
+        ax.set_ylabel("pooled headline AUC (lower = more private)")
+        ax.grid(alpha=0.3)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, frameon=False)
+    fig.suptitle("Privacy-utility frontier, audit v2 (each point pooled over its runs; Pareto points joined)")
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / (6.2 * len(datasets) + 2.6), 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _recipe(args) -> Recipe:
+    from smplora_plugin.demo.pipeline import DemoConfig
+
+    if args.steps and args.epochs:
+        raise SystemExit("give --steps or --epochs, not both.")
+    batch = Recipe.__dataclass_fields__["batch_size"].default
+    if args.epochs:  # passes over the members: steps = epochs * M / batch (at least one step)
+        steps = max(1, -(-args.epochs * args.members // min(batch, args.members)))
+    else:
+        steps = args.steps or DemoConfig(dataset=args.dataset).steps
+    audit = {"n_boot": 200, **json.loads(args.audit_json)}
+    rc = Recipe(dataset=args.dataset, members=args.members, steps=steps, runs=args.runs, references=args.references,
+                audit=audit, attacks=None if not args.attacks else tuple(args.attacks.split(",")),
+                per_label=args.per_label, sample_steps=args.sample_steps)
+    rc.validate()
+    return rc
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="textures")
+    p.add_argument("--members", type=int, default=64)
+    p.add_argument("--steps", type=int, default=0, help="LoRA steps (0: the demo's for the data set)")
+    p.add_argument("--epochs", type=int, default=0, help="instead of --steps: passes over the members (batch 32)")
+    p.add_argument("--runs", type=int, default=8, help="independently trained LoRAs pooled per point")
+    p.add_argument("--references", type=int, default=8, help="plain reference LoRAs per (data set, M); 0: none")
+    p.add_argument("--audit-json", default="{}", help="audit config overrides (JSON), on top of n_boot 200")
+    p.add_argument("--attacks", default="", help="comma-separated attacks (default: the whole suite)")
+    p.add_argument("--per-label", type=int, default=20, help="generated samples per class for utility")
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--rows", default="untouched,plain,robust")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("run", help="train and audit the missing runs of the given rows")
+    _common(pr)
+    pr.add_argument("--jobs", type=int, default=2)
+    pr.add_argument("--nice", type=int, default=19)
+    pr.add_argument("--stop-at", default="", help="HH:MM (machine clock): start no new job after it")
+    pp = sub.add_parser("report", help="pool every finished point of the given frontiers; print / write")
+    pp.add_argument("--frontier", action="append", default=[],
+                    help="DATASET:M:ROWS[:STEPS] (repeatable); the other recipe settings from the options below")
+    _common(pp)
+    pp.add_argument("--out-rows", default=str(ROWS_JSONL))
+    pp.add_argument("--png", default=str(PNG))
+    pp.add_argument("--write", action="store_true", help="write RESULTS.md's section, the PNG and the rows jsonl")
+    po = sub.add_parser("one", help=argparse.SUPPRESS)
+    po.add_argument("--task", required=True)
+    po.add_argument("--recipe", required=True)
+    po.add_argument("--cache", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.cmd == "one":
+        print(json.dumps(execute(json.loads(args.task), Cache(Path(args.cache)), _recipe_from_json(args.recipe))),
+              flush=True)
+        return 0
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
+    cache = Cache(Path(args.cache))
+    if args.cmd == "run":
+        rc = _recipe(args)
+        deadline = None
+        if args.stop_at:
+            hh, mm = (int(x) for x in args.stop_at.split(":"))
+            now = time.localtime()
+            deadline = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, hh, mm, 0, 0, 0, -1))
+        return 1 if schedule(cache, rc, rows, args.jobs, args.nice, deadline=deadline) else 0
+    frontiers = args.frontier or [f"{args.dataset}:{args.members}:{args.rows}"]
+    points: List[Dict[str, Any]] = []
+    missing: List[str] = []
+    for fr in frontiers:
+        parts = fr.split(":")
+        ns = argparse.Namespace(**{**vars(args), "dataset": parts[0], "members": int(parts[1]),
+                                   "steps": int(parts[3]) if len(parts) > 3 else args.steps,
+                                   "epochs": 0 if len(parts) > 3 else args.epochs})
+        rc = _recipe(ns)
+        for row in parts[2].split(","):
+            p = pooled_point(cache, rc, row)
+            if p is None:
+                spec = row_spec(row)
+                n = sum(cache.done("audit", settings_key(audit_settings(rc, spec, i))) for i in range(rc.runs))
+                missing.append(f"{rc.dataset} M={rc.members} {row}: {n}/{rc.runs} runs")
+            else:
+                points.append(p)
+    add_gain(points)
+    text = ""
+    for ds in sorted({p["dataset"] for p in points}):
+        text += f"\n### {ds}\n\n" + table([p for p in points if p["dataset"] == ds])
+    if missing:
+        text += "\nNot finished (not in the table or the figure): " + "; ".join(missing) + ".\n"
+    print(text)
+    if args.write and points:
+        Path(args.out_rows).write_text("".join(json.dumps(p) + "\n" for p in points))
+        figure = ""
+        if len({p["family"] for p in points}) > 1:  # a single family is no frontier: no figure
+            plot(points, Path(args.png))
+            figure = f"\n![frontier]({Path(args.png).name})\n"
+        cmd_note = "run: `python benchmarks/frontier.py run --dataset D --members M --rows ... --runs 8 --jobs 2`"
+        write_section("frontier_v2", "## Privacy-utility frontier, audit v2 (issue 11)\n\n" + header() +
+                      f"- {cmd_note}; the cache is outside the repository\n" + text + figure)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

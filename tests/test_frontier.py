@@ -1,0 +1,131 @@
+"""benchmarks/frontier.py: cache keys, resume, Pareto selection and a tiny end-to-end run."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._helpers import one_thread  # noqa: F401
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = dict(dataset="textures", members=8, steps=3, runs=2, references=2,
+            audit={"n_boot": 50, "draws": 1, "timesteps": [100, 300], "mlp_max_epochs": 5},
+            attacks=("loss", "loss_calibrated", "lira_online", "rmia"), per_label=1, sample_steps=2)
+
+
+@pytest.fixture(scope="module")
+def fr():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("frontier", BENCH / "frontier.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["frontier"] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_keys_change_with_every_setting_and_only_then(fr):
+    rc = fr.Recipe(**TINY)
+    spec = fr.row_spec("robust")
+    key = fr.settings_key(fr.lora_settings(rc, spec, 0))
+    assert key == fr.settings_key(fr.lora_settings(fr.Recipe(**TINY), dict(reversed(list(spec.items()))), 0))
+    changed = [fr.lora_settings(rc, spec, 1), fr.lora_settings(rc, fr.row_spec("robust grid16"), 0),
+               fr.lora_settings(fr.Recipe(**{**TINY, "steps": 4}), spec, 0),
+               fr.lora_settings(fr.Recipe(**{**TINY, "members": 12}), spec, 0),
+               fr.lora_settings(fr.Recipe(**{**TINY, "dataset": "digits"}), spec, 0),
+               fr.lora_settings(rc, spec, 0, reference=0)]
+    assert len({key, *map(fr.settings_key, changed)}) == 1 + len(changed)
+    # the audit key follows its LoRA, the audit settings and the references, not unrelated recipe fields
+    a = fr.settings_key(fr.audit_settings(rc, spec, 0))
+    assert a == fr.settings_key(fr.audit_settings(fr.Recipe(**TINY), spec, 0))
+    assert a != fr.settings_key(fr.audit_settings(fr.Recipe(**{**TINY, "audit": {"n_boot": 60}}), spec, 0))
+    assert a != fr.settings_key(fr.audit_settings(fr.Recipe(**{**TINY, "references": 4}), spec, 0))
+    assert a != fr.settings_key(fr.audit_settings(fr.Recipe(**{**TINY, "steps": 4}), spec, 0))
+    assert a == fr.settings_key(fr.audit_settings(fr.Recipe(**{**TINY, "runs": 5}), spec, 0))
+
+
+def test_pareto_keeps_the_non_dominated_points(fr):
+    pts = [(0.5, 0.9), (0.6, 0.7), (0.55, 0.8), (0.6, 0.75), (0.4, 0.6), (0.7, 0.95), (0.6, 0.7)]
+    front = fr.pareto(pts)
+    assert [pts[i] for i in front] == [(0.4, 0.6), (0.6, 0.7), (0.7, 0.95)]
+    assert front == [4, 1, 5]  # the duplicate (0.6, 0.7) keeps its first index
+    assert fr.pareto([]) == [] and fr.pareto([(0.1, 0.2)]) == [0]
+
+
+def test_bad_recipe_is_refused(fr):
+    with pytest.raises(ValueError, match="multiple of 4"):
+        fr.Recipe(**{**TINY, "members": 10}).validate()
+    with pytest.raises(ValueError, match="even number"):
+        fr.Recipe(**{**TINY, "references": 3}).validate()
+    with pytest.raises(ValueError, match="unknown row"):
+        fr.row_spec("robust-ish")
+
+
+def test_tiny_frontier_end_to_end_and_resume(fr, tmp_path):
+    pytest.importorskip("sklearn")
+    rc = fr.Recipe(**TINY)
+    rc.validate()
+    cache = fr.Cache(tmp_path / "cache")
+    rows = ["untouched", "plain"]
+    todo = fr.tasks_for(cache, rc, rows)
+    assert [t["task"] for t in todo] == ["reference"] * 2 + ["run"] * 4
+    setup = fr._setup(rc.dataset)
+    for row in rows:
+        for i in range(rc.runs):
+            meta = fr.ensure_audit(cache, rc, row, i, setup=setup)
+            assert meta["report"]["verdict"]["verdict"] is not None
+    memo = [fr.load_report(cache, fr.settings_key(fr.audit_settings(rc, fr.row_spec(r), i)))[1]["reference_eps_memo"]
+            for r in rows for i in range(rc.runs)]
+    assert memo[0]["misses"] > 0 and all(m["misses"] == 0 and m["hits"] > 0 for m in memo[1:])  # grids reused
+    assert fr.tasks_for(cache, rc, rows) == []  # resume: nothing left to do
+    assert fr.schedule(cache, rc, rows, jobs=2) == 0  # and no worker is started
+    # a cached run is read back, not retrained: its file is untouched by a second call
+    key = fr.settings_key(fr.audit_settings(rc, fr.row_spec("plain"), 0))
+    stamp = (cache.path("audit", key) / "meta.json").stat().st_mtime_ns
+    fr.ensure_audit(cache, rc, "plain", 0, setup=setup)
+    assert (cache.path("audit", key) / "meta.json").stat().st_mtime_ns == stamp
+    # different member draws per run; references IN for half of them
+    pool, _ = fr.audited_pool(rc.dataset, rc.members)
+    d0, d1 = fr.run_draw(len(pool), rc.members, 0), fr.run_draw(len(pool), rc.members, 1)
+    assert d0["member"] != d1["member"] and not set(d0["member"]) & set(d0["nonmember_cal"] + d0["nonmember_eval"])
+    points = [fr.pooled_point(cache, rc, r) for r in rows]
+    assert all(p is not None for p in points)
+    assert fr.pooled_point(cache, fr.Recipe(**{**TINY, "runs": 3}), "plain") is None  # a partial point is not pooled
+    fr.add_gain(points)
+    assert points[0]["gain_kept"] in (None, 0.0) and points[1]["n_member_eval"] == rc.runs * rc.members // 2
+    assert {"lira_online", "rmia", "loss"} <= set(points[1]["per_attack_auc"])
+    text = fr.table(points)
+    assert "| 8 | plain | 2 |" in text
+    fr.plot(points, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    json.dumps(points)
+
+
+def test_memo_target_serves_repeated_rows_from_disk(fr, tmp_path):
+    import torch
+
+    class Inner:
+        num_train_timesteps, alphas_cumprod, calls = 10, torch.linspace(0.99, 0.01, 10), 0
+
+        def encode(self, x):
+            return x
+
+        def condition(self, caps):
+            return torch.ones(len(caps), 2, 3)
+
+        def eps(self, z, t, c, adapter=True):
+            Inner.calls += z.shape[0]
+            return z * 2 + t.view(-1, 1, 1, 1) + c.sum((1, 2)).view(-1, 1, 1, 1) * float(adapter)
+
+    z, t, c = torch.randn(3, 1, 2, 2), torch.tensor([1, 2, 3]), torch.ones(3, 2, 3)
+    m = fr.MemoTarget(Inner(), tmp_path / "memo")
+    first = m.eps(z, t, c)
+    assert torch.allclose(first, Inner().eps(z, t, c)) and m.misses == 3
+    m.flush()
+    m2 = fr.MemoTarget(Inner(), tmp_path / "memo")
+    calls = Inner.calls
+    again = m2.eps(torch.cat([z[[2, 0]], z[:1] + 1]), torch.tensor([3, 1, 1]), torch.ones(3, 2, 3))
+    assert Inner.calls == calls + 1 and m2.hits == 2  # two rows from disk, in any batch order; one new
+    assert torch.allclose(again[:2], first[[2, 0]])
+    assert torch.allclose(m2.eps(z, t, c, adapter=False), Inner().eps(z, t, c, adapter=False))  # never memoised
