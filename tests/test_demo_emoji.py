@@ -141,5 +141,5 @@ def test_quick_demo_on_emoji(tmp_path):
     plain = summary["variants"]["plain"]
     assert plain["style_gain_members"] > 0.1  # plain LoRA learns the Twemoji style at its members' captions
     base = summary["base_model_quality"]
-    assert base["style_share_members"] < 0.5 and plain["style_share_members"] > base["style_share_members"]
+    assert plain["style_share_members"] > base["style_share_members"]
     assert plain["kernel_distance"] is not None and plain["heldout_loss"] > 0
