@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .target import AuditError, _lora_layers
+from .target import AuditError, _lora_layers, lora_layers_off
 
 
 def flow_sigmas(T: int = 1000, shift: float = 1.0) -> torch.Tensor:
@@ -177,18 +177,8 @@ class FlowMatchTarget:
         if not layers:
             raise AuditError("no LoRA adapter found on the transformer or text encoders, so the base model cannot be "
                              "queried: load a LoRA (load_lora_target).")
-        was_off = [bool(m.disable_adapters) for m in layers]
-        grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
-        try:
-            for m in layers:
-                m.enable_adapters(False)
+        with lora_layers_off(layers):
             yield
-        finally:
-            for m, off in zip(layers, was_off):
-                if not off:
-                    m.enable_adapters(True)
-            for p, g in grads:
-                p.requires_grad_(g)
 
 
 def flow_matching_loss(target: FlowMatchTarget, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,

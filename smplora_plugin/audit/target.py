@@ -239,18 +239,26 @@ class DiffusersTarget:
                 "no LoRA adapter found on the UNet or text encoder, so the base model cannot be queried: "
                 "load a LoRA (load_lora_target) or pass base_unet."
             )
-        was_off = [bool(m.disable_adapters) for m in layers]
-        grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
-        try:
-            for m in layers:
-                m.enable_adapters(False)
+        with lora_layers_off(layers):
             yield self.unet
-        finally:
-            for m, off in zip(layers, was_off):
-                if not off:
-                    m.enable_adapters(True)
-            for p, g in grads:
-                p.requires_grad_(g)
+
+
+@contextlib.contextmanager
+def lora_layers_off(layers: Sequence[Any]) -> Iterator[None]:
+    """Switch the given peft LoRA layers off for the block; restore each layer's on/off state and its
+    parameters' ``requires_grad`` (peft's ``enable_adapters`` sets them) afterwards."""
+    was_off = [bool(m.disable_adapters) for m in layers]
+    grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield
+    finally:
+        for m, off in zip(layers, was_off):
+            if not off:
+                m.enable_adapters(True)
+        for p, g in grads:
+            p.requires_grad_(g)
 
 
 def _lora_layers(module: Any) -> list:
