@@ -206,9 +206,7 @@ def train_style_classifier(data: DigitSet, *, epochs: int = STYLE_CLASSIFIER_EPO
                            lr: float = 2e-3, seed: int = 0, progress: bool = True) -> StyleClassifier:
     """Train :class:`StyleClassifier` on ``data`` (labels 1 = Twemoji) with random one-pixel shifts
     and horizontal flips; deterministic for a ``seed``."""
-    import torch.nn.functional as F
-
-    from .train import _bar
+    from .quality import fit_classifier
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
@@ -216,26 +214,8 @@ def train_style_classifier(data: DigitSet, *, epochs: int = STYLE_CLASSIFIER_EPO
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clf = StyleClassifier()
-    opt = torch.optim.Adam(clf.parameters(), lr=lr)
-    clf.train()
-    bar = _bar(epochs, "style classifier", progress)
-    for _ in range(epochs):
-        perm = torch.randperm(len(data), generator=g)
-        for i in range(0, len(data), batch_size):
-            idx = perm[i:i + batch_size]
-            dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
-            x = torch.roll(data.images[idx], shifts=(dy, dx), dims=(2, 3))
-            if bool(torch.rand(1, generator=g) < 0.5):
-                x = x.flip(3)
-            loss = F.cross_entropy(clf(x), data.labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        bar.update(1)
-    bar.close()
-    clf.eval().requires_grad_(False)
-    return clf
-
+    return fit_classifier(clf, data, epochs=epochs, batch_size=batch_size, lr=lr, generator=g,
+                          name="style classifier", progress=progress, flip=True)
 
 
 @torch.no_grad()

@@ -50,24 +50,32 @@ class DigitClassifier(nn.Module):
 def train_classifier(data: DigitSet, *, epochs: int = 30, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                      progress: bool = True) -> DigitClassifier:
     """Train the classifier on ``data`` (the public pool) with light shift augmentation."""
-    from .train import _bar
-
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clf = DigitClassifier(image_size=int(data.images.shape[-1]), classes=int(data.labels.max()) + 1,
                               in_channels=int(data.images.shape[1]))
+    return fit_classifier(clf, data, epochs=epochs, batch_size=batch_size, lr=lr, generator=g,
+                          name="digit classifier", progress=progress)
+
+
+def fit_classifier(clf: nn.Module, data: DigitSet, *, epochs: int, batch_size: int, lr: float,
+                   generator: torch.Generator, name: str, progress: bool = True, flip: bool = False) -> nn.Module:
+    """Adam on cross-entropy over ``data`` with a random one-pixel shift per batch (and, with ``flip``,
+    a horizontal flip of half the batches), every draw from ``generator``; returns ``clf`` frozen in eval mode."""
+    from .train import _bar
+
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
-    n = len(data)
     clf.train()
-    bar = _bar(epochs, "digit classifier", progress)
+    bar = _bar(epochs, name, progress)
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
+        perm = torch.randperm(len(data), generator=generator)
+        for i in range(0, len(data), batch_size):
             idx = perm[i:i + batch_size]
-            x = data.images[idx]
-            dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            dx, dy = torch.randint(-1, 2, (2,), generator=generator).tolist()
+            x = torch.roll(data.images[idx], shifts=(dy, dx), dims=(2, 3))
+            if flip and bool(torch.rand(1, generator=generator) < 0.5):
+                x = x.flip(3)
             loss = F.cross_entropy(clf(x), data.labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
