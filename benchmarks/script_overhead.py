@@ -11,7 +11,9 @@ report the mean step per run (the first ``--skip`` steps dropped; the held-out f
 the kept gaps should span whole cycles: a multiple of 4), then the median over rounds.
 
 ``--script`` runs another copy of the script with the same command line, e.g. diffusers' official
-``examples/text_to_image/train_text_to_image_lora.py`` with the docs/diffusers.md block pasted in.
+``examples/text_to_image/train_text_to_image_lora.py`` with the docs/diffusers.md block pasted in
+(``examples/diffusers/patch_official.py sd1`` writes that copy; the official script needs a tracker:
+``--report-to tensorboard``).
 
 Run:  python benchmarks/script_overhead.py --steps 39 --skip 2 --rounds 3 --write
 """
@@ -19,16 +21,15 @@ Run:  python benchmarks/script_overhead.py --steps 39 --skip 2 --rounds 3 --writ
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
-import json
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import header, write_section  # noqa: E402
+from _stamps import offline_env, run_stamped  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "diffusers" / "train_text_to_image_lora.py"
@@ -39,48 +40,20 @@ VARIANTS = {
 }
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", SMPLORA_DISABLE_PLUGINS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-CHILD = """
-import json, runpy, sys, time
-import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
-stamps = []
-register_optimizer_step_post_hook(
-    lambda opt, args, kwargs: stamps.append(time.perf_counter()) if type(opt) is torch.optim.AdamW else None)
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as exc:
-    if exc.code not in (None, 0):
-        raise
-print("STEP_STAMPS " + json.dumps(stamps))
-"""
-
-
-def run(root: Path, variant: str, steps: int, batch: int, skip: int, script: Path = SCRIPT) -> float:
+def run(root: Path, variant: str, steps: int, batch: int, skip: int, script: Path = SCRIPT,
+        report_to: str = "none") -> float:
     """Mean seconds per training step of one run of the script."""
     out = Path(tempfile.mkdtemp(dir=root))
     extra = VARIANTS[variant] + (["--privacy_holdout_dir", str(root / "holdout")] if VARIANTS[variant] else [])
-    cmd = [sys.executable, str(script), "--pretrained_model_name_or_path", str(root / "pipeline"),
+    args = ["--pretrained_model_name_or_path", str(root / "pipeline"),
            "--train_data_dir", str(root / "train"), "--resolution", "32", "--center_crop",
            "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--learning_rate", "1e-4",
-           "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "none", "--output_dir", str(out), *extra]
-    res = subprocess.run([sys.executable, "-c", CHILD, *cmd[1:]], env=_env(), capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{variant} failed:\n{res.stderr[-3000:]}")
-    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("STEP_STAMPS "))
-    stamps = json.loads(line[len("STEP_STAMPS "):])
-    if len(stamps) != steps:
-        raise RuntimeError(f"{variant}: expected {steps} optimiser steps, stamped {len(stamps)}")
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])][skip:]
-    return statistics.fmean(gaps)
+           "--lr_warmup_steps", "0", "--seed", "0", "--report_to", report_to, "--output_dir", str(out), *extra]
+    return run_stamped(sys.executable, str(script), args, _env(), steps, what=variant).mean_step(skip)
+
+
+def _env() -> dict:
+    return offline_env(SMPLORA_DISABLE_PLUGINS="1")
 
 
 def main(argv=None) -> int:
@@ -90,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--script", default=str(SCRIPT), help="the training script (default: the repo's example)")
     p.add_argument("--section", default="script_overhead", help="RESULTS.md section to write")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--report-to", default="none",
+                   help="the script's --report_to (diffusers' official scripts need a tracker, e.g. tensorboard)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -102,7 +77,7 @@ def main(argv=None) -> int:
     names = list(VARIANTS)
     for r in range(args.rounds):
         for v in names[r % len(names):] + names[: r % len(names)]:
-            per_step[v].append(run(root, v, args.steps, args.batch, args.skip, Path(args.script)))
+            per_step[v].append(run(root, v, args.steps, args.batch, args.skip, Path(args.script), args.report_to))
             print(f"round {r} {v}: {per_step[v][-1] * 1e3:.1f} ms/step", flush=True)
     med = {v: statistics.median(xs) for v, xs in per_step.items()}
     shown = Path(args.script).resolve()

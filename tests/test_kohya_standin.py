@@ -153,6 +153,32 @@ def test_kohya_metadata_unchanged_and_privacy_none_is_plain(data, tmp_path):
     assert not (tmp_path / "a" / "lora.smplora_state").exists()
 
 
+def test_kohya_validation_over_the_holdout_is_off_unless_asked(data, tmp_path, caplog):
+    """kohya validates a validation dataset at the end of every epoch by default; over the privacy holdout
+    that is a cost a plain run never pays, so the launcher switches it off unless the user asks for it."""
+    tn = standin()
+    from smplora_plugin.integrations.kohya import make_private_trainer
+
+    priv = ["--privacy", "smplora", "--privacy_holdout_dir", str(data / "holdout"), "--privacy_feature_grid", "4",
+            "--privacy_attacker_hidden", "8"]
+    seen = {}
+    for name, extra in {"default": [], "asked": ["--validate_every_n_epochs", "1"],
+                        "carve-out": ["--validation_split", "0.34"]}.items():
+        trainer = make_private_trainer(tn.NetworkTrainer)
+        with caplog.at_level(logging.WARNING):   # 6 images x 2 repeats at batch 2: 6 steps an epoch, 2 epochs
+            trainer.train(parse(*kohya_args(data, tmp_path / name, "--max_train_steps", "8", *extra), *priv))
+        seen[name] = (trainer.validation_batches, header(tmp_path / name / "lora.safetensors")["ss_validate_every_n_epochs"],
+                      trainer.privacy_regularizer.attacker_updates)
+        if name == "default":
+            assert "validation pass over the held-out images is off" in caplog.text
+            assert "--validate_every_n_epochs 1" in caplog.text
+        caplog.clear()
+    assert seen["default"][:2] == (0, "None")       # off, and the header says what the user gave: nothing
+    assert seen["asked"][0] > 0 and seen["asked"][1] == "1"
+    assert seen["carve-out"][0] > 0 and seen["carve-out"][1] == "None"   # the user's own validation: kohya's way
+    assert all(updates >= 1 for _, _, updates in seen.values()), seen   # the attacker still gets its non-members
+
+
 def test_attacker_updates_once_per_optimizer_step_and_reg_images_never_members(data, tmp_path):
     tn = standin()
     from smplora_plugin.integrations.kohya import make_private_trainer
@@ -203,7 +229,7 @@ def test_attacker_updates_once_per_optimizer_step_and_reg_images_never_members(d
     with_members = [s for s in train_calls if s["members"] > 0]
     assert reg.global_step == len(with_members)
     nonmember_forwards = [s for s in seen if not s["is_train"] and s["members"] == 0 and s["regs"] == 0]
-    assert len(nonmember_forwards) >= reg.attacker_updates >= 1
+    assert nonmember_forwards and reg.attacker_updates >= 1   # held-out forwards (kohya's validation pass is off)
     for s in train_calls:
         # member features come from member rows only; regularisation rows never reach the attacker
         assert s["feature_rows"][:1] == ([s["members"]] if s["members"] else [])

@@ -109,6 +109,18 @@ def write_dataset_config(config: Dict[str, Any], path: Path) -> Path:
     return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)))
 
 
+def asks_validation(args, config: Dict[str, Any]) -> bool:
+    """Whether the user asked kohya to validate: ``--validate_every_n_epochs`` / ``--validate_every_n_steps``,
+    a carve-out, or a validation dataset of their own (any block but the holdout's, the last one)."""
+    if getattr(args, "validate_every_n_epochs", None) is not None or getattr(args, "validate_every_n_steps", None) is not None:
+        return True
+    if uses_validation_split(args):
+        return True
+    general = config.get("general") or {}
+    return any(float(d.get("validation_split", general.get("validation_split", 0.0)) or 0.0) > 0.0
+               for d in (config.get("datasets") or [])[:-1])
+
+
 def is_main_process() -> bool:
     """Rank 0 of an ``accelerate launch`` / torchrun job (before kohya builds its Accelerator)."""
     return int(os.environ.get("RANK", "0") or 0) == 0

@@ -4,7 +4,8 @@
 in a generated dataset config. kohya writes different ``ss_*`` keys for a run with a dataset config
 (``ss_datasets`` and no per-dataset keys) than for one with ``--train_data_dir`` (``ss_resolution``,
 ``ss_bucket_info``, ``ss_enable_bucket``, ... and no ``ss_datasets``), and the holdout block shows
-up in ``ss_datasets``, ``ss_tag_frequency`` and ``ss_num_validation_images``. :func:`restore` gives
+up in ``ss_datasets``, ``ss_tag_frequency`` and ``ss_num_validation_images`` (and, when the launcher
+switched kohya's validation pass off, in ``ss_validate_every_n_epochs``). :func:`restore` gives
 back the keys kohya writes for the user's own command, computed from the same dataset objects
 kohya reports on; it runs on the metadata handed to ``network.save_weights``, so kohya's
 ``sshs_*`` hashes are computed on the restored keys.
@@ -36,22 +37,25 @@ class HeaderPlan:
     member_datasets: List[Any]        # kohya's training datasets, the holdout block's empty one excluded
     holdout_train: Any                # the training side of the holdout block (no images)
     other_validation: List[Any] = field(default_factory=list)  # validation datasets not from the holdout
+    validation_off: bool = False      # the launcher set --validate_every_n_epochs to switch kohya's pass off
 
 
-def plan(user_config: bool, train_group: Any, val_group: Any) -> Optional[HeaderPlan]:
+def plan(user_config: bool, train_group: Any, val_group: Any, validation_off: bool = False) -> Optional[HeaderPlan]:
     """The plan for a run whose last dataset block is the holdout (``None`` if the groups do not show it)."""
     train = list(getattr(train_group, "datasets", None) or [])
     val = list(getattr(val_group, "datasets", None) or [])
     if len(train) < 2 or not val:
         return None
     return HeaderPlan(user_config=user_config, member_datasets=train[:-1], holdout_train=train[-1],
-                      other_validation=val[:-1])
+                      other_validation=val[:-1], validation_off=validation_off)
 
 
 def restore(metadata: Dict[str, str], plan_: HeaderPlan, args: Any, num_processes: int = 1) -> Dict[str, str]:
     """A copy of ``metadata`` with kohya's keys as they are for the user's command without the holdout
     block. Metadata without the dataset keys (``--no_metadata``) only loses the validation count."""
     out = dict(metadata)
+    if plan_.validation_off and "ss_validate_every_n_epochs" in out:
+        out["ss_validate_every_n_epochs"] = "None"    # the user's value (they gave none)
     if "ss_num_validation_images" in out:
         out["ss_num_validation_images"] = str(sum(int(getattr(d, "num_train_images", 0)) for d in plan_.other_validation))
     if "ss_datasets" not in out:

@@ -54,6 +54,7 @@ STATE_DIR_FILE = "smplora_state.safetensors"   # inside a kohya --save_state fol
 STATE_SUFFIX = ".smplora_state"                # next to each LoRA checkpoint (safetensors format;
                                                # no .safetensors suffix so LoRA pickers don't list it)
 CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt")
+NEVER_VALIDATE = 2**31 - 1    # --validate_every_n_epochs that no run reaches: kohya's epoch validation off
 
 
 def state_path_for_checkpoint(ckpt_file: str) -> Path:
@@ -151,6 +152,7 @@ class _Run:
         self.num_processes = 1
         self.records: Optional[Dict[str, Any]] = None          # the manifest, written once every check passed
         self.resumed_from_step = 0
+        self.validation_off = False               # kohya's epoch validation over the holdout switched off
 
     # ------------------------------------------------------------------ before kohya's train()
     def prepare_args(self, args) -> None:
@@ -195,6 +197,16 @@ class _Run:
                 "written as without it.")
             args.dataset_config = str(path)
             self.source = f"holdout_dir:{Path(s.holdout_dir).name}"   # folder name only: metadata gets published
+            if hasattr(args, "validate_every_n_epochs") and not data.asks_validation(args, holdout_cfg):
+                # kohya validates a validation dataset at the end of every epoch unless told otherwise: on the
+                # holdout that is a cost a run without privacy never pays, which the user did not ask for
+                args.validate_every_n_epochs = NEVER_VALIDATE
+                self.validation_off = True
+                logger.warning(
+                    "SMP-LoRA: kohya's own validation pass over the held-out images is off (without "
+                    "--validate_every_n_epochs / --validate_every_n_steps kohya would run it at the end of every "
+                    "epoch, several no-grad forwards per held-out batch, which a run without privacy does not pay). "
+                    "Pass --validate_every_n_epochs 1 to have kohya report a validation loss on them.")
         if carve_out:
             if getattr(args, "validation_seed", None) is None:
                 args.validation_seed = s.config.seed
@@ -250,7 +262,8 @@ class _Run:
                                        source=source, extra=extra)
         self.records = {"splits": splits, "seed": self.settings.config.seed, "source": source, "extra": extra}
         if self.dataset_config is not None:   # kohya has read the combined config: point args at the kept copy
-            self.header_plan = header.plan(self.user_dataset_config, train_group, val_group)
+            self.header_plan = header.plan(self.user_dataset_config, train_group, val_group,
+                                           validation_off=self.validation_off)
             args.dataset_config = str(self.dataset_config_path)
             self.cleanup()
         data.tag_subsets(train_group, lambda sub: "reg" if getattr(sub, "is_reg", False) else "member")

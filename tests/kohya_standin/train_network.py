@@ -84,6 +84,7 @@ class NetworkTrainer:
         self.vae_scale_factor = 1.0
         self.is_sdxl = False
         self.step_logs = []          # what a tracker would receive (the stand-in keeps it for tests)
+        self.validation_batches = 0  # batches of kohya's own epoch validation (for tests)
 
     def generate_step_logs(self, args, current_loss, avr_loss, lr_scheduler, lr_descriptions, optimizer=None,
                            keys_scaled=None, mean_norm=None, maximum_norm=None, mean_grad_norm=None,
@@ -206,7 +207,8 @@ class NetworkTrainer:
                     "ss_network_dim": args.network_dim, "ss_num_train_images": train_group.num_train_images,
                     "ss_num_reg_images": train_group.num_reg_images,
                     "ss_num_validation_images": val_group.num_train_images if val_group is not None else 0,
-                    "ss_validation_split": args.validation_split, "ss_validation_seed": args.validation_seed}
+                    "ss_validation_split": args.validation_split, "ss_validation_seed": args.validation_seed,
+                    "ss_validate_every_n_epochs": args.validate_every_n_epochs}
         self.update_metadata(metadata, args)
         metadata.update(dataset_metadata(use_user_config, train_group, args, accelerator.num_processes))
         metadata = {k: str(v) for k, v in metadata.items()}
@@ -251,9 +253,11 @@ class NetworkTrainer:
                 self.step_logs.append(self.generate_step_logs(args, current_loss, avr_loss, lr_scheduler, None, optimizer))
                 if global_step >= args.max_train_steps:
                     break
-            if len(val_loader) > 0:   # epoch validation, as sd-scripts: process_batch with is_train=False
-                accelerator.unwrap_model(network).eval()
+            every = args.validate_every_n_epochs   # sd-scripts: None validates at the end of every epoch
+            if len(val_loader) > 0 and (every is None or (epoch + 1) % every == 0):
+                accelerator.unwrap_model(network).eval()   # epoch validation: process_batch with is_train=False
                 for batch in val_loader:
+                    self.validation_batches += 1
                     self.on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train=False)
                     self.process_batch(batch, text_encoders, unet, network, vae, noise_scheduler, weight_dtype,
                                        weight_dtype, accelerator, args, None, None, is_train=False,
@@ -329,6 +333,7 @@ def setup_parser():
     p.add_argument("--no_metadata", action="store_true")
     p.add_argument("--validation_split", type=float, default=0.0)
     p.add_argument("--validation_seed", type=int, default=None)
+    p.add_argument("--validate_every_n_epochs", type=int, default=None)
     p.add_argument("--progress", action="store_true", help="show the progress bar")
     p.add_argument("--resolution", type=str, default="8,8")
     p.add_argument("--enable_bucket", action="store_true")

@@ -1,5 +1,6 @@
 """Stand-in for sd-scripts' library/config_util.py: user dataset configs -> dataset groups."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -47,18 +48,18 @@ def generate_dataset_groups(user_config, args):
         split = float(_pick("validation_split", ds, general, argd, default=0.0))
         seed = _pick("validation_seed", ds, general, argd, default=None)
         bs = int(_pick("batch_size", ds, general, {"batch_size": argd.get("train_batch_size")}, default=1))
-        subsets = []
-        for s in ds.get("subsets", []):
-            subsets.append(train_util.Subset(
+        def subsets():   # sd-scripts builds the validation side from fresh subset objects (dicts copied)
+            return [train_util.Subset(
                 image_dir=s["image_dir"], num_repeats=int(s.get("num_repeats", 1)), is_reg=bool(s.get("is_reg", False)),
-                class_tokens=s.get("class_tokens"), custom_attributes=s.get("custom_attributes"),
-                caption_extension=_pick("caption_extension", s, ds, general, argd, default=".caption")))
+                class_tokens=s.get("class_tokens"), custom_attributes=copy.deepcopy(s.get("custom_attributes")),
+                caption_extension=_pick("caption_extension", s, ds, general, argd, default=".caption"))
+                for s in ds.get("subsets", [])]
         plw = float(_pick("prior_loss_weight", ds, general, argd, default=1.0))
         reso = _pick("resolution", ds, general, argd, default="8,8")
         reso = tuple(int(v) for v in str(reso).split(","))
         reso = reso * 2 if len(reso) == 1 else reso
         opts = dict(resolution=reso, enable_bucket=bool(_pick("enable_bucket", ds, general, argd, default=False)))
-        train.append(train_util.DreamBoothDataset(subsets, bs, True, split, seed, plw, **opts))
+        train.append(train_util.DreamBoothDataset(subsets(), bs, True, split, seed, plw, **opts))
         if split > 0:
-            val.append(train_util.DreamBoothDataset(subsets, bs, False, split, seed, plw, **opts))
+            val.append(train_util.DreamBoothDataset(subsets(), bs, False, split, seed, plw, **opts))
     return train_util.DatasetGroup(train), (train_util.DatasetGroup(val) if val else None)
