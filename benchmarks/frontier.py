@@ -711,7 +711,8 @@ def plot(points: List[Dict[str, Any]], path: Path) -> None:
                 handles.setdefault(f"M = {m}", plt.Line2D([], [], color="k", marker=markers.get(m, "P"), ls=""))
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_title(ds)
-        ax.set_xlabel("classifier accuracy on generated samples (higher = more useful)")
+        ax.set_xlabel(("share of generated samples in the LoRA's style" if ds == "emoji" else
+                       "classifier accuracy on generated samples") + " (higher = more useful)")
         ax.set_ylabel("pooled headline AUC (lower = more private)")
         ax.grid(alpha=0.3)
     fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, frameon=False)
