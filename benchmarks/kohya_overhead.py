@@ -9,8 +9,9 @@ of a run drops the first ``--skip`` gaps and the rest should span whole cycles o
 schedule (at batch 2 ``robust`` has a privacy row every other step and a held-out forward every
 fourth of those: 8 steps; ``paper`` a held-out forward every 4 steps). Per variant the median over
 rounds, and per round the ratio to that round's plain run. The whole process is timed too (wall,
-CPU, peak RSS, start to first step, last step to exit: kohya's own validation pass over the
-held-out images runs there).
+CPU, peak RSS, start to first step, last step to exit). kohya's epoch validation over the held-out
+images is off in the privacy runs (the launcher's default); with it on, its pass at an epoch's end
+would land in the gap between two stamps.
 
 The fixture is ``scripts/kohya/make_tiny_sd15.py``'s (SD1.5 UNet block widths, random weights;
 its images are 64 px, so 8x8 latents).
