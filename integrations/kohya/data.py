@@ -114,7 +114,7 @@ def asks_validation(args, config: Dict[str, Any]) -> bool:
     a carve-out, or a validation dataset of their own (any block but the holdout's, the last one)."""
     if getattr(args, "validate_every_n_epochs", None) is not None or getattr(args, "validate_every_n_steps", None) is not None:
         return True
-    if uses_validation_split(args):
+    if float(getattr(args, "validation_split", 0.0) or 0.0) > 0.0:   # a CLI carve-out (config ones: below)
         return True
     general = config.get("general") or {}
     return any(float(d.get("validation_split", general.get("validation_split", 0.0)) or 0.0) > 0.0
