@@ -88,8 +88,10 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "dp-sgd s2": ("dp-sgd", {"kind": "dpsgd", "noise": 2.0, "clip": 0.05}),
     "dp-sgd s4": ("dp-sgd", {"kind": "dpsgd", "noise": 4.0, "clip": 0.05}),
     "loss floor": ("loss floor", {"kind": "floor"}),
+    # per-sample gradient clipping without noise (no DP guarantee), the clipping lever
+    "clip only": ("clipping", {"kind": "dpsgd", "noise": 0.0, "clip": 0.05}),
 }
-FAMILY_ORDER = ("untouched", "plain", "smp paper", "robust", "mp", "dp-sgd", "loss floor")
+FAMILY_ORDER = ("untouched", "plain", "smp paper", "robust", "mp", "dp-sgd", "loss floor", "clipping")
 KINDS = ("untouched", "plain", "smp", "robust", "mp", "dpsgd", "floor")
 
 
@@ -518,6 +520,7 @@ def pooled_point(cache: Cache, rc: Recipe, row: str) -> Optional[Dict[str, Any]]
     head = pooled.attacks[h["attack"]]
     model_attacks = {a: r for a, r in pooled.attacks.items() if r.get("uses_model", True)}
     env01 = max(model_attacks, key=lambda a: model_attacks[a].get("tpr_at_0.1pct_fpr") or 0.0)
+    env1 = max(model_attacks, key=lambda a: model_attacks[a].get("tpr_at_1pct_fpr") or 0.0)
     mean = lambda xs: None if not xs or any(x is None for x in xs) else float(statistics.mean(xs))  # noqa: E731
     sd = lambda xs: None if len(xs) < 2 or any(x is None for x in xs) else float(statistics.stdev(xs))  # noqa: E731
     acc = [m["quality"]["classifier_accuracy"] for m in metas]
@@ -532,6 +535,7 @@ def pooled_point(cache: Cache, rc: Recipe, row: str) -> Optional[Dict[str, Any]]
         "envelope_auc_attack": v["upper_envelope"]["auc"]["attack"],
         "envelope_auc_p": v["upper_envelope"]["auc"]["p_value"],
         "envelope_tpr_01pct": model_attacks[env01].get("tpr_at_0.1pct_fpr"), "envelope_tpr_01pct_attack": env01,
+        "envelope_tpr_1pct": model_attacks[env1].get("tpr_at_1pct_fpr"), "envelope_tpr_1pct_attack": env1,
         "epsilon_lower_bound": v["epsilon_lower_bound"]["epsilon"],
         "per_attack_auc": {a: r["auc"] for a, r in pooled.attacks.items()},
         "n_member_eval": v["n_member"], "n_nonmember_eval": v["n_nonmember"],
@@ -663,14 +667,19 @@ def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _env_tpr(p: Mapping[str, Any]) -> str:
+    # rows written before this column existed have no envelope TPR@1%FPR
+    return "n/a" if p.get("envelope_tpr_1pct") is None else f"{_pct(p['envelope_tpr_1pct'])} ({p['envelope_tpr_1pct_attack']})"
+
+
 def _eps(x: Optional[float]) -> str:
     return "—" if x is None else f"{x:.0f}"
 
 
 def table(points: List[Dict[str, Any]]) -> str:
     lines = ["| M | row | runs | epochs | verdict | headline attack | headline AUC [95% CI] | TPR@1%FPR | "
-             "TPR@0.1%FPR | envelope AUC (attack) | envelope TPR@0.1%FPR | classifier acc. | gain kept | "
-             "held-out loss | DP epsilon |", "|" + "---|" * 15]
+             "TPR@0.1%FPR | envelope AUC (attack) | envelope TPR@1%FPR (attack) | envelope TPR@0.1%FPR | "
+             "classifier acc. | gain kept | held-out loss | DP epsilon |", "|" + "---|" * 16]
     for p in points:
         lo, hi = p["headline_auc_ci95"]
         lines.append(
@@ -678,7 +687,7 @@ def table(points: List[Dict[str, Any]]) -> str:
             f"{p['headline_attack']} | "
             f"{p['headline_auc']:.3f} [{lo:.2f}, {hi:.2f}] | {_pct(p['headline_tpr_1pct'])} | "
             f"{_pct(p['headline_tpr_01pct'])} | {p['envelope_auc']:.3f} ({p['envelope_auc_attack']}) | "
-            f"{_pct(p['envelope_tpr_01pct'])} | {_f(p['classifier_accuracy'])} ± {_f(p['classifier_accuracy_sd'])} | "
+            f"{_env_tpr(p)} | {_pct(p['envelope_tpr_01pct'])} | {_f(p['classifier_accuracy'])} ± {_f(p['classifier_accuracy_sd'])} | "
             f"{_pct(p.get('gain_kept'))} | {_f(p['heldout_loss'], 4)} | "
             f"{_eps(p['dp_epsilon'])} |")
     return "\n".join(lines) + "\n"

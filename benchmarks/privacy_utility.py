@@ -103,8 +103,11 @@ def _batches(model, data, steps, bs, seed):
         yield model.add_noise(z[idx], t, noise), t, c[idx], noise
 
 
-def train_dpsgd(model, members, *, steps, lr, bs, seed, noise, clip) -> float:
-    """DP-SGD on the LoRA parameters (per-sample clipping + Gaussian noise); returns epsilon at delta 1e-5."""
+def train_dpsgd(model, members, *, steps, lr, bs, seed, noise, clip) -> Optional[float]:
+    """DP-SGD on the LoRA parameters (per-sample clipping + Gaussian noise); returns epsilon at delta 1e-5.
+
+    ``noise=0`` is per-sample clipping alone: no guarantee, so the epsilon is ``None``.
+    """
     from opacus import GradSampleModule
     from opacus.accountants import RDPAccountant
 
@@ -127,10 +130,11 @@ def train_dpsgd(model, members, *, steps, lr, bs, seed, noise, clip) -> float:
             p.grad = (clipped + torch.randn(p.shape, generator=g_noise) * noise * clip) / len(z_t)
             p.grad_sample = None
         opt.step()
-        acc.step(noise_multiplier=noise, sample_rate=q)
+        if noise > 0:
+            acc.step(noise_multiplier=noise, sample_rate=q)
     gsm._close()
     model.unet = gsm._module
-    return float(acc.get_epsilon(delta=1e-5))
+    return float(acc.get_epsilon(delta=1e-5)) if noise > 0 else None
 
 
 def train_floor(model, members, nonmembers, *, steps, lr, bs, seed, momentum=0.9) -> None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests._helpers import one_thread  # noqa: F401
 
@@ -97,6 +98,10 @@ def test_tiny_frontier_end_to_end_and_resume(fr, tmp_path):
     assert {"lira_online", "rmia", "loss"} <= set(points[1]["per_attack_auc"])
     text = fr.table(points)
     assert "| 8 | plain | 2 |" in text
+    # 8 pooled non-members cannot resolve 1% FPR: the envelope TPR@1%FPR is n/a, not 0%
+    assert points[1]["envelope_tpr_1pct"] is None and points[1]["envelope_tpr_1pct_attack"] in points[1]["per_attack_auc"]
+    assert fr._env_tpr(points[1]) == "n/a"
+    assert fr._env_tpr({"envelope_tpr_1pct": 0.209, "envelope_tpr_1pct_attack": "lira_offline"}) == "20.9% (lira_offline)"
     fr.plot(points, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
     json.dumps(points)
@@ -129,3 +134,17 @@ def test_memo_target_serves_repeated_rows_from_disk(fr, tmp_path):
     assert Inner.calls == calls + 1 and m2.hits == 2  # two rows from disk, in any batch order; one new
     assert torch.allclose(again[:2], first[[2, 0]])
     assert torch.allclose(m2.eps(z, t, c, adapter=False), Inner().eps(z, t, c, adapter=False))  # never memoised
+
+
+def test_clipping_alone_trains_without_an_epsilon(fr):
+    pytest.importorskip("opacus")
+    cfg, base, _ = fr._setup("textures")
+    members, _ = fr.audited_pool("textures", 8)
+    rc = fr.Recipe(**{**TINY, "steps": 2})
+    before = fr._new_model(cfg, base.base_state_dict(), rc.lora_rank, 0).lora_state_dict()
+    clipped, facts = fr.train_one(rc, fr.row_spec("clip only"), members, None, 0, cfg, base.base_state_dict())
+    assert fr.ROWS["clip only"][0] == "clipping" and facts["epsilon"] is None and facts["steps"] == 2
+    after = clipped.lora_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    _, dp = fr.train_one(rc, fr.row_spec("dp-sgd s1"), members, None, 0, cfg, base.base_state_dict())
+    assert dp["epsilon"] is not None and 0 < dp["epsilon"] < float("inf")
