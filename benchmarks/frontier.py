@@ -70,6 +70,7 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "plain": ("plain", {"kind": "plain"}),
     "plain stop@1/4": ("plain", {"kind": "plain", "steps_frac": 0.25}),
     "plain stop@1/2": ("plain", {"kind": "plain", "steps_frac": 0.5}),
+    "plain flip": ("plain", {"kind": "plain", "flip": True}),
     "smp paper features a10 k5": ("smp paper", {"kind": "smp", "alpha": 10.0, "k_steps": 5, "attacker_lr": 1e-3,
                                                 "grid": 64}),
     "robust": ("robust", {"kind": "robust"}),
@@ -82,6 +83,7 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "robust attacker-lr 1e-4": ("robust", {"kind": "robust", "attacker_lr": 1e-4}),
     "robust attacker-lr 1e-2": ("robust", {"kind": "robust", "attacker_lr": 1e-2}),
     "robust wide attacker": ("robust", {"kind": "robust", "hidden": [1024, 512]}),
+    "robust flip": ("robust", {"kind": "robust", "flip": True}),
     "mp a0.05": ("mp", {"kind": "mp", "alpha": 0.05, "attacker_lr": 1e-3, "grid": 64}),
     "dp-sgd s0.5": ("dp-sgd", {"kind": "dpsgd", "noise": 0.5, "clip": 0.05}),
     "dp-sgd s1": ("dp-sgd", {"kind": "dpsgd", "noise": 1.0, "clip": 0.05}),
@@ -287,6 +289,9 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
     facts: Dict[str, Any] = {"steps": 0 if kind == "untouched" else steps, "epsilon": None}
     grid = _grid(cfg, spec)
     spec.pop("grid", None)
+    flip = bool(spec.pop("flip", False))
+    if flip and kind not in ("plain", "smp", "mp", "robust"):
+        raise ValueError(f"flip augmentation is not wired for row kind {kind!r}.")
     if "hidden" in spec:
         spec["hidden"] = tuple(spec["hidden"])
     if kind == "dpsgd":
@@ -301,7 +306,7 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
         elif kind in ("smp", "mp"):
             reg = PrivacyRegularizer(objective=kind, feature_grid=grid, seed=seed, load_entry_points=False, **spec)
         res = train_lora(model, members, steps=steps, lr=rc.lora_lr, batch_size=rc.batch_size, seed=seed, reg=reg,
-                         nonmembers=defense, name=kind, progress=False)
+                         nonmembers=defense, name=kind, progress=False, flip=flip)
         facts["final_loss"] = res.summary()["adaptation_loss_last"]
     facts["train_seconds"] = round(time.time() - t0, 1)
     model.requires_grad_(False)

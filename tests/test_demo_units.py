@@ -159,3 +159,24 @@ def test_shipped_assets_match_the_demo():
     with torch.no_grad():
         acc = float((clf(h.images).argmax(1) == h.labels).float().mean())
     assert acc > 0.9
+
+
+def test_flip_augmentation_mirrors_members_and_keeps_the_other_draws():
+    from smplora_plugin.demo.data import DigitSet
+    from smplora_plugin.demo.train import train_lora
+
+    members = make_splits(SIZES, seed=0)["member"]
+
+    def trained(images, flip):
+        m = TinyLDM(TinyLDMConfig(), seed=0)
+        m.add_lora(4, seed=1)
+        train_lora(m, DigitSet(images, members.labels, members.ids), steps=3, lr=1e-2, batch_size=4, seed=0,
+                   progress=False, flip=flip)
+        return m.lora_state_dict()
+
+    symmetric = 0.5 * (members.images + members.images.flip(-1))
+    plain, flipped = trained(symmetric, False), trained(symmetric, True)
+    # mirror-symmetric members: flipping changes no input, so the batches, timesteps and noise are the same
+    assert all(torch.allclose(plain[k], flipped[k], atol=1e-6) for k in plain)
+    plain, flipped = trained(members.images, False), trained(members.images, True)
+    assert any(not torch.allclose(plain[k], flipped[k], atol=1e-6) for k in plain)

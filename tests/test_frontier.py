@@ -148,3 +148,16 @@ def test_clipping_alone_trains_without_an_epsilon(fr):
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
     _, dp = fr.train_one(rc, fr.row_spec("dp-sgd s1"), members, None, 0, cfg, base.base_state_dict())
     assert dp["epsilon"] is not None and 0 < dp["epsilon"] < float("inf")
+
+
+def test_flip_rows_train_with_mirrored_members(fr):
+    cfg, base, _ = fr._setup("textures")
+    members, defense = fr.audited_pool("textures", 8)
+    rc = fr.Recipe(**{**TINY, "steps": 2})
+    plain, _ = fr.train_one(rc, fr.row_spec("plain"), members, defense, 0, cfg, base.base_state_dict())
+    flip, _ = fr.train_one(rc, fr.row_spec("plain flip"), members, defense, 0, cfg, base.base_state_dict())
+    a, b = plain.lora_state_dict(), flip.lora_state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert fr.row_spec("robust flip") == {"kind": "robust", "flip": True}
+    with pytest.raises(ValueError, match="flip"):
+        fr.train_one(rc, {"kind": "floor", "flip": True}, members, defense, 0, cfg, base.base_state_dict())

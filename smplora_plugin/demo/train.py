@@ -94,7 +94,7 @@ def _base_pred(model: TinyLDM, reg: Any, z_t: torch.Tensor, t: torch.Tensor, con
 
 def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batch_size: int, seed: int,
                reg: Optional[Any] = None, nonmembers: Optional[DigitSet] = None, name: str = "lora",
-               progress: bool = True) -> LoRAResult:
+               progress: bool = True, flip: bool = False) -> LoRAResult:
     """Fine-tune the LoRA already added to ``model`` (``model.add_lora``) on ``members``.
 
     With ``reg`` (a :class:`smplora_plugin.PrivacyRegularizer`), every step also runs a no-grad
@@ -103,7 +103,9 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
     The privacy term (and, with calibrated features, the base forward) sees the first
     ``reg.privacy_rows(batch)`` members of each batch (``PrivacyConfig.privacy_fraction``, taken
     over steps: a step with none calls ``reg.step(loss, None)``) and non-member batches of
-    ``reg.nonmember_rows(batch)``.
+    ``reg.nonmember_rows(batch)``. ``flip``: each member is mirrored left-right with probability
+    1/2 per draw (kohya's ``--flip_aug``, diffusers' ``--random_flip``); the coins come from their
+    own generator, so batches, timesteps and noise are those of the same run without ``flip``.
     """
     import time
 
@@ -114,10 +116,12 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
     t_start = time.time()
     g = torch.Generator().manual_seed(seed)             # member batches, t, noise: same with and without reg
     g_nm = torch.Generator().manual_seed(seed + 7919)    # non-member draws of the defense
+    g_flip = torch.Generator().manual_seed(seed + 104_729)  # flip coins
     params = [p for p in model.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     with torch.no_grad():
         z_m, c_m = model.encode(members.images), model.text(members.captions)
+        z_mirror = model.encode(members.images.flip(-1)) if flip else None
         if nonmembers is not None:
             z_n, c_n = model.encode(nonmembers.images), model.text(nonmembers.captions)
     T = model.cfg.num_train_timesteps
@@ -128,9 +132,12 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
     bar = _bar(steps, f"LoRA ({name})", progress)
     for step in range(steps):
         idx = torch.randperm(len(members), generator=g)[:bs]
-        noise = torch.randn(z_m[idx].shape, generator=g)
+        z0 = z_m[idx]
+        if z_mirror is not None:
+            z0 = torch.where((torch.rand(bs, generator=g_flip) < 0.5).view(-1, 1, 1, 1), z_mirror[idx], z0)
+        noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, T, (bs,), generator=g)
-        z_t = model.add_noise(z_m[idx], t, noise)
+        z_t = model.add_noise(z0, t, noise)
         pred = model.predict(z_t, t, c_m[idx])
         loss = F.mse_loss(pred, noise)
         res.losses.append(loss.item())

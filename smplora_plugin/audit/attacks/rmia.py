@@ -8,7 +8,9 @@ and ``Lbar_t`` the target's mean of it over the population samples (so a typical
 the paper's linear approximation from the OUT references ``((1 + a) Pr_out(x) + 1 - a) / 2``.
 The population samples ``z`` are the calibration non-members; the score of ``x`` is the fraction
 of ``z`` (other than ``x``) with ``LR(x) / LR(z) > gamma``, ``LR = Pr(. | theta) / Pr(.)``.
-``gamma`` (and ``a`` offline) are chosen on the calibration split.
+``gamma`` (and ``a`` offline) are chosen on the calibration split. The score takes only
+``len(population) + 1`` values, so against a strong leak members tie at the top and the TPR at a low
+FPR can be 0 while the AUC is high (docs/audit.md); the report's upper envelope reads it elsewhere.
 """
 
 from __future__ import annotations
