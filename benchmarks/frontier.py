@@ -555,15 +555,24 @@ def pooled_point(cache: Cache, rc: Recipe, row: str) -> Optional[Dict[str, Any]]
 
 
 def add_gain(points: List[Dict[str, Any]]) -> None:
-    """``gain_kept``: share of plain LoRA's classifier-accuracy gain over the untouched model, per (data set, M)."""
+    """Per (data set, M), against the untouched model and plain LoRA of the same runs.
+
+    ``gain_kept``: share of plain LoRA's classifier-accuracy gain over the untouched model.
+    ``fd_gain_kept``: share of plain LoRA's drop in Fréchet distance. A row can push the classifier's
+    style share past plain's while its samples are further from the real style; this says so.
+    """
     by = {(p["dataset"], p["members"], p["row"]): p for p in points}
     for p in points:
         u, pl = by.get((p["dataset"], p["members"], "untouched")), by.get((p["dataset"], p["members"], "plain"))
-        gain = None
-        if u and pl and abs(pl["classifier_accuracy"] - u["classifier_accuracy"]) > 1e-9:
-            base = u["classifier_accuracy"]
-            gain = (p["classifier_accuracy"] - base) / (pl["classifier_accuracy"] - base)
-        p["gain_kept"] = gain
+        p["gain_kept"] = _share(p, u, pl, "classifier_accuracy")
+        p["fd_gain_kept"] = _share(p, u, pl, "frechet_distance")
+
+
+def _share(p: Mapping[str, Any], u: Optional[Mapping[str, Any]], pl: Optional[Mapping[str, Any]],
+           key: str) -> Optional[float]:
+    if not (u and pl) or any(x.get(key) is None for x in (p, u, pl)) or abs(pl[key] - u[key]) <= 1e-9:
+        return None
+    return (p[key] - u[key]) / (pl[key] - u[key])
 
 
 def pareto(points: Sequence[Tuple[float, float]]) -> List[int]:
@@ -677,6 +686,12 @@ def _env_tpr(p: Mapping[str, Any]) -> str:
     return "n/a" if p.get("envelope_tpr_1pct") is None else f"{_pct(p['envelope_tpr_1pct'])} ({p['envelope_tpr_1pct_attack']})"
 
 
+def _fd(p: Mapping[str, Any]) -> str:
+    if p.get("frechet_distance") is None:
+        return "n/a"
+    return f"{p['frechet_distance']:.1f} ({_pct(p.get('fd_gain_kept'))})"
+
+
 def _eps(x: Optional[float]) -> str:
     return "—" if x is None else f"{x:.0f}"
 
@@ -684,7 +699,7 @@ def _eps(x: Optional[float]) -> str:
 def table(points: List[Dict[str, Any]]) -> str:
     lines = ["| M | row | runs | epochs | verdict | headline attack | headline AUC [95% CI] | TPR@1%FPR | "
              "TPR@0.1%FPR | envelope AUC (attack) | envelope TPR@1%FPR (attack) | envelope TPR@0.1%FPR | "
-             "classifier acc. | gain kept | held-out loss | DP epsilon |", "|" + "---|" * 16]
+             "classifier acc. | gain kept | Fréchet distance (drop kept) | held-out loss | DP epsilon |", "|" + "---|" * 17]
     for p in points:
         lo, hi = p["headline_auc_ci95"]
         lines.append(
@@ -693,7 +708,7 @@ def table(points: List[Dict[str, Any]]) -> str:
             f"{p['headline_auc']:.3f} [{lo:.2f}, {hi:.2f}] | {_pct(p['headline_tpr_1pct'])} | "
             f"{_pct(p['headline_tpr_01pct'])} | {p['envelope_auc']:.3f} ({p['envelope_auc_attack']}) | "
             f"{_env_tpr(p)} | {_pct(p['envelope_tpr_01pct'])} | {_f(p['classifier_accuracy'])} ± {_f(p['classifier_accuracy_sd'])} | "
-            f"{_pct(p.get('gain_kept'))} | {_f(p['heldout_loss'], 4)} | "
+            f"{_pct(p.get('gain_kept'))} | {_fd(p)} | {_f(p['heldout_loss'], 4)} | "
             f"{_eps(p['dp_epsilon'])} |")
     return "\n".join(lines) + "\n"
 

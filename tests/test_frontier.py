@@ -161,3 +161,16 @@ def test_flip_rows_train_with_mirrored_members(fr):
     assert fr.row_spec("robust flip") == {"kind": "robust", "flip": True}
     with pytest.raises(ValueError, match="flip"):
         fr.train_one(rc, {"kind": "floor", "flip": True}, members, defense, 0, cfg, base.base_state_dict())
+
+
+def test_gain_shares_against_untouched_and_plain(fr):
+    def pt(row, acc, fd):
+        return {"dataset": "emoji", "members": 8, "row": row, "classifier_accuracy": acc, "frechet_distance": fd}
+
+    points = [pt("untouched", 0.4, 30.0), pt("plain", 0.6, 10.0), pt("robust", 0.7, 25.0), pt("dp-sgd s1", 0.5, None)]
+    fr.add_gain(points)
+    got = [(p["gain_kept"], p["fd_gain_kept"]) for p in points]
+    assert got[0] == (0.0, 0.0) and got[1] == (1.0, 1.0) and got[3][1] is None
+    # more style share than plain, yet samples further from the style: 150% and 25%
+    assert got[2][0] == pytest.approx(1.5) and got[2][1] == pytest.approx(0.25)
+    assert fr._fd(points[2]) == "25.0 (25.0%)" and fr._fd(points[3]) == "n/a"
