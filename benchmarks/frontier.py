@@ -678,7 +678,7 @@ def _f(x: Optional[float], nd: int = 3) -> str:
 
 
 def _pct(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+    return "n/a" if x is None else f"{round(100 * x, 1) + 0.0:.1f}%"  # + 0.0: no "-0.0%"
 
 
 def _env_tpr(p: Mapping[str, Any]) -> str:

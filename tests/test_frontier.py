@@ -174,3 +174,4 @@ def test_gain_shares_against_untouched_and_plain(fr):
     # more style share than plain, yet samples further from the style: 150% and 25%
     assert got[2][0] == pytest.approx(1.5) and got[2][1] == pytest.approx(0.25)
     assert fr._fd(points[2]) == "25.0 (25.0%)" and fr._fd(points[3]) == "n/a"
+    assert fr._pct(-1e-17) == "0.0%" and fr._pct(-0.2) == "-20.0%"
