@@ -682,7 +682,7 @@ def _pct(x: Optional[float]) -> str:
 
 
 def _env_tpr(p: Mapping[str, Any]) -> str:
-    # rows written before this column existed have no envelope TPR@1%FPR
+    # None: too few pooled non-members to resolve 1% FPR
     return "n/a" if p.get("envelope_tpr_1pct") is None else f"{_pct(p['envelope_tpr_1pct'])} ({p['envelope_tpr_1pct_attack']})"
 
 

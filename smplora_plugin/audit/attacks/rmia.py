@@ -10,7 +10,8 @@ The population samples ``z`` are the calibration non-members; the score of ``x``
 of ``z`` (other than ``x``) with ``LR(x) / LR(z) > gamma``, ``LR = Pr(. | theta) / Pr(.)``.
 ``gamma`` (and ``a`` offline) are chosen on the calibration split. The score takes only
 ``len(population) + 1`` values, so against a strong leak members tie at the top and the TPR at a low
-FPR can be 0 while the AUC is high (docs/audit.md); the report's upper envelope reads it elsewhere.
+FPR can be 0 while the AUC is high (docs/audit.md); read TPR at low FPR from the report's upper
+envelope.
 """
 
 from __future__ import annotations
