@@ -117,19 +117,24 @@ class Recipe:
     attacks: Optional[Tuple[str, ...]] = None  # None: the whole default suite (+ LiRA/RMIA with references)
     per_label: int = 20
     sample_steps: int = 20
+    #: at most this many members (and as many non-members) of a run are audited, half of them calibration;
+    #: above it a run's audited samples are a seeded draw of its members, so large M costs no more to audit
+    audited: int = 128
 
     def validate(self) -> None:
         from smplora_plugin.demo.datasets import NAMES
 
         if self.dataset not in NAMES:
             raise ValueError(f"unknown data set {self.dataset!r}; choose one of {list(NAMES)}.")
-        for name in ("members", "steps", "runs", "batch_size", "lora_rank", "per_label", "sample_steps"):
+        for name in ("members", "steps", "runs", "batch_size", "lora_rank", "per_label", "sample_steps", "audited"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {v!r}.")
         if self.members < 8 or self.members % 4:
             raise ValueError(f"members={self.members}: use a multiple of 4, at least 8 (calibration and evaluation "
                              "halves of members and non-members).")
+        if self.audited < 8 or self.audited % 4:
+            raise ValueError(f"audited={self.audited}: use a multiple of 4, at least 8.")
         if self.references == 1 or self.references < 0 or self.references % 2:
             raise ValueError(f"references={self.references}: 0 (no LiRA/RMIA) or an even number >= 2.")
 
@@ -170,9 +175,12 @@ def lora_settings(rc: Recipe, spec: Mapping[str, Any], run: int, *, reference: O
 def audit_settings(rc: Recipe, spec: Mapping[str, Any], run: int) -> Dict[str, Any]:
     """Everything that determines one run's audit scores and utility."""
     refs = [settings_key(lora_settings(rc, {"kind": "plain"}, 0, reference=r)) for r in range(rc.references)]
-    return {"lora": settings_key(lora_settings(rc, spec, run)), "audit": dict(rc.audit),
-            "attacks": None if rc.attacks is None else list(rc.attacks), "references": refs,
-            "per_label": rc.per_label, "sample_steps": rc.sample_steps}
+    d = {"lora": settings_key(lora_settings(rc, spec, run)), "audit": dict(rc.audit),
+         "attacks": None if rc.attacks is None else list(rc.attacks), "references": refs,
+         "per_label": rc.per_label, "sample_steps": rc.sample_steps}
+    if rc.audited < rc.members:  # only where the cap binds, so the keys of smaller points stay what they were
+        d["audited"] = rc.audited
+    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,13 +251,17 @@ def audited_pool(dataset: str, members: int):
     return sp["member"], sp["nonmember_defense"]
 
 
-def run_draw(n_pool: int, members: int, run: int) -> Dict[str, List[int]]:
-    """Run ``run``'s indices into the pool: members / non-members, each split into calibration / evaluation."""
+def run_draw(n_pool: int, members: int, run: int, audited: Optional[int] = None) -> Dict[str, List[int]]:
+    """Run ``run``'s indices into the pool: members / non-members, each split into calibration / evaluation.
+
+    With ``audited < members`` only the first ``audited`` members and non-members of the run's permutation are
+    audited (the LoRA still trains on all ``members``); otherwise all are."""
     perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(100_003 + run)).tolist()
-    h = members // 2
     mem, non = perm[:members], perm[members:2 * members]
-    return {"member": sorted(mem), "member_cal": sorted(mem[:h]), "member_eval": sorted(mem[h:]),
-            "nonmember_cal": sorted(non[:h]), "nonmember_eval": sorted(non[h:])}
+    a = members if audited is None else min(audited, members)
+    h = a // 2
+    return {"member": sorted(mem), "member_cal": sorted(mem[:h]), "member_eval": sorted(mem[h:a]),
+            "nonmember_cal": sorted(non[:h]), "nonmember_eval": sorted(non[h:a])}
 
 
 def _new_model(cfg, base_sd, rank: int, seed: int):
@@ -453,7 +465,7 @@ def ensure_audit(cache: Cache, rc: Recipe, row: str, run: int, setup=None) -> Di
     model, lmeta = ensure_lora(cache, rc, spec, run, setup=setup)
     refs, memos = _references(cache, rc, setup)
     pool, _ = audited_pool(rc.dataset, rc.members)
-    draw = run_draw(len(pool), rc.members, run)
+    draw = run_draw(len(pool), rc.members, run, rc.audited)
     s = lambda part: AuditSamples(pool.subset(draw[part]).images, pool.subset(draw[part]).captions,  # noqa: E731
                                   pool.subset(draw[part]).ids)
     t0 = time.time()
@@ -768,7 +780,7 @@ def _recipe(args) -> Recipe:
     audit = {"n_boot": 200, **json.loads(args.audit_json)}
     rc = Recipe(dataset=args.dataset, members=args.members, steps=steps, runs=args.runs, references=args.references,
                 audit=audit, attacks=None if not args.attacks else tuple(args.attacks.split(",")),
-                per_label=args.per_label, sample_steps=args.sample_steps)
+                per_label=args.per_label, sample_steps=args.sample_steps, audited=args.audited)
     rc.validate()
     return rc
 
@@ -784,6 +796,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attacks", default="", help="comma-separated attacks (default: the whole suite)")
     p.add_argument("--per-label", type=int, default=20, help="generated samples per class for utility")
     p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--audited", type=int, default=128,
+                   help="audit at most this many members (and non-members) per run; the LoRA trains on all")
     p.add_argument("--rows", default="untouched,plain,robust")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
 

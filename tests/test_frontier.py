@@ -46,6 +46,24 @@ def test_keys_change_with_every_setting_and_only_then(fr):
     assert a == fr.settings_key(fr.audit_settings(fr.Recipe(**{**TINY, "runs": 5}), spec, 0))
 
 
+def test_audit_cap_draws_a_subset_and_keys_only_where_it_binds(fr):
+    full = fr.run_draw(40, 16, 3)
+    capped = fr.run_draw(40, 16, 3, audited=8)
+    assert capped["member"] == full["member"] and len(capped["member"]) == 16  # the LoRA still trains on all 16
+    parts = ("member_cal", "member_eval", "nonmember_cal", "nonmember_eval")
+    assert [len(capped[k]) for k in parts] == [4, 4, 4, 4]
+    assert set(capped["member_cal"] + capped["member_eval"]) < set(full["member"])
+    assert set(capped["nonmember_cal"] + capped["nonmember_eval"]) < set(full["nonmember_cal"] + full["nonmember_eval"])
+    assert not set(capped["member_cal"]) & set(capped["member_eval"])
+    assert fr.run_draw(40, 16, 3, audited=64) == full  # a cap above M changes nothing
+    spec = fr.row_spec("plain")
+    key = lambda **kw: fr.settings_key(fr.audit_settings(fr.Recipe(**{**TINY, **kw}), spec, 0))  # noqa: E731
+    assert key() == key(audited=8) == key(audited=64)  # M = 8: the cap does not bind, the key stays
+    assert key(members=16) != key(members=16, audited=8)
+    with pytest.raises(ValueError, match="audited"):
+        fr.Recipe(**{**TINY, "audited": 6}).validate()
+
+
 def test_pareto_keeps_the_non_dominated_points(fr):
     pts = [(0.5, 0.9), (0.6, 0.7), (0.55, 0.8), (0.6, 0.75), (0.4, 0.6), (0.7, 0.95), (0.6, 0.7)]
     front = fr.pareto(pts)
