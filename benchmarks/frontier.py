@@ -55,6 +55,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _results import header, write_section  # noqa: E402
 
+from smplora_plugin import hookimpl, loss_maps  # noqa: E402
+
 #: Bump when a change to this harness or to the code it calls changes what a cached result would be.
 FRONTIER_VERSION = 1
 DEFAULT_CACHE = Path(os.environ.get("SMPLORA_FRONTIER_CACHE", "/work/scratch/frontier/cache"))
@@ -84,6 +86,9 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "robust attacker-lr 1e-2": ("robust", {"kind": "robust", "attacker_lr": 1e-2}),
     "robust wide attacker": ("robust", {"kind": "robust", "hidden": [1024, 512]}),
     "robust flip": ("robust", {"kind": "robust", "flip": True}),
+    # the issue's timestep-conditioned features: the proxy also sees each sample's t (TimestepChannels)
+    "robust flip t-feature": ("robust", {"kind": "robust", "flip": True, "tfeat": True}),
+    "robust flip k5": ("robust", {"kind": "robust", "flip": True, "k_steps": 5}),
     "mp a0.05": ("mp", {"kind": "mp", "alpha": 0.05, "attacker_lr": 1e-3, "grid": 64}),
     "dp-sgd s0.5": ("dp-sgd", {"kind": "dpsgd", "noise": 0.5, "clip": 0.05}),
     "dp-sgd s1": ("dp-sgd", {"kind": "dpsgd", "noise": 1.0, "clip": 0.05}),
@@ -277,6 +282,26 @@ def _new_model(cfg, base_sd, rank: int, seed: int):
 # training one LoRA
 
 
+class TimestepChannels:
+    """A feature plugin (``smplora_extract_features``): the default calibrated loss maps plus three constant
+    channels that encode each sample's timestep (``u = t / T``, ``sin(pi u)``, ``cos(pi u)``), so the proxy
+    attacker can weigh a loss gap by the noise level it was measured at, as LiRA's per-t statistics do.
+    A frontier lever, measured before it moves into the library."""
+
+    def __init__(self, num_train_timesteps: int):
+        self.T = float(num_train_timesteps)
+
+    @hookimpl(tryfirst=True)  # answers before the built-in default (the hook takes the first result)
+    def smplora_extract_features(self, reg, pred, target, timesteps, reference):
+        if timesteps is None:
+            raise ValueError("timestep features need reg.features(pred, target, timesteps, reference=...).")
+        grid = reg.config.feature_grid if reg.input_grid is None else reg.input_grid
+        maps = loss_maps(pred, target, grid, reference=reference)
+        u = timesteps.to(maps.device, torch.float32).view(-1, 1, 1, 1) / self.T
+        enc = torch.cat([u, torch.sin(np.pi * u), torch.cos(np.pi * u)], 1)
+        return torch.cat([maps, enc.expand(-1, -1, *maps.shape[-2:])], 1)
+
+
 def _grid(cfg, spec: Mapping[str, Any]) -> int:
     lat = cfg.data.model_config.latent_size
     return max(1, lat * int(spec.get("grid", 32)) // 64)
@@ -306,6 +331,9 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
         raise ValueError(f"flip augmentation is not wired for row kind {kind!r}.")
     if "hidden" in spec:
         spec["hidden"] = tuple(spec["hidden"])
+    plugins = [TimestepChannels(cfg.data.model_config.num_train_timesteps)] if spec.pop("tfeat", False) else None
+    if plugins and kind not in ("smp", "mp", "robust"):
+        raise ValueError(f"timestep features need an SMP / MP row, not {kind!r}.")
     if kind == "dpsgd":
         facts["epsilon"] = train_dpsgd(model, members, steps=steps, lr=rc.lora_lr, bs=rc.batch_size, seed=seed, **spec)
     elif kind == "floor":
@@ -314,9 +342,10 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
         reg = None
         if kind == "robust":
             reg = PrivacyRegularizer(PrivacyConfig.preset("robust", feature_grid=grid, seed=seed, **spec),
-                                     load_entry_points=False)
+                                     plugins=plugins, load_entry_points=False)
         elif kind in ("smp", "mp"):
-            reg = PrivacyRegularizer(objective=kind, feature_grid=grid, seed=seed, load_entry_points=False, **spec)
+            reg = PrivacyRegularizer(objective=kind, feature_grid=grid, seed=seed, plugins=plugins,
+                                     load_entry_points=False, **spec)
         res = train_lora(model, members, steps=steps, lr=rc.lora_lr, batch_size=rc.batch_size, seed=seed, reg=reg,
                          nonmembers=defense, name=kind, progress=False, flip=flip)
         facts["final_loss"] = res.summary()["adaptation_loss_last"]

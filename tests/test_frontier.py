@@ -181,6 +181,34 @@ def test_flip_rows_train_with_mirrored_members(fr):
         fr.train_one(rc, {"kind": "floor", "flip": True}, members, defense, 0, cfg, base.base_state_dict())
 
 
+def test_timestep_features_add_t_channels_and_train(fr):
+    from smplora_plugin import PrivacyConfig, PrivacyRegularizer
+
+    g = torch.Generator().manual_seed(0)
+    pred, target, ref = (torch.randn(4, 2, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([0, 250, 500, 999])
+    plain = PrivacyRegularizer(PrivacyConfig.preset("robust", feature_grid=2), load_entry_points=False)
+    timed = PrivacyRegularizer(PrivacyConfig.preset("robust", feature_grid=2), plugins=[fr.TimestepChannels(1000)],
+                               load_entry_points=False)
+    a, b = plain.features(pred, target, t, reference=ref), timed.features(pred, target, t, reference=ref)
+    assert a.shape == (4, 8) and b.shape == (4, 8 + 3 * 4)
+    assert torch.equal(b[:, :8], a)  # the loss maps are the default's; the t channels follow them, cell by cell
+    u = t.float() / 1000
+    assert torch.allclose(b[:, 8:12], u[:, None].expand(4, 4))
+    assert torch.allclose(b[:, 12:16], torch.sin(torch.pi * u)[:, None].expand(4, 4))
+    with pytest.raises(ValueError, match="timesteps"):
+        timed.features(pred, target, reference=ref)
+    cfg, base, _ = fr._setup("textures")
+    members, defense = fr.audited_pool("textures", 8)
+    rc = fr.Recipe(**{**TINY, "steps": 2})
+    m1, _ = fr.train_one(rc, fr.row_spec("robust flip"), members, defense, 0, cfg, base.base_state_dict())
+    m2, _ = fr.train_one(rc, fr.row_spec("robust flip t-feature"), members, defense, 0, cfg, base.base_state_dict())
+    a, b = m1.lora_state_dict(), m2.lora_state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # a different proxy, a different LoRA
+    with pytest.raises(ValueError, match="timestep features"):
+        fr.train_one(rc, {"kind": "plain", "tfeat": True}, members, defense, 0, cfg, base.base_state_dict())
+
+
 def test_gain_shares_against_untouched_and_plain(fr):
     def pt(row, acc, fd):
         return {"dataset": "emoji", "members": 8, "row": row, "classifier_accuracy": acc, "frechet_distance": fd}

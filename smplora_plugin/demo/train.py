@@ -145,7 +145,7 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
         if reg is not None and pb == 0:
             loss = reg.step(loss, None)
         elif reg is not None:
-            member_feats = reg.features(pred[:pb], noise[:pb],
+            member_feats = reg.features(pred[:pb], noise[:pb], t[:pb],
                                         reference=_base_pred(model, reg, z_t[:pb], t[:pb], c_m[idx[:pb]]))
             nonmember_feats = None
             if reg.wants_nonmembers():
@@ -155,7 +155,8 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
                 z_tn = model.add_noise(z_n[j], t_n, noise_n)
                 with torch.no_grad():
                     pred_n = model.predict(z_tn, t_n, c_n[j])
-                nonmember_feats = reg.features(pred_n, noise_n, reference=_base_pred(model, reg, z_tn, t_n, c_n[j]))
+                nonmember_feats = reg.features(pred_n, noise_n, t_n,
+                                               reference=_base_pred(model, reg, z_tn, t_n, c_n[j]))
             loss = reg.step(loss, member_feats, nonmember_feats)
         if reg is not None and (step % 10 == 0 or step == steps - 1):
             res.reg_metrics.append(reg.metrics())
