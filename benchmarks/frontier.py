@@ -7,6 +7,9 @@ Design (per data set and member count ``M``):
 - **Runs.** Run ``i`` of a row draws its members as a seeded random half of ``A`` (``M`` images);
   the other half are its non-members. Each half is split in two: calibration and evaluation.
   The LoRA init, batches and noise are seeded by ``i``; every row's run ``i`` sees the same draw.
+  Above ``--audited`` (128) members a run audits only a seeded draw of 128 members and 128
+  non-members (half calibration); the LoRA still trains on all ``M``, and large ``M`` costs no
+  more to audit.
 - **References.** ``R`` plain reference LoRAs per ``(data set, M)``, trained the target's way on
   balanced halves of ``A`` (each image IN for exactly ``R/2`` of them), shared by every row and
   run at that member count: online LiRA, offline LiRA and RMIA join the default suite.

@@ -168,17 +168,24 @@ def test_clipping_alone_trains_without_an_epsilon(fr):
     assert dp["epsilon"] is not None and 0 < dp["epsilon"] < float("inf")
 
 
-def test_flip_rows_train_with_mirrored_members(fr):
+def _two_rows_differ(fr, row_a, row_b, *, refused):
+    """Train ``row_a`` and ``row_b`` for 2 steps on the same draw: their LoRAs must differ; ``refused``
+    (a spec) must be refused before training."""
     cfg, base, _ = fr._setup("textures")
     members, defense = fr.audited_pool("textures", 8)
     rc = fr.Recipe(**{**TINY, "steps": 2})
-    plain, _ = fr.train_one(rc, fr.row_spec("plain"), members, defense, 0, cfg, base.base_state_dict())
-    flip, _ = fr.train_one(rc, fr.row_spec("plain flip"), members, defense, 0, cfg, base.base_state_dict())
-    a, b = plain.lora_state_dict(), flip.lora_state_dict()
+    m1, _ = fr.train_one(rc, fr.row_spec(row_a), members, defense, 0, cfg, base.base_state_dict())
+    m2, _ = fr.train_one(rc, fr.row_spec(row_b), members, defense, 0, cfg, base.base_state_dict())
+    a, b = m1.lora_state_dict(), m2.lora_state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError) as err:
+        fr.train_one(rc, refused, members, defense, 0, cfg, base.base_state_dict())
+    return str(err.value)
+
+
+def test_flip_rows_train_with_mirrored_members(fr):
+    assert "flip" in _two_rows_differ(fr, "plain", "plain flip", refused={"kind": "floor", "flip": True})
     assert fr.row_spec("robust flip") == {"kind": "robust", "flip": True}
-    with pytest.raises(ValueError, match="flip"):
-        fr.train_one(rc, {"kind": "floor", "flip": True}, members, defense, 0, cfg, base.base_state_dict())
 
 
 def test_timestep_features_add_t_channels_and_train(fr):
@@ -198,15 +205,9 @@ def test_timestep_features_add_t_channels_and_train(fr):
     assert torch.allclose(b[:, 12:16], torch.sin(torch.pi * u)[:, None].expand(4, 4))
     with pytest.raises(ValueError, match="timesteps"):
         timed.features(pred, target, reference=ref)
-    cfg, base, _ = fr._setup("textures")
-    members, defense = fr.audited_pool("textures", 8)
-    rc = fr.Recipe(**{**TINY, "steps": 2})
-    m1, _ = fr.train_one(rc, fr.row_spec("robust flip"), members, defense, 0, cfg, base.base_state_dict())
-    m2, _ = fr.train_one(rc, fr.row_spec("robust flip t-feature"), members, defense, 0, cfg, base.base_state_dict())
-    a, b = m1.lora_state_dict(), m2.lora_state_dict()
-    assert any(not torch.equal(a[k], b[k]) for k in a)  # a different proxy, a different LoRA
-    with pytest.raises(ValueError, match="timestep features"):
-        fr.train_one(rc, {"kind": "plain", "tfeat": True}, members, defense, 0, cfg, base.base_state_dict())
+    # a different proxy, a different LoRA; a row without a proxy is refused
+    msg = _two_rows_differ(fr, "robust flip", "robust flip t-feature", refused={"kind": "plain", "tfeat": True})
+    assert "timestep features" in msg
 
 
 def test_gain_shares_against_untouched_and_plain(fr):
