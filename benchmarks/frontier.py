@@ -58,7 +58,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _results import header, write_section  # noqa: E402
 
-from smplora_plugin import hookimpl, loss_maps  # noqa: E402
+from smplora_plugin import hookimpl  # noqa: E402
+from smplora_plugin.plugins import DefaultFeatures  # noqa: E402
 
 #: Bump when a change to this harness or to the code it calls changes what a cached result would be.
 FRONTIER_VERSION = 1
@@ -91,6 +92,7 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "robust flip": ("robust", {"kind": "robust", "flip": True}),
     # the timestep-conditioned features: the proxy also sees each sample's t (TimestepChannels)
     "robust flip t-feature": ("robust", {"kind": "robust", "flip": True, "tfeat": True}),
+    "robust flip k2": ("robust", {"kind": "robust", "flip": True, "k_steps": 2}),
     "robust flip k5": ("robust", {"kind": "robust", "flip": True, "k_steps": 5}),
     "mp a0.05": ("mp", {"kind": "mp", "alpha": 0.05, "attacker_lr": 1e-3, "grid": 64}),
     "dp-sgd s0.5": ("dp-sgd", {"kind": "dpsgd", "noise": 0.5, "clip": 0.05}),
@@ -298,8 +300,7 @@ class TimestepChannels:
     def smplora_extract_features(self, reg, pred, target, timesteps, reference):
         if timesteps is None:
             raise ValueError("timestep features need reg.features(pred, target, timesteps, reference=...).")
-        grid = reg.config.feature_grid if reg.input_grid is None else reg.input_grid
-        maps = loss_maps(pred, target, grid, reference=reference)
+        maps = DefaultFeatures().smplora_extract_features(reg=reg, pred=pred, target=target, reference=reference)
         u = timesteps.to(maps.device, torch.float32).view(-1, 1, 1, 1) / self.T
         enc = torch.cat([u, torch.sin(np.pi * u), torch.cos(np.pi * u)], 1)
         return torch.cat([maps, enc.expand(-1, -1, *maps.shape[-2:])], 1)
