@@ -552,8 +552,8 @@ def load_report(cache: Cache, key: str):
 # one point: pooled over its runs
 
 
-def pooled_point(cache: Cache, rc: Recipe, row: str) -> Optional[Dict[str, Any]]:
-    """The pooled row of ``row`` when all ``rc.runs`` runs are cached; ``None`` otherwise."""
+def pooled_report(cache: Cache, rc: Recipe, row: str):
+    """``(pooled AuditReport, per-run metas)`` of ``row`` when all ``rc.runs`` runs are cached; ``None`` otherwise."""
     from smplora_plugin.audit.engine import AuditConfig
     from smplora_plugin.audit.pooled import pool_reports
 
@@ -564,7 +564,32 @@ def pooled_point(cache: Cache, rc: Recipe, row: str) -> Optional[Dict[str, Any]]
     loaded = [load_report(cache, k) for k in keys]
     reports, metas = [r for r, _ in loaded], [m for _, m in loaded]
     cfg = AuditConfig.from_dict({"seed": 0, **rc.audit})
-    pooled = pool_reports(reports, [f"run {i}" for i in range(rc.runs)], config=cfg, title=row)
+    return pool_reports(reports, [f"run {i}" for i in range(rc.runs)], config=cfg, title=row), metas
+
+
+def paired_fields(pooled, baseline) -> Dict[str, Any]:
+    """The row against the untouched model on the same draws (:func:`~smplora_plugin.audit.paired.compare_to_baseline`)."""
+    from smplora_plugin.audit.paired import compare_to_baseline
+
+    c = compare_to_baseline(pooled, baseline)
+    if c.get("envelope") is None:
+        return {"paired_verdict": c["verdict"], "paired_p": None, "paired_attack": None, "paired_difference": None}
+    return {"paired_verdict": c["verdict"], "paired_p": min(c["p_values"]["headline"], c["p_values"]["envelope"]),
+            "paired_p_headline": c["p_values"]["headline"], "paired_p_envelope": c["p_values"]["envelope"],
+            "paired_attack": c["envelope"]["attack"], "paired_difference": c["envelope"]["difference"],
+            "paired_headline_difference": c["headline"]["difference"]}
+
+
+def pooled_point(cache: Cache, rc: Recipe, row: str, baseline=None) -> Optional[Dict[str, Any]]:
+    """The pooled row of ``row`` when all ``rc.runs`` runs are cached; ``None`` otherwise.
+
+    ``baseline``: the untouched model's pooled report at the same recipe; adds the paired verdict.
+    """
+    got = pooled_report(cache, rc, row)
+    if got is None:
+        return None
+    pooled, metas = got
+    spec = row_spec(row)
     v = pooled.verdict
     h = v["headline"]
     head = pooled.attacks[h["attack"]]
@@ -596,6 +621,7 @@ def pooled_point(cache: Cache, rc: Recipe, row: str) -> Optional[Dict[str, Any]]
         "dp_epsilon": None if metas[0]["train"]["epsilon"] is None else mean([m["train"]["epsilon"] for m in metas]),
         "train_seconds": mean([m["train"]["train_seconds"] for m in metas]),
         "audit_seconds": mean([m["audit_seconds"] for m in metas]),
+        **(paired_fields(pooled, baseline) if baseline is not None and row != "untouched" else {}),
     }
 
 
@@ -744,7 +770,8 @@ def _eps(x: Optional[float]) -> str:
 def table(points: List[Dict[str, Any]]) -> str:
     lines = ["| M | row | runs | epochs | verdict | headline attack | headline AUC [95% CI] | TPR@1%FPR | "
              "TPR@0.1%FPR | envelope AUC (attack) | envelope TPR@1%FPR (attack) | envelope TPR@0.1%FPR | "
-             "classifier acc. | gain kept | Fréchet distance (drop kept) | held-out loss | DP epsilon |", "|" + "---|" * 17]
+             "vs untouched, paired: largest AUC gain (attack, p) | "
+             "classifier acc. | gain kept | Fréchet distance (drop kept) | held-out loss | DP epsilon |", "|" + "---|" * 18]
     for p in points:
         lo, hi = p["headline_auc_ci95"]
         lines.append(
@@ -752,10 +779,20 @@ def table(points: List[Dict[str, Any]]) -> str:
             f"{p['headline_attack']} | "
             f"{p['headline_auc']:.3f} [{lo:.2f}, {hi:.2f}] | {_pct(p['headline_tpr_1pct'])} | "
             f"{_pct(p['headline_tpr_01pct'])} | {p['envelope_auc']:.3f} ({p['envelope_auc_attack']}) | "
-            f"{_env_tpr(p)} | {_pct(p['envelope_tpr_01pct'])} | {_f(p['classifier_accuracy'])} ± {_f(p['classifier_accuracy_sd'])} | "
+            f"{_env_tpr(p)} | {_pct(p['envelope_tpr_01pct'])} | {_paired(p)} | {_f(p['classifier_accuracy'])} ± {_f(p['classifier_accuracy_sd'])} | "
             f"{_pct(p.get('gain_kept'))} | {_fd(p)} | {_f(p['heldout_loss'], 4)} | "
             f"{_eps(p['dp_epsilon'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _paired(p: Mapping[str, Any]) -> str:
+    if "paired_verdict" not in p:
+        return "—"
+    word = "**beyond**" if p["paired_verdict"].startswith("leaks") else "not beyond"
+    if p.get("paired_difference") is None:
+        return word
+    pv = p["paired_p"]
+    return f"{word}: {p['paired_difference']:+.3f} ({p['paired_attack']}, p {'< 0.001' if pv < 0.001 else f'= {pv:.3f}'})"
 
 
 def plot(points: List[Dict[str, Any]], path: Path) -> None:
@@ -882,8 +919,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    "steps": int(parts[3]) if len(parts) > 3 else args.steps,
                                    "epochs": 0 if len(parts) > 3 else args.epochs})
         rc = _recipe(ns)
+        base = pooled_report(cache, rc, "untouched")
         for row in parts[2].split(","):
-            p = pooled_point(cache, rc, row)
+            p = pooled_point(cache, rc, row, baseline=None if base is None else base[0])
             if p is None:
                 spec = row_spec(row)
                 n = sum(cache.done("audit", settings_key(audit_settings(rc, spec, i))) for i in range(rc.runs))

@@ -108,8 +108,13 @@ def test_tiny_frontier_end_to_end_and_resume(fr, tmp_path):
     pool, _ = fr.audited_pool(rc.dataset, rc.members)
     d0, d1 = fr.run_draw(len(pool), rc.members, 0), fr.run_draw(len(pool), rc.members, 1)
     assert d0["member"] != d1["member"] and not set(d0["member"]) & set(d0["nonmember_cal"] + d0["nonmember_eval"])
-    points = [fr.pooled_point(cache, rc, r) for r in rows]
+    base, _ = fr.pooled_report(cache, rc, "untouched")
+    points = [fr.pooled_point(cache, rc, r, baseline=base) for r in rows]
     assert all(p is not None for p in points)
+    # the paired verdict against the untouched model on the same draws, on every row but the untouched one
+    assert "paired_verdict" not in points[0] and fr._paired(points[0]) == "—"
+    assert points[1]["paired_verdict"] in ("leaks beyond the baseline", "no evidence beyond the baseline")
+    assert points[1]["paired_attack"] in points[1]["per_attack_auc"] and 0 < points[1]["paired_p"] <= 1
     assert fr.pooled_point(cache, fr.Recipe(**{**TINY, "runs": 3}), "plain") is None  # a partial point is not pooled
     fr.add_gain(points)
     assert points[0]["gain_kept"] in (None, 0.0) and points[1]["n_member_eval"] == rc.runs * rc.members // 2
@@ -120,6 +125,8 @@ def test_tiny_frontier_end_to_end_and_resume(fr, tmp_path):
     assert points[1]["envelope_tpr_1pct"] is None and points[1]["envelope_tpr_1pct_attack"] in points[1]["per_attack_auc"]
     assert fr._env_tpr(points[1]) == "n/a"
     assert fr._env_tpr({"envelope_tpr_1pct": 0.209, "envelope_tpr_1pct_attack": "lira_offline"}) == "20.9% (lira_offline)"
+    assert fr._paired({"paired_verdict": "leaks beyond the baseline", "paired_difference": 0.0571,
+                       "paired_attack": "clid", "paired_p": 0.0152}) == "**beyond**: +0.057 (clid, p = 0.015)"
     fr.plot(points, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
     json.dumps(points)

@@ -38,6 +38,7 @@ Entry point::
     report.attacks["secmi"]["auc"], ["auc_ci95"], ["leakage"], ["tpr_at_1pct_fpr"], ...
     report.markdown(); report.write(out_dir)
     side_by_side({"plain LoRA": r1, "SMP-LoRA": r2})   # Markdown comparison table (demo)
+    compare_to_baseline(report, base_report)           # paired: leakage beyond the base model on the same samples
 
 Each report has: verdict (see smplora_plugin.audit.verdict), splits, null_band_auc95,
 max_over_attacks {label, auc (value, attack, ci95), leakage,
@@ -66,6 +67,7 @@ lira_online, lira_offline and rmia (:class:`References`: reference LoRAs and wha
 from .attacks import Attack, AttackOutput, available_attacks, register_attack
 from .engine import AuditConfig, ScoreContext
 from .metrics import MetricError
+from .paired import compare_to_baseline
 from .pooled import AuditRun, run_audit_pooled
 from .protocol import AuditReport, AuditSamples, run_audit
 from .references import References
@@ -89,6 +91,7 @@ __all__ = [
     "References",
     "ScoreContext",
     "available_attacks",
+    "compare_to_baseline",
     "load_lora_target",
     "load_single_file",
     "register_attack",
