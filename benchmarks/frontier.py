@@ -631,6 +631,8 @@ def add_gain(points: List[Dict[str, Any]]) -> None:
     ``gain_kept``: share of plain LoRA's classifier-accuracy gain over the untouched model.
     ``fd_gain_kept``: share of plain LoRA's drop in Fréchet distance. A row can push the classifier's
     style share past plain's while its samples are further from the real style; this says so.
+    Both are ``None`` (n/a) where plain LoRA moved the metric by less than 1% of the untouched value
+    (digits' accuracy, textures' Fréchet distance): a share of a change within noise means nothing.
     """
     by = {(p["dataset"], p["members"], p["row"]): p for p in points}
     for p in points:
@@ -639,9 +641,14 @@ def add_gain(points: List[Dict[str, Any]]) -> None:
         p["fd_gain_kept"] = _share(p, u, pl, "frechet_distance")
 
 
+MIN_PLAIN_CHANGE = 0.01  # a share needs plain LoRA to move the metric by at least 1% of the untouched value
+
+
 def _share(p: Mapping[str, Any], u: Optional[Mapping[str, Any]], pl: Optional[Mapping[str, Any]],
            key: str) -> Optional[float]:
-    if not (u and pl) or any(x.get(key) is None for x in (p, u, pl)) or abs(pl[key] - u[key]) <= 1e-9:
+    if not (u and pl) or any(x.get(key) is None for x in (p, u, pl)):
+        return None
+    if abs(pl[key] - u[key]) <= MIN_PLAIN_CHANGE * max(abs(u[key]), 1e-9):  # plain did not move it: no share
         return None
     return (p[key] - u[key]) / (pl[key] - u[key])
 

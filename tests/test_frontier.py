@@ -229,3 +229,8 @@ def test_gain_shares_against_untouched_and_plain(fr):
     assert got[2][0] == pytest.approx(1.5) and got[2][1] == pytest.approx(0.25)
     assert fr._fd(points[2]) == "25.0 (25.0%)" and fr._fd(points[3]) == "n/a"
     assert fr._pct(-1e-17) == "0.0%" and fr._pct(-0.2) == "-20.0%"
+    # plain moved the Fréchet distance by 0.1 of 172 (textures): no share, n/a, not -94615%
+    flat = [pt("untouched", 0.536, 171.9), pt("plain", 0.711, 171.8), pt("robust", 0.598, 253.3)]
+    fr.add_gain(flat)
+    assert flat[2]["gain_kept"] == pytest.approx(0.062 / 0.175) and flat[2]["fd_gain_kept"] is None
+    assert fr._fd(flat[2]) == "253.3 (n/a)"
