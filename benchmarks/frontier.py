@@ -626,7 +626,7 @@ def pooled_point(cache: Cache, rc: Recipe, row: str, baseline=None) -> Optional[
 
 
 def add_gain(points: List[Dict[str, Any]]) -> None:
-    """Per (data set, M), against the untouched model and plain LoRA of the same runs.
+    """Per (data set, M, runs), against the untouched model and plain LoRA of the same runs.
 
     ``gain_kept``: share of plain LoRA's classifier-accuracy gain over the untouched model.
     ``fd_gain_kept``: share of plain LoRA's drop in Fréchet distance. A row can push the classifier's
@@ -634,9 +634,10 @@ def add_gain(points: List[Dict[str, Any]]) -> None:
     Both are ``None`` (n/a) where plain LoRA moved the metric by less than 1% of the untouched value
     (digits' accuracy, textures' Fréchet distance): a share of a change within noise means nothing.
     """
-    by = {(p["dataset"], p["members"], p["row"]): p for p in points}
+    by = {(p["dataset"], p["members"], p["runs"], p["row"]): p for p in points}
     for p in points:
-        u, pl = by.get((p["dataset"], p["members"], "untouched")), by.get((p["dataset"], p["members"], "plain"))
+        at = (p["dataset"], p["members"], p["runs"])
+        u, pl = by.get((*at, "untouched")), by.get((*at, "plain"))
         p["gain_kept"] = _share(p, u, pl, "classifier_accuracy")
         p["fd_gain_kept"] = _share(p, u, pl, "frechet_distance")
 
@@ -651,6 +652,16 @@ def _share(p: Mapping[str, Any], u: Optional[Mapping[str, Any]], pl: Optional[Ma
     if abs(pl[key] - u[key]) <= MIN_PLAIN_CHANGE * max(abs(u[key]), 1e-9):  # plain did not move it: no share
         return None
     return (p[key] - u[key]) / (pl[key] - u[key])
+
+
+def most_runs(points: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per (data set, M, row) the point pooled over the most runs (its runs include the smaller point's)."""
+    best: Dict[Tuple[str, int, str], Dict[str, Any]] = {}
+    for p in points:
+        k = (p["dataset"], p["members"], p["row"])
+        if k not in best or p["runs"] > best[k]["runs"]:
+            best[k] = p
+    return [p for p in points if best[(p["dataset"], p["members"], p["row"])] is p]
 
 
 def pareto(points: Sequence[Tuple[float, float]]) -> List[int]:
@@ -889,7 +900,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pr.add_argument("--stop-at", default="", help="HH:MM (machine clock): start no new job after it")
     pp = sub.add_parser("report", help="pool every finished point of the given frontiers; print / write")
     pp.add_argument("--frontier", action="append", default=[],
-                    help="DATASET:M:ROWS[:STEPS] (repeatable); the other recipe settings from the options below")
+                    help="DATASET:M:ROWS[:STEPS[:RUNS]] (repeatable; STEPS 0: from --epochs); the other recipe "
+                         "settings from the options below. A row given at several run counts is reported at the most")
     _common(pp)
     pp.add_argument("--out-rows", default=str(ROWS_JSONL))
     pp.add_argument("--png", default=str(PNG))
@@ -922,9 +934,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     missing: List[str] = []
     for fr in frontiers:
         parts = fr.split(":")
+        steps = int(parts[3]) if len(parts) > 3 and parts[3] else 0
         ns = argparse.Namespace(**{**vars(args), "dataset": parts[0], "members": int(parts[1]),
-                                   "steps": int(parts[3]) if len(parts) > 3 else args.steps,
-                                   "epochs": 0 if len(parts) > 3 else args.epochs})
+                                   "steps": steps or args.steps, "epochs": 0 if steps else args.epochs,
+                                   "runs": int(parts[4]) if len(parts) > 4 else args.runs})
         rc = _recipe(ns)
         base = pooled_report(cache, rc, "untouched")
         for row in parts[2].split(","):
@@ -936,6 +949,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 points.append(p)
     add_gain(points)
+    points = most_runs(points)
     text = ""
     for ds in sorted({p["dataset"] for p in points}):
         text += f"\n### {ds}\n\n" + table([p for p in points if p["dataset"] == ds])

@@ -218,8 +218,9 @@ def test_timestep_features_add_t_channels_and_train(fr):
 
 
 def test_gain_shares_against_untouched_and_plain(fr):
-    def pt(row, acc, fd):
-        return {"dataset": "emoji", "members": 8, "row": row, "classifier_accuracy": acc, "frechet_distance": fd}
+    def pt(row, acc, fd, runs=8):
+        return {"dataset": "emoji", "members": 8, "row": row, "classifier_accuracy": acc, "frechet_distance": fd,
+                "runs": runs}
 
     points = [pt("untouched", 0.4, 30.0), pt("plain", 0.6, 10.0), pt("robust", 0.7, 25.0), pt("dp-sgd s1", 0.5, None)]
     fr.add_gain(points)
@@ -234,3 +235,10 @@ def test_gain_shares_against_untouched_and_plain(fr):
     fr.add_gain(flat)
     assert flat[2]["gain_kept"] == pytest.approx(0.062 / 0.175) and flat[2]["fd_gain_kept"] is None
     assert fr._fd(flat[2]) == "253.3 (n/a)"
+    # a row at 8 and 16 runs: shares against the untouched / plain of the same runs; reported at 16
+    both = [pt("untouched", 0.4, 30.0), pt("plain", 0.6, 10.0), pt("robust", 0.5, 20.0),
+            pt("untouched", 0.4, 30.0, 16), pt("plain", 0.8, 10.0, 16), pt("robust", 0.5, 20.0, 16)]
+    fr.add_gain(both)
+    assert both[2]["gain_kept"] == pytest.approx(0.5) and both[5]["gain_kept"] == pytest.approx(0.25)
+    assert fr.most_runs(both) == both[3:]
+    assert fr.most_runs(both[:3] + [both[5]]) == both[:2] + [both[5]]
