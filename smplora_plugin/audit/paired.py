@@ -7,21 +7,22 @@ inherits the same luck. :func:`compare_to_baseline` removes it: both audits scor
 evaluation samples in the same order (same members, non-members, split and audit seed), so per
 attack the difference of their AUCs has a much smaller variance than either AUC.
 
-Method (DeLong, DeLong and Clarke-Pearson 1988, for correlated ROC curves): every attack's AUC
-on the target and on the baseline, their joint covariance from the per-sample placement values,
-and per attack ``z = (AUC_target - AUC_baseline) / se``. Two one-sided tests, as in the verdict:
+Statistic (DeLong, DeLong and Clarke-Pearson 1988, for correlated ROC curves): every attack's
+AUC on the target and on the baseline, their joint covariance from the per-sample placement
+values, and per attack ``z = (AUC_target - AUC_baseline) / se``. Two one-sided tests, as in the
+verdict:
 
-* **headline**: the target report's headline attack (chosen on its calibration split), p from
-  the normal tail of its ``z``;
-* **envelope**: the largest ``z`` over attacks, against the maximum of a correlated normal vector
-  with the differences' correlation (seeded simulation): the multiplicity of picking the largest
-  is paid for.
+* **headline**: the target report's headline attack (chosen on its calibration split);
+* **envelope**: the largest ``z`` over attacks (the multiplicity of picking it is paid for).
 
-``"leaks beyond the baseline"`` when ``min(p_headline, p_envelope) < alpha / 2``; otherwise
-``"no evidence beyond the baseline"``. Pooled reports (:func:`~.pooled.pool_reports`) compare the
-same way on their standardised pooled scores. Samples are treated as independent, as the pooled
-verdict's permutations do; an image audited in several pooled runs makes the test a little
-optimistic.
+Null (default, ``n_permutations=1000``): the membership labels permuted, the same permutation for
+both models and every attack, within each pooled run: exact when the members were a random draw
+and the baseline never saw them (an untouched base model), and valid when one image is audited in
+several pooled runs. With ``n_permutations=0``: the normal approximation (headline: normal tail;
+envelope: maximum of correlated normals with the differences' correlation), which treats samples
+as independent. ``"leaks beyond the baseline"`` when ``min(p_headline, p_envelope) < alpha / 2``;
+otherwise ``"no evidence beyond the baseline"``. Pooled reports (:func:`~.pooled.pool_reports`)
+compare on their standardised pooled scores.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from . import stats as S
 from .target import AuditError
 
 BEYOND = "leaks beyond the baseline"
@@ -72,21 +74,30 @@ def _upper_tail(z: float) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2.0))
 
 
-def compare_to_baseline(report: Any, baseline: Any, *, alpha: float = 0.05, n_sim: int = 200_000,
-                        seed: int = 0, head: Optional[str] = None) -> Dict[str, Any]:
+def _strata(report: Any) -> Optional[np.ndarray]:
+    runs = getattr(report, "runs", None)
+    if not runs or any(getattr(r, "eval_labels", None) is None for r in runs):
+        return None
+    return np.concatenate([np.full(np.asarray(r.eval_labels).size, i) for i, r in enumerate(runs)])
+
+
+def compare_to_baseline(report: Any, baseline: Any, *, alpha: float = 0.05, n_permutations: int = 1000,
+                        n_sim: int = 200_000, seed: int = 0, head: Optional[str] = None) -> Dict[str, Any]:
     """The paired verdict of ``report`` against ``baseline`` (see the module docstring).
 
     Both are :class:`~.protocol.AuditReport` objects returned in this session (single or pooled)
     that scored the same evaluation samples in the same order. ``head``: the headline attack
     (default: ``report``'s own headline). Attacks that do not use the model, or that score both
-    models alike, are left out.
+    models alike, are left out. ``n_permutations=0``: normal approximation instead of label
+    permutations (``n_sim`` draws for the envelope's maximum).
     """
     for name, r in (("report", report), ("baseline", baseline)):
         if getattr(r, "scores", None) is None or getattr(r, "eval_labels", None) is None:
             raise AuditError(f"{name} has no scores: compare reports returned by run_audit / run_audit_pooled "
                              "in this session (report.json does not keep scores).")
-    if not 0 < alpha < 1 or n_sim < 1000:
-        raise AuditError("alpha must be in (0, 1) and n_sim at least 1000.")
+    if not 0 < alpha < 1 or n_sim < 1000 or not (n_permutations == 0 or n_permutations >= 1000):
+        raise AuditError("alpha must be in (0, 1), n_sim at least 1000 and n_permutations 0 (normal "
+                         "approximation) or at least 1000.")
     y = np.asarray(report.eval_labels).astype(int)
     yb = np.asarray(baseline.eval_labels).astype(int)
     if y.shape != yb.shape or not np.array_equal(y, yb):
@@ -112,9 +123,9 @@ def compare_to_baseline(report: Any, baseline: Any, *, alpha: float = 0.05, n_si
                          "z": z, "p_value": None if z is None else _upper_tail(z)}
     tested = [a for i, a in enumerate(names) if keep[i]]
     out: Dict[str, Any] = {"alpha": alpha, "n_member": int(y.sum()), "n_nonmember": int((y == 0).sum()),
-                           "per_attack": per_attack, "method": "paired DeLong AUC differences on the same samples; "
-                           "headline: the report's headline attack; envelope: max z over attacks against a "
-                           "correlated normal maximum"}
+                           "per_attack": per_attack, "method": "paired AUC differences on the same samples, "
+                           "standardised with DeLong's covariance; headline: the report's headline attack; "
+                           "envelope: the largest z over attacks"}
     if not tested:
         out.update(verdict=NOT_BEYOND, headline=None, envelope=None,
                    summary="every attack scores the two models alike: nothing beyond the baseline.")
@@ -124,17 +135,27 @@ def compare_to_baseline(report: Any, baseline: Any, *, alpha: float = 0.05, n_si
         head = max(tested, key=lambda a: report.scores[a].calibration_auc)
     idx = [names.index(a) for a in tested]
     z = diff[idx] / se[idx]
-    corr = dcov[np.ix_(idx, idx)] / np.outer(se[idx], se[idx])
-    w, v = np.linalg.eigh((corr + corr.T) / 2)
-    root = v * np.sqrt(np.clip(w, 0.0, None))
-    sim = (np.random.default_rng(seed).standard_normal((n_sim, len(idx))) @ root.T).max(1)
-    j = int(np.argmax(z))
-    p_env = float((1 + np.count_nonzero(sim >= z[j])) / (n_sim + 1))
-    p_head = per_attack[head]["p_value"]
+    j, h = int(np.argmax(z)), tested.index(head)
+    if n_permutations:
+        perms = S.permuted_labels(y, n_permutations, seed=seed + 4211, strata=_strata(report))
+        z_null = np.stack([(S.auc_matrix(report.scores[a].eval_scores, perms)
+                            - S.auc_matrix(baseline.scores[a].eval_scores, perms)) / se[i]
+                           for a, i in zip(tested, idx)], 1)
+        env_null, p_head = z_null.max(1), S.permutation_pvalue(float(z[h]), z_null[:, h])
+        null = f"{n_permutations} label permutations" + (" within runs" if _strata(report) is not None else "")
+        for a, col in zip(tested, z_null.T):
+            per_attack[a]["p_value"] = S.permutation_pvalue(per_attack[a]["z"], col)
+    else:
+        corr = dcov[np.ix_(idx, idx)] / np.outer(se[idx], se[idx])
+        w, v = np.linalg.eigh((corr + corr.T) / 2)
+        root = v * np.sqrt(np.clip(w, 0.0, None))
+        env_null = (np.random.default_rng(seed).standard_normal((n_sim, len(idx))) @ root.T).max(1)
+        p_head, null = per_attack[head]["p_value"], "normal approximation"
+    p_env = S.permutation_pvalue(float(z[j]), env_null)
     out["headline"] = {"attack": head, **per_attack[head]}
     out["envelope"] = {"attack": tested[j], "z": float(z[j]), "difference": float(diff[idx[j]]), "p_value": p_env,
-                       "null_q95": float(np.quantile(sim, 0.95))}
-    out["p_values"] = {"headline": p_head, "envelope": p_env, "level_each": alpha / 2}
+                       "null_q95": float(np.quantile(env_null, 0.95))}
+    out["p_values"] = {"headline": p_head, "envelope": p_env, "level_each": alpha / 2, "null": null}
     out["verdict"] = BEYOND if min(p_head, p_env) < alpha / 2 else NOT_BEYOND
     out["summary"] = (f"{out['verdict']}: headline {head} AUC {auc[names.index(head)]:.3f} vs "
                       f"{auc[k + names.index(head)]:.3f} (p = {p_head:.3g}); largest difference {tested[j]} "
