@@ -631,25 +631,26 @@ def add_gain(points: List[Dict[str, Any]]) -> None:
     ``gain_kept``: share of plain LoRA's classifier-accuracy gain over the untouched model.
     ``fd_gain_kept``: share of plain LoRA's drop in Fréchet distance. A row can push the classifier's
     style share past plain's while its samples are further from the real style; this says so.
-    Both are ``None`` (n/a) where plain LoRA moved the metric by less than 1% of the untouched value
-    (digits' accuracy, textures' Fréchet distance): a share of a change within noise means nothing.
+    Both are ``None`` (n/a) where plain LoRA did not improve the metric by at least 1% of the untouched
+    value (digits' accuracy and Fréchet distance, textures' Fréchet distance): there is no gain to keep.
     """
     by = {(p["dataset"], p["members"], p["runs"], p["row"]): p for p in points}
     for p in points:
         at = (p["dataset"], p["members"], p["runs"])
         u, pl = by.get((*at, "untouched")), by.get((*at, "plain"))
-        p["gain_kept"] = _share(p, u, pl, "classifier_accuracy")
-        p["fd_gain_kept"] = _share(p, u, pl, "frechet_distance")
+        p["gain_kept"] = _share(p, u, pl, "classifier_accuracy", +1)
+        p["fd_gain_kept"] = _share(p, u, pl, "frechet_distance", -1)
 
 
-MIN_PLAIN_CHANGE = 0.01  # a share needs plain LoRA to move the metric by at least 1% of the untouched value
+MIN_PLAIN_CHANGE = 0.01  # a share needs plain LoRA to improve the metric by at least 1% of the untouched value
 
 
 def _share(p: Mapping[str, Any], u: Optional[Mapping[str, Any]], pl: Optional[Mapping[str, Any]],
-           key: str) -> Optional[float]:
+           key: str, better: int) -> Optional[float]:
+    """``better``: +1 where higher is better (accuracy), -1 where lower is (Fréchet distance)."""
     if not (u and pl) or any(x.get(key) is None for x in (p, u, pl)):
         return None
-    if abs(pl[key] - u[key]) <= MIN_PLAIN_CHANGE * max(abs(u[key]), 1e-9):  # plain did not move it: no share
+    if better * (pl[key] - u[key]) <= MIN_PLAIN_CHANGE * max(abs(u[key]), 1e-9):  # plain gained nothing to keep
         return None
     return (p[key] - u[key]) / (pl[key] - u[key])
 

@@ -235,6 +235,10 @@ def test_gain_shares_against_untouched_and_plain(fr):
     fr.add_gain(flat)
     assert flat[2]["gain_kept"] == pytest.approx(0.062 / 0.175) and flat[2]["fd_gain_kept"] is None
     assert fr._fd(flat[2]) == "253.3 (n/a)"
+    # plain made the distance worse (digits: 24.9 -> 28.9): no drop to keep
+    worse = [pt("untouched", 0.936, 24.9), pt("plain", 0.944, 28.9), pt("robust", 0.865, 40.4)]
+    fr.add_gain(worse)
+    assert worse[2]["fd_gain_kept"] is None and worse[2]["gain_kept"] is None
     # a row at 8 and 16 runs: shares against the untouched / plain of the same runs; reported at 16
     both = [pt("untouched", 0.4, 30.0), pt("plain", 0.6, 10.0), pt("robust", 0.5, 20.0),
             pt("untouched", 0.4, 30.0, 16), pt("plain", 0.8, 10.0, 16), pt("robust", 0.5, 20.0, 16)]
