@@ -32,6 +32,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from . import metrics as M
 from . import stats as S
 from .target import AuditError
 
@@ -40,15 +41,8 @@ NOT_BEYOND = "no evidence beyond the baseline"
 
 
 def _midranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x`` along its last axis, ties sharing their mean rank."""
-    order = np.argsort(x, kind="mergesort")
-    xs = np.take_along_axis(x, order, -1)
-    out = np.empty_like(x, dtype=np.float64)
-    for k in range(x.shape[0]):
-        _, inv, counts = np.unique(xs[k], return_inverse=True, return_counts=True)
-        ends = np.cumsum(counts)
-        out[k, order[k]] = ((2 * ends - counts + 1) / 2.0)[inv]
-    return out
+    """Mid-ranks of each row of ``x`` (K, N)."""
+    return np.stack([M._midranks(row) for row in x])
 
 
 def delong(scores: np.ndarray, labels: np.ndarray):
@@ -137,12 +131,13 @@ def compare_to_baseline(report: Any, baseline: Any, *, alpha: float = 0.05, n_pe
     z = diff[idx] / se[idx]
     j, h = int(np.argmax(z)), tested.index(head)
     if n_permutations:
-        perms = S.permuted_labels(y, n_permutations, seed=seed + 4211, strata=_strata(report))
+        strata = _strata(report)
+        perms = S.permuted_labels(y, n_permutations, seed=seed + 4211, strata=strata)
         z_null = np.stack([(S.auc_matrix(report.scores[a].eval_scores, perms)
                             - S.auc_matrix(baseline.scores[a].eval_scores, perms)) / se[i]
                            for a, i in zip(tested, idx)], 1)
         env_null, p_head = z_null.max(1), S.permutation_pvalue(float(z[h]), z_null[:, h])
-        null = f"{n_permutations} label permutations" + (" within runs" if _strata(report) is not None else "")
+        null = f"{n_permutations} label permutations" + (" within runs" if strata is not None else "")
         for a, col in zip(tested, z_null.T):
             per_attack[a]["p_value"] = S.permutation_pvalue(per_attack[a]["z"], col)
     else:
