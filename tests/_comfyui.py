@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 STANDIN = Path(__file__).parent / "comfyui_standin"
@@ -21,16 +22,31 @@ def _drop_modules() -> None:
             del sys.modules[name]
 
 
-class StandinComfy:
-    """The stand-in on sys.path with its folders under ``base``; ``close()`` undoes everything."""
+LAYOUTS = ("783545f6", "3cd7b32f")  # the ComfyUI commits whose nodes_train the stand-in imitates (newest first)
 
-    def __init__(self, base: Path):
+
+class StandinComfy:
+    """The stand-in on sys.path with its folders under ``base``; ``close()`` undoes everything.
+
+    ``layout`` picks which ComfyUI's ``comfy_extras.nodes_train`` the pack sees: the current one
+    (783545f6) or the older 3cd7b32f (``nodes_train_3cd7b32f`` put in its place).
+    """
+
+    def __init__(self, base: Path, layout: str = LAYOUTS[0]):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r}: one of {LAYOUTS}")
         _drop_modules()
         sys.path.insert(0, str(STANDIN))
         self.folder_paths = importlib.import_module("folder_paths")
         self.folder_paths.set_base(base)
         self.base = Path(base)
+        self.layout = layout
         self.nodes_train = importlib.import_module("comfy_extras.nodes_train")
+        if layout != LAYOUTS[0]:
+            old = importlib.import_module(f"comfy_extras.nodes_train_{layout}")
+            sys.modules["comfy_extras.nodes_train"] = old
+            sys.modules["comfy_extras"].nodes_train = old
+            self.nodes_train = old
         self.model_mod = importlib.import_module("comfy.standin_model")
         self.nodes = importlib.import_module("smplora_plugin.integrations.comfyui.nodes")
 
@@ -48,6 +64,20 @@ class StandinComfy:
                       for p in (self.base / d).rglob("*") if p.is_file())
 
 
+@pytest.fixture(params=LAYOUTS)
+def comfy(tmp_path, request):
+    """The stand-in at each supported ComfyUI layout (783545f6, the current one, and 3cd7b32f); import it into a
+    test module to use it. ``NOW`` limits a test to the current layout."""
+    env = StandinComfy(tmp_path / "comfy", layout=request.param)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+NOW = pytest.mark.parametrize("comfy", [LAYOUTS[0]], indirect=True)
+
+
 def images(n: int, seed: int, size: int = 32) -> torch.Tensor:
     """``(n, size, size, 3)`` in [0, 1], ComfyUI's IMAGE layout."""
     gen = torch.Generator().manual_seed(seed)
@@ -63,14 +93,19 @@ def conditioning(clip, text: str) -> list:
     return [[cond, {"pooled_output": pooled}]]
 
 
-def train_inputs(model, members: dict, positive: list, holdout: dict, holdout_positive: list, **over) -> dict:
-    """Keyword inputs of Train LoRA (SMP-LoRA), as lists (is_input_list)."""
+def train_inputs(model, members: dict, positive: list, holdout: dict, holdout_positive: list, layout=None,
+                 **over) -> dict:
+    """Keyword inputs of Train LoRA (SMP-LoRA), as lists (is_input_list); ``layout``: a TrainLoraNode to fit."""
     values = dict(model=model, latents=members, positive=positive, batch_size=2, grad_accumulation_steps=1, steps=6,
                   learning_rate=1e-2, rank=2, optimizer="AdamW", loss_function="MSE", seed=3, training_dtype="fp32",
                   lora_dtype="fp32", algorithm="LoRA", gradient_checkpointing=False, existing_lora="[None]",
+                  quantized_backward=False, checkpoint_depth=1, offloading=False, bucket_mode=False, bypass_mode=False,
                   holdout_latents=holdout, holdout_positive=holdout_positive, privacy_preset="robust",
                   privacy_objective="smp", privacy_alpha=0.0)
     values.update(over)
+    if layout is not None:  # only the inputs this layout's Train LoRA has (ComfyUI drops unknown ones too)
+        known = {i.id for i in layout.define_schema().inputs}
+        values = {k: v for k, v in values.items() if k in known or k.startswith(("holdout", "privacy"))}
     return {k: (v if k in ("latents", "holdout_latents") and isinstance(v, list) else [v]) for k, v in values.items()}
 
 

@@ -10,16 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from _comfyui import StandinComfy, conditioning, images, latent, train_inputs, write_pngs
-
-
-@pytest.fixture
-def comfy(tmp_path):
-    env = StandinComfy(tmp_path / "comfy")
-    try:
-        yield env
-    finally:
-        env.close()
+from _comfyui import NOW, comfy, conditioning, images, latent, train_inputs, write_pngs  # noqa: F401 (comfy: a fixture)
 
 
 @pytest.fixture
@@ -38,8 +29,18 @@ def _train(comfy, data, **over):
     if "holdout_positive" in over:
         base["holdout_positive"] = over.pop("holdout_positive")
     kwargs = train_inputs(data["model"], [data["members"]], data["positive"], base["holdout"],
-                          base["holdout_positive"], **over)
+                          base["holdout_positive"], layout=comfy.nodes_train.TrainLoraNode, **over)
     return comfy.nodes.SmploraTrainLora.execute(**kwargs)
+
+
+def _plain(comfy, data, **over):
+    """ComfyUI's own Train LoRA on the same inputs: ``(lora, loss_map, steps)`` whatever its layout."""
+    from smplora_plugin.integrations.comfyui.layout import train_layout
+
+    kwargs = {k: v for k, v in train_inputs(data["model"], [data["members"]], data["positive"], [data["holdout"]],
+                                            data["holdout_positive"], layout=comfy.nodes_train.TrainLoraNode,
+                                            **over).items() if not k.startswith(("holdout", "privacy"))}
+    return train_layout(comfy.nodes_train).pick(comfy.nodes_train.TrainLoraNode.execute(**kwargs).args)
 
 
 def test_entrypoint_lists_the_four_nodes(comfy):
@@ -52,10 +53,14 @@ def test_entrypoint_lists_the_four_nodes(comfy):
 
 def test_train_schema_has_comfyuis_inputs_plus_privacy(comfy):
     base = [i.id for i in comfy.nodes_train.TrainLoraNode.define_schema().inputs]
-    ours = [i.id for i in comfy.nodes.SmploraTrainLora.define_schema().inputs]
-    assert ours[: len(base) - 1] == [i for i in base if i != "bucket_mode"]
-    assert ours[len(base) - 1:] == ["holdout_latents", "holdout_positive", "privacy_preset", "privacy_objective",
-                                    "privacy_alpha"]
+    schema = comfy.nodes.SmploraTrainLora.define_schema()
+    ours = [i.id for i in schema.inputs]
+    assert ours[: len(base)] == base
+    assert ours[len(base):] == ["holdout_latents", "holdout_positive", "privacy_preset", "privacy_objective",
+                                "privacy_alpha"]
+    # the same outputs on every layout, so one workflow links alike on old and new ComfyUI
+    assert [o.display_name for o in schema.outputs] == ["lora", "loss_map", "steps", "privacy"]
+    assert [o.io_type for o in schema.outputs] == ["LORA_MODEL", "LOSS_MAP", "INT", "SMPLORA_PRIVACY"]
 
 
 def test_train_save_label_roundtrip(comfy, data, monkeypatch):
@@ -66,7 +71,7 @@ def test_train_save_label_roundtrip(comfy, data, monkeypatch):
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         out = _train(comfy, data, steps=6, training_dtype="bf16")  # bf16 as ComfyUI trains
     assert (nt.TrainSampler, nt.TrainGuider) == (sampler_before, guider_before)  # swapped back
-    model, lora, loss_map, steps, privacy = out.args
+    lora, loss_map, steps, privacy = out.args
     assert steps == 6 and len(loss_map["loss"]) == 6
     ups = [v for k, v in lora.items() if k.endswith("lora_up.weight")]
     assert ups and any(float(u.abs().sum()) > 0 for u in ups)  # trained from zero
@@ -96,11 +101,8 @@ def test_train_save_label_roundtrip(comfy, data, monkeypatch):
 
 
 def test_privacy_term_changes_the_trained_lora(comfy, data):
-    plain = comfy.nodes_train.TrainLoraNode.execute(**{k: v for k, v in train_inputs(
-        data["model"], [data["members"]], data["positive"], [data["holdout"]], data["holdout_positive"],
-        bucket_mode=False, steps=2).items() if not k.startswith(("holdout", "privacy"))})
-    private = _train(comfy, data, privacy_preset="paper", privacy_alpha=50.0, steps=2)
-    a, b = plain.args[1], private.args[1]
+    a = _plain(comfy, data, steps=2)[0]
+    b = _train(comfy, data, privacy_preset="paper", privacy_alpha=50.0, steps=2).args[0]
     assert set(a) == set(b)
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert diff > 1e-5
@@ -108,17 +110,19 @@ def test_privacy_term_changes_the_trained_lora(comfy, data):
 
 def test_training_is_repeatable_and_leaves_the_global_rng_alone(comfy, data):
     state = torch.get_rng_state()
-    a = _train(comfy, data, steps=2).args[1]
+    a = _train(comfy, data, steps=2).args[0]
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(123)  # a different global state must not change the result
-    b = _train(comfy, data, steps=2).args[1]
+    b = _train(comfy, data, steps=2).args[0]
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@NOW
 def test_lora_off_switches_only_trainable_adapters(comfy, data):
     from smplora_plugin.integrations.comfyui.training import ComfyTrainingError, lora_off
 
-    model = _train(comfy, data, steps=2).args[0]
+    model = comfy.nodes_train.train(data["model"], [data["members"]], [data["positive"]], 2, 2, 1, 1e-2, 2, "AdamW",
+                                    "MSE", 3, "fp32", "fp32", "[None]", False)[0]
     comfy_mm = __import__("comfy.model_management", fromlist=["x"])
     comfy_mm.load_models_gpu([model])
     for m in model.model.modules():  # the trained adapters are still attached, frozen after training
@@ -193,7 +197,7 @@ def test_label_plain_and_kohya_lora(comfy):
 
 
 def _saved_lora(comfy, data) -> str:
-    _, lora, _, steps, privacy = _train(comfy, data, steps=4).args
+    lora, _, steps, privacy = _train(comfy, data, steps=4).args
     return comfy.nodes.SmploraSaveLora.execute(lora, privacy, "audited", "models/loras", steps=steps).args[0]
 
 

@@ -1,4 +1,7 @@
-"""The node pack in a real headless ComfyUI (skipped unless COMFYUI_DIR is set).
+"""The node pack in a real headless ComfyUI (skipped unless COMFYUI_DIR or COMFYUI_OLD_DIR is set).
+
+Runs once per checkout set: ``COMFYUI_DIR`` (the current ComfyUI, tested at 783545f6) and
+``COMFYUI_OLD_DIR`` (the older 3cd7b32f); the same example workflows must run on both.
 
 Starts ``python main.py --cpu --listen 127.0.0.1 --port <free>`` with the pack linked into a
 temporary ``custom_nodes`` folder and a small random SD1.x-style checkpoint
@@ -27,11 +30,12 @@ from safetensors.torch import save_file
 
 from _comfyui import write_pngs
 
-COMFY = os.environ.get("COMFYUI_DIR")
+CHECKOUTS = {name: os.environ[name] for name in ("COMFYUI_DIR", "COMFYUI_OLD_DIR") if os.environ.get(name)}
 PY = os.environ.get("COMFYUI_PYTHON", sys.executable)
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "comfyui"
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR to a ComfyUI checkout")]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CHECKOUTS, reason="set COMFYUI_DIR (and COMFYUI_OLD_DIR) to ComfyUI checkouts")]
 TIMINGS = {}
 
 
@@ -56,13 +60,13 @@ def _post(url: str, body: dict):
 
 
 class Server:
-    def __init__(self, base: Path, log: Path):
-        self.base, self.log = base, log
+    def __init__(self, comfy: str, base: Path, log: Path):
+        self.comfy, self.base, self.log = comfy, base, log
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [PY, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(base),
                "--disable-auto-launch"]
-        self.proc = subprocess.Popen(cmd, cwd=COMFY, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=comfy, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         t0 = time.time()
         while True:
@@ -77,7 +81,9 @@ class Server:
                 if time.time() - t0 > 600:
                     raise AssertionError(f"ComfyUI did not start in 600 s:\n{log.read_text()[-4000:]}")
                 time.sleep(1)
-        TIMINGS["server start (s)"] = round(time.time() - t0, 1)
+        self.timings = TIMINGS.setdefault(comfy, {})
+        self.timings["server start (s)"] = round(time.time() - t0, 1)
+        self.train_node = _get(f"{self.url}/object_info/TrainLoraNode")["TrainLoraNode"]
 
     def run(self, workflow: dict, name: str, timeout: float = 1800) -> dict:
         t0 = time.time()
@@ -85,7 +91,7 @@ class Server:
         while time.time() - t0 < timeout:
             hist = _get(f"{self.url}/history/{pid}")
             if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
-                TIMINGS[name + " (s)"] = round(time.time() - t0, 1)
+                self.timings[name + " (s)"] = round(time.time() - t0, 1)
                 return hist[pid]
             time.sleep(1)
         raise AssertionError(f"workflow {name} did not finish in {timeout} s")
@@ -99,27 +105,28 @@ class Server:
             self.proc.wait(30)
 
 
-def _checkpoint(dest: Path) -> None:
+def _checkpoint(dest: Path, comfy: str) -> None:
     given = os.environ.get("COMFYUI_TINY_CHECKPOINT")
     if given:
         os.symlink(given, dest)
         return
     t0 = time.time()
-    subprocess.run([PY, str(ROOT / "scripts" / "comfyui" / "make_tiny_checkpoint.py"), str(dest), "--comfyui-dir", COMFY],
+    subprocess.run([PY, str(ROOT / "scripts" / "comfyui" / "make_tiny_checkpoint.py"), str(dest), "--comfyui-dir", comfy],
                    check=True, capture_output=True)
-    TIMINGS["make tiny checkpoint (s)"] = round(time.time() - t0, 1)
+    TIMINGS.setdefault(comfy, {})["make tiny checkpoint (s)"] = round(time.time() - t0, 1)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(CHECKOUTS))
+def server(tmp_path_factory, request):
+    comfy = CHECKOUTS[request.param]
     base = tmp_path_factory.mktemp("comfy_base")
     for sub in ("custom_nodes", "models/checkpoints", "models/loras", "input", "output"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     os.symlink(EXAMPLES / "custom_node", base / "custom_nodes" / "smplora")
-    _checkpoint(base / "models" / "checkpoints" / "tiny_sd15.safetensors")
+    _checkpoint(base / "models" / "checkpoints" / "tiny_sd15.safetensors", comfy)
     write_pngs(base / "input" / "members", 8, seed=11, size=64)
     write_pngs(base / "input" / "holdout", 8, seed=12, size=64)
-    srv = Server(base, base / "comfyui.log")
+    srv = Server(comfy, base, base / "comfyui.log")
     try:
         yield srv
     finally:
@@ -133,21 +140,26 @@ def _ok(result: dict, name: str) -> dict:
     return result["outputs"]
 
 
-def _train_workflow() -> dict:
+def _train_workflow(train_node: dict, **over) -> dict:
+    """The example workflow (as shipped, for every supported ComfyUI), plus ComfyUI's own Train LoRA -> Save LoRA
+    Weights on the same inputs for a plain LoRA; that node's inputs and output order are read from /object_info."""
     wf = json.loads((EXAMPLES / "smplora_train_save_api.json").read_text())
     wf["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
-    wf["6"]["inputs"].update(steps=4, gradient_checkpointing=False)
+    wf["6"]["inputs"].update(steps=4, gradient_checkpointing=False, **over)
     wf["7"]["inputs"]["prefix"] = "smplora/tiny"
-    plain = {k: v for k, v in wf["6"]["inputs"].items() if not k.startswith(("holdout", "privacy"))}
-    wf["9"] = {"class_type": "TrainLoraNode", "inputs": {**plain, "bucket_mode": False}}  # ComfyUI's own node
-    wf["10"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["9", 1], "prefix": "plain/tiny", "steps": ["9", 3]}}
+    known = set(train_node["input"]["required"]) | set(train_node["input"].get("optional", {}))
+    plain = {k: v for k, v in wf["6"]["inputs"].items() if k in known}
+    outputs = list(train_node["output"])
+    wf["9"] = {"class_type": "TrainLoraNode", "inputs": plain}  # ComfyUI's own node
+    wf["10"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["9", outputs.index("LORA_MODEL")], "prefix": "plain/tiny",
+                                                     "steps": ["9", outputs.index("INT")]}}
     return wf
 
 
 def test_train_save_label_audit_in_real_comfyui(server):
     base = server.base
     # (a) checkpoint -> dataset latents/conditioning -> Train LoRA (SMP-LoRA) -> Save LoRA (SMP-LoRA)
-    outputs = _ok(server.run(_train_workflow(), "train+save (SMP-LoRA and plain)"), "train")
+    outputs = _ok(server.run(_train_workflow(server.train_node), "train+save (SMP-LoRA and plain)"), "train")
     smp = base / "models" / "loras" / "smplora" / "tiny_4_steps_00001_.safetensors"
     assert smp.is_file(), sorted(str(p) for p in base.rglob("*.safetensors"))
     assert "smplora/tiny_4_steps_00001_.safetensors" in outputs["7"]["text"][0]
@@ -170,8 +182,8 @@ def test_train_save_label_audit_in_real_comfyui(server):
     smp_label, plain_label = outputs["1"]["text"][0], outputs["2"]["text"][0]
     assert "trained with the membership-inference defense: smp-lora" in smp_label and "calibrated=True" in smp_label
     assert "no privacy information" in plain_label
-    TIMINGS["label SMP-LoRA"] = smp_label.splitlines()[1]
-    TIMINGS["label plain"] = plain_label.splitlines()[1][:60]
+    server.timings["label SMP-LoRA"] = smp_label.splitlines()[1]
+    server.timings["label plain"] = plain_label.splitlines()[1][:60]
 
     # (c) Audit LoRA on it: report text (verdict or headline + table) and the ROC image
     wf = json.loads((EXAMPLES / "smplora_label_audit_api.json").read_text())
@@ -183,10 +195,34 @@ def test_train_save_label_audit_in_real_comfyui(server):
     outputs = _ok(server.run(wf, "label+audit"), "audit")
     text = outputs["3"]["text"][0]
     assert ("Verdict:" in text or "max-attack AUC" in text) and "|" in text
-    TIMINGS["audit headline"] = text.splitlines()[0]
+    server.timings["audit headline"] = text.splitlines()[0]
     images = outputs["4"]["images"]
     assert len(images) == 1 and images[0]["filename"].endswith(".png")
     assert (base / "output" / "smplora_audit" / "tiny_4_steps_00001__seed0" / "report.json").is_file()
+
+
+def test_bypass_mode_in_real_comfyui(server):
+    """ComfyUI's bypass mode (a97c9806 and later): the same workflow with bypass_mode on trains and saves a LoRA
+    with the same tensor keys; the robust preset's base prediction switches the bypassed layers off."""
+    known = set(server.train_node["input"]["required"]) | set(server.train_node["input"].get("optional", {}))
+    if "bypass_mode" not in known:
+        pytest.skip("this ComfyUI's Train LoRA has no bypass mode (before a97c9806)")
+    wf = _train_workflow(server.train_node, bypass_mode=True)
+    wf["7"]["inputs"]["prefix"] = "smplora/bypass"
+    for k in ("9", "10"):
+        del wf[k]
+    outputs = _ok(server.run(wf, "train+save, bypass mode"), "bypass")
+    path = server.base / "models" / "loras" / "smplora" / "bypass_4_steps_00001_.safetensors"
+    assert path.is_file() and "bypass_4_steps_00001_" in outputs["7"]["text"][0]
+    with safe_open(str(path), framework="pt") as f:
+        header, keys = f.metadata(), set(f.keys())
+        ups = [f.get_tensor(k) for k in keys if k.endswith("lora_up.weight")]
+    weight_mode = server.base / "models" / "loras" / "smplora" / "tiny_4_steps_00001_.safetensors"
+    if weight_mode.is_file():
+        with safe_open(str(weight_mode), framework="pt") as f:
+            assert set(f.keys()) == keys
+    assert json.loads(header["smplora.metrics"])["step"] == 4.0
+    assert ups and any(float(u.float().abs().sum()) > 0 for u in ups)
 
 
 def test_bad_audit_input_is_a_node_error_and_writes_nothing(server):

@@ -1,8 +1,11 @@
-"""The stand-in and the node pack against ComfyUI's real source (read with ``ast``; needs COMFYUI_DIR).
+"""The stand-in and the node pack against ComfyUI's real source (read with ``ast``).
 
-Every ComfyUI function the pack calls, or the stand-in imitates, must exist in the checkout with
-the parameter names used; the stand-in's own signatures must equal the real ones, so the CI tests
-against the stand-in exercise the calls the real ComfyUI receives.
+Runs on each checkout named by ``COMFYUI_DIR`` (the current ComfyUI, 783545f6) and
+``COMFYUI_OLD_DIR`` (the older 3cd7b32f), skipped when neither is set. A checkout's Train LoRA
+inputs pick the stand-in layout it must match (``tests/_comfyui.py:LAYOUTS``); every ComfyUI
+function the pack calls, or the stand-in imitates, must exist there with the parameter names of
+that layout's stand-in, so the CI tests against the stand-in exercise the calls the real ComfyUI
+receives. A checkout that matches no layout fails: the pack or its stand-in needs an update.
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ from typing import List, Optional
 
 import pytest
 
-from _comfyui import StandinComfy
+from _comfyui import LAYOUTS, StandinComfy
 
-COMFY = os.environ.get("COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_DIR to a ComfyUI checkout")
+CHECKOUTS = {name: os.environ[name] for name in ("COMFYUI_DIR", "COMFYUI_OLD_DIR") if os.environ.get(name)}
+pytestmark = pytest.mark.skipif(not CHECKOUTS, reason="set COMFYUI_DIR (and COMFYUI_OLD_DIR) to ComfyUI checkouts")
+# Signatures outside nodes_train that differ between the supported commits (the stand-in follows the newest).
+OLDER_SIGNATURES = {
+    ("3cd7b32f", "comfy/sd.py:load_lora_for_models"): ["model", "clip", "lora", "strength_model", "strength_clip"],
+}
 
 # (file, qualified name, stand-in "module:qualname" that must match exactly, or the parameters the pack passes)
 FUNCTIONS = [
@@ -27,6 +34,8 @@ FUNCTIONS = [
     ("comfy_extras/nodes_train.py", "TrainSampler.fwd_bwd", "comfy_extras.nodes_train:TrainSampler.fwd_bwd"),
     ("comfy_extras/nodes_train.py", "TrainSampler._train_step_standard_mode",
      "comfy_extras.nodes_train:TrainSampler._train_step_standard_mode"),
+    ("comfy_extras/nodes_train.py", "TrainSampler._train_step_bucket_mode",
+     "comfy_extras.nodes_train:TrainSampler._train_step_bucket_mode"),
     ("comfy_extras/nodes_train.py", "TrainSampler.sample", "comfy_extras.nodes_train:TrainSampler.sample"),
     ("comfy_extras/nodes_train.py", "TrainLoraNode.execute", "comfy_extras.nodes_train:TrainLoraNode.execute"),
     ("comfy_extras/nodes_train.py", "make_batch_extra_option_dict",
@@ -99,28 +108,58 @@ def _standin_params(spec: str) -> List[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    env = StandinComfy(tmp_path_factory.mktemp("standin"))
+@pytest.fixture(scope="module", params=sorted(CHECKOUTS))
+def checkout(request, tmp_path_factory):
+    """``(ComfyUI folder, the stand-in at the layout whose Train LoRA inputs that folder has)``."""
+    root = Path(CHECKOUTS[request.param])
+    real = _schema_inputs(root / "comfy_extras" / "nodes_train.py", "TrainLoraNode")
+    seen = {}
+    for layout in LAYOUTS:
+        env = StandinComfy(tmp_path_factory.mktemp(f"standin_{layout}"), layout=layout)
+        try:
+            seen[layout] = [i.id for i in env.nodes_train.TrainLoraNode.define_schema().inputs]
+        finally:
+            env.close()
+    match = [layout for layout, ids in seen.items() if ids == real]
+    assert match, (f"{request.param}={root}: its Train LoRA inputs {real} match no supported layout {seen}; "
+                   "the node pack and its stand-in need an update for this ComfyUI")
+    env = StandinComfy(tmp_path_factory.mktemp("standin"), layout=match[0])
     try:
-        yield env
+        yield root, env
     finally:
         env.close()
 
 
 @pytest.mark.parametrize("path, qualname, expected", FUNCTIONS, ids=[f"{p}:{q}" for p, q, _ in FUNCTIONS])
-def test_signature_matches_comfyui(standin, path, qualname, expected):
-    fn = _find(Path(COMFY) / path, qualname)
+def test_signature_matches_comfyui(checkout, path, qualname, expected):
+    root, env = checkout
+    fn = _find(root / path, qualname)
     assert fn is not None, f"{qualname} is gone from {path}: the node pack or its stand-in needs an update"
     real = _params(fn)
-    if isinstance(expected, str):
+    older = OLDER_SIGNATURES.get((env.layout, f"{path}:{qualname}"))
+    if older is not None:
+        assert real == older
+    elif isinstance(expected, str):
         stand = _standin_params(expected)
         if qualname.endswith("execute") or qualname.endswith("define_schema"):
             real = [p for p in real if p != "cls"]
             stand = [p for p in stand if p not in ("cls", "self")]
-        assert stand == real, f"stand-in {expected} has {stand}, ComfyUI's {qualname} has {real}"
+        assert stand == real, f"stand-in {expected} ({env.layout}) has {stand}, ComfyUI's {qualname} has {real}"
     else:
         assert real == expected
+
+
+def test_train_lora_outputs_match_the_layout(checkout):
+    """The output types of the checkout's Train LoRA, in order, are those of the matching stand-in layout."""
+    root, env = checkout
+    fn = _find(root / "comfy_extras" / "nodes_train.py", "TrainLoraNode.define_schema")
+    outputs = next(k.value for n in ast.walk(fn) if isinstance(n, ast.Call) for k in n.keywords if k.arg == "outputs")
+    real = []
+    for call in outputs.elts:  # io.Model.Output(...), io.Custom("LORA_MODEL").Output(...), io.Int.Output(...)
+        owner = call.func.value
+        real.append(owner.args[0].value if isinstance(owner, ast.Call) else owner.attr.upper())
+    stand = [o.io_type for o in env.nodes_train.TrainLoraNode.define_schema().outputs]
+    assert real == stand, f"{root}: Train LoRA outputs {real}, the {env.layout} stand-in has {stand}"
 
 
 def _schema_inputs(path: Path, cls: str) -> List[str]:
@@ -133,13 +172,31 @@ def _schema_inputs(path: Path, cls: str) -> List[str]:
     return names
 
 
-def test_train_lora_inputs_match_comfyui(standin):
-    real = _schema_inputs(Path(COMFY) / "comfy_extras" / "nodes_train.py", "TrainLoraNode")
-    stand = [i.id for i in standin.nodes_train.TrainLoraNode.define_schema().inputs]
+def test_train_lora_inputs_match_comfyui(checkout):
+    root, env = checkout
+    real = _schema_inputs(root / "comfy_extras" / "nodes_train.py", "TrainLoraNode")
+    stand = [i.id for i in env.nodes_train.TrainLoraNode.define_schema().inputs]
     assert stand == real
 
 
-def test_node_api_names_exist():
+def test_bypass_hook_has_what_lora_off_reads(checkout):
+    """Bypass mode (a97c9806 and later): the hook keeps ``original_forward`` and ``adapter`` and sets ``forward``."""
+    root, env = checkout
+    path = root / "comfy" / "weight_adapter" / "bypass.py"
+    if env.layout == "3cd7b32f":
+        assert not path.exists() or "class BypassForwardHook" not in path.read_text(encoding="utf-8")
+        return
+    src = path.read_text(encoding="utf-8")
+    assert "class BypassForwardHook" in src
+    inject = _find(path, "BypassForwardHook.inject")
+    text = ast.unparse(inject)
+    assert "self.original_forward = self.module.forward" in text and "self.module.forward = self._bypass_forward" in text
+    init = ast.unparse(_find(path, "BypassForwardHook.__init__"))
+    assert "self.adapter = adapter" in init
+
+
+def test_node_api_names_exist(checkout):
+    COMFY = str(checkout[0])
     io_src = ast.parse((Path(COMFY) / "comfy_api" / "latest" / "_io.py").read_text(encoding="utf-8"))
     names = {n.name for n in io_src.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
     assert {"Schema", "ComfyNode", "NodeOutput", "Custom", "Boolean", "Int", "Float", "String", "Combo", "Image",

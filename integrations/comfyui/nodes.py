@@ -25,25 +25,29 @@ from smplora_plugin.metadata import validate_entries
 from .fit import check_lora_fits
 from .images import load_images, member_nonmember_files
 from .label import privacy_label
-from .training import Holdout, check_training_module, private_training
+from .layout import SUPPORTED, check_training_module
+from .training import Holdout, private_training
 from .verdict import report_text
 
 PRIVACY = io.Custom("SMPLORA_PRIVACY")
 LORA_MODEL = io.Custom("LORA_MODEL")
+LOSS_MAP = io.Custom("LOSS_MAP")
 OWN_INPUTS = ("holdout_latents", "holdout_positive", "privacy_preset", "privacy_objective", "privacy_alpha")
 CATEGORY = "training/smplora"
 
 
-def _latent_rows(latents: List[Dict[str, torch.Tensor]], what: str) -> torch.Tensor:
-    """One ``(N, C, h, w)`` tensor from a list of LATENT dicts; one latent size only."""
+def _latent_rows(latents: List[Dict[str, torch.Tensor]], what: str, one_size: bool = True) -> List[torch.Tensor]:
+    """The ``(1, C, h, w)`` rows of a list of LATENT dicts; of one latent size unless ``one_size=False`` (buckets)."""
     rows = [s[None] for lat in latents for s in lat["samples"]] if latents else []
     if not rows:
         raise ValueError(f"{what} is empty: connect a LATENT batch (e.g. VAE Encode of your images).")
     shapes = sorted({tuple(r.shape[1:]) for r in rows})
-    if len(shapes) > 1:
+    if one_size and len(shapes) > 1:
+        hint = ("encode the held-out images at one resolution" if what.startswith("holdout") else
+                "resize the images to one resolution, or use bucket_mode with ResolutionBucket latents")
         raise ValueError(f"{what} has latents of several sizes {shapes}: Train LoRA (SMP-LoRA) needs one size "
-                         "(no bucket or multi-resolution mode); resize the images to one resolution.")
-    return torch.cat(rows)
+                         f"here (no multi-resolution list); {hint}.")
+    return rows
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -60,10 +64,10 @@ class SmploraTrainLora(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         base = nodes_train.TrainLoraNode.define_schema()
-        inputs = [i for i in base.inputs if i.id != "bucket_mode"]
+        inputs = list(base.inputs)  # every input of this ComfyUI's Train LoRA (they differ by version)
         inputs += [
             io.Latent.Input("holdout_latents", tooltip="Latents of held-out images (non-members), never trained on; "
-                                                       "the same size as the training latents."),
+                                                       "one size (the training size unless bucket_mode is on)."),
             io.Conditioning.Input("holdout_positive", tooltip="Conditioning of the held-out images (one, or one per image)."),
             io.Combo.Input("privacy_preset", options=sorted(PRESETS), default="robust" if "robust" in PRESETS else sorted(PRESETS)[0],
                            tooltip="'robust': base-calibrated features, alpha 20 (what the project's frontier supports); "
@@ -73,18 +77,25 @@ class SmploraTrainLora(io.ComfyNode):
             io.Float.Input("privacy_alpha", default=0.0, min=0.0, max=1000.0, step=0.01,
                            tooltip="Weight of the attacker term; 0 keeps the preset's alpha."),
         ]
-        outputs = list(base.outputs) + [PRIVACY.Output(display_name="privacy", tooltip="Privacy settings and metrics for Save LoRA (SMP-LoRA)")]
+        # The same four outputs on every supported ComfyUI: a97c9806 dropped Train LoRA's MODEL output (the
+        # trained patcher is not fit for inference), so the pack never returns one and workflows link alike.
+        outputs = [LORA_MODEL.Output(display_name="lora", tooltip="LoRA weights"),
+                   LOSS_MAP.Output(display_name="loss_map", tooltip="Loss history (the regularised loss)"),
+                   io.Int.Output(display_name="steps", tooltip="Total training steps"),
+                   PRIVACY.Output(display_name="privacy", tooltip="Privacy settings and metrics for Save LoRA (SMP-LoRA)")]
         return io.Schema(node_id="SmploraTrainLora", display_name="Train LoRA (SMP-LoRA)", category=CATEGORY,
                          is_experimental=True, is_input_list=True, inputs=inputs, outputs=outputs,
                          hidden=[io.Hidden.unique_id],
-                         description="ComfyUI's LoRA training with the SMP-LoRA privacy term against membership inference.")
+                         description="ComfyUI's LoRA training with the SMP-LoRA privacy term against membership "
+                                     f"inference (tested on {SUPPORTED}).")
 
     @classmethod
     def execute(cls, **kwargs: Any) -> io.NodeOutput:
-        check_training_module(nodes_train)
+        layout = check_training_module(nodes_train)
         own = {k: kwargs.pop(k) for k in OWN_INPUTS}
         seed = int(kwargs["seed"][0])
         batch_size = int(kwargs["batch_size"][0])
+        bucket = layout.bucket_mode and bool(kwargs.get("bucket_mode", [False])[0])
         overrides: Dict[str, Any] = {"objective": own["privacy_objective"][0], "seed": seed}
         if float(own["privacy_alpha"][0]) > 0:
             overrides["alpha"] = float(own["privacy_alpha"][0])
@@ -92,13 +103,13 @@ class SmploraTrainLora(io.ComfyNode):
             config = PrivacyConfig.preset(own["privacy_preset"][0], **overrides)
         except SmploraError as exc:
             raise ValueError(f"Train LoRA (SMP-LoRA): {exc}") from exc
-        members = _latent_rows(kwargs["latents"], "latents")
-        held = _latent_rows(own["holdout_latents"], "holdout_latents")
-        if members.shape[1:] != held.shape[1:]:
+        members = _latent_rows(kwargs["latents"], "latents", one_size=not bucket)
+        held = torch.cat(_latent_rows(own["holdout_latents"], "holdout_latents"))
+        if not bucket and members[0].shape[1:] != held.shape[1:]:
             raise ValueError(f"holdout_latents have size {tuple(held.shape[1:])} but the training latents "
-                             f"{tuple(members.shape[1:])}: encode the held-out images at the training resolution.")
+                             f"{tuple(members[0].shape[1:])}: encode the held-out images at the training resolution.")
         member_hash = {_digest(m): i for i, m in enumerate(members)}
-        same = [(j, member_hash[d]) for j, h in enumerate(held) if (d := _digest(h)) in member_hash]
+        same = [(j, member_hash[d]) for j, h in enumerate(held) if (d := _digest(h[None])) in member_hash]
         if same:
             raise ValueError(f"{len(same)} held-out latent(s) equal training latents (held-out #{same[0][0]} == training "
                              f"#{same[0][1]}): non-members must be images that are never trained on.")
@@ -113,18 +124,17 @@ class SmploraTrainLora(io.ComfyNode):
             raise ValueError(f"{len(hconds)} held-out conditionings for {held.shape[0]} held-out latents: give one, "
                              "or one per held-out image.")
         reg = PrivacyRegularizer(config)
-        kwargs["bucket_mode"] = [False]
         # ComfyUI's sampler draws batch indices, sigmas and adapter inits from torch's global RNG; seed it
         # from the node's seed inside a fork, so a run is repeatable and ComfyUI's RNG state is left as it was.
         with torch.random.fork_rng(devices=[]), \
                 private_training(nodes_train, reg, Holdout(held, hconds), seed, progress_sink(cls)):
             torch.manual_seed(seed)
             out = nodes_train.TrainLoraNode.execute(**kwargs)
-        model, lora, loss_map, steps = out.args[:4]
+        lora, loss_map, steps = layout.pick(out.args)
         privacy = {"file_metadata": reg.file_metadata(), "metrics": reg.metrics(), "config": config.to_dict(),
-                   "data": {"members": int(members.shape[0]), "nonmembers": int(held.shape[0]), "steps": int(steps),
+                   "data": {"members": len(members), "nonmembers": int(held.shape[0]), "steps": int(steps),
                             "batch_size": batch_size, "trainer": "comfyui"}}
-        return io.NodeOutput(model, lora, loss_map, steps, privacy)
+        return io.NodeOutput(lora, loss_map, steps, privacy)
 
 
 def progress_sink(cls: Any) -> Optional[Callable[[str], None]]:

@@ -11,7 +11,7 @@ of one call (:func:`private_training`):
   member features from this very forward and non-member features from a no-grad forward on the
   held-out latents (base-calibrated with the LoRA switched off when the config asks for it).
 
-Nothing of ComfyUI's training code is copied; :func:`check_training_module` names what is used.
+Nothing of ComfyUI's training code is copied; :mod:`.layout` names what is used and checks it first.
 """
 
 from __future__ import annotations
@@ -25,35 +25,10 @@ import torch
 
 from smplora_plugin import PrivacyRegularizer
 
+from .layout import ComfyTrainingError, check_training_module
+
 HOLDOUT_KEY = "smplora_holdout"
-# What this module uses of comfy_extras.nodes_train (checked against ComfyUI's source in the tests).
-REQUIRED = {
-    "TrainLoraNode": ("execute",),
-    "TrainSampler": ("__init__", "fwd_bwd", "_train_step_standard_mode"),
-    "TrainGuider": ("set_conds",),
-    "make_batch_extra_option_dict": (),
-}
 _SWAP_LOCK = threading.Lock()
-
-
-class ComfyTrainingError(RuntimeError):
-    """This ComfyUI's training module lacks what the SMP-LoRA node reuses."""
-
-
-def check_training_module(nodes_train: Any) -> None:
-    """Raise :class:`ComfyTrainingError` naming what ``comfy_extras.nodes_train`` lacks."""
-    missing = []
-    for name, attrs in REQUIRED.items():
-        obj = getattr(nodes_train, name, None)
-        if obj is None:
-            missing.append(name)
-            continue
-        missing += [f"{name}.{a}" for a in attrs if not hasattr(obj, a)]
-    if missing:
-        raise ComfyTrainingError(
-            f"this ComfyUI's comfy_extras/nodes_train.py lacks {', '.join(missing)}: update ComfyUI to a version "
-            "with the experimental Train LoRA node (v0.8 or newer; docs/comfyui.md names the commit tested)."
-        )
 
 
 @dataclass
@@ -68,14 +43,30 @@ def _trainable(fn: Any) -> bool:
     return isinstance(fn, torch.nn.Module) and any(p.requires_grad for p in fn.parameters())
 
 
+def _bypass_hook(module: torch.nn.Module) -> Any:
+    """The object whose bound method replaced ``module.forward`` in bypass mode, if it holds a trainable adapter.
+
+    ComfyUI's bypass mode (a97c9806 and later) applies a training adapter as ``g(f(x) + h(x))``: it sets
+    the layer's ``forward`` to a method of a hook object that keeps ``original_forward`` and ``adapter``.
+    """
+    fwd = module.__dict__.get("forward")
+    hook = getattr(fwd, "__self__", None)
+    if hook is None or not hasattr(hook, "original_forward") or not _trainable(getattr(hook, "adapter", None)):
+        return None
+    return hook if callable(hook.original_forward) else None
+
+
 @contextlib.contextmanager
 def lora_off(model: torch.nn.Module) -> Iterator[None]:
-    """Switch the trainable weight adapters of ``model`` off (ComfyUI's ``weight_function`` lists).
+    """Switch the trainable weight adapters of ``model`` off, in weight and in bypass mode.
 
-    Only adapters with trainable parameters are removed, so LoRAs merged or applied before
-    training stay part of the base. The lists are restored afterwards, also on error.
+    Weight mode: adapters sit in ComfyUI's ``weight_function`` / ``bias_function`` lists and are
+    removed from them. Bypass mode: the layers whose ``forward`` a trainable adapter's hook replaced
+    get their original forward back. Only adapters with trainable parameters are switched off, so
+    LoRAs merged or applied before training stay part of the base. Everything is restored
+    afterwards, also on error.
     """
-    saved = []
+    saved, bypassed = [], []
     for module in model.modules():
         for attr in ("weight_function", "bias_function"):
             fns = getattr(module, attr, None)
@@ -84,7 +75,11 @@ def lora_off(model: torch.nn.Module) -> Iterator[None]:
                 if len(keep) != len(fns):
                     saved.append((module, attr, fns))
                     setattr(module, attr, keep)
-    if not saved:
+        hook = _bypass_hook(module)
+        if hook is not None:
+            bypassed.append((module, module.__dict__["forward"]))
+            module.forward = hook.original_forward
+    if not saved and not bypassed:
         raise ComfyTrainingError("no trainable LoRA adapter is attached to the model, so the base prediction "
                                  "(calibrated features) cannot be computed.")
     try:
@@ -92,6 +87,8 @@ def lora_off(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, attr, fns in saved:
             setattr(module, attr, fns)
+        for module, fwd in bypassed:
+            module.forward = fwd
 
 
 class PrivateLoss:
@@ -210,11 +207,21 @@ def private_classes(nodes_train: Any, reg: PrivacyRegularizer, holdout: Holdout,
 
         def _train_step_standard_mode(self, model_wrap, cond, extra_args, noisegen, latent_image, dataset_size, pbar):
             super()._train_step_standard_mode(model_wrap, cond, extra_args, noisegen, latent_image, dataset_size, pbar)
+            self.smplora_show(pbar)
+
+        def smplora_show(self, pbar):
             postfix = {"loss": f"{self.smplora_last_loss:.4f}", **self.loss_fn.postfix()}
             pbar.set_postfix(postfix)
             if on_progress is not None:
                 on_progress(f"step {self.smplora_micro}/{self.total_steps}: "
                             + ", ".join(f"{k}={v}" for k, v in postfix.items()))
+
+    if hasattr(base_sampler, "_train_step_bucket_mode"):  # resolution buckets (ResolutionBucket latents)
+        def _train_step_bucket_mode(self, model_wrap, cond, extra_args, noisegen, latent_image, pbar):
+            base_sampler._train_step_bucket_mode(self, model_wrap, cond, extra_args, noisegen, latent_image, pbar)
+            self.smplora_show(pbar)
+
+        SmploraTrainSampler._train_step_bucket_mode = _train_step_bucket_mode
 
     return SmploraTrainSampler, SmploraTrainGuider
 

@@ -4,7 +4,7 @@ from . import lora as _lora
 from . import lora_convert
 
 
-def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
+def load_lora_for_models(model, clip, lora, strength_model, strength_clip, lora_metadata=None):
     key_map = {}
     if model is not None:
         key_map = _lora.model_lora_keys_unet(model.model, key_map)
