@@ -1,8 +1,12 @@
 """examples/diffusers/patch_official.py: its lines are the ones PATCH.md / PATCH_SDXL.md / PATCH_FLUX.md show, the
-forward moves into a function intact, and a script of another layout is refused before anything is written.
-(The official scripts themselves run in tests/test_diffusers_official.py, with DIFFUSERS_EXAMPLES_DIR.)"""
+forward moves into a function intact, and a script of another layout is refused before anything is written,
+with every anchor that is missing, repeated or moved and the known layout. With DIFFUSERS_EXAMPLES_DIR (the
+``examples`` folder of a diffusers checkout) the official scripts are patched too, and refused once an anchor is
+renamed or moved. (The patched scripts run in tests/test_diffusers_official.py.)"""
 
 import importlib.util
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -58,7 +62,7 @@ def test_move_forward_dedents_the_block_and_calls_it(patcher):
 
 
 def test_a_script_of_another_layout_is_refused(patcher, tmp_path, capsys):
-    with pytest.raises(patcher.PatchError, match="is_compiled_module.*PATCH_SDXL.md"):
+    with pytest.raises(patcher.PatchError, match="(?s)is_compiled_module.*PATCH_SDXL.md"):
         patcher.patch_sdxl("import torch\n")
     src = tmp_path / "train.py"
     src.write_text("import torch\n")
@@ -68,3 +72,69 @@ def test_a_script_of_another_layout_is_refused(patcher, tmp_path, capsys):
     with pytest.raises(SystemExit):
         patcher.main(["sdxl", str(src), str(src)])
     assert "dest must differ" in capsys.readouterr().err
+
+
+KINDS = ["sd1", "sdxl", "flux"]
+
+
+def _skeleton(patcher, kind):
+    """A stand-in with the known layout's anchors only, in order, separated by filler lines."""
+    return "".join(a if a.endswith("\n") else a + "\n" for a in patcher.ANCHORS[kind] for a in (a, "    pass\n"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_known_layout_passes_the_layout_check(patcher, kind):
+    patcher.check_layout(kind, _skeleton(patcher, kind))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_renamed_anchor_is_refused_naming_it_and_the_known_layout(patcher, kind, tmp_path, capsys):
+    anchor = patcher.ANCHORS[kind][-1]    # the save_lora_weights(...) call, as a newer script might rename it
+    src = _skeleton(patcher, kind).replace(anchor, anchor.replace("save_lora_weights", "save_lora_adapter"))
+    with pytest.raises(patcher.PatchError) as exc:
+        patcher.PATCHERS[kind](src)
+    msg = str(exc.value)
+    assert f"anchor not found: {patcher._show(anchor)}" in msg and msg.count("  - ") == 1
+    assert 'check_min_version("0.40.0.dev0")' in msg and "58eb52c0" in msg
+    assert patcher.SCRIPTS[kind][1] in msg and "nothing was written" in msg
+    (tmp_path / "train.py").write_text(src)
+    assert patcher.main([kind, str(tmp_path / "train.py"), str(tmp_path / "out.py")]) == 1
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "out.py").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_moved_or_repeated_anchor_is_refused(patcher, kind):
+    anchors = patcher.ANCHORS[kind]
+    src = _skeleton(patcher, kind)
+    moved = src.replace(anchors[2], "").replace(anchors[5], anchors[5] + "    pass\n" + anchors[2])
+    with pytest.raises(patcher.PatchError, match="anchor moved: " + re.escape(patcher._show(anchors[2]))):
+        patcher.check_layout(kind, moved)
+    with pytest.raises(patcher.PatchError, match="found 2 times"):
+        patcher.check_layout(kind, src + anchors[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_problem_is_listed_at_once(patcher, kind):
+    with pytest.raises(patcher.PatchError) as exc:
+        patcher.check_layout(kind, "import torch\n")
+    assert str(exc.value).count("  - anchor not found: ") == len(patcher.ANCHORS[kind])
+
+
+EXAMPLES = os.environ.get("DIFFUSERS_EXAMPLES_DIR")
+
+
+@pytest.mark.skipif(not EXAMPLES, reason="set DIFFUSERS_EXAMPLES_DIR to diffusers' examples folder")
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_official_script_is_patched_and_an_edited_one_refused(patcher, kind):
+    rel = patcher.SCRIPTS[kind][0]
+    src = (Path(EXAMPLES) / rel.split("/", 1)[1]).read_text(encoding="utf-8")
+    out = patcher.PATCHERS[kind](src)
+    compile(out, rel, "exec")
+    assert out.count("reg.step(") == 1 and out.count("reg.annotate(") == 1
+    renamed = src.replace(patcher.GATHER if kind != "flux" else patcher.FLUX_LOGS, "                # (logging)\n")
+    with pytest.raises(patcher.PatchError, match="not found: "):
+        patcher.PATCHERS[kind](renamed)
+    first, later = patcher.ANCHORS[kind][2], patcher.ANCHORS[kind][4]
+    moved = src.replace(first, "", 1).replace(later, later + first, 1)
+    with pytest.raises(patcher.PatchError, match="anchor moved: " + re.escape(patcher._show(first))):
+        patcher.PATCHERS[kind](moved)

@@ -7,10 +7,12 @@
 
 The edits are exactly those shown in ``PATCH.md``, ``PATCH_SDXL.md`` and ``PATCH_FLUX.md`` next to this file (the
 lines below are the ones those files show). Each edit looks for one short anchor line of the official
-script; when the script's layout differs from the diffusers tree this was written against (0.40.0.dev0
-examples, run with diffusers 0.42.1) it stops with an error naming the missing anchor, and nothing is
-written: then paste the lines by hand following the PATCH file. No line of the official script ships
-with this project: the script is read from your diffusers checkout.
+script. Before anything is edited, every anchor of the script is checked: it must occur exactly once, and
+in the order of the known layout (``KNOWN_LAYOUT``: diffusers' examples at commit 58eb52c0, 2026-08-23,
+``check_min_version("0.40.0.dev0")``, run with diffusers 0.42.1). A script laid out differently is refused
+with every anchor that is missing, repeated or moved, the known layout, and the PATCH file to follow by
+hand; nothing is written. No line of the official script ships with this project: the script is read
+from your diffusers checkout.
 """
 
 from __future__ import annotations
@@ -158,17 +160,67 @@ SNIPPETS: Dict[str, List[str]] = {
 }
 
 
+# ------------------------------------------------------------------------------------------------ layouts
+# The layout the anchors below were taken from and the patched scripts were run on (tests/test_diffusers_official.py).
+KNOWN_LAYOUT = ('diffusers\' official examples at commit 58eb52c0803e (2026-08-23), check_min_version("0.40.0.dev0"), '
+                "run with diffusers 0.42.1")
+
+SCRIPTS = {"sd1": ("examples/text_to_image/train_text_to_image_lora.py", "PATCH.md"),
+           "sdxl": ("examples/text_to_image/train_text_to_image_lora_sdxl.py", "PATCH_SDXL.md"),
+           "flux": ("examples/dreambooth/train_dreambooth_lora_flux.py", "PATCH_FLUX.md")}
+
+
 class PatchError(ValueError):
     """The official script does not have the layout these edits expect."""
+
+
+def _show(anchor: str) -> str:
+    return repr(" / ".join(ln.strip() for ln in anchor.strip("\n").splitlines()))
+
+
+def check_layout(kind: str, src: str) -> None:
+    """Refuse ``src`` unless each anchor of ``ANCHORS[kind]`` occurs exactly once, in the listed order.
+
+    The error lists every anchor that is missing, repeated or out of place, so one run says all that differs.
+    """
+    problems, found = [], []
+    for anchor in ANCHORS[kind]:
+        count = src.count(anchor)
+        if count == 0:
+            problems.append(f"anchor not found: {_show(anchor)}")
+        elif count > 1:
+            problems.append(f"anchor found {count} times (expected once): {_show(anchor)}")
+        else:
+            found.append((src.index(anchor), anchor))
+    # the anchors outside the longest run that is in the known order are the moved ones
+    best = [[i] for i in range(len(found))]
+    for i in range(len(found)):
+        for j in range(i):
+            if found[j][0] < found[i][0] and len(best[j]) + 1 > len(best[i]):
+                best[i] = best[j] + [i]
+    keep = set(max(best, key=len)) if best else set()
+    for i, (pos, anchor) in enumerate(found):
+        if i not in keep:
+            # a neighbour it has swapped places with: one that should come before it, or one that should follow
+            should_precede = [a for j, (q, a) in enumerate(found) if j < i and q > pos]
+            should_follow = [a for j, (q, a) in enumerate(found) if j > i and q < pos]
+            where = (f"before {_show(should_precede[0])}" if should_precede else f"after {_show(should_follow[-1])}")
+            problems.append(f"anchor moved: {_show(anchor)} now comes {where}, out of the known order")
+    if problems:
+        rel, doc = SCRIPTS[kind]
+        raise PatchError(
+            f"{Path(rel).name} ({kind}): this script's layout is not one the patcher knows; nothing was written.\n"
+            + "".join(f"  - {p}\n" for p in problems)
+            + f"Known layout: {KNOWN_LAYOUT}.\n"
+            f"Add the lines by hand following examples/diffusers/{doc}.")
 
 
 # ------------------------------------------------------------------------------------------------ edits
 def _find(src: str, anchor: str) -> int:
     count = src.count(anchor)
     if count != 1:
-        first = anchor.strip().splitlines()[0]
-        raise PatchError(f"anchor {first!r} occurs {count} times in the script (expected once): this script's "
-                         "layout differs from the one the patch was written for; add the lines by hand following "
+        raise PatchError(f"anchor {_show(anchor)} occurs {count} times in the script (expected once): this script's "
+                         f"layout is not one the patcher knows ({KNOWN_LAYOUT}); add the lines by hand following "
                          "examples/diffusers/PATCH.md / PATCH_SDXL.md / PATCH_FLUX.md.")
     return src.index(anchor)
 
@@ -233,59 +285,89 @@ def move_forward(src: str, first: str, last: str, loop: str, head: str, tail: st
 
 
 # ------------------------------------------------------------------------------------------------ scripts
+# The anchors, in the order they occur in the known layout (check_layout refuses any other).
+COMPILED = "from diffusers.utils.torch_utils import is_compiled_module\n"
+PARSE = "    args = parser.parse_args()\n"
+INPUT_ARGS = "    if input_args is not None:\n"
+DATALOADERS = "    # DataLoaders creation:\n"
+AFTER_PREPARE = ("    # We need to recalculate our total training steps as the size of the training dataloader may "
+                 "have changed.")
 LOOP = "    for epoch in range(first_epoch, args.num_train_epochs):\n"
-AFTER_PREPARE = "    # We need to recalculate our total training steps as the size of the training dataloader may have changed."
+LATENTS = "                # Convert images to latent space\n"
+SD1_UNET = ("                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, "
+            "return_dict=False)[0]\n")
+SDXL_LAST = ('                    raise ValueError(f"Unknown prediction type '
+             '{noise_scheduler.config.prediction_type}")\n')
+GATHER = "                # Gather the losses across all processes for logging"
+TRAIN_LOSS = '                accelerator.log({"train_loss": train_loss}, step=global_step)\n'
+LOGS = '            logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}\n'
+SAVE_DIR = "            save_directory=args.output_dir,"
+SD1_SAVE = "        StableDiffusionPipeline.save_lora_weights(\n" + SAVE_DIR
+SDXL_SAVE = "        StableDiffusionXLPipeline.save_lora_weights(\n" + SAVE_DIR
+FLUX_TOKENIZERS = "    if not args.train_text_encoder:\n        tokenizers = [tokenizer_one, tokenizer_two]\n"
+FLUX_DEL_VAE = "        if args.validation_prompt is None:\n            del vae\n"
+FLUX_PROMPTS = '                prompts = batch["prompts"]\n'
+FLUX_CACHE = "                if args.cache_latents:\n                    model_input = latents_cache[step]"
+# the same lines once move_forward has dedented them into predict()
+FLUX_CACHE_MOVED = "        if args.cache_latents:\n            model_input = latents_cache[step]"
+FLUX_TARGET = "                target = noise - model_input\n"
+FLUX_PRIOR = ("                if args.with_prior_preservation:\n"
+              "                    # Add the prior loss to the instance loss.\n")
+FLUX_LOGS = "            accelerator.log(logs, step=global_step)\n"
+FLUX_SAVE = "        FluxPipeline.save_lora_weights(\n" + SAVE_DIR
+
+ANCHORS: Dict[str, List[str]] = {
+    "sd1": [COMPILED, PARSE, DATALOADERS, AFTER_PREPARE, LOOP, LATENTS, SD1_UNET, GATHER, TRAIN_LOSS, LOGS, SD1_SAVE],
+    "sdxl": [COMPILED, INPUT_ARGS, DATALOADERS, AFTER_PREPARE, LOOP, LATENTS, SDXL_LAST, GATHER, TRAIN_LOSS, LOGS,
+             SDXL_SAVE],
+    "flux": [COMPILED, INPUT_ARGS, FLUX_TOKENIZERS, FLUX_DEL_VAE, AFTER_PREPARE, LOOP, FLUX_PROMPTS, FLUX_CACHE,
+             FLUX_TARGET, FLUX_PRIOR, FLUX_LOGS, FLUX_SAVE],
+}
 
 
 def patch_sd1(src: str) -> str:
     """``train_text_to_image_lora.py`` (SD1.x / 2.x) with the lines of PATCH.md (the README's block)."""
-    src = insert_after(src, "from diffusers.utils.torch_utils import is_compiled_module\n", IMPORT)
-    src = insert_before(src, "    args = parser.parse_args()\n", SD1_ARGS)
-    src = insert_before(src, "    # DataLoaders creation:\n", SDXL_HOLDOUT)
+    check_layout("sd1", src)
+    src = insert_after(src, COMPILED, IMPORT)
+    src = insert_before(src, PARSE, SD1_ARGS)
+    src = insert_before(src, DATALOADERS, SDXL_HOLDOUT)
     src = insert_before(src, AFTER_PREPARE, SD1_REG)
-    src = move_forward(src, "                # Convert images to latent space\n",
-                       "                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, "
-                       "return_dict=False)[0]\n", LOOP, SD1_DEF, SD1_TAIL, SDXL_CALL)
-    src = insert_before(src, "                # Gather the losses across all processes for logging", SD1_STEP)
-    src = insert_after(src, '                accelerator.log({"train_loss": train_loss}, step=global_step)\n', SDXL_LOG)
-    src = insert_after(src, '            logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}'
-                       '\n', SD1_POSTFIX)
-    at = after_call(src, "        StableDiffusionPipeline.save_lora_weights(", "            save_directory=args.output_dir,")
+    src = move_forward(src, LATENTS, SD1_UNET, LOOP, SD1_DEF, SD1_TAIL, SDXL_CALL)
+    src = insert_before(src, GATHER, SD1_STEP)
+    src = insert_after(src, TRAIN_LOSS, SDXL_LOG)
+    src = insert_after(src, LOGS, SD1_POSTFIX)
+    at = after_call(src, "        StableDiffusionPipeline.save_lora_weights(", SAVE_DIR)
     return src[:at] + ANNOTATE + src[at:]
 
 
 def patch_sdxl(src: str) -> str:
     """``train_text_to_image_lora_sdxl.py`` with the lines of PATCH_SDXL.md."""
-    src = insert_after(src, "from diffusers.utils.torch_utils import is_compiled_module\n", IMPORT)
-    src = insert_before(src, "    if input_args is not None:\n", ARGS)
-    src = insert_before(src, "    # DataLoaders creation:\n", SDXL_HOLDOUT)
+    check_layout("sdxl", src)
+    src = insert_after(src, COMPILED, IMPORT)
+    src = insert_before(src, INPUT_ARGS, ARGS)
+    src = insert_before(src, DATALOADERS, SDXL_HOLDOUT)
     src = insert_before(src, AFTER_PREPARE, REG)
-    src = move_forward(src, "                # Convert images to latent space\n",
-                       '                    raise ValueError(f"Unknown prediction type {noise_scheduler.config'
-                       '.prediction_type}")\n', LOOP, SDXL_DEF, SDXL_TAIL, SDXL_CALL)
-    src = insert_before(src, "                # Gather the losses across all processes for logging", SDXL_STEP)
-    src = insert_after(src, '                accelerator.log({"train_loss": train_loss}, step=global_step)\n', SDXL_LOG)
-    src = insert_after(src, '            logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}'
-                       '\n', SDXL_POSTFIX)
-    at = after_call(src, "        StableDiffusionXLPipeline.save_lora_weights(", "            save_directory=args.output_dir,")
+    src = move_forward(src, LATENTS, SDXL_LAST, LOOP, SDXL_DEF, SDXL_TAIL, SDXL_CALL)
+    src = insert_before(src, GATHER, SDXL_STEP)
+    src = insert_after(src, TRAIN_LOSS, SDXL_LOG)
+    src = insert_after(src, LOGS, SDXL_POSTFIX)
+    at = after_call(src, "        StableDiffusionXLPipeline.save_lora_weights(", SAVE_DIR)
     return src[:at] + ANNOTATE + src[at:]
 
 
 def patch_flux(src: str) -> str:
     """``train_dreambooth_lora_flux.py`` with the lines of PATCH_FLUX.md."""
-    src = insert_after(src, "from diffusers.utils.torch_utils import is_compiled_module\n", IMPORT)
-    src = insert_before(src, "    if input_args is not None:\n", ARGS)
-    src = insert_before(src, "    if not args.train_text_encoder:\n        tokenizers = [tokenizer_one, tokenizer_two]\n",
-                        FLUX_HOLDOUT)
-    src = replace_line(src, "        if args.validation_prompt is None:\n            del vae\n", FLUX_KEEP_VAE)
+    check_layout("flux", src)
+    src = insert_after(src, COMPILED, IMPORT)
+    src = insert_before(src, INPUT_ARGS, ARGS)
+    src = insert_before(src, FLUX_TOKENIZERS, FLUX_HOLDOUT)
+    src = replace_line(src, FLUX_DEL_VAE, FLUX_KEEP_VAE)
     src = insert_before(src, AFTER_PREPARE, REG)
-    src = move_forward(src, '                prompts = batch["prompts"]\n', "                target = noise - model_input\n",
-                       LOOP, FLUX_DEF, FLUX_TAIL, FLUX_CALL)
-    src = replace_line(src, "        if args.cache_latents:\n            model_input = latents_cache[step]", FLUX_CACHED)
-    src = insert_before(src, "                if args.with_prior_preservation:\n"
-                             "                    # Add the prior loss to the instance loss.\n", FLUX_STEP)
-    src = insert_after(src, "            accelerator.log(logs, step=global_step)\n", FLUX_LOG)
-    at = after_call(src, "        FluxPipeline.save_lora_weights(", "            save_directory=args.output_dir,")
+    src = move_forward(src, FLUX_PROMPTS, FLUX_TARGET, LOOP, FLUX_DEF, FLUX_TAIL, FLUX_CALL)
+    src = replace_line(src, FLUX_CACHE_MOVED, FLUX_CACHED)
+    src = insert_before(src, FLUX_PRIOR, FLUX_STEP)
+    src = insert_after(src, FLUX_LOGS, FLUX_LOG)
+    at = after_call(src, "        FluxPipeline.save_lora_weights(", SAVE_DIR)
     return src[:at] + ANNOTATE + src[at:]
 
 
