@@ -1,4 +1,4 @@
-"""The ``smplora`` command: ``smplora audit ...`` and ``smplora demo ...``.
+"""The ``smplora`` command: ``smplora audit ...``, ``smplora references prepare ...`` and ``smplora demo ...``.
 
 Sub-command modules are imported only when their command runs, so ``smplora --help`` is fast and
 a missing optional dependency only affects the command that needs it.
@@ -27,7 +27,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The argument parser; only the sub-command named by ``command`` gets its full arguments."""
     parser = argparse.ArgumentParser(prog="smplora", description="SMP-LoRA membership-inference defense: audit and demo.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{audit,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{audit,references,demo}")
     audit = sub.add_parser("audit", help="audit a LoRA file for membership-inference leakage",
                            description="Run the membership-inference attack suite on a LoRA file against a "
                                        "diffusers base model and member / non-member images; writes report.md "
@@ -39,6 +39,12 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
         audit.add_argument("--list-attacks", action="store_true", help="list the available attacks and exit")
         add_arguments(audit)
+    if command == "references":
+        from .audit.references_cli import build_parser as references_parser
+
+        references_parser(sub)
+    else:
+        sub.add_parser("references", help="reference LoRAs for LiRA / RMIA: prepare their training sets")
     demo = sub.add_parser("demo", help="the end-to-end demo: plain LoRA vs SMP-LoRA on digits, audited",
                           description="On a tiny latent diffusion model (digits), fine-tune LoRA with and "
                                       "without SMP-LoRA, audit each and the untouched base model, and print the "
@@ -75,6 +81,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .audit.cli import run
 
             return int(run(args) or 0)
+        if args.command == "references":
+            from .audit.references_cli import run as references_run
+
+            return int(references_run(args) or 0)
         mod, exc = _demo_module()
         if mod is None:
             print(f"smplora: error: `smplora demo` is not available: smplora_plugin.demo.cli could not be loaded "

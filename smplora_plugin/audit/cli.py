@@ -55,6 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permutations", type=int, default=1000,
                    help="label permutations behind the verdict's p-values (default 1000, at least 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--baseline", action="store_true",
+                   help="also audit the base model (the same target with the LoRA switched off) on the same samples "
+                        "and test the LoRA against it (paired AUC differences): report.md then says whether it leaks "
+                        "beyond the base model; the base model's own report goes to --out/base_model/. Doubles the "
+                        "audit time. Works with --run too (each run against its base model)")
     add_reference_arguments(p)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = OUTPUT_FILES
@@ -68,6 +73,8 @@ OUTPUT_FILES = """files written to --out:
   roc.png               ROC curves (AUC in the legend): linear, and log-log down to FPR = 1/non-members
   per_timestep_auc.png  AUC against the timestep (diagnostic; when per-timestep attacks ran)
   manifest.json         the split used, with SHA-256 of every file (single run)
+  base_model/           with --baseline: the base model's own report (report.md's second line and
+                        report.json's verdict.beyond_base_model hold the paired test against it)
 with several --run: the pooled report.md, report.json and roc.png at --out, and each run's own
   report.md, report.json, roc.png, per_timestep_auc.png and manifest.json in --out/run_NN_<name>/"""
 
@@ -79,6 +86,9 @@ def add_reference_arguments(p: argparse.ArgumentParser) -> None:
                    help="a reference LoRA trained like the audited one (same base model and settings) and a smplora "
                         "holdout manifest whose 'member' set lists the images it trained on; repeat for each "
                         "reference (at least 2, 8+ recommended). Adds lira_online, lira_offline and rmia to the suite")
+    g.add_argument("--references", metavar="DIR", default=None,
+                   help="a folder written by `smplora references prepare`: every reference whose training has "
+                        "finished (a LoRA .safetensors file in its output folder) is used, like --reference")
     g.add_argument("--reference-mode", choices=("online", "offline", "auto"), default="auto",
                    help="online: every audited image must be in some references' training sets and out of others; "
                         "offline: only references that did not train on an image are used; auto (default): online "
@@ -105,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer is not None and not Path(args.base_model).is_file():
         raise AuditError(f"--tokenizer is for a single-file --base-model; {args.base_model} is not a file (a diffusers "
                          "folder brings its own tokenizer/): drop --tokenizer.")
+    from .baseline_cli import check_baseline_args
+
+    check_baseline_args(args)
     if args.run:
         return _run_pooled(args)
     if not args.lora:
@@ -131,27 +144,40 @@ def run(args: argparse.Namespace) -> int:
 
     from .target import load_lora_target
 
-    ref_specs = reference_specs(args.reference)
+    ref_specs = all_reference_specs(args)
     target = load_lora_target(args.base_model, args.lora, device=args.device, tokenizer=args.tokenizer)
     size = args.resolution or _model_resolution(target)
     channels = _image_channels(target)
     samples = {name: load_images(paths, size, channels, captions=not args.no_captions) for name, paths in groups.items()}
     references = reference_models(ref_specs, args, size, channels)
-    kw = dict(config=cfg, out_dir=args.out, progress=not args.no_progress, num_threads=args.threads,
-              n_permutations=args.permutations,
+    kw = dict(config=cfg, out_dir=None if args.baseline else args.out, progress=not args.no_progress,
+              num_threads=args.threads, n_permutations=args.permutations,
               attacks=None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()],
               info={"base_model": str(args.base_model), "lora": str(args.lora), "resolution": size,
                     **architecture_info(target)},
               title=f"Membership-inference audit of {Path(args.lora).name}", references=references)
-    if "members" in samples:
-        report = run_audit(target, samples["members"], samples["nonmembers"],
-                           calibration_fraction=args.calibration_fraction, **kw)
-    else:
-        report = run_audit(target, samples["member_eval"], samples["nonmember_eval"],
-                           calibration_members=samples["member_calibration"],
-                           calibration_nonmembers=samples["nonmember_calibration"], **kw)
-    print(report.markdown())
+
+    def audit(tgt, **over):
+        k = {**kw, **over}
+        if "members" in samples:
+            return run_audit(tgt, samples["members"], samples["nonmembers"],
+                             calibration_fraction=args.calibration_fraction, **k)
+        return run_audit(tgt, samples["member_eval"], samples["nonmember_eval"],
+                         calibration_members=samples["member_calibration"],
+                         calibration_nonmembers=samples["nonmember_calibration"], **k)
+
+    report = audit(target)
+    if args.baseline:
+        from .baseline_cli import BaseModelTarget, attach, audit_base, paired_block, write_with_baseline
+
+        base_target = BaseModelTarget(target)
+        base = audit_base(lambda names: audit(base_target, attacks=names, title=f"Membership-inference audit of the "
+                                              f"base model of {Path(args.lora).name} (LoRA switched off)"),
+                          report, base_target)
+        attach(report, paired_block(report, base, n_permutations=args.permutations, seed=cfg.seed))
+        write_with_baseline(report, base, args.out)
     out = Path(args.out)
+    print((out / "report.md").read_text() if args.baseline else report.markdown())
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))} in {out}")
     return 0
 
@@ -184,7 +210,7 @@ def _run_pooled(args: argparse.Namespace) -> int:
     groups = {name: manifest_groups(str(manifest)) for name, _, manifest in specs}  # every input checked first
     if not Path(args.base_model).exists():
         raise AuditError(f"{args.base_model} does not exist.")
-    ref_specs = reference_specs(args.reference)
+    ref_specs = all_reference_specs(args)
     runs = []
     size = None
     references = None
@@ -203,12 +229,27 @@ def _run_pooled(args: argparse.Namespace) -> int:
             runs.append(AuditRun(target, s["member_eval"], s["nonmember_eval"], calibration_members=s["member_calibration"],
                                  calibration_nonmembers=s["nonmember_calibration"], name=name, info=info,
                                  references=references))
+    pool_kw = dict(config=cfg, progress=not args.no_progress, num_threads=args.threads,
+                   n_permutations=args.permutations)
     report = run_audit_pooled(
-        runs, config=cfg, out_dir=args.out, progress=not args.no_progress, num_threads=args.threads,
-        n_permutations=args.permutations,
+        runs, out_dir=None if args.baseline else args.out, **pool_kw,
         attacks=None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()],
         title=f"Membership-inference audit pooled over {len(runs)} LoRAs")
-    print(report.markdown())
+    if args.baseline:
+        import dataclasses
+
+        from .baseline_cli import BaseModelTarget, attach, audit_base, paired_block, write_with_baseline
+
+        base_runs = [dataclasses.replace(r, target=BaseModelTarget(r.target)) for r in runs]
+        base = audit_base(lambda names: run_audit_pooled(
+            base_runs, out_dir=None, attacks=names, **pool_kw,
+            title=f"Membership-inference audit of the base model pooled over {len(runs)} runs (LoRAs switched off)"),
+            report, base_runs[0].target)
+        attach(report, paired_block(report, base, n_permutations=args.permutations, seed=cfg.seed))
+        write_with_baseline(report, base, args.out)
+        print((Path(args.out) / "report.md").read_text())
+    else:
+        print(report.markdown())
     print(f"wrote {Path(args.out) / 'report.md'} (pooled) and one folder per run in {args.out}")
     return 0
 def reference_specs(specs: Sequence[str]) -> List[tuple]:
@@ -244,6 +285,16 @@ def reference_specs(specs: Sequence[str]) -> List[tuple]:
     if len(out) == 1:
         raise AuditError("one --reference given; LiRA and RMIA need at least 2 reference LoRAs (8 or more recommended).")
     return out
+
+
+def all_reference_specs(args: argparse.Namespace) -> List[tuple]:
+    """``--reference`` options plus the finished references of ``--references DIR``, all checked."""
+    extra: List[str] = []
+    if getattr(args, "references", None):
+        from .references_cli import finished_reference_specs
+
+        extra = finished_reference_specs(args.references, given=len(args.reference))
+    return reference_specs(list(args.reference) + extra)
 
 
 def reference_models(specs: Sequence[tuple], args: argparse.Namespace, size: int, channels: int, like: Any = None):
