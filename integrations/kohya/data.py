@@ -14,10 +14,12 @@ differential-output-preservation rows never reach the attacker.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import random
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -27,6 +29,8 @@ import torch
 from smplora_plugin._io import atomic_write
 from smplora_plugin.errors import HoldoutError
 from smplora_plugin.holdout import check_disjoint, write_manifest
+
+from . import reach
 
 logger = logging.getLogger("smplora.kohya")
 
@@ -38,12 +42,10 @@ _FALLBACK_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def image_extensions() -> Tuple[str, ...]:
-    try:
-        from library import train_util  # sd-scripts, when running under it
-
-        return tuple(e.lower() for e in train_util.IMAGE_EXTENSIONS)
-    except Exception:  # noqa: BLE001 - outside sd-scripts
+    """kohya's image extensions (``library.train_util.IMAGE_EXTENSIONS``); a default list outside sd-scripts."""
+    if "library" not in sys.modules and importlib.util.find_spec("library") is None:   # outside sd-scripts
         return _FALLBACK_EXTS
+    return tuple(e.lower() for e in reach.library_attr("train_util", "IMAGE_EXTENSIONS"))
 
 
 def holdout_subfolders(holdout_dir: Path) -> List[Tuple[Path, List[Path]]]:
@@ -76,16 +78,14 @@ def holdout_subfolders(holdout_dir: Path) -> List[Tuple[Path, List[Path]]]:
 def holdout_dataset_config(args, holdout_dir: Path) -> Dict[str, Any]:
     """The user's dataset config (from ``--dataset_config`` or the CLI folders) plus one dataset block
     holding ``holdout_dir`` with ``validation_split = 1.0`` (kohya never trains on it)."""
-    from library import config_util  # sd-scripts
-
     folders = holdout_subfolders(holdout_dir)
     if getattr(args, "dataset_config", None):
-        user_config = config_util.load_user_config(args.dataset_config)
+        user_config = reach.library_attr("config_util", "load_user_config")(args.dataset_config)
     elif getattr(args, "in_json", None) is not None:
         user_config = {"datasets": [{"subsets": [{"image_dir": args.train_data_dir, "metadata_file": args.in_json}]}]}
     else:
-        user_config = {"datasets": [{"subsets": config_util.generate_dreambooth_subsets_config_by_subdirs(
-            args.train_data_dir, getattr(args, "reg_data_dir", None))}]}
+        by_subdirs = reach.library_attr("config_util", "generate_dreambooth_subsets_config_by_subdirs")
+        user_config = {"datasets": [{"subsets": by_subdirs(args.train_data_dir, getattr(args, "reg_data_dir", None))}]}
     datasets = list(user_config.get("datasets") or [])
     if not datasets:
         raise HoldoutError("the training dataset config has no [[datasets]] block; cannot add the holdout folder.")
@@ -134,10 +134,9 @@ def uses_validation_split(args) -> bool:
     path = getattr(args, "dataset_config", None)
     if not path:
         return False
+    load_user_config = reach.library_attr("config_util", "load_user_config")
     try:
-        from library import config_util
-
-        cfg = config_util.load_user_config(path)
+        cfg = load_user_config(path)
     except Exception:  # noqa: BLE001 - kohya reports its own config errors
         return False
     general = cfg.get("general") or {}

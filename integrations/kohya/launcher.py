@@ -6,7 +6,8 @@
 
 The launcher finds sd-scripts (``--sd_scripts DIR``, else ``$SD_SCRIPTS_DIR``, else the folder
 of the script path given, else the current folder), imports the trainer script as a module,
-checks its trainer class has the hooks SMP-LoRA needs (sd-scripts >= v0.10.0), extends the
+checks its trainer class has the hooks SMP-LoRA needs (sd-scripts >= v0.10.0) and, from the source,
+the other pieces of sd-scripts it reaches into (:mod:`.reach`), extends the
 script's own ``setup_parser()`` with the ``--privacy*`` options, and runs the script's own
 ``if __name__ == "__main__":`` block with the trainer class replaced by ``(SmploraTrainerMixin,
 TrainerClass)``. Nothing of sd-scripts is copied or patched on disk.
@@ -24,6 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 from smplora_plugin import __version__
 from smplora_plugin.errors import SmploraError
 
+from . import reach
 from .compat import KohyaVersionError, check_trainer_class, find_trainer_class, static_check
 from .options import add_privacy_arguments
 from .trainer import private_trainer_class
@@ -165,12 +167,12 @@ def run_script(module, script_path: Path, trainer_cls: type, argv: List[str]) ->
             namespace.update({"setup_parser": setup_parser, trainer_cls.__name__: private_cls})
             exec(compile(block, str(script_path), "exec"), namespace)  # noqa: S102 - the user's own sd-scripts code
         else:  # the common five-line main of sd-scripts' trainers
-            from library import train_util
-
+            verify = reach.library_attr("train_util", "verify_command_line_training_args")
+            read_config = reach.library_attr("train_util", "read_config_from_file")
             parser = setup_parser()
             args = parser.parse_args(argv)
-            train_util.verify_command_line_training_args(args)
-            args = train_util.read_config_from_file(args, parser)
+            verify(args)
+            args = read_config(args, parser)
             private_cls().train(args)
     finally:
         sys.argv = old_argv
@@ -192,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         module = import_script(root, script_path)
         import train_network  # shared by every *_train_network.py (now importable from root)
 
-        trainer_cls = find_trainer_class(module, train_network.NetworkTrainer)
+        trainer_cls = find_trainer_class(module, reach.network_trainer(train_network))
         check_trainer_class(trainer_cls, where=str(script_path))
         asks_help = any(a in ("-h", "--help") for a in rest)
         if (not asks_help and not any(a == "--privacy" or a.startswith("--privacy=") for a in rest)

@@ -21,6 +21,10 @@ through unchanged:
 - ``get_sai_model_spec``: ``smplora.*`` keys in every saved LoRA;
 - ``generate_step_logs``: metrics for kohya's trackers (TensorBoard / wandb).
 
+What it reaches beyond these hooks (kohya's header dict, ``network.save_weights``, the dataset objects, the
+progress bar...) is found by :mod:`.reach`, which stops a run whose sd-scripts lacks a piece before its first
+training step and before anything is written.
+
 All algorithm code lives in the core (:class:`smplora_plugin.PrivacyRegularizer`).
 """
 
@@ -44,7 +48,7 @@ from smplora_plugin.errors import ConfigError, SmploraError, StateError
 from smplora_plugin.state import config_from_state, read_state
 
 from ..summary import summary_box
-from . import base_forward, data, header
+from . import base_forward, data, header, reach
 from .compat import DENOISER_PARAMS
 from .options import CONFIG_OPTIONS, KohyaPrivacySettings, settings_from_namespace
 
@@ -153,6 +157,7 @@ class _Run:
         self.records: Optional[Dict[str, Any]] = None          # the manifest, written once every check passed
         self.resumed_from_step = 0
         self.validation_off = False               # kohya's epoch validation over the holdout switched off
+        self.layout: Optional[reach.SaveLayout] = None   # how kohya saves (48d368fa closure / v0.11 method)
 
     # ------------------------------------------------------------------ before kohya's train()
     def prepare_args(self, args) -> None:
@@ -169,6 +174,8 @@ class _Run:
                 "has no LoRA, so every calibrated feature would be 0. Use --privacy_preset paper or "
                 "--no-privacy_calibrated.")
         holdout_cfg = data.holdout_dataset_config(args, s.holdout_dir) if s.holdout_dir is not None else None
+        if holdout_cfg is not None:
+            reach.validation_switch(args)     # kohya's pass over the holdout must be switchable off
         self.user_dataset_config = bool(getattr(args, "dataset_config", None))
         state_file = s.attacker_state
         resume = getattr(args, "resume", None)
@@ -197,7 +204,7 @@ class _Run:
                 "written as without it.")
             args.dataset_config = str(path)
             self.source = f"holdout_dir:{Path(s.holdout_dir).name}"   # folder name only: metadata gets published
-            if hasattr(args, "validate_every_n_epochs") and not data.asks_validation(args, holdout_cfg):
+            if not data.asks_validation(args, holdout_cfg):
                 # kohya validates a validation dataset at the end of every epoch unless told otherwise: on the
                 # holdout that is a cost a run without privacy never pays, which the user did not ask for
                 args.validate_every_n_epochs = NEVER_VALIDATE
@@ -254,6 +261,8 @@ class _Run:
     # ------------------------------------------------------------------ assert_extra_args
     def setup_datasets(self, args, train_group, val_group) -> None:
         holdout = self.settings.holdout_dir
+        reach.dataset_groups(train_group, val_group, header_restore=self.dataset_config is not None,
+                             user_config=self.user_dataset_config)
         source = self.source or "validation"
         extra = {"holdout_dir": str(holdout.resolve()) if holdout is not None else None,
                  "validation_split": getattr(args, "validation_split", None),
@@ -262,8 +271,8 @@ class _Run:
                                        source=source, extra=extra)
         self.records = {"splits": splits, "seed": self.settings.config.seed, "source": source, "extra": extra}
         if self.dataset_config is not None:   # kohya has read the combined config: point args at the kept copy
-            self.header_plan = header.plan(self.user_dataset_config, train_group, val_group,
-                                           validation_off=self.validation_off)
+            self.header_plan = reach.holdout_plan(self.user_dataset_config, train_group, val_group, holdout,
+                                                  validation_off=self.validation_off)
             args.dataset_config = str(self.dataset_config_path)
             self.cleanup()
         data.tag_subsets(train_group, lambda sub: "reg" if getattr(sub, "is_reg", False) else "member")
@@ -383,50 +392,54 @@ class _Run:
         return base.pred
 
     def hook_up(self, trainer, bound: inspect.BoundArguments) -> None:
-        """One-time: state next to each checkpoint, state in --save_state folders, progress bar."""
+        """One-time, at the first training step: find every piece of kohya the shim reaches into (:mod:`.reach`;
+        refused before anything is written), then write the records and hook up the state next to each
+        checkpoint, the state in --save_state folders and the progress bar."""
         self.hooked = True
         acc = bound.arguments["accelerator"]
+        args = bound.arguments["args"]
         if not self.switch_checked:   # trainers without post_process_network: still before the first forward
-            self.check_network(bound.arguments["network"], acc, bound.arguments["args"])
+            self.check_network(bound.arguments["network"], acc, args)
+        saver = reach.network_saver(bound.arguments["network"], acc)
+        if self.header_plan is not None:
+            reach.check_header(reach.metadata_dict(trainer, self.layout), self.header_plan)
+        reach.batch_roles(bound.arguments["batch"], data.ROLE_KEY)
+        register = reach.save_state_hook(acc, args)
         self.is_main = bool(getattr(acc, "is_main_process", True))
         self.num_processes = int(getattr(acc, "num_processes", 1) or 1)
-        args = bound.arguments["args"]
         if self.is_main:
             self.write_records()     # every check has passed: the first training step is about to run
-        network = bound.arguments["network"]
-        unwrap = getattr(acc, "unwrap_model", None)
-        net = unwrap(network) if unwrap is not None else network
+        net = saver.net
         original = net.save_weights
         run = self
 
-        def save_weights(file, *a, **kw):
+        def save_weights(*a, **kw):
+            a = list(a)
             if run.header_plan is not None:   # kohya's ss_* keys as without the holdout block
-                if len(a) >= 2 and isinstance(a[1], dict):
-                    a = (a[0], header.restore(a[1], run.header_plan, args, run.num_processes), *a[2:])
-                elif isinstance(kw.get("metadata"), dict):
-                    kw["metadata"] = header.restore(kw["metadata"], run.header_plan, args, run.num_processes)
-            out = original(file, *a, **kw)
-            run.after_checkpoint(file)
+                i, name = saver.metadata_index, saver.metadata_name
+                if name is not None and isinstance(kw.get(name), dict):
+                    kw[name] = header.restore(kw[name], run.header_plan, args, run.num_processes)
+                elif i is not None and i < len(a) and isinstance(a[i], dict):
+                    a[i] = header.restore(a[i], run.header_plan, args, run.num_processes)
+            out = original(*a, **kw)
+            run.after_checkpoint(a[0] if a else kw.get(saver.file_name))
             return out
 
         net.save_weights = save_weights
-        register = getattr(acc, "register_save_state_pre_hook", None)
         if register is not None:
             def save_state_hook(models, weights, output_dir):
                 if run.is_main:
                     run.save_state(Path(output_dir) / STATE_DIR_FILE)
             register(save_state_hook)
-        self._wrap_progress_bar()
+        self._wrap_progress_bar(acc)
 
-    def _wrap_progress_bar(self) -> None:
-        try:
-            from tqdm import tqdm
-        except ImportError:  # pragma: no cover - kohya depends on tqdm
+    def _wrap_progress_bar(self, accelerator) -> None:
+        bar, missing = reach.steps_progress_bar(accelerator)
+        if bar is None:
+            if missing:
+                logger.warning(f"SMP-LoRA: kohya's progress bar was not found ({missing}); mia_ce / mia_acc are "
+                               "logged to kohya's trackers only")
             return
-        bars = [b for b in list(getattr(tqdm, "_instances", ())) if getattr(b, "desc", "") == "steps"]
-        if not bars:
-            return
-        bar = bars[-1]
         original = bar.set_postfix
         run = self
 
@@ -583,6 +596,8 @@ class SmploraTrainerMixin:
             return super().train(args, *rest, **kw)
         run = _Run(settings)
         try:
+            # the classes of this trainer below the mixin (kohya's, and any subclass of them)
+            run.layout = reach.save_path([c for c in type(self).__mro__ if not issubclass(c, SmploraTrainerMixin)])
             run.prepare_args(args)     # every check that needs no dataset runs here, before kohya starts
         except BaseException:
             run.cleanup()
@@ -606,7 +621,8 @@ class SmploraTrainerMixin:
     def post_process_network(self, args, accelerator, network, *rest, **kw):
         run = self._smplora
         if run is not None:
-            run.check_network(network, accelerator, args)   # right after kohya creates the network
+            reach.network_saver(network, accelerator)       # right after kohya creates the network
+            run.check_network(network, accelerator, args)
         parent = getattr(super(), "post_process_network", None)
         return None if parent is None else parent(args, accelerator, network, *rest, **kw)
 

@@ -3,6 +3,7 @@ signatures, and a small training loop that calls them in sd-scripts' order."""
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -222,7 +223,9 @@ class NetworkTrainer:
             unwrapped_nw.save_weights(os.path.join(args.output_dir, ckpt_name), None, to_save)
 
         num_epochs = math.ceil(args.max_train_steps / max(1, len(train_loader) // args.gradient_accumulation_steps))
-        progress_bar = tqdm(range(args.max_train_steps), desc="steps", disable=not args.progress)
+        # as sd-scripts: open on the local main process (shown with --progress only, to keep test logs short)
+        progress_bar = tqdm(range(args.max_train_steps), desc="steps", disable=not accelerator.is_local_main_process,
+                            file=None if args.progress else io.StringIO())
         global_step, losses = 0, []
         for epoch in range(num_epochs):
             accelerator.unwrap_model(network).on_epoch_start(text_encoder, unet)
