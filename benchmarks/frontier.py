@@ -27,13 +27,15 @@ Design (per data set and member count ``M``):
   (``<cache>/audit/<key>``) are stored under a hash of everything that determines them (data set,
   model and base recipe, ``M``, run, row settings, steps, LoRA recipe, audit settings, reference
   keys, :data:`FRONTIER_VERSION`). Re-running skips what is cached, so the frontier runs in parts
-  across sittings. The cache lives outside the repository (``--cache``, default
-  ``/work/scratch/frontier/cache`` or ``$SMPLORA_FRONTIER_CACHE``).
+  across sittings. The cache lives outside the repository (``--cache``; default
+  ``$SMPLORA_FRONTIER_CACHE``, else ``$XDG_CACHE_HOME/smplora/frontier``, i.e. ``~/.cache/smplora/frontier``).
+- **Workers.** ``run`` trains and audits the missing runs in ``--jobs`` spawned worker processes (one torch
+  thread each, niced by ``--nice``, a fresh process per task); a task's result is its cache entry.
 
-Run (two jobs at a time, one thread each, niced):
+Run from the repository root (two jobs at a time, one thread each, niced):
 
-  python benchmarks/frontier.py run --dataset textures --members 64 --rows untouched,plain,robust --runs 8 --jobs 2
-  python benchmarks/frontier.py report --write      # pools every finished point: RESULTS.md, PNG, rows jsonl
+  python -m benchmarks.frontier run --dataset textures --members 64 --rows untouched,plain,robust --runs 8 --jobs 2
+  python -m benchmarks.frontier report --write      # pools every finished point: RESULTS.md, PNG, rows jsonl
 """
 
 from __future__ import annotations
@@ -44,8 +46,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,16 +54,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from smplora_plugin import hookimpl
+from smplora_plugin.errors import ConfigError
+from smplora_plugin.plugins import DefaultFeatures
+
+from ._common import atomic_write, fmt, header, json_default, pct, run_in_workers, write_section
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _results import header, write_section  # noqa: E402
-
-from smplora_plugin import hookimpl  # noqa: E402
-from smplora_plugin.plugins import DefaultFeatures  # noqa: E402
-
 #: Bump when a change to this harness or to the code it calls changes what a cached result would be.
 FRONTIER_VERSION = 1
-DEFAULT_CACHE = Path(os.environ.get("SMPLORA_FRONTIER_CACHE", "/work/scratch/frontier/cache"))
 ROWS_JSONL = HERE / "frontier_rows.jsonl"
 PNG = HERE / "frontier.png"
 DEFENSE_NONMEMBERS = 64
@@ -135,18 +134,18 @@ class Recipe:
         from smplora_plugin.demo.datasets import NAMES
 
         if self.dataset not in NAMES:
-            raise ValueError(f"unknown data set {self.dataset!r}; choose one of {list(NAMES)}.")
+            raise ConfigError(f"unknown data set {self.dataset!r}; choose one of {list(NAMES)}.")
         for name in ("members", "steps", "runs", "batch_size", "lora_rank", "per_label", "sample_steps", "audited"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {v!r}.")
+                raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}.")
         if self.members < 8 or self.members % 4:
-            raise ValueError(f"members={self.members}: use a multiple of 4, at least 8 (calibration and evaluation "
+            raise ConfigError(f"members={self.members}: use a multiple of 4, at least 8 (calibration and evaluation "
                              "halves of members and non-members).")
         if self.audited < 8 or self.audited % 4:
-            raise ValueError(f"audited={self.audited}: use a multiple of 4, at least 8.")
+            raise ConfigError(f"audited={self.audited}: use a multiple of 4, at least 8.")
         if self.references == 1 or self.references < 0 or self.references % 2:
-            raise ValueError(f"references={self.references}: 0 (no LiRA/RMIA) or an even number >= 2.")
+            raise ConfigError(f"references={self.references}: 0 (no LiRA/RMIA) or an even number >= 2.")
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:
@@ -166,7 +165,7 @@ def _code_facts(dataset: str) -> Dict[str, Any]:
 
 def row_spec(row: str) -> Dict[str, Any]:
     if row not in ROWS:
-        raise ValueError(f"unknown row {row!r}; choose from {list(ROWS)}.")
+        raise ConfigError(f"unknown row {row!r}; choose from {list(ROWS)}.")
     return dict(ROWS[row][1])
 
 
@@ -197,6 +196,16 @@ def audit_settings(rc: Recipe, spec: Mapping[str, Any], run: int) -> Dict[str, A
 # cache
 
 
+def default_cache() -> Path:
+    """``$SMPLORA_FRONTIER_CACHE``, else ``smplora/frontier`` in the user's cache folder (``$XDG_CACHE_HOME``,
+    by default ``~/.cache``)."""
+    if os.environ.get("SMPLORA_FRONTIER_CACHE"):
+        return Path(os.environ["SMPLORA_FRONTIER_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # a relative XDG path is ignored (the spec)
+    return base / "smplora" / "frontier"
+
+
 class Cache:
     """``<root>/lora/<key>/`` (LoRA + meta) and ``<root>/audit/<key>/`` (scores + meta); atomic writes."""
 
@@ -217,7 +226,7 @@ class Cache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: torch.as_tensor(v).contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=json_default))
         if final.exists():  # another worker finished the same key first: keep theirs
             shutil.rmtree(tmp)
             return final
@@ -229,12 +238,6 @@ class Cache:
 
         p = self.path(kind, key)
         return json.loads((p / "meta.json").read_text()), load_file(str(p / "tensors.safetensors"))
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +302,7 @@ class TimestepChannels:
     @hookimpl(tryfirst=True)  # answers before the built-in default (the hook takes the first result)
     def smplora_extract_features(self, reg, pred, target, timesteps, reference):
         if timesteps is None:
-            raise ValueError("timestep features need reg.features(pred, target, timesteps, reference=...).")
+            raise ConfigError("timestep features need reg.features(pred, target, timesteps, reference=...).")
         maps = DefaultFeatures().smplora_extract_features(reg=reg, pred=pred, target=target, reference=reference)
         u = timesteps.to(maps.device, torch.float32).view(-1, 1, 1, 1) / self.T
         enc = torch.cat([u, torch.sin(np.pi * u), torch.cos(np.pi * u)], 1)
@@ -314,15 +317,15 @@ def _grid(cfg, spec: Mapping[str, Any]) -> int:
 def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, cfg,
               base_sd) -> Tuple[Any, Dict[str, Any]]:
     """Train one LoRA per ``spec`` on ``members``; returns the model and facts (seconds, epsilon)."""
-    from privacy_utility import train_dpsgd, train_floor
-
     from smplora_plugin import PrivacyConfig, PrivacyRegularizer
     from smplora_plugin.demo.train import train_lora
+
+    from .privacy_utility import train_dpsgd, train_floor
 
     spec = dict(spec)
     kind = spec.pop("kind")
     if kind not in KINDS:
-        raise ValueError(f"unknown row kind {kind!r}; choose one of {list(KINDS)}.")
+        raise ConfigError(f"unknown row kind {kind!r}; choose one of {list(KINDS)}.")
     steps = max(1, int(round(rc.steps * spec.pop("steps_frac", 1.0))))
     model = _new_model(cfg, base_sd, rc.lora_rank, seed)
     torch.manual_seed(seed)
@@ -332,12 +335,12 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
     spec.pop("grid", None)
     flip = bool(spec.pop("flip", False))
     if flip and kind not in ("plain", "smp", "mp", "robust"):
-        raise ValueError(f"flip augmentation is not wired for row kind {kind!r}.")
+        raise ConfigError(f"flip augmentation is not wired for row kind {kind!r}.")
     if "hidden" in spec:
         spec["hidden"] = tuple(spec["hidden"])
     plugins = [TimestepChannels(cfg.data.model_config.num_train_timesteps)] if spec.pop("tfeat", False) else None
     if plugins and kind not in ("smp", "mp", "robust"):
-        raise ValueError(f"timestep features need an SMP / MP row, not {kind!r}.")
+        raise ConfigError(f"timestep features need an SMP / MP row, not {kind!r}.")
     if kind == "dpsgd":
         facts["epsilon"] = train_dpsgd(model, members, steps=steps, lr=rc.lora_lr, bs=rc.batch_size, seed=seed, **spec)
     elif kind == "floor":
@@ -448,11 +451,10 @@ class MemoTarget:
             return
         from safetensors.torch import save_file
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        keys = torch.tensor([list(k) for k in self.new], dtype=torch.uint8)
-        tmp = self.folder / f".shard_{os.getpid()}_{time.time_ns()}.tmp"
-        save_file({"keys": keys, "eps": torch.stack(list(self.new.values())).contiguous()}, str(tmp))
-        os.replace(tmp, self.folder / f"shard_{os.getpid()}_{time.time_ns()}.safetensors")
+        tensors = {"keys": torch.tensor([list(k) for k in self.new], dtype=torch.uint8),
+                   "eps": torch.stack(list(self.new.values())).contiguous()}
+        atomic_write(self.folder / f"shard_{os.getpid()}_{time.time_ns()}.safetensors",
+                     lambda tmp: save_file(tensors, tmp))
         self.new = {}
 
 
@@ -568,7 +570,8 @@ def pooled_report(cache: Cache, rc: Recipe, row: str):
 
 
 def paired_fields(pooled, baseline) -> Dict[str, Any]:
-    """The row against the untouched model on the same draws (:func:`~smplora_plugin.audit.paired.compare_to_baseline`)."""
+    """The row against the untouched model on the same draws
+    (:func:`~smplora_plugin.audit.paired.compare_to_baseline`)."""
     from smplora_plugin.audit.paired import compare_to_baseline
 
     c = compare_to_baseline(pooled, baseline)
@@ -698,21 +701,8 @@ def tasks_for(cache: Cache, rc: Recipe, rows: Sequence[str]) -> List[Dict[str, A
     return out
 
 
-def _recipe_json(rc: Recipe) -> str:
-    d = {k: getattr(rc, k) for k in rc.__dataclass_fields__}
-    d["audit"] = dict(rc.audit)
-    d["attacks"] = None if rc.attacks is None else list(rc.attacks)
-    return json.dumps(d)
-
-
-def _recipe_from_json(text: str) -> Recipe:
-    d = json.loads(text)
-    d["attacks"] = None if d["attacks"] is None else tuple(d["attacks"])
-    return Recipe(**d)
-
-
 def execute(task: Mapping[str, Any], cache: Cache, rc: Recipe) -> Dict[str, Any]:
-    torch.set_num_threads(1)
+    """One task (a reference LoRA, or one run of a row): trained / audited into the cache; returns its facts."""
     setup = _setup(rc.dataset)
     if task["task"] == "reference":
         _, meta = ensure_lora(cache, rc, {"kind": "plain"}, 0, reference=int(task["index"]), setup=setup)
@@ -725,37 +715,26 @@ def execute(task: Mapping[str, Any], cache: Cache, rc: Recipe) -> Dict[str, Any]
             "audit_seconds": meta["audit_seconds"]}
 
 
+def _worker_execute(task: Mapping[str, Any], root: str, rc: Recipe) -> Dict[str, Any]:
+    return execute(task, Cache(Path(root)), rc)
+
+
 def schedule(cache: Cache, rc: Recipe, rows: Sequence[str], jobs: int, nice: int = 19, log=print,
              deadline: Optional[float] = None) -> int:
-    """Run the missing tasks, ``jobs`` worker processes at a time (one torch thread, niced); returns failures."""
+    """Run the missing tasks in ``jobs`` spawned worker processes (:func:`~benchmarks._common.run_in_workers`:
+    one torch thread, niced by ``nice``, a fresh process per task), every reference before any run; a task's
+    result is its cache entry. Starts no process when nothing is missing. Returns the number of failed tasks."""
     todo = tasks_for(cache, rc, rows)
-    refs = [t for t in todo if t["task"] == "reference"]
-    runs = [t for t in todo if t["task"] == "run"]
     failures = 0
-    for phase in (refs, runs):
-        running: List[Tuple[subprocess.Popen, Dict[str, Any]]] = []
-        while phase or running:
-            while phase and len(running) < jobs and (deadline is None or time.time() < deadline):
-                t = phase.pop(0)
-                cmd = ["nice", "-n", str(nice), sys.executable, str(Path(__file__).resolve()), "one", "--task",
-                       json.dumps(t), "--recipe", _recipe_json(rc), "--cache", str(cache.root)]
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-                running.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                                 env=env), t))
-            if deadline is not None and time.time() >= deadline:
-                phase.clear()
-            time.sleep(0.5)
-            for proc, t in list(running):
-                if proc.poll() is None:
-                    continue
-                running.remove((proc, t))
-                out, err = proc.communicate()
-                lines = out.strip().splitlines()
-                if proc.returncode != 0 or not lines:
-                    failures += 1
-                    log(f"FAILED {t} (exit {proc.returncode}): {err.strip()[-2000:]}")
-                    continue
-                log(f"{rc.dataset} M={rc.members}: {lines[-1]}")
+    for phase in ("reference", "run"):
+        tasks = [(t, str(cache.root), rc) for t in todo if t["task"] == phase]
+        for (t, _, _), result, error in run_in_workers(_worker_execute, tasks, jobs=jobs, nice=nice,
+                                                       deadline=deadline):
+            if error is None:
+                log(f"{rc.dataset} M={rc.members}: {json.dumps(result)}")
+            else:
+                failures += 1
+                log(f"FAILED {t}: {error!r}{error.__cause__ or ''}")  # __cause__: the worker's traceback
     return failures
 
 
@@ -763,23 +742,17 @@ def schedule(cache: Cache, rc: Recipe, rows: Sequence[str], jobs: int, nice: int
 # report: table, figure, RESULTS.md
 
 
-def _f(x: Optional[float], nd: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def _pct(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{round(100 * x, 1) + 0.0:.1f}%"  # + 0.0: no "-0.0%"
-
-
 def _env_tpr(p: Mapping[str, Any]) -> str:
     # None: too few pooled non-members to resolve 1% FPR
-    return "n/a" if p.get("envelope_tpr_1pct") is None else f"{_pct(p['envelope_tpr_1pct'])} ({p['envelope_tpr_1pct_attack']})"
+    if p.get("envelope_tpr_1pct") is None:
+        return "n/a"
+    return f"{pct(p['envelope_tpr_1pct'])} ({p['envelope_tpr_1pct_attack']})"
 
 
 def _fd(p: Mapping[str, Any]) -> str:
     if p.get("frechet_distance") is None:
         return "n/a"
-    return f"{p['frechet_distance']:.1f} ({_pct(p.get('fd_gain_kept'))})"
+    return f"{p['frechet_distance']:.1f} ({pct(p.get('fd_gain_kept'))})"
 
 
 def _eps(x: Optional[float]) -> str:
@@ -790,16 +763,18 @@ def table(points: List[Dict[str, Any]]) -> str:
     lines = ["| M | row | runs | epochs | verdict | headline attack | headline AUC [95% CI] | TPR@1%FPR | "
              "TPR@0.1%FPR | envelope AUC (attack) | envelope TPR@1%FPR (attack) | envelope TPR@0.1%FPR | "
              "vs untouched, paired: largest AUC gain (attack, p) | "
-             "classifier acc. | gain kept | Fréchet distance (drop kept) | held-out loss | DP epsilon |", "|" + "---|" * 18]
+             "classifier acc. | gain kept | Fréchet distance (drop kept) | held-out loss | DP epsilon |",
+             "|" + "---|" * 18]
     for p in points:
         lo, hi = p["headline_auc_ci95"]
         lines.append(
             f"| {p['members']} | {p['row']} | {p['runs']} | {p['epochs']:g} | {p['verdict']} | "
             f"{p['headline_attack']} | "
-            f"{p['headline_auc']:.3f} [{lo:.2f}, {hi:.2f}] | {_pct(p['headline_tpr_1pct'])} | "
-            f"{_pct(p['headline_tpr_01pct'])} | {p['envelope_auc']:.3f} ({p['envelope_auc_attack']}) | "
-            f"{_env_tpr(p)} | {_pct(p['envelope_tpr_01pct'])} | {_paired(p)} | {_f(p['classifier_accuracy'])} ± {_f(p['classifier_accuracy_sd'])} | "
-            f"{_pct(p.get('gain_kept'))} | {_fd(p)} | {_f(p['heldout_loss'], 4)} | "
+            f"{p['headline_auc']:.3f} [{lo:.2f}, {hi:.2f}] | {pct(p['headline_tpr_1pct'])} | "
+            f"{pct(p['headline_tpr_01pct'])} | {p['envelope_auc']:.3f} ({p['envelope_auc_attack']}) | "
+            f"{_env_tpr(p)} | {pct(p['envelope_tpr_01pct'])} | {_paired(p)} | "
+            f"{fmt(p['classifier_accuracy'])} ± {fmt(p['classifier_accuracy_sd'])} | "
+            f"{pct(p.get('gain_kept'))} | {_fd(p)} | {fmt(p['heldout_loss'], 4)} | "
             f"{_eps(p['dp_epsilon'])} |")
     return "\n".join(lines) + "\n"
 
@@ -811,7 +786,8 @@ def _paired(p: Mapping[str, Any]) -> str:
     if p.get("paired_difference") is None:
         return word
     pv = p["paired_p"]
-    return f"{word}: {p['paired_difference']:+.3f} ({p['paired_attack']}, p {'< 0.001' if pv < 0.001 else f'= {pv:.3f}'})"
+    p_text = "< 0.001" if pv < 0.001 else f"= {pv:.3f}"
+    return f"{word}: {p['paired_difference']:+.3f} ({p['paired_attack']}, p {p_text})"
 
 
 def plot(points: List[Dict[str, Any]], path: Path) -> None:
@@ -888,7 +864,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audited", type=int, default=128,
                    help="audit at most this many members (and non-members) per run; the LoRA trains on all")
     p.add_argument("--rows", default="untouched,plain,robust")
-    p.add_argument("--cache", default=str(DEFAULT_CACHE))
+    p.add_argument("--cache", default=str(default_cache()),
+                   help="cache folder (default: $SMPLORA_FRONTIER_CACHE, else $XDG_CACHE_HOME/smplora/frontier)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -896,8 +873,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("run", help="train and audit the missing runs of the given rows")
     _common(pr)
-    pr.add_argument("--jobs", type=int, default=2)
-    pr.add_argument("--nice", type=int, default=19)
+    pr.add_argument("--jobs", type=int, default=2, help="worker processes at a time (one torch thread each)")
+    pr.add_argument("--nice", type=int, default=19, help="niceness added to every worker")
     pr.add_argument("--stop-at", default="", help="HH:MM (machine clock): start no new job after it")
     pp = sub.add_parser("report", help="pool every finished point of the given frontiers; print / write")
     pp.add_argument("--frontier", action="append", default=[],
@@ -907,16 +884,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pp.add_argument("--out-rows", default=str(ROWS_JSONL))
     pp.add_argument("--png", default=str(PNG))
     pp.add_argument("--write", action="store_true", help="write RESULTS.md's section, the PNG and the rows jsonl")
-    po = sub.add_parser("one", help=argparse.SUPPRESS)
-    po.add_argument("--task", required=True)
-    po.add_argument("--recipe", required=True)
-    po.add_argument("--cache", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    if args.cmd == "one":
-        print(json.dumps(execute(json.loads(args.task), Cache(Path(args.cache)), _recipe_from_json(args.recipe))),
-              flush=True)
-        return 0
+    if args.cmd == "run" and args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: use 1 or more")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -963,7 +934,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if len({p["family"] for p in points}) > 1:  # a single family is no frontier: no figure
             plot(points, Path(args.png))
             figure = f"\n![frontier]({Path(args.png).name})\n"
-        cmd_note = "run: `python benchmarks/frontier.py run --dataset D --members M --rows ... --runs 8 --jobs 2`"
+        cmd_note = "run: `python -m benchmarks.frontier run --dataset D --members M --rows ... --runs 8 --jobs 2`"
         write_section("frontier_v2", "## Privacy-utility frontier, audit v2 (issue 11)\n\n" + header() +
                       f"- {cmd_note}; the cache is outside the repository\n" + text + figure)
     return 0

@@ -19,7 +19,7 @@ its images are 64 px, so 8x8 latents).
 Run (on a quiet machine; pin it to one core with ``taskset -c 0`` if others work on the other)::
 
     python scripts/kohya/make_tiny_sd15.py FIXTURE          # once, in the kohya venv
-    python benchmarks/kohya_overhead.py --sd-scripts SD_SCRIPTS --fixture FIXTURE \\
+    python -m benchmarks.kohya_overhead --sd-scripts SD_SCRIPTS --fixture FIXTURE \\
         --python KOHYA_VENV/bin/python --steps 18 --skip 1 --rounds 3 --write
 
 ``--python`` must have sd-scripts' requirements and smplora-plugin installed (``pip install --no-deps -e .``).
@@ -33,9 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import header, write_section  # noqa: E402
-from _stamps import StampedRun, offline_env, run_stamped  # noqa: E402
+from ._common import header, write_section
+from ._stamps import StampedRun, offline_env, run_stamped
 
 VARIANTS = {
     "plain": [],

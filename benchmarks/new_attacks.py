@@ -4,9 +4,9 @@ Trains plain LoRA and the `robust` preset (smp-robust) exactly as `smplora demo`
 with the loss attacks and the three new attacks, and writes one JSON row per (seed, variant) with
 AUC [95% CI], TPR@1%FPR and seconds per attack (and per audited sample).
 
-    nice -n 10 python benchmarks/new_attacks.py --seeds 0 1 2 --out benchmarks/new_attacks_rows.jsonl
-    nice -n 10 python benchmarks/new_attacks.py --untouched --seeds 0 1 2 --out benchmarks/new_attacks_rows.jsonl
-    python benchmarks/new_attacks.py --table benchmarks/new_attacks_rows.jsonl   # the Markdown table
+    nice -n 10 python -m benchmarks.new_attacks --seeds 0 1 2 --out benchmarks/new_attacks_rows.jsonl
+    nice -n 10 python -m benchmarks.new_attacks --untouched --seeds 0 1 2 --out benchmarks/new_attacks_rows.jsonl
+    python -m benchmarks.new_attacks --table benchmarks/new_attacks_rows.jsonl   # the Markdown table
 """
 
 from __future__ import annotations
@@ -83,8 +83,10 @@ def untouched_row(cfg) -> dict:
     model.add_lora(cfg.lora_rank, seed=cfg.seed)  # peft's gaussian init: lora_B = 0, so the model is the base
     m_cal, m_eval = _member_halves(splits["member"], cfg.seed)
     rep = run_audit(TinyLDMTarget(model), _samples(m_eval), _samples(splits["nonmember_eval"]),
-                    calibration_members=_samples(m_cal), calibration_nonmembers=_samples(splits["nonmember_calibration"]),
-                    attacks=list(ATTACKS), config={"seed": cfg.seed}, progress=False, num_threads=torch.get_num_threads())
+                    calibration_members=_samples(m_cal),
+                    calibration_nonmembers=_samples(splits["nonmember_calibration"]),
+                    attacks=list(ATTACKS), config={"seed": cfg.seed}, progress=False,
+                    num_threads=torch.get_num_threads())
     d = rep.to_dict()
     n = sum(d["splits"].values())
     return {"seed": cfg.seed, "variant": "untouched", "samples": n, "splits": d["splits"], "steps": 0,

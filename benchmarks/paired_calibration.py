@@ -5,7 +5,7 @@ difficulty; the baseline's members are shifted by ``base_shift`` standard deviat
 scores are ``rho * baseline + noise`` plus ``row_shift`` on the members. Prints the share of draws
 read "leaks beyond the baseline" with label permutations and with the normal approximation.
 
-  python benchmarks/paired_calibration.py --draws 400
+  python -m benchmarks.paired_calibration --draws 400
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ step count, and the digit classifier's accuracy on generated samples. Privacy: m
 and max-attack TPR@1%FPR over the attacks run. Each seed re-draws LoRA init, batches, noise and
 the audit's draws; the member / non-member split is fixed.
 
-Run:  python benchmarks/privacy_utility.py --seeds 0,1,2 --jobs 2 --write
+Run (from the repository root):  python -m benchmarks.privacy_utility --seeds 0,1,2 --jobs 2 --write
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,8 +33,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import header, write_section  # noqa: E402
+from ._common import header, run_in_workers, write_section
 
 OUT = Path(__file__).with_name("privacy_utility.png")
 # name -> (kind, parameters)
@@ -198,13 +196,15 @@ def run_one(name: str, seed: int, steps_full: Optional[int] = None, toy: bool = 
     m_cal, m_eval = _member_halves(members, 0)
     samples = lambda d: AuditSamples(d.images, d.captions, d.ids)  # noqa: E731
     report = run_audit(TinyLDMTarget(model), samples(m_eval), samples(splits["nonmember_eval"]),
-                       calibration_members=samples(m_cal), calibration_nonmembers=samples(splits["nonmember_calibration"]),
+                       calibration_members=samples(m_cal),
+                       calibration_nonmembers=samples(splits["nonmember_calibration"]),
                        attacks=attacks, config=audit_cfg, progress=False, num_threads=1)
     reference = DigitSet.concat(splits["nonmember_calibration"], splits["nonmember_eval"])
     quality = sample_quality(model, clf, reference, per_label=per_label, steps=cfg.sample_steps, seed=seed,
                              captioner=cfg.data.captioner)
     mx = report.max_over_attacks
-    return {"dataset": dataset, "config": name, "seed": seed, "steps": steps, "epsilon": epsilon, "train_seconds": round(train_s, 1),
+    return {"dataset": dataset, "config": name, "seed": seed, "steps": steps, "epsilon": epsilon,
+            "train_seconds": round(train_s, 1),
             "max_auc": mx["auc"]["value"], "max_auc_attack": mx["auc"]["attack"],
             "max_tpr_1pct": mx.get("tpr_at_1pct_fpr", {}).get("value"),
             "heldout_loss": report.utility["heldout_denoising_loss"],
@@ -240,7 +240,8 @@ def table(rows: List[Dict[str, Any]]) -> str:
         eps = _mean_sd([r["epsilon"] for r in rs]) if rs[0]["epsilon"] is not None else "—"
         lines.append(f"| {name} | {len(rs)} | {_mean_sd([r['max_auc'] for r in rs])} | "
                      f"{_mean_sd([r['max_tpr_1pct'] for r in rs])} | {_mean_sd(ratio)} | "
-                     f"{_mean_sd([r['classifier_accuracy'] for r in rs])} | {_mean_sd([r['frechet_distance'] for r in rs])} | "
+                     f"{_mean_sd([r['classifier_accuracy'] for r in rs])} | "
+                     f"{_mean_sd([r['frechet_distance'] for r in rs])} | "
                      f"{eps} | {', '.join(attacks)} |")
     return "\n".join(lines) + "\n"
 
@@ -288,15 +289,14 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 torch thread each)")
+    p.add_argument("--nice", type=int, default=0, help="niceness added to every worker")
     p.add_argument("--rows", default=str(Path(__file__).with_name("privacy_utility_rows.jsonl")),
                    help="append each finished run here; runs already there are skipped")
     p.add_argument("--write", action="store_true", help="write the table into RESULTS.md and the PNG")
-    p.add_argument("--one", nargs=2, metavar=("CONFIG", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), dataset=args.dataset)), flush=True)
-        return 0
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: use 1 or more")
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
@@ -307,29 +307,16 @@ def main(argv=None) -> int:
         for line in rows_path.read_text().splitlines():
             r = json.loads(line)
             done.add((_dataset(r), r["config"], r["seed"]))
-    todo = [(c, int(s)) for s in args.seeds.split(",") for c in configs if (args.dataset, c, int(s)) not in done]
-    running: List[subprocess.Popen] = []
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            c, s = todo.pop(0)
-            proc = subprocess.Popen([sys.executable, __file__, "--dataset", args.dataset, "--one", c, str(s)],
-                                    stdout=subprocess.PIPE, text=True)
-            proc.job = (c, s)  # type: ignore[attr-defined]
-            running.append(proc)
-        time.sleep(1)
-        for proc in list(running):
-            if proc.poll() is None:
-                continue
-            running.remove(proc)
-            out = proc.stdout.read().strip().splitlines()
-            if proc.returncode != 0 or not out:
-                print(f"FAILED {proc.job} (exit {proc.returncode})", file=sys.stderr)  # type: ignore[attr-defined]
-                continue
-            with rows_path.open("a") as f:
-                f.write(out[-1] + "\n")
-            r = json.loads(out[-1])
-            print(f"{r['config']:<28} seed {r['seed']}: max AUC {r['max_auc']:.3f} ({r['max_auc_attack']}), "
-                  f"held-out {r['heldout_loss']:.4f}, clf acc {r['classifier_accuracy']:.3f}", flush=True)
+    todo = [(c, int(s), None, False, args.dataset) for s in args.seeds.split(",") for c in configs
+            if (args.dataset, c, int(s)) not in done]
+    for (c, s, *_), r, error in run_in_workers(run_one, todo, jobs=args.jobs, nice=args.nice):
+        if error is not None:
+            print(f"FAILED {(c, s)}: {error!r}{error.__cause__ or ''}", file=sys.stderr)
+            continue
+        with rows_path.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(f"{r['config']:<28} seed {r['seed']}: max AUC {r['max_auc']:.3f} ({r['max_auc_attack']}), "
+              f"held-out {r['heldout_loss']:.4f}, clf acc {r['classifier_accuracy']:.3f}", flush=True)
     all_rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
     rows = [r for r in all_rows if r["config"] in configs and _dataset(r) == args.dataset]
     text = table(rows)

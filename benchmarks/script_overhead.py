@@ -15,7 +15,7 @@ the kept gaps should span whole cycles: a multiple of 4), then the median over r
 (``examples/diffusers/patch_official.py sd1`` writes that copy; the official script needs a tracker:
 ``--report-to tensorboard``).
 
-Run:  python benchmarks/script_overhead.py --steps 39 --skip 2 --rounds 3 --write
+Run (from the repository root):  python -m benchmarks.script_overhead --steps 39 --skip 2 --rounds 3 --write
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import header, write_section  # noqa: E402
-from _stamps import offline_env, run_stamped  # noqa: E402
+from ._common import header, write_section
+from ._stamps import offline_env, run_stamped
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "diffusers" / "train_text_to_image_lora.py"

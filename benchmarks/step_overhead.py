@@ -26,8 +26,8 @@ Variants:
   adversarial term, and per attacker step no-grad forwards of an auxiliary member batch and an
   auxiliary non-member batch.
 
-Run:  python benchmarks/step_overhead.py --steps 20 --write
-      python benchmarks/step_overhead.py --sizes sd15,sd15-bf16 --variants plain,smp-default,smp-robust \
+Run (from the repository root):  python -m benchmarks.step_overhead --steps 20 --write
+      python -m benchmarks.step_overhead --sizes sd15,sd15-bf16 --variants plain,smp-default,smp-robust \
           --steps 3 --warmup 1 --memory-steps 1 --threads 1 --write
 """
 
@@ -45,10 +45,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import header, write_section  # noqa: E402
+from smplora_plugin import PrivacyConfig, PrivacyRegularizer
 
-from smplora_plugin import PrivacyConfig, PrivacyRegularizer  # noqa: E402
+from ._common import header, write_section
+
+REPO = Path(__file__).resolve().parents[1]
 
 SIZES = {
     # the attacker and the per-step bookkeeping weigh most here
@@ -336,9 +337,9 @@ def _status_kib(field: str) -> int:
 def measure_memory(size_name: str, steps: int, variants=VARIANTS, threads: int = 0) -> dict:
     out = {}
     for v in variants:
-        res = subprocess.run([sys.executable, __file__, "--memory-child", v, "--sizes", size_name,
-                              "--steps", str(steps), "--threads", str(threads)], capture_output=True, text=True,
-                             check=True)
+        res = subprocess.run([sys.executable, "-m", "benchmarks.step_overhead", "--memory-child", v, "--sizes",
+                              size_name, "--steps", str(steps), "--threads", str(threads)], capture_output=True,
+                             text=True, check=True, cwd=REPO)
         out[v] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
 
@@ -412,7 +413,8 @@ def fixed_cost(grids, steps: int, latent: int = 64, batch: int = 1) -> str:
         feats_t, step_t = [], []
         for i in range(steps + 1):
             pred = torch.randn(batch, 4, latent, latent, generator=g).requires_grad_(True)
-            target, nm = torch.randn(batch, 4, latent, latent, generator=g), torch.randn(batch, 4, latent, latent, generator=g)
+            target = torch.randn(batch, 4, latent, latent, generator=g)
+            nm = torch.randn(batch, 4, latent, latent, generator=g)
             loss = (pred - target).pow(2).mean()
             t0 = time.process_time()
             member = reg.features(pred, target)

@@ -14,9 +14,9 @@ Two measurements, both with the whole default attack suite and the verdict of
   gets "no evidence" or "too few samples" in >= 18 of 20 seeds and plain LoRA "leaks" in 20 of 20.
 
 Run (niced, one thread):
-  nice -n 10 python benchmarks/verdict_calibration.py null --seeds 0-59 --write
-  nice -n 10 python benchmarks/verdict_calibration.py demo --seeds 0-19 --write   (300 steps, 48 / 64 non-members)
-  nice -n 10 python benchmarks/verdict_calibration.py fraction --batch-size 1 --steps 2400 --seeds 0-1 --write
+  nice -n 10 python -m benchmarks.verdict_calibration null --seeds 0-59 --write
+  nice -n 10 python -m benchmarks.verdict_calibration demo --seeds 0-19 --write   (300 steps, 48 / 64 non-members)
+  nice -n 10 python -m benchmarks.verdict_calibration fraction --batch-size 1 --steps 2400 --seeds 0-1 --write
 
 ``fraction`` (issue 12): untouched, plain, and the ``robust`` preset with the privacy term on every
 step vs ``privacy_fraction=0.25`` taken over steps (at batch 1: one step in four carries the
@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import header, write_section  # noqa: E402
+from ._common import header, write_section
 
 ROWS = Path(__file__).with_name("verdict_calibration_rows.jsonl")
 
@@ -72,7 +70,8 @@ def null_run(seed: int, n_eval: int, n_cal: int, side: int = 8, toy: bool = Fals
     return {"mode": "null", "seed": seed, "n_eval": n_eval, "n_cal": n_cal, "verdict": v["verdict"],
             "p_headline": v["p_values"]["headline"], "p_envelope": v["p_values"]["upper_envelope_auc"],
             "headline": v["headline"]["attack"], "headline_auc": v["headline"]["auc"],
-            "max_auc": rep.max_over_attacks["auc"]["value"], "max_auc_above_band": rep.max_over_attacks["auc"]["value"] > hi,
+            "max_auc": rep.max_over_attacks["auc"]["value"],
+            "max_auc_above_band": rep.max_over_attacks["auc"]["value"] > hi,
             "blind_warning": any("blind" in w for w in v["warnings"]), "seconds": round(time.time() - t0, 1)}
 
 
@@ -121,7 +120,8 @@ def demo_run(seed: int, members: int, steps: int, n_cal: int = 48, n_eval: int =
                        reg=reg, nonmembers=splits["nonmember_defense"] if reg is not None else None, progress=False)
         t1 = time.time()
         rep = run_audit(TinyLDMTarget(model), samples(m_eval), samples(splits["nonmember_eval"]),
-                        calibration_members=samples(m_cal), calibration_nonmembers=samples(splits["nonmember_calibration"]),
+                        calibration_members=samples(m_cal),
+                        calibration_nonmembers=samples(splits["nonmember_calibration"]),
                         config=audit_cfg, progress=False, num_threads=1)
         v = rep.verdict
         rows.append({"mode": mode, "variant": variant, "seed": seed, "members": members, "steps": steps,
@@ -167,8 +167,8 @@ def summarise(rows: List[Dict[str, Any]], mode: str) -> str:
         rs = [r for r in rows if r["variant"] == variant]
         if not rs:
             continue
-        c = lambda v: sum(r["verdict"] == v for r in rs)  # noqa: E731
-        m = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+        c = lambda v, rs=rs: sum(r["verdict"] == v for r in rs)  # noqa: E731
+        m = lambda k, rs=rs: sum(r[k] for r in rs) / len(rs)  # noqa: E731
         lines.append(f"| {variant} | {len(rs)} | {c('leaks')} | {c('no evidence of leakage at this size')} | "
                      f"{c('too few samples to tell')} | {m('headline_auc'):.3f} | {m('max_auc'):.3f} | "
                      f"{m('epsilon_lb'):.2f} | {m('smallest_detectable_auc'):.3f} |"

@@ -50,14 +50,16 @@ def train_lora(base_state, members, nonmembers, *, steps, reg=None, seed=0):
             noise_nm = torch.randn(z_nm[j].shape, generator=g_nm)
             t_nm = torch.randint(0, scheduler.config.num_train_timesteps, (len(j),), generator=g_nm)
             with torch.no_grad():
-                pred_nm = unet(scheduler.add_noise(z_nm[j], noise_nm, t_nm), t_nm, encoder_hidden_states=cond_nm[j]).sample
+                pred_nm = unet(scheduler.add_noise(z_nm[j], noise_nm, t_nm), t_nm,
+                               encoder_hidden_states=cond_nm[j]).sample
             loss = reg.step(loss, reg.features(pred, noise), reg.features(pred_nm, noise_nm))
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
+            shown = ("attacker_acc", "attacker_ce_member", "denominator")
             extra = "" if reg is None else "  " + "  ".join(f"{k}={v:.3f}" for k, v in reg.metrics().items()
-                                                            if k in ("attacker_acc", "attacker_ce_member", "denominator"))
+                                                            if k in shown)
             print(f"  step {step:4d}  adaptation loss {F.mse_loss(pred.detach(), noise).item():.4f}{extra}", flush=True)
     return model.eval()
 

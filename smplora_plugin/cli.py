@@ -25,7 +25,8 @@ def _demo_module():
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The argument parser; only the sub-command named by ``command`` gets its full arguments."""
-    parser = argparse.ArgumentParser(prog="smplora", description="SMP-LoRA membership-inference defense: audit and demo.")
+    parser = argparse.ArgumentParser(prog="smplora",
+                                     description="SMP-LoRA membership-inference defense: audit and demo.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="{audit,references,demo}")
     audit = sub.add_parser("audit", help="audit a LoRA file for membership-inference leakage",

@@ -119,7 +119,8 @@ class PrivacyConfig:
 
                 torch.device(self.device)
             except (RuntimeError, TypeError) as exc:
-                raise ConfigError(f"device={self.device!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda:0'.") from None
+                raise ConfigError(f"device={self.device!r} is not a torch device ({exc}); "
+                                  "use e.g. 'cpu' or 'cuda:0'.") from None
             set_("device", str(self.device))
 
     def privacy_rows(self, batch_size: int, step: int = 0) -> int:
@@ -133,9 +134,9 @@ class PrivacyConfig:
         last denominator, see :meth:`PrivacyRegularizer.step`).
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
+            raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a whole number >= 0, got {step!r}.")
+            raise ConfigError(f"step must be a whole number >= 0, got {step!r}.")
         share = self._fraction() * batch_size
         return _ceil(share * (step + 1)) - _ceil(share * step)
 

@@ -1,8 +1,11 @@
 """Exceptions raised by smplora-plugin.
 
-Every error is a :class:`ValueError` subclass whose message says what was wrong and how to
-fix it; all of them are raised before any state (attacker weights, optimiser, counters,
-files) changes.
+Every error is a :class:`SmploraError`, hence a :class:`ValueError`, whose message says what was
+wrong and how to fix it; all of them are raised before any state (attacker weights, optimiser,
+counters, files) changes. The subsystems add their own subclasses of these: ``AuditError`` and
+``MetricError`` (:mod:`smplora_plugin.audit`), ``DPError`` (:mod:`smplora_plugin.dp`), and in the
+trainer shims ``KohyaVersionError`` / ``LauncherError`` (kohya), ``FolderError`` and
+``ComfyTrainingError`` (ComfyUI; the latter also a :class:`RuntimeError`).
 """
 
 from __future__ import annotations
@@ -30,3 +33,8 @@ class HoldoutError(SmploraError):
 
 class PluginError(SmploraError):
     """A plugin could not be loaded or returned something invalid."""
+
+
+class InputError(SmploraError):
+    """A trainer's input is missing, empty or of the wrong kind: latents, conditioning, LoRA weights,
+    image folders, or a LoRA file that does not fit the model it is loaded on."""

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import atomic_write_text
 from .errors import HoldoutError
 
 MANIFEST_FORMAT = "smplora-holdout-manifest/1"
@@ -91,7 +91,8 @@ def split_by_identity(items: Sequence[Item], sizes: Mapping[str, Union[int, floa
         else:
             counts[name] = size
     if sum(counts.values()) > n:
-        raise HoldoutError(f"the sets ask for {sum(counts.values())} items ({counts}) but only {n} distinct identities exist.")
+        raise HoldoutError(f"the sets ask for {sum(counts.values())} items ({counts}) but only {n} distinct "
+                           "identities exist.")
     order = np.random.default_rng(seed).permutation(n)
     out: Dict[str, List[Any]] = {}
     start = 0
@@ -122,7 +123,7 @@ def write_manifest(path: Union[str, "os.PathLike[str]"], splits: Mapping[str, Se
         doc["extra"] = dict(extra)
     path = Path(path)
     text = json.dumps(doc, indent=2, sort_keys=True)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return atomic_write_text(path, text)
 
 
 def read_manifest(path: Union[str, "os.PathLike[str]"]) -> Dict[str, List[str]]:
@@ -136,7 +137,8 @@ def read_manifest(path: Union[str, "os.PathLike[str]"]) -> Dict[str, List[str]]:
         raise HoldoutError(f"manifest {path} is not valid JSON ({exc}).") from exc
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("sets"), dict):
         raise HoldoutError(f"{path} is not a smplora holdout manifest (expected format {MANIFEST_FORMAT!r}).")
-    sets = {name: [e if isinstance(e, dict) else {"id": str(e)} for e in entries] for name, entries in doc["sets"].items()}
+    sets = {name: [e if isinstance(e, dict) else {"id": str(e)} for e in entries]
+            for name, entries in doc["sets"].items()}
     _check_sets_disjoint(sets, source=str(path))
     return {name: [e["id"] for e in entries] for name, entries in sets.items()}
 

@@ -73,7 +73,8 @@ def validate_entries(entries: Mapping[str, Any]) -> Dict[str, str]:
 
 
 def annotate(lora_path: PathLike, config: Any = None, metrics: Optional[Mapping[str, Any]] = None,
-             extra: Optional[Mapping[str, Any]] = None, *, entries: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+             extra: Optional[Mapping[str, Any]] = None, *,
+             entries: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """Add the privacy config and metrics to an existing LoRA ``.safetensors`` header.
 
     Every existing header key and tensor is kept; only ``smplora.*`` keys are added or
@@ -93,7 +94,8 @@ def annotate(lora_path: PathLike, config: Any = None, metrics: Optional[Mapping[
     try:
         header, tensors = _read(path)
     except Exception as exc:
-        raise SmploraError(f"cannot annotate {path}: it is not a readable .safetensors file ({exc}). The file was not changed.") from exc
+        raise SmploraError(f"cannot annotate {path}: it is not a readable .safetensors file ({exc}). "
+                           "The file was not changed.") from exc
     merged = dict(header)
     merged.update(new)
     from safetensors.torch import save_file

@@ -77,7 +77,8 @@ def load_entry_point_plugins(pm: pluggy.PluginManager, group: str = ENTRY_POINT_
     return count
 
 
-def make_plugin_manager(plugins: Optional[Iterable[object]] = None, *, load_entry_points: bool = True) -> pluggy.PluginManager:
+def make_plugin_manager(plugins: Optional[Iterable[object]] = None, *,
+                        load_entry_points: bool = True) -> pluggy.PluginManager:
     """A fresh plugin manager with the hook specs, the default plugins and the given plugins.
 
     Entry points of the ``smplora`` group are loaded only when ``plugins`` is ``None`` and
@@ -99,5 +100,6 @@ def make_plugin_manager(plugins: Optional[Iterable[object]] = None, *, load_entr
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"a plugin implements a hook that does not exist: {exc}. Valid hooks are in smplora_plugin.hookspecs.") from exc
+        raise PluginError(f"a plugin implements a hook that does not exist: {exc}. "
+                          "Valid hooks are in smplora_plugin.hookspecs.") from exc
     return pm

@@ -8,18 +8,18 @@ trainer's loss as the SMP ratio (default) or the MP sum.
 
 from __future__ import annotations
 
-
+import json
 import os
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed as dist_utils
 from . import state as state_io
-from .attacker import ProxyAttacker, attacker_optimizer
+from .attacker import ProxyAttacker, attacker_optimizer, load_optimizer_state, optimizer_state
 from .config import PrivacyConfig
-from .errors import FeatureError
+from .errors import FeatureError, StateError
 from .features import flatten_features, pooled_size
 from .metadata import annotate as _annotate
 from .metadata import validate_entries
@@ -157,7 +157,8 @@ class PrivacyRegularizer:
                 "reduce it with .mean() first."
             )
         if not torch.isfinite(loss.detach()).all():
-            raise FeatureError(f"loss is {loss.item()}: the trainer's loss is not finite; fix the model/lr before regularising.")
+            raise FeatureError(f"loss is {loss.item()}: the trainer's loss is not finite; "
+                               "fix the model/lr before regularising.")
         if member_feats is None:
             return self._step_without_members(loss, nonmember_feats, keep_loss_value)
         member, nonmember = self._validated_pair(member_feats, nonmember_feats)
@@ -332,26 +333,58 @@ class PrivacyRegularizer:
         return _annotate(lora_path, entries=entries)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> Dict[str, Any]:
-        """Attacker weights, optimiser state, RNG state, counters and config.
+    def state_dict(self) -> Dict[str, Union[torch.Tensor, str]]:
+        """The whole training state, flat, in the layout of a state file (:data:`STATE_FORMAT`).
 
-        Tensors under ``attacker.*``, ``optimizer.*`` and ``rng.*``; strings (JSON) under ``meta.*``.
+        Tensors (CPU copies): ``attacker.<name>`` (fp32 weights), ``optimizer.<index>.<key>`` (Adam's moments
+        and step), ``rng.attacker`` (the dropout generator) and ``bank.nonmember`` (the non-member features in
+        use). JSON strings: ``meta.format``, ``meta.config``, ``meta.counters``, ``meta.last`` (the latest
+        metrics), ``meta.input_grid``, ``meta.attacker`` (``in_features`` and device; ``null`` before the first
+        batch, and then no tensor is saved) and ``meta.optimizer`` (param groups, non-tensor state, indices).
         """
-        return state_io.regularizer_state(self)
+        sd: Dict[str, Union[torch.Tensor, str]] = {
+            "meta.format": STATE_FORMAT,
+            "meta.config": self.config.to_json(),
+            "meta.counters": json.dumps({"global_step": self.global_step, "attacker_updates": self.attacker_updates,
+                                         "attacker_steps": self.attacker_steps}),
+            "meta.last": json.dumps({k: float(v) for k, v in self._last.items()}, sort_keys=True),
+            "meta.attacker": json.dumps(None),
+            "meta.input_grid": json.dumps(None if self.input_grid is None else list(self.input_grid)),
+        }
+        if self.attacker is None:
+            return sd
+        sd["meta.attacker"] = json.dumps({"in_features": self.attacker.in_features, "device": str(self._device)})
+        sd.update({f"attacker.{k}": v.detach().cpu().clone() for k, v in self.attacker.state_dict().items()})
+        tensors, meta = optimizer_state(self.optimizer)
+        sd.update({f"optimizer.{k}": v for k, v in tensors.items()})
+        sd["meta.optimizer"] = json.dumps(meta)
+        sd["rng.attacker"] = self._generator.get_state().clone()
+        if self._bank is not None:
+            sd["bank.nonmember"] = self._bank.detach().cpu().clone()
+        return sd
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; validated whole before anything changes."""
-        state_io.load_regularizer_state(self, state)
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (or :func:`smplora_plugin.state.read_state` of a state file).
+
+        Checked whole before anything changes: the format version, the config (the fields that differ from
+        this regulariser's are named), every key, tensor shape and dtype, the counters, the optimiser and RNG
+        states. A refused state raises :class:`StateError` and leaves the regulariser as it was; a loaded one
+        shares no tensor with ``state``.
+        """
+        new = _restored(state, self.config)
+        self.attacker, self.optimizer, self._generator = new.attacker, new.optimizer, new.generator
+        self._bank, self._last, self.input_grid = new.bank, new.last, new.input_grid
+        self.global_step, self.attacker_updates, self.attacker_steps = new.counters
 
     def save(self, path: PathLike) -> None:
-        """Save the state to a ``.safetensors`` file (atomic; no pickle)."""
+        """Save :meth:`state_dict` to a ``.safetensors`` file (atomic; no pickle)."""
         state_io.save_state(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: PathLike, *, device: Optional[str] = None, **kwargs: Any) -> "PrivacyRegularizer":
         """A regulariser restored from :meth:`save` output, with the saved config."""
         state = state_io.read_state(path)
-        config = state_io.config_from_state(state, path)
+        config = saved_config(state, path)
         if device is not None:
             config = config.replace(device=device)
         reg = cls(config, **kwargs)
@@ -415,7 +448,8 @@ class PrivacyRegularizer:
                    f"keep the same latent channel count for the whole run (pooling to the input grid "
                    f"{self.input_grid} fixes only H and W)")
             raise FeatureError(
-                f"{name} has {dim} features per sample but the attacker was built for {self.attacker.in_features}: {fix}."
+                f"{name} has {dim} features per sample but the attacker was built for "
+                f"{self.attacker.in_features}: {fix}."
             )
 
     def _ensure_attacker(self, in_features: int, device: torch.device) -> None:
@@ -475,3 +509,202 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
     if not torch.isfinite(x.detach()).all():
         raise FeatureError(f"{name} contains NaN or Inf: the model's forward diverged or the loss map was computed "
                            "from non-finite values; check the learning rate / mixed-precision settings.")
+
+
+# ---------------------------------------------------------------------- state layout
+STATE_FORMAT = state_io.FORMAT_PREFIX + "1"
+_COUNTERS = ("global_step", "attacker_updates", "attacker_steps")
+_META_KEYS = {"meta.format", "meta.config", "meta.counters", "meta.last", "meta.attacker", "meta.input_grid"}
+
+
+class _Restored(NamedTuple):
+    """What :meth:`PrivacyRegularizer.load_state_dict` assigns, built and checked first."""
+
+    attacker: Optional[ProxyAttacker]
+    optimizer: Optional[torch.optim.Optimizer]
+    generator: Optional[torch.Generator]
+    bank: Optional[torch.Tensor]
+    last: Dict[str, torch.Tensor]
+    input_grid: Optional[Tuple[int, int]]
+    counters: Tuple[int, int, int]
+
+
+def saved_config(state: Mapping[str, Any], source: Any = "state") -> PrivacyConfig:
+    """The config ``state`` was saved with; a state of another format version is refused, naming the fix."""
+    fmt = state.get("meta.format") if isinstance(state, Mapping) else None
+    if fmt != STATE_FORMAT:
+        if isinstance(fmt, str) and fmt.startswith(state_io.FORMAT_PREFIX):
+            raise StateError(f"{source} has state format {fmt!r}, but this smplora-plugin reads {STATE_FORMAT!r}: "
+                             "resume it with the smplora-plugin release that wrote it (pip install -U smplora-plugin "
+                             "if that one is newer), or start a new attacker without it.")
+        raise StateError(f"{source} is not a smplora regulariser state (expected meta.format={STATE_FORMAT!r}).")
+    try:
+        return PrivacyConfig.from_dict(json.loads(state["meta.config"]))
+    except (KeyError, TypeError, ValueError) as exc:   # ConfigError is a ValueError
+        raise StateError(f"{source} holds an invalid config ({exc}); re-save it with reg.save().") from exc
+
+
+def _restored(state: Mapping[str, Any], config: PrivacyConfig) -> _Restored:
+    """Build everything a load assigns from ``state``, checking each entry; raises :class:`StateError`."""
+    saved = saved_config(state)
+    mine, theirs = config.algorithm_fields(), saved.algorithm_fields()
+    diff = [k for k in mine if mine[k] != theirs[k]]
+    if diff:
+        details = ", ".join(f"{k}: saved {theirs[k]!r} vs this {mine[k]!r}" for k in diff)
+        raise StateError(
+            f"the state was saved with a different config ({details}). Load it with PrivacyRegularizer.load(path) "
+            "to get the saved config, or construct the regulariser with the same settings."
+        )
+    info = _json(state, "meta.attacker")
+    _check_entries(state, has_attacker=info is not None)
+    counters = _saved_counters(state)
+    last = _saved_last(state)
+    input_grid = _input_grid(state.get("meta.input_grid", "null"))
+    if info is None:
+        return _Restored(None, None, None, None, _tensors(last, torch.device("cpu")), input_grid, counters)
+
+    in_features, device = _attacker_info(info, config)
+    if input_grid is not None and in_features % (input_grid[0] * input_grid[1]):
+        raise StateError(f"the state's input grid {input_grid} does not divide its attacker input size "
+                         f"{in_features}; the file is corrupt.")
+    attacker = ProxyAttacker(in_features, config.hidden, config.dropout, seed=config.seed)
+    attacker.load_state_dict(_attacker_weights(state, attacker, config))
+    attacker.to(device)
+    optimizer = attacker_optimizer(attacker, config.attacker_lr, config.attacker_weight_decay)
+    moments = {k[len("optimizer."):]: v for k, v in state.items() if k.startswith("optimizer.")}
+    load_optimizer_state(optimizer, moments, _json(state, "meta.optimizer"))
+    generator = _saved_generator(state.get("rng.attacker"), device)
+    bank = _saved_bank(state.get("bank.nonmember"), in_features, device)
+    return _Restored(attacker, optimizer, generator, bank, _tensors(last, device), input_grid, counters)
+
+
+def _json(state: Mapping[str, Any], key: str, default: Optional[str] = None) -> Any:
+    raw = state.get(key, default)
+    try:
+        return json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        what = "is missing" if raw is None else f"is not a JSON string ({exc})"
+        raise StateError(f"the state's {key} {what}; the file is corrupt or not from reg.save(): re-save it.") from exc
+
+
+def _check_entries(state: Mapping[str, Any], has_attacker: bool) -> None:
+    """Every key is one this version writes, with a JSON string (``meta.*``) or a tensor (the rest)."""
+    tensor_prefixes = ("attacker.", "optimizer.") if has_attacker else ()
+    tensor_keys = {"rng.attacker", "bank.nonmember"} if has_attacker else set()
+    meta_keys = _META_KEYS | ({"meta.optimizer"} if has_attacker else set())
+    unexpected, wrong_type = [], []
+    for key, value in state.items():
+        if key in meta_keys:
+            wrong_type += [] if isinstance(value, str) else [key]
+        elif key in tensor_keys or (isinstance(key, str) and key.startswith(tensor_prefixes)):
+            wrong_type += [] if isinstance(value, torch.Tensor) else [key]
+        else:
+            unexpected.append(str(key))
+    if unexpected:
+        none = " (the state has no attacker: meta.attacker is null)" if not has_attacker else ""
+        raise StateError(f"unexpected state entries {sorted(unexpected)}{none}: a regulariser state holds "
+                         "meta.*, attacker.*, optimizer.*, rng.attacker and bank.nonmember only; remove the others "
+                         "(e.g. a shim's own entries) before load_state_dict.")
+    if wrong_type:
+        raise StateError(f"state entries {sorted(wrong_type)} have the wrong type: meta.* entries are JSON strings "
+                         "and the others tensors; pass reg.state_dict() or read_state(path) output unchanged.")
+
+
+def _saved_counters(state: Mapping[str, Any]) -> Tuple[int, int, int]:
+    counters = _json(state, "meta.counters")
+    values = tuple(counters.get(k) for k in _COUNTERS) if isinstance(counters, dict) else ()
+    if not values or set(counters) != set(_COUNTERS) or not all(type(v) is int and v >= 0 for v in values):
+        raise StateError(f"the state's meta.counters {state.get('meta.counters')!r} is corrupt (expected "
+                         f"non-negative integers {list(_COUNTERS)}); re-save it with reg.save().")
+    return tuple(values)
+
+
+def _saved_last(state: Mapping[str, Any]) -> Dict[str, float]:
+    last = _json(state, "meta.last", "{}")
+    if not isinstance(last, dict) or not set(last) <= set(_METRIC_KEYS) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in last.values()):
+        raise StateError(f"the state's meta.last {state.get('meta.last')!r} is corrupt (expected numbers for some of "
+                         f"{list(_METRIC_KEYS)}); re-save it with reg.save().")
+    return last
+
+
+def _tensors(last: Dict[str, float], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: torch.tensor(float(v), dtype=torch.float32, device=device) for k, v in last.items()}
+
+
+def _input_grid(raw: Any) -> Optional[Tuple[int, int]]:
+    """The ``meta.input_grid`` entry: ``None`` or an ``(h, w)`` pair of positive ints."""
+    try:
+        value = json.loads(raw)
+        if value is None:
+            return None
+        h, w = (int(v) for v in value)
+        if h > 0 and w > 0 and list(value) == [h, w]:
+            return (h, w)
+    except (TypeError, ValueError):
+        pass
+    raise StateError(f"the state's input grid {raw!r} is corrupt (expected null or [h, w]); re-save it with "
+                     "reg.save().")
+
+
+def _attacker_info(info: Any, config: PrivacyConfig) -> Tuple[int, torch.device]:
+    """``in_features`` of the saved attacker and the device to restore it on (the config's, else the saved one)."""
+    in_features = info.get("in_features") if isinstance(info, dict) else None
+    if type(in_features) is not int or in_features < 1:
+        raise StateError(f"the state's meta.attacker {info!r} is corrupt (expected in_features, a positive integer, "
+                         "and device); re-save it with reg.save().")
+    try:
+        if config.device is not None:
+            return in_features, torch.device(config.device)
+        device = torch.device(str(info.get("device", "cpu")))
+    except RuntimeError as exc:
+        raise StateError(f"the state's attacker device {info.get('device')!r} is not a device ({exc}); pass "
+                         "device= to PrivacyRegularizer.load.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cpu")
+    return in_features, device
+
+
+def _attacker_weights(state: Mapping[str, Any], attacker: ProxyAttacker,
+                      config: PrivacyConfig) -> Dict[str, torch.Tensor]:
+    expected = attacker.state_dict()
+    got = {k[len("attacker."):]: v for k, v in state.items() if k.startswith("attacker.")}
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = [f"attacker.{k} is {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+             for k, v in got.items() if k in expected and v.shape != expected[k].shape]
+    if missing or extra or wrong:
+        found = "; ".join([*([f"missing {['attacker.' + k for k in missing]}"] if missing else []),
+                           *([f"unexpected {['attacker.' + k for k in extra]}"] if extra else []), *wrong])
+        raise StateError(f"the attacker weights in the state do not match the configured architecture (hidden="
+                         f"{config.hidden}, in_features={attacker.in_features}): {found}; the file is corrupt or from "
+                         "another version.")
+    if any(v.dtype != torch.float32 for v in got.values()):
+        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in got.values()})
+        raise StateError(f"the attacker weights in the state are {', '.join(dtypes)}, but states are saved in fp32 "
+                         "(whatever the training precision): the file was converted after saving; resume from "
+                         "the file as saved.")
+    return got
+
+
+def _saved_generator(rng: Any, device: torch.device) -> torch.Generator:
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.ndim != 1:
+        raise StateError("the state's rng.attacker (the attacker's dropout RNG state) is missing or not a 1-d uint8 "
+                         "tensor; the file is corrupt: re-save it with reg.save().")
+    generator = torch.Generator(device=device)
+    try:
+        generator.set_state(rng.clone())
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise StateError(f"the state's rng.attacker is not a {device.type} RNG state ({exc}); resume on the device "
+                         "it was saved on, or re-save it with reg.save().") from exc
+    return generator
+
+
+def _saved_bank(bank: Optional[torch.Tensor], in_features: int, device: torch.device) -> Optional[torch.Tensor]:
+    if bank is None:
+        return None
+    if bank.dtype != torch.float32 or bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] != in_features \
+            or not torch.isfinite(bank).all():
+        raise StateError(f"the state's bank.nonmember (non-member features) is {bank.dtype} {tuple(bank.shape)}, "
+                         f"but this attacker takes finite fp32 features of shape (n, {in_features}); the file is "
+                         "corrupt.")
+    return bank.clone().to(device)

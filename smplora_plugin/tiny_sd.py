@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from .errors import ConfigError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Words the tokenizer knows as whole tokens (anything else is split into byte-level characters).
@@ -197,16 +199,16 @@ def save_tiny_pipeline(folder: PathLike, config: Optional[TinySDConfig] = None) 
 
 def _check_config(cfg: TinySDConfig) -> None:
     if cfg.resolution % 2 ** (len(cfg.vae_channels) - 1 + len(cfg.unet_channels) - 1):
-        raise ValueError(
+        raise ConfigError(
             f"resolution={cfg.resolution} must be divisible by 2 ** (len(vae_channels) + len(unet_channels) - 2) "
             "so every down-sampling is exact; use e.g. 32."
         )
     for name, widths, groups in (("unet_channels", cfg.unet_channels, cfg.unet_norm_groups),
                                  ("vae_channels", cfg.vae_channels, cfg.vae_norm_groups)):
         if any(w % groups for w in widths):
-            raise ValueError(f"every width in {name}={tuple(widths)} must be divisible by its norm groups ({groups}).")
+            raise ConfigError(f"every width in {name}={tuple(widths)} must be divisible by its norm groups ({groups}).")
     if cfg.cross_attention_dim % cfg.text_heads:
-        raise ValueError(
+        raise ConfigError(
             f"cross_attention_dim={cfg.cross_attention_dim} must be divisible by text_heads={cfg.text_heads}.")
 
 
@@ -257,10 +259,10 @@ def write_digit_images(folder: PathLike, indices: Optional[Sequence[int]] = None
     if indices is None:
         pool = unique_digit_indices()
         if start < 0 or start + n > len(pool):
-            raise ValueError(f"start={start}, n={n} asks for images beyond the {len(pool)} unique digits.")
+            raise ConfigError(f"start={start}, n={n} asks for images beyond the {len(pool)} unique digits.")
         indices = pool[start:start + n]
     if size < 8 or size % 8:
-        raise ValueError(f"size={size} must be a positive multiple of 8 (the digits are 8x8).")
+        raise ConfigError(f"size={size} must be a positive multiple of 8 (the digits are 8x8).")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths, rows = [], []

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
+from .errors import ConfigError
 from .tiny_sd import DEFAULT_WORDS, build_tokenizer
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -218,7 +219,7 @@ def _eval(parts: Dict[str, object]) -> Dict[str, object]:
 
 def _check_divisible(name: str, value: int, divisor: int, fix: str) -> None:
     if divisor <= 0 or value % divisor:
-        raise ValueError(f"{name}={value} must be divisible by {divisor}; {fix}.")
+        raise ConfigError(f"{name}={value} must be divisible by {divisor}; {fix}.")
 
 
 def _check_common(cfg, patch: int) -> None:
@@ -227,7 +228,7 @@ def _check_common(cfg, patch: int) -> None:
     _check_divisible("resolution", cfg.resolution, vae_scale * patch,
                      f"the VAE down-samples by {vae_scale} and the denoiser by {patch}; use e.g. 32")
     if any(w % cfg.vae_norm_groups for w in cfg.vae_channels):
-        raise ValueError(f"every width in vae_channels={tuple(cfg.vae_channels)} must be divisible by "
+        raise ConfigError(f"every width in vae_channels={tuple(cfg.vae_channels)} must be divisible by "
                          f"vae_norm_groups={cfg.vae_norm_groups}.")
 
 
@@ -245,7 +246,7 @@ def _save(pipe, folder: PathLike, cfg, name: str) -> Path:
 def _check_sdxl(cfg: TinySDXLConfig) -> None:
     _check_common(cfg, 2 ** (len(cfg.unet_channels) - 1))
     if any(w % cfg.unet_norm_groups for w in cfg.unet_channels):
-        raise ValueError(f"every width in unet_channels={tuple(cfg.unet_channels)} must be divisible by "
+        raise ConfigError(f"every width in unet_channels={tuple(cfg.unet_channels)} must be divisible by "
                          f"unet_norm_groups={cfg.unet_norm_groups}.")
     for name in ("text_dim", "text_dim_2"):
         _check_divisible(name, getattr(cfg, name), cfg.text_heads, "or change text_heads")
@@ -305,7 +306,7 @@ def save_tiny_sdxl_pipeline(folder: PathLike, config: Optional[TinySDXLConfig] =
 def _check_flux(cfg: TinyFluxConfig) -> None:
     _check_common(cfg, 2)  # latents are packed in 2x2 patches
     if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
-        raise ValueError(f"axes_dims_rope={tuple(cfg.axes_dims_rope)} must sum to attention_head_dim="
+        raise ConfigError(f"axes_dims_rope={tuple(cfg.axes_dims_rope)} must sum to attention_head_dim="
                          f"{cfg.attention_head_dim} (the rotary embedding covers each head).")
     _check_divisible("clip_dim", cfg.clip_dim, cfg.text_heads, "or change text_heads")
     _check_divisible("t5_dim", cfg.t5_dim, cfg.t5_heads, "or change t5_heads")
@@ -363,7 +364,7 @@ def save_tiny_flux_pipeline(folder: PathLike, config: Optional[TinyFluxConfig] =
 def _check_sd3(cfg: TinySD3Config) -> None:
     _check_common(cfg, cfg.patch_size)
     if cfg.t5_dim < cfg.text_dim + cfg.text_dim_2:
-        raise ValueError(f"t5_dim={cfg.t5_dim} must be at least text_dim + text_dim_2 = "
+        raise ConfigError(f"t5_dim={cfg.t5_dim} must be at least text_dim + text_dim_2 = "
                          f"{cfg.text_dim + cfg.text_dim_2} (SD3 zero-pads the CLIP states to the T5 width).")
     for name in ("text_dim", "text_dim_2"):
         _check_divisible(name, getattr(cfg, name), cfg.text_heads, "or change text_heads")

@@ -64,17 +64,7 @@ class StandinComfy:
                       for p in (self.base / d).rglob("*") if p.is_file())
 
 
-@pytest.fixture(params=LAYOUTS)
-def comfy(tmp_path, request):
-    """The stand-in at each supported ComfyUI layout (783545f6, the current one, and 3cd7b32f); import it into a
-    test module to use it. ``NOW`` limits a test to the current layout."""
-    env = StandinComfy(tmp_path / "comfy", layout=request.param)
-    try:
-        yield env
-    finally:
-        env.close()
-
-
+# limits a test to the current layout (the ``comfy`` fixture of conftest.py runs each supported one)
 NOW = pytest.mark.parametrize("comfy", [LAYOUTS[0]], indirect=True)
 
 

@@ -39,7 +39,8 @@ def unet_to_ldm(sd: Dict[str, torch.Tensor], layers: int) -> Dict[str, torch.Ten
                 j = int(p[3])
                 idx = 1 + i * (layers + 1) + j
                 rest = ".".join(p[4:])
-                new = f"input_blocks.{idx}.0." + _resnet(rest, RESNET) if kind == "resnets" else f"input_blocks.{idx}.1." + rest
+                new = (f"input_blocks.{idx}.0." + _resnet(rest, RESNET) if kind == "resnets"
+                       else f"input_blocks.{idx}.1." + rest)
         elif p[0] == "mid_block":
             j, rest = int(p[2]), ".".join(p[3:])
             new = f"middle_block.{2 * j}." + _resnet(rest, RESNET) if p[1] == "resnets" else "middle_block.1." + rest
@@ -51,7 +52,8 @@ def unet_to_ldm(sd: Dict[str, torch.Tensor], layers: int) -> Dict[str, torch.Ten
                 j = int(p[3])
                 rest = ".".join(p[4:])
                 idx = i * (layers + 1) + j
-                new = f"output_blocks.{idx}.0." + _resnet(rest, RESNET) if kind == "resnets" else f"output_blocks.{idx}.1." + rest
+                new = (f"output_blocks.{idx}.0." + _resnet(rest, RESNET) if kind == "resnets"
+                       else f"output_blocks.{idx}.1." + rest)
         else:
             raise KeyError(k)
         out["model.diffusion_model." + new] = v
@@ -104,7 +106,8 @@ def open_clip_to_ldm(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torc
     sd = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in sd.items()}
     out = {prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
            prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
-           prefix + "ln_final.weight": sd["final_layer_norm.weight"], prefix + "ln_final.bias": sd["final_layer_norm.bias"],
+           prefix + "ln_final.weight": sd["final_layer_norm.weight"],
+           prefix + "ln_final.bias": sd["final_layer_norm.bias"],
            prefix + "text_projection": sd["text_projection.weight"].T.contiguous()}
     n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
     for i in range(n):
@@ -135,7 +138,8 @@ def save_original_layout(pipe, path) -> None:
 
 
 def kohya_sdxl(state, layers_per_block):
-    """A peft UNet LoRA state dict under kohya's SDXL names (the original UNet's paths: ``lora_unet_input_blocks_4_1_...``)."""
+    """A peft UNet LoRA state dict under kohya's SDXL names (the original UNet's paths:
+    ``lora_unet_input_blocks_4_1_...``)."""
     from _helpers import to_kohya
 
     out = {}

@@ -10,12 +10,13 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from _helpers import TINY_AUDIT, lora_state, one_thread  # noqa: E402,F401
-from _single_file import kohya_sdxl  # noqa: E402
 from smplora_plugin import cli  # noqa: E402
 from smplora_plugin.audit import AuditConfig, ScoreContext, load_lora_target  # noqa: E402
 from smplora_plugin.audit.attacks import DEFAULT_ATTACKS  # noqa: E402
 from smplora_plugin.audit.flow import FlowMatchTarget, flow_matching_loss, flow_sigmas  # noqa: E402
+
+from _helpers import TINY_AUDIT, lora_state, one_thread  # noqa: E402,F401
+from _single_file import kohya_sdxl  # noqa: E402
 
 SUITE = {**TINY_AUDIT, "secmi_t": [100], "clid_timesteps": [450], "clid_max_words": 4, "n_boot": 50}
 
@@ -163,8 +164,8 @@ def test_ddim_step_is_the_euler_step_of_the_flow_ode(ws):
         s, u = float(sig[s_idx]), float(sig[u_idx])
         r_s, r_u = math.hypot(1 - s, s), math.hypot(1 - u, u)
         z = x0 / r_s  # a DDPM-coordinate point; x_s = r_s z
-        e = ctx._eps(z.float(), s_idx, None, True, "test").double()
-        stepped = ctx._ddim(z, s_idx, u_idx, e) * r_u  # back in flow coordinates
+        e = ctx.eps(z.float(), s_idx, None, True, "test").double()
+        stepped = ctx.ddim(z, s_idx, u_idx, e) * r_u  # back in flow coordinates
         x = r_s * z
         euler = x + (u - s) * (0.5 * x - s)
         assert torch.allclose(stepped, euler, atol=1e-5), (s_idx, u_idx)
@@ -203,7 +204,8 @@ def test_audit_cli_on_an_sd3_lora(ws, tmp_path):
 
 
 def test_kohya_flux_lora_equals_its_diffusers_form(ws, tmp_path):
-    """sd-scripts' FLUX names (``lora_unet_double_blocks_0_img_attn_qkv``: q, k, v fused; alpha) load as the same LoRA."""
+    """sd-scripts' FLUX names (``lora_unet_double_blocks_0_img_attn_qkv``: q, k, v fused; alpha) load as the
+    same LoRA."""
     from diffusers import FluxPipeline
     from safetensors.torch import save_file
 
@@ -217,12 +219,14 @@ def test_kohya_flux_lora_equals_its_diffusers_form(ws, tmp_path):
     plain = {"double_blocks_0_img_attn_proj": ("transformer_blocks.0.attn.to_out.0", D, D),
              "double_blocks_0_txt_attn_proj": ("transformer_blocks.0.attn.to_add_out", D, D),
              "double_blocks_0_img_mlp_0": ("transformer_blocks.0.ff.net.0.proj", D, mlp),
-             "single_blocks_0_linear2": ("single_transformer_blocks.0.proj_out", D + tr.single_transformer_blocks[0].proj_mlp.out_features, D)}
+             "single_blocks_0_linear2": ("single_transformer_blocks.0.proj_out",
+                                         D + tr.single_transformer_blocks[0].proj_mlp.out_features, D)}
     for name, (module, d_in, d_out) in plain.items():
         down, up = rnd(r, d_in), rnd(d_out, r)
         kohya.update({f"lora_unet_{name}.lora_down.weight": down, f"lora_unet_{name}.lora_up.weight": up,
                       f"lora_unet_{name}.alpha": torch.tensor(alpha)})
-        diff.update({f"transformer.{module}.lora_A.weight": down * (alpha / r), f"transformer.{module}.lora_B.weight": up})
+        diff.update({f"transformer.{module}.lora_A.weight": down * (alpha / r),
+                     f"transformer.{module}.lora_B.weight": up})
     down, up = rnd(r, D), rnd(3 * D, r)
     kohya.update({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
                   "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,

@@ -106,7 +106,10 @@ def test_per_timestep_curves_and_choices(memorised):
 def test_common_random_numbers_and_determinism():
     a = _audit(0.5, captions=False, seed=2, attacks=["loss", "loss_calibrated", "secmi"])
     b = _audit(0.5, captions=False, seed=2, attacks=["loss", "loss_calibrated", "secmi"])
-    strip = lambda rep: {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in rep.attacks.items()}
+
+    def strip(rep):
+        return {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in rep.attacks.items()}
+
     assert strip(a) == strip(b)
     # passes per sample: 2 draws x 4 timesteps for the adapter and the base model; SecMI: one shared
     # inversion path for t_sec 100, 150, 200 (t = 0, 10, ..., 200)

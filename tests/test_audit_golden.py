@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from smplora_plugin.audit.attacks import CLiDAttack, PIAAttack, SecMIAttack, SimAAttack
-from smplora_plugin.audit.attacks.clid import clid_features
-from smplora_plugin.audit.engine import AuditConfig, ScoreContext, reduce_caption
+from smplora_plugin.audit.attacks.clid import clid_features, clid_losses, reduce_caption
+from smplora_plugin.audit.attacks.pia import pia_statistic
+from smplora_plugin.audit.attacks.secmi import secmi_statistic
+from smplora_plugin.audit.attacks.sima import sima_statistic
+from smplora_plugin.audit.engine import AuditConfig, ScoreContext
 from smplora_plugin.audit.synthetic import FormulaTarget, synthetic_pool
 
 N = 12
@@ -92,7 +95,7 @@ def test_secmi_by_hand_and_distinct_from_sima(setup):
         hand = np.array([_secmi_hand(p, words, z, c, t_sec) for z, c in zip(Z, CAPTIONS)])
         _close(-cands[f"t_sec={t_sec}"], hand)
     base = np.array([_secmi_hand(p, words, z, c, 100, adapter=False) for z, c in zip(Z, CAPTIONS)])
-    _close(ctx.secmi(False)[:, 0], base)
+    _close(secmi_statistic(ctx, adapter=False)[:, 0], base)
     # one shared inversion path: t = 0, 10, ..., 200 for all three candidates, per model
     assert ctx.passes["secmi"] == 2 * 21 * N
     # a nonlinear denoiser: SecMI's ranking is not SimA's at any t (a linear one could not tell them apart)
@@ -127,8 +130,8 @@ def test_clid_by_hand(setup):
             k = min(len(imp), max(1, int(np.floor(frac * len(ws) + 0.5))))
             drop = sorted(imp, key=lambda w: (-imp[w], w))[:k]
             red = " ".join(x for i, x in enumerate(ws) if i not in drop)
-            row.append(np.mean([loss(z, t, m, red) - l for (t, m), l in zip(pairs, full)]))
-        row.append(np.mean([loss(z, t, m, "") - l for (t, m), l in zip(pairs, full)]))
+            row.append(np.mean([loss(z, t, m, red) - f for (t, m), f in zip(pairs, full)]))
+        row.append(np.mean([loss(z, t, m, "") - f for (t, m), f in zip(pairs, full)]))
         hand.append(row)
     _close(clid_features(ctx), np.array(hand))
     # the threshold attack mixes the gap and the loss with 11 alpha values
@@ -155,8 +158,10 @@ def test_flip_average_is_the_mean_over_the_image_and_its_mirror():
     both = ScoreContext(target, images, caps, AuditConfig(**small, flip_average=True), progress=False)
     one = ScoreContext(target, images, caps, AuditConfig(**small), progress=False)
     mirror = ScoreContext(target, images.flip(-1), caps, AuditConfig(**small), progress=False)
-    for q in ("loss_grid", "loss_map", "sima", "pia", "secmi", "clid"):
-        got, a, b = getattr(both, q)(), getattr(one, q)(), getattr(mirror, q)()
+    quantities = (ScoreContext.loss_grid, ScoreContext.loss_map, sima_statistic, pia_statistic, secmi_statistic,
+                  clid_losses)
+    for q in quantities:
+        got, a, b = q(both), q(one), q(mirror)
         for g_, a_, b_ in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, a, b))):
             _close(g_, (a_ + b_) / 2)
             assert not np.allclose(a_, b_)  # the mirror really is a different input here

@@ -12,8 +12,7 @@ from smplora_plugin.audit.attacks import GenerationAttack, GSAAttack
 from smplora_plugin.audit.attacks.generation import dct_matrix, ddim_sample
 from smplora_plugin.audit.attacks.gsa import gradient_norms, gsa_pairs
 from smplora_plugin.audit.engine import ScoreContext
-from smplora_plugin.audit.synthetic import (MemorizingTarget, linear_alphas_cumprod, synthetic_captions,
-                                            synthetic_pool)
+from smplora_plugin.audit.synthetic import MemorizingTarget, linear_alphas_cumprod, synthetic_captions, synthetic_pool
 from smplora_plugin.audit.target import has_capability
 
 N = 200

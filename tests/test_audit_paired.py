@@ -11,6 +11,7 @@ from smplora_plugin.audit import AuditError, AuditRun, run_audit_pooled
 from smplora_plugin.audit import metrics as M
 from smplora_plugin.audit.paired import BEYOND, NOT_BEYOND, compare_to_baseline, delong
 from smplora_plugin.audit.synthetic import MemorizingTarget, synthetic_pool
+
 from _helpers import TINY_AUDIT, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"

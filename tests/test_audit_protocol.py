@@ -23,10 +23,12 @@ def test_report_files_and_manifest(tmp_path):
     caps = synthetic_captions(48, seed=3)
     rep = _run(AuditSamples(pool[:24], caps[:24]), AuditSamples(pool[24:], caps[24:]),
                target=MemorizingTarget(pool[:24], captions=caps[:24]),
-               attacks=["loss", "loss_calibrated", "clid", "blind"], out_dir=tmp_path, utility={"ratio_to_plain_lora": 1.02},
+               attacks=["loss", "loss_calibrated", "clid", "blind"], out_dir=tmp_path,
+               utility={"ratio_to_plain_lora": 1.02},
                manifest_sets={"member_defense": ["d1", "d2"]}, info={"steps_per_image": 400})
     d = json.loads((tmp_path / "report.json").read_text())
-    assert d["splits"] == {"member_calibration": 12, "nonmember_calibration": 12, "member_eval": 12, "nonmember_eval": 12}
+    assert d["splits"] == {"member_calibration": 12, "nonmember_calibration": 12, "member_eval": 12,
+                           "nonmember_eval": 12}
     assert d["utility"]["ratio_to_plain_lora"] == 1.02 and "heldout_denoising_loss" in d["utility"]
     assert d["info"]["steps_per_image"] == 400
     assert d["max_over_attacks"]["auc"]["attack"] in ("loss", "loss_calibrated", "clid")

@@ -7,8 +7,9 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from _helpers import lora_state  # noqa: E402
 from smplora_plugin import cli  # noqa: E402
+
+from _helpers import lora_state  # noqa: E402
 
 FAST = json.dumps({"timesteps": [100, 300], "n_boot": 100})
 ATTACKS = "loss,lira_online,lira_offline,rmia"

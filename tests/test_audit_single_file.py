@@ -8,11 +8,12 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from _helpers import lora_state, one_thread, to_kohya  # noqa: E402,F401
-from _single_file import kohya_sdxl, save_original_layout  # noqa: E402
 from smplora_plugin import cli  # noqa: E402
 from smplora_plugin.audit import AuditError, load_lora_target  # noqa: E402
 from smplora_plugin.audit.single_file import ARCHITECTURES, detect_layout, load_single_file  # noqa: E402
+
+from _helpers import lora_state, one_thread, to_kohya  # noqa: E402,F401
+from _single_file import kohya_sdxl, save_original_layout  # noqa: E402
 
 FAST = json.dumps({"timesteps": [100, 300], "sima_timesteps": [10], "pia_timesteps": [200], "secmi_t": [100],
                    "n_boot": 100})
@@ -80,9 +81,11 @@ def test_single_file_target_equals_folder_target_with_a_kohya_lora(ws):
 
 def test_audit_cli_on_a_single_file_base(ws, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["audit", "--no-progress", "--threads", "1", "--base-model", str(ws["file"]), "--tokenizer", str(ws["folder"]),
+    argv = ["audit", "--no-progress", "--threads", "1", "--base-model", str(ws["file"]), "--tokenizer",
+            str(ws["folder"]),
             "--lora", str(ws["lora"]), "--members", str(ws["members"]), "--nonmembers", str(ws["nonmembers"]),
-            "--resolution", "32", "--draws", "1", "--config", FAST, "--attacks", "loss,loss_calibrated,sima,secmi,pia,blind",
+            "--resolution", "32", "--draws", "1", "--config", FAST, "--attacks",
+            "loss,loss_calibrated,sima,secmi,pia,blind",
             "--out", str(out)]
     assert cli.main(argv) == 0
     rep = json.loads((out / "report.json").read_text())
@@ -114,8 +117,10 @@ def test_single_file_errors_name_the_fix(ws, tmp_path, monkeypatch, capsys):
                    "--nonmembers", str(ws["nonmembers"]), "--out", str(tmp_path / "o")])
     assert rc == 2 and "not a known single-file layout" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    rc = cli.main(["audit", "--base-model", str(ws["folder"]), "--tokenizer", str(ws["folder"]), "--lora", str(ws["lora"]),
-                   "--members", str(ws["members"]), "--nonmembers", str(ws["nonmembers"]), "--out", str(tmp_path / "o")])
+    rc = cli.main(["audit", "--base-model", str(ws["folder"]), "--tokenizer", str(ws["folder"]), "--lora",
+                   str(ws["lora"]),
+                   "--members", str(ws["members"]), "--nonmembers", str(ws["nonmembers"]), "--out",
+                   str(tmp_path / "o")])
     assert rc == 2 and "--tokenizer is for a single-file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -162,23 +167,28 @@ def test_sdxl_single_file_reads_back_the_same_model(tmp_path):
 SD15_UNET = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
                  attention_head_dim=8, use_linear_projection=False, transformer_layers_per_block=1,
                  down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, in_channels=4, out_channels=4, sample_size=64)
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, in_channels=4, out_channels=4,
+                 sample_size=64)
 SDXL_UNET = dict(block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
                  attention_head_dim=[5, 10, 20], use_linear_projection=True, transformer_layers_per_block=[1, 2, 10],
                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], in_channels=4, out_channels=4,
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], in_channels=4,
+                 out_channels=4,
                  addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816, sample_size=128)
-VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, in_channels=3, out_channels=3)
+VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, in_channels=3,
+           out_channels=3)
 
 
 @pytest.mark.parametrize("layout,published", [("sd1", SD15_UNET), ("sdxl", SDXL_UNET)])
 def test_full_size_configs_are_read_from_the_shapes(layout, published):
-    """SD1.5's and SDXL's published UNet and VAE configs come back from original-layout shapes (meta tensors, no memory)."""
+    """SD1.5's and SDXL's published UNet and VAE configs come back from original-layout shapes
+    (meta tensors, no memory)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from _single_file import unet_to_ldm, vae_to_ldm
     from smplora_plugin.audit.single_file import unet_config, vae_config
+
+    from _single_file import unet_to_ldm, vae_to_ldm
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**published)

@@ -40,7 +40,7 @@ def test_permutation_pvalue_matches_exhaustive_enumeration():
     s = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.2, 0.7])
     y = np.array([0, 1, 0, 1, 1, 0, 0], dtype=bool)
     obs = M.auc(s[y], s[~y])
-    exact = np.mean([M.auc(s[l], s[~l]) >= obs - 1e-12 for l in _all_labelings(7, 3)])  # 35 labelings
+    exact = np.mean([M.auc(s[lab], s[~lab]) >= obs - 1e-12 for lab in _all_labelings(7, 3)])  # 35 labelings
     null = S.auc_matrix(s, S.permuted_labels(y, 20000, seed=0))
     assert S.permutation_pvalue(obs, null) == pytest.approx(exact, abs=0.01)
 

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from smplora_plugin.audit import AuditError, AuditSamples, run_audit
+from smplora_plugin.audit import AuditError, run_audit
 from smplora_plugin.audit import stats as S
 from smplora_plugin.audit.synthetic import MemorizingTarget, synthetic_pool
-from _helpers import TINY_AUDIT, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 from smplora_plugin.audit.verdict import LEAKS, NO_EVIDENCE, TOO_FEW
+
+from _helpers import TINY_AUDIT, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
 CFG = TINY_AUDIT
 
@@ -78,8 +79,8 @@ def test_blind_baseline_warning_on_a_planted_shift():
     g = torch.Generator().manual_seed(0)
     mem = (torch.rand((40, 1, 4, 4), generator=g) * 0.4 - 0.2) + torch.tensor([[0.7, -0.7] * 2, [-0.7, 0.7] * 2] * 2)
     non = torch.rand((40, 1, 4, 4), generator=g) * 0.4 - 0.2
-    rep = run_audit(MemorizingTarget(mem, strength=0.0), mem.clamp(-1, 1), non, attacks=["loss", "loss_calibrated", "blind"],
-                    config=CFG, progress=False)
+    rep = run_audit(MemorizingTarget(mem, strength=0.0), mem.clamp(-1, 1), non,
+                    attacks=["loss", "loss_calibrated", "blind"], config=CFG, progress=False)
     assert rep.attacks["blind"]["auc_ci95"][0] > 0.5
     assert any("blind baseline" in w for w in rep.verdict["warnings"])
     assert "WARNING" in rep.markdown()

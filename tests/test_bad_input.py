@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smplora_plugin import ConfigError, FeatureError, PrivacyConfig, PrivacyRegularizer, StateError
+from smplora_plugin import ConfigError, FeatureError, PrivacyRegularizer, StateError
 
 from _helpers import small_reg
 
@@ -41,7 +41,8 @@ def _m(n=3, c=2, h=4):
 BAD_STEPS = {
     "non-scalar loss": (lambda: (torch.ones(3, requires_grad=True), _m(), torch.rand(3, 2, 4, 4)), "scalar"),
     "nan loss": (lambda: (torch.tensor(float("nan"), requires_grad=True), _m(), torch.rand(3, 2, 4, 4)), "not finite"),
-    "inf member feats": (lambda: (_loss(), _m().detach().fill_(float("inf")).requires_grad_(), torch.rand(3, 2, 4, 4)), "member_feats"),
+    "inf member feats": (lambda: (_loss(), _m().detach().fill_(float("inf")).requires_grad_(), torch.rand(3, 2, 4, 4)),
+                         "member_feats"),
     "nan nonmember feats": (lambda: (_loss(), _m(), torch.full((3, 2, 4, 4), float("nan"))), "nonmember_feats"),
     "member feats without grad": (lambda: (_loss(), _m().detach(), torch.rand(3, 2, 4, 4)), "no gradient"),
     "feature size mismatch": (lambda: (_loss(), _m(), torch.rand(3, 3, 4, 4)), "features per sample"),

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _stamps import offline_env, run_stamped  # noqa: E402
+from benchmarks._stamps import offline_env, run_stamped
 
 TRAINER = """
 import sys, torch

@@ -1,7 +1,5 @@
 """benchmarks/verdict_calibration.py still runs end to end at a toy size (no timing is asserted)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -10,11 +8,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("verdict_calibration", BENCH / "verdict_calibration.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from benchmarks import verdict_calibration
+
+    assert Path(verdict_calibration.__file__).parent == BENCH, verdict_calibration.__file__
+    return verdict_calibration
 
 
 def test_verdict_calibration_null_and_demo_rows_and_summary():

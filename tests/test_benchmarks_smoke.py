@@ -1,7 +1,6 @@
 """The hand-run benchmarks still run end to end at a toy size (no timing is asserted)."""
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
@@ -10,10 +9,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module(f"benchmarks.{name}")
+    assert Path(mod.__file__).parent == BENCH, mod.__file__  # not opacus' top-level ``benchmarks`` package
     return mod
 
 
@@ -66,7 +63,8 @@ def test_frontier_plot_has_a_row_per_dataset(tmp_path):
     mod = _load("privacy_utility")
     rows = [{"dataset": ds, "config": c, "seed": s, "max_auc": 0.5 + 0.1 * s, "max_tpr_1pct": 0.03,
              "classifier_accuracy": 0.9, "heldout_loss": 0.2, "epsilon": None, "frechet_distance": 1.0,
-             "max_auc_attack": "loss"} for ds in ("digits", "textures") for c in ("plain", "loss-floor") for s in (0, 1)]
+             "max_auc_attack": "loss"}
+            for ds in ("digits", "textures") for c in ("plain", "loss-floor") for s in (0, 1)]
     rows.append({**rows[0], "dataset": None})
     del rows[-1]["dataset"]  # rows written before the second data set have no field: digits
     out = tmp_path / "f.png"

@@ -9,9 +9,10 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from smplora_plugin import cli  # noqa: E402
+
 from _helpers import lora_state as _lora_state  # noqa: E402
 from _helpers import to_kohya as _to_kohya  # noqa: E402
-from smplora_plugin import cli  # noqa: E402
 
 FAST = json.dumps({"timesteps": [100, 300], "sima_timesteps": [10], "pia_timesteps": [200], "secmi_t": [100],
                    "clid_timesteps": [450], "n_boot": 200, "mlp_max_epochs": 30})
@@ -44,7 +45,8 @@ def workspace(tmp_path_factory):
     write_digit_images(root / "members", n=10, start=0)
     write_digit_images(root / "nonmembers", n=10, start=10)
     return {"root": root, "base": base, "lora": root / "lora" / "pytorch_lora_weights.safetensors",
-            "kohya": root / "kohya.safetensors", "with_te": root / "with_te.safetensors", "members": root / "members", "nonmembers": root / "nonmembers"}
+            "kohya": root / "kohya.safetensors", "with_te": root / "with_te.safetensors", "members": root / "members",
+            "nonmembers": root / "nonmembers"}
 
 
 def _args(ws, out, **over):
@@ -192,7 +194,8 @@ def test_audit_pooled_runs_end_to_end(workspace, tmp_path, capsys):
     out = tmp_path / "pooled"
     argv = ["audit", "--no-progress", "--threads", "1", "--base-model", str(workspace["base"]), "--out", str(out),
             "--draws", "1", "--config", FAST, "--attacks", "loss,loss_calibrated,blind",
-            "--run", f"{workspace['lora']}={tmp_path / 'm1.json'}", "--run", f"{workspace['kohya']}={tmp_path / 'm2.json'}"]
+            "--run", f"{workspace['lora']}={tmp_path / 'm1.json'}", "--run",
+            f"{workspace['kohya']}={tmp_path / 'm2.json'}"]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert text.startswith("# Membership-inference audit pooled over 2 LoRAs") and "**Verdict: " in text

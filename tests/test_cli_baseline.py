@@ -8,8 +8,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from _helpers import lora_state, one_thread  # noqa: E402,F401
 from smplora_plugin import cli  # noqa: E402
+
+from _helpers import lora_state, one_thread  # noqa: E402,F401
 
 FAST = json.dumps({"timesteps": [100, 300], "n_boot": 100})
 ATTACKS = "loss,loss_calibrated,blind"
@@ -38,7 +39,7 @@ def _argv(ws, out, *extra, attacks=ATTACKS):
             "--draws", "1", "--config", FAST, "--no-captions", "--attacks", attacks, *extra]
 
 
-def test_base_model_target_switches_the_lora_off(ws, one_thread):
+def test_base_model_target_switches_the_lora_off(ws):
     from smplora_plugin.audit import load_lora_target
     from smplora_plugin.audit.baseline_cli import BaseModelTarget
     from smplora_plugin.audit.target import has_capability

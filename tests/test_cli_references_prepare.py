@@ -207,8 +207,8 @@ def test_audit_references_errors(ws, tmp_path, capsys):
     _lora(ws["base"], refs / "ref_00" / "out", 1, name="ref.safetensors")
     out = tmp_path / "out"
     capsys.readouterr()
-    err = _refused(capsys, lambda: cli.main(_audit(ws, out, refs)), out, "1 of 4 references are trained",
-                   "ref_01, ref_02, ref_03", "at least 2", "train_references.sh")
+    _refused(capsys, lambda: cli.main(_audit(ws, out, refs)), out, "1 of 4 references are trained",
+             "ref_01, ref_02, ref_03", "at least 2", "train_references.sh")
     assert not out.exists()
     # another architecture (rank 2 instead of the audited rank 4): the --reference check refuses it
     _lora(ws["base"], refs / "ref_01" / "out", 2, rank=2, name="ref.safetensors")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _comfyui import NOW, comfy, conditioning, images, latent, train_inputs  # noqa: F401 (comfy: a fixture)
+from _comfyui import NOW, conditioning, images, latent, train_inputs
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from _comfyui import NOW, comfy, conditioning, images, latent, train_inputs, write_pngs  # noqa: F401 (comfy: a fixture)
+from _comfyui import NOW, conditioning, images, latent, train_inputs, write_pngs
 
 
 @pytest.fixture
@@ -155,7 +155,8 @@ def test_train_bad_inputs_fail_before_training(comfy, data, change, match):
     nt = comfy.nodes_train
     over = {}
     if change == "overlap":
-        over["holdout_latents"] = [{"samples": torch.cat([data["holdout"]["samples"][:5], data["members"]["samples"][:1]])}]
+        overlap = torch.cat([data["holdout"]["samples"][:5], data["members"]["samples"][:1]])
+        over["holdout_latents"] = [{"samples": overlap}]
     elif change == "size":
         over["holdout_latents"] = [{"samples": torch.zeros(6, 4, 8, 8)}]
     elif change == "few":
@@ -241,11 +242,13 @@ def test_audit_bad_inputs_write_nothing(comfy, data, tmp_path, case, match):
         n = write_pngs(tmp_path / "few", 3, seed=3)
     elif case == "arch":
         save_file({"transformer.blocks.0.attn.lora_up.weight": torch.zeros(8, 2),
-                   "transformer.blocks.0.attn.lora_down.weight": torch.zeros(2, 8)}, str(comfy.loras / "dit.safetensors"))
+                   "transformer.blocks.0.attn.lora_down.weight": torch.zeros(2, 8)},
+                  str(comfy.loras / "dit.safetensors"))
         name = "dit.safetensors"
     elif case == "shape":
         save_file({"diffusion_model.conv_in.lora_up.weight": torch.zeros(320, 2),
-                   "diffusion_model.conv_in.lora_down.weight": torch.zeros(2, 36)}, str(comfy.loras / "big.safetensors"))
+                   "diffusion_model.conv_in.lora_down.weight": torch.zeros(2, 36)},
+                  str(comfy.loras / "big.safetensors"))
         name = "big.safetensors"
     before = comfy.written()
     with pytest.raises(ValueError, match=match):
@@ -316,9 +319,11 @@ def test_report_text_shows_verdict_when_present():
     base = {"max_over_attacks": {"auc": {"value": 0.61, "attack": "pia", "ci95": [0.5, 0.7]},
                                  "tpr_at_1pct_fpr": {"value": 0.05, "attack": "pia"}}, "null_band_auc95": [0.4, 0.6]}
     text = report_text(Report(base))
-    assert text.startswith("max-attack AUC 0.610 [0.50, 0.70] (pia); TPR at 1% FPR 5.0%; chance band for AUC [0.40, 0.60]")
+    assert text.startswith("max-attack AUC 0.610 [0.50, 0.70] (pia); TPR at 1% FPR 5.0%; "
+                           "chance band for AUC [0.40, 0.60]")
     assert text.endswith("| table |")
     summary = "Verdict: leaks. Headline attack pia (chosen on calibration, ...)"
-    assert report_text(Report({**base, "verdict": {"verdict": "leaks", "summary": summary}})).startswith(summary + "\n\n")
+    leaks = Report({**base, "verdict": {"verdict": "leaks", "summary": summary}})
+    assert report_text(leaks).startswith(summary + "\n\n")
     no_verdict = {"verdict": None, "summary": "no model-using attack was run: no verdict."}
     assert report_text(Report({**base, "verdict": no_verdict})).startswith("max-attack AUC 0.610")

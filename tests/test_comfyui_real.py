@@ -79,7 +79,7 @@ class Server:
                 raise AssertionError(f"the node pack did not load:\n{log.read_text()[-4000:]}")
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.time() - t0 > 600:
-                    raise AssertionError(f"ComfyUI did not start in 600 s:\n{log.read_text()[-4000:]}")
+                    raise AssertionError(f"ComfyUI did not start in 600 s:\n{log.read_text()[-4000:]}") from None
                 time.sleep(1)
         self.timings = TIMINGS.setdefault(comfy, {})
         self.timings["server start (s)"] = round(time.time() - t0, 1)
@@ -111,7 +111,8 @@ def _checkpoint(dest: Path, comfy: str) -> None:
         os.symlink(given, dest)
         return
     t0 = time.time()
-    subprocess.run([PY, str(ROOT / "scripts" / "comfyui" / "make_tiny_checkpoint.py"), str(dest), "--comfyui-dir", comfy],
+    subprocess.run([PY, str(ROOT / "scripts" / "comfyui" / "make_tiny_checkpoint.py"), str(dest),
+                    "--comfyui-dir", comfy],
                    check=True, capture_output=True)
     TIMINGS.setdefault(comfy, {})["make tiny checkpoint (s)"] = round(time.time() - t0, 1)
 
@@ -176,7 +177,8 @@ def test_train_save_label_audit_in_real_comfyui(server):
     shutil.copy(plain, base / "models" / "loras" / "plain_tiny.safetensors")
 
     # (b) LoRA privacy label on the SMP-LoRA file and on the plain one
-    label_wf = {"1": {"class_type": "SmploraLoraPrivacyLabel", "inputs": {"lora_name": "smplora/tiny_4_steps_00001_.safetensors"}},
+    label_wf = {"1": {"class_type": "SmploraLoraPrivacyLabel",
+                      "inputs": {"lora_name": "smplora/tiny_4_steps_00001_.safetensors"}},
                 "2": {"class_type": "SmploraLoraPrivacyLabel", "inputs": {"lora_name": "plain_tiny.safetensors"}}}
     outputs = _ok(server.run(label_wf, "labels"), "labels")
     smp_label, plain_label = outputs["1"]["text"][0], outputs["2"]["text"][0]
@@ -190,7 +192,8 @@ def test_train_save_label_audit_in_real_comfyui(server):
     wf["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     wf["2"]["inputs"]["lora_name"] = "smplora/tiny_4_steps_00001_.safetensors"
     wf["3"]["inputs"].update(lora_name="smplora/tiny_4_steps_00001_.safetensors", resolution=64,
-                             member_folder=str(base / "input" / "members"), nonmember_folder=str(base / "input" / "holdout"),
+                             member_folder=str(base / "input" / "members"),
+                             nonmember_folder=str(base / "input" / "holdout"),
                              attacks=os.environ.get("COMFYUI_AUDIT_ATTACKS", ""))
     outputs = _ok(server.run(wf, "label+audit"), "audit")
     text = outputs["3"]["text"][0]
@@ -235,7 +238,8 @@ def test_bad_audit_input_is_a_node_error_and_writes_nothing(server):
     lora = base / "models" / "loras" / "bad_input_case.safetensors"
     save_file({"diffusion_model.out.2.diff_b": torch.zeros(4)}, str(lora))  # any file in models/loras will do
     wf["3"]["inputs"].update(lora_name=lora.name,
-                             member_folder=str(base / "input" / "members"), nonmember_folder=str(base / "input" / "few"),
+                             member_folder=str(base / "input" / "members"),
+                             nonmember_folder=str(base / "input" / "few"),
                              resolution=64)
     result = server.run(wf, "bad audit input")
     status = result["status"]

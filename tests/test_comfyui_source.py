@@ -40,7 +40,8 @@ FUNCTIONS = [
     ("comfy_extras/nodes_train.py", "TrainLoraNode.execute", "comfy_extras.nodes_train:TrainLoraNode.execute"),
     ("comfy_extras/nodes_train.py", "make_batch_extra_option_dict",
      "comfy_extras.nodes_train:make_batch_extra_option_dict"),
-    ("comfy_extras/nodes_custom_sampler.py", "Guider_Basic.set_conds", "comfy_extras.nodes_train:TrainGuider.set_conds"),
+    ("comfy_extras/nodes_custom_sampler.py", "Guider_Basic.set_conds",
+     "comfy_extras.nodes_train:TrainGuider.set_conds"),
     ("comfy/samplers.py", "CFGGuider.inner_set_conds", "comfy_extras.nodes_train:TrainGuider.inner_set_conds"),
     ("folder_paths.py", "get_save_image_path", "folder_paths:get_save_image_path"),
     ("folder_paths.py", "get_filename_list", "folder_paths:get_filename_list"),
@@ -61,7 +62,8 @@ FUNCTIONS = [
     ("comfy/model_sampling.py", "ModelSamplingDiscrete.percent_to_sigma",
      "comfy.standin_model:ModelSamplingDiscrete.percent_to_sigma"),
     ("comfy/conds.py", "CONDRegular.process_cond", ["self", "batch_size", "**kwargs"]),
-    ("comfy/model_patcher.py", "ModelPatcher.add_weight_wrapper", "comfy.standin_model:ModelPatcher.add_weight_wrapper"),
+    ("comfy/model_patcher.py", "ModelPatcher.add_weight_wrapper",
+     "comfy.standin_model:ModelPatcher.add_weight_wrapper"),
     ("comfy/sd.py", "CLIP.tokenize", "comfy.standin_model:CLIP.tokenize"),
     ("comfy/sd.py", "CLIP.encode_from_tokens", "comfy.standin_model:CLIP.encode_from_tokens"),
     ("comfy/sd.py", "VAE.encode", "comfy.standin_model:VAE.encode"),
@@ -190,7 +192,8 @@ def test_bypass_hook_has_what_lora_off_reads(checkout):
     assert "class BypassForwardHook" in src
     inject = _find(path, "BypassForwardHook.inject")
     text = ast.unparse(inject)
-    assert "self.original_forward = self.module.forward" in text and "self.module.forward = self._bypass_forward" in text
+    assert "self.original_forward = self.module.forward" in text
+    assert "self.module.forward = self._bypass_forward" in text
     init = ast.unparse(_find(path, "BypassForwardHook.__init__"))
     assert "self.adapter = adapter" in init
 

@@ -68,7 +68,8 @@ def test_dataset_registry_and_config():
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_assets_load_for_each_dataset(name):
     loaded = load_assets(DemoConfig(dataset=name))
-    assert loaded is not None, f"shipped {name} weights missing or stale: python -m smplora_plugin.demo.make_assets --dataset {name}"
+    assert loaded is not None, \
+        f"shipped {name} weights missing or stale: python -m smplora_plugin.demo.make_assets --dataset {name}"
     model, clf = loaded
     assert model.cfg == get_dataset(name).model_config
     s = get_dataset(name).splits({"nonmember_eval": 100}, 0)["nonmember_eval"]

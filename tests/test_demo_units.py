@@ -12,7 +12,13 @@ pytest.importorskip("sklearn")
 
 from smplora_plugin.demo.data import PRIVATE_POOL, make_splits  # noqa: E402
 from smplora_plugin.demo.model import (  # noqa: E402
-    CaptionEncoder, PixelUnshuffleAE, TinyLDM, TinyLDMConfig, caption_for, load_base, save_base,
+    CaptionEncoder,
+    PixelUnshuffleAE,
+    TinyLDM,
+    TinyLDMConfig,
+    caption_for,
+    load_base,
+    save_base,
 )
 from smplora_plugin.demo.quality import frechet_distance  # noqa: E402
 
@@ -150,7 +156,8 @@ def test_shipped_assets_match_the_demo():
 
     files = list(ASSETS.glob("*.safetensors"))
     assert files, "run: python -m smplora_plugin.demo.make_assets"
-    assert sum(f.stat().st_size for f in files) < 12e6  # three data sets' base + classifier (the emoji arrays: assets/emoji/)
+    # three data sets' base + classifier (the emoji arrays: assets/emoji/)
+    assert sum(f.stat().st_size for f in files) < 12e6
     loaded = load_assets(DemoConfig())
     assert loaded is not None
     model, clf = loaded

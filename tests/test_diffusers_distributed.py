@@ -123,9 +123,10 @@ def _train(rank, world, root, accelerator=None):
             pred, target = forward(batch, [1000 * step + g for g in gids])
             mse = F.mse_loss(pred.float(), target.float())
             sync = accelerator.sync_gradients if accelerator is not None else True
-            nonmember = reg.nonmember_features(lambda b: forward(b, [500_000 + 1000 * step + g for g in gids]),
-                                               sync=sync)
-            loss = reg.step(mse, reg.features(pred, target), nonmember, update_attacker=sync)
+            n = reg.privacy_rows(len(gids))
+            ids = [500_000 + 1000 * step + g for g in gids]
+            nonmember = reg.nonmember_features(lambda b, ids=ids: forward(b, ids), rows=n, sync=sync)
+            loss = reg.step(mse, reg.features(pred, target, rows=n), nonmember, update_attacker=sync)
             if accelerator is not None:
                 accelerator.backward(loss)
             else:
@@ -176,7 +177,7 @@ def test_two_processes_match_each_other_and_a_single_process(tmp_path):
     # the attacker updated once per step on every rank; each rank drew its holdout slice once per step
     assert r0["updates"].tolist() == r1["updates"].tolist() == single["updates"].tolist() == [STEPS, STEPS]
     for k in attacker_keys + lora_keys + ["loss"]:
-        torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     assert r0["shown_minus_mse"].item() == r1["shown_minus_mse"].item() == single["shown_minus_mse"].item() == 0.0
     # training moved the LoRA and the attacker far beyond the tolerance (the comparison is meaningful)
     b_keys = [k for k in lora_keys if "lora_B" in k]

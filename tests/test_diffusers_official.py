@@ -10,8 +10,8 @@ Each official script is copied to a temporary folder and patched there by
 line of it ships with this project. It then trains 4 optimiser steps with ``--privacy smplora
 --privacy_preset robust`` on a tiny pipeline (:mod:`smplora_plugin.tiny_sd` / :mod:`smplora_plugin.tiny_xl`),
 checkpointing at step 2 (an epoch boundary); a second run resumes from that checkpoint and must end with
-the same LoRA and the same attacker state. FLUX runs DreamBooth with prior preservation (only the instance half reaches the
-attacker); a third FLUX run covers ``--cache_latents`` with gradient accumulation and the paper preset.
+the same LoRA and the same attacker state. FLUX runs DreamBooth with prior preservation (only the instance half
+reaches the attacker); a third FLUX run covers ``--cache_latents`` with gradient accumulation and the paper preset.
 """
 
 import importlib.util
@@ -34,7 +34,8 @@ PRIV = ["--privacy", "smplora", "--privacy_feature_grid", "8", "--privacy_attack
 
 
 def _patched(kind, rel, dest):
-    spec = importlib.util.spec_from_file_location("_patch_official", REPO / "examples" / "diffusers" / "patch_official.py")
+    spec = importlib.util.spec_from_file_location("_patch_official",
+                                                  REPO / "examples" / "diffusers" / "patch_official.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     src = Path(EXAMPLES) / rel

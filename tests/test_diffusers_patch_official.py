@@ -57,7 +57,8 @@ def test_move_forward_dedents_the_block_and_calls_it(patcher):
                    "                z = f(batch)\n"
                    "                loss = z\n")
     ns = {"data": [5]}
-    exec(compile(out.replace("                loss = z\n", "                loss = z\n    return loss\n"), "t", "exec"), ns)
+    with_return = out.replace("                loss = z\n", "                loss = z\n    return loss\n")
+    exec(compile(with_return, "t", "exec"), ns)
     assert ns["main"]() == 12
 
 

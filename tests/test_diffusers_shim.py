@@ -1,4 +1,5 @@
-"""The diffusers shim alone: args, holdout batches, bad input, accumulation, accelerate checkpoint hooks."""
+"""The diffusers shim alone: args, holdout batches, bad input, accumulation, accelerate checkpoint hooks, and the
+delegate's explicit per-step row count."""
 
 import argparse
 import json
@@ -12,12 +13,18 @@ pytest.importorskip("accelerate")
 pytest.importorskip("sklearn")
 pytest.importorskip("PIL")
 
-from smplora_plugin import PrivacyRegularizer as CoreRegularizer  # noqa: E402
 from smplora_plugin import PrivacyConfig  # noqa: E402
+from smplora_plugin import PrivacyRegularizer as CoreRegularizer  # noqa: E402
 from smplora_plugin.errors import ConfigError, FeatureError, HoldoutError, StateError  # noqa: E402
 from smplora_plugin.integrations.diffusers import (  # noqa: E402
-    STATE_FILENAME, HoldoutImages, PrivacyRegularizer, adapters_disabled, add_privacy_args, instance_half,
-    privacy_config_from_args, privacy_regularizer_from_args,
+    STATE_FILENAME,
+    HoldoutImages,
+    PrivacyRegularizer,
+    adapters_disabled,
+    add_privacy_args,
+    instance_half,
+    privacy_config_from_args,
+    privacy_regularizer_from_args,
 )
 from smplora_plugin.tiny_sd import write_digit_images  # noqa: E402
 
@@ -70,7 +77,7 @@ def test_args_map_to_the_core_config(folders):
                  "--privacy_beta", "2", "--privacy_k_steps", "3", "--privacy_attacker_lr", "1e-3",
                  "--privacy_attacker_hidden", "32", "16", "--privacy_feature_grid", "8", "--seed", "7")
     reg = PrivacyRegularizer.from_args(args, device="cpu")
-    assert isinstance(reg, PrivacyRegularizer) and isinstance(reg, CoreRegularizer)
+    assert isinstance(reg.core, CoreRegularizer) and not isinstance(reg, CoreRegularizer)   # a delegate
     c = reg.config
     assert (c.objective, c.alpha, c.beta, c.k_steps, c.attacker_lr, c.hidden, c.feature_grid, c.seed, c.device) == (
         "smp", 0.5, 2.0, 3, 1e-3, (32, 16), (8, 8), 7, "cpu")
@@ -83,6 +90,20 @@ def test_args_map_to_the_core_config(folders):
         PrivacyRegularizer.from_args(parse("--privacy", "smplora"))
     with pytest.raises(ConfigError, match="beta"):
         PrivacyRegularizer.from_args(parse("--privacy", "smp", "--privacy_holdout_dir", "x", "--privacy_beta", "0"))
+
+
+def test_an_unknown_privacy_method_is_a_config_error_naming_the_valid_ones(folders):
+    """argparse's choices refuse it on the command line; an args object built otherwise (a config file, a
+    Namespace) gets the same answer from the shim: a ConfigError, not a HoldoutError, with the valid values."""
+    args = argparse.Namespace(privacy="dp-sgd", privacy_holdout_dir=str(folders / "holdout"))
+    with pytest.raises(ConfigError, match=r"--privacy 'dp-sgd' is unknown; choose one of none, smplora, smp, "
+                                          r"mplora, mp ") as exc:
+        privacy_config_from_args(args)
+    assert not isinstance(exc.value, HoldoutError)
+    for build in (PrivacyRegularizer.from_args, privacy_regularizer_from_args, HoldoutImages.from_args):
+        with pytest.raises(ConfigError, match="dp-sgd"):
+            build(args)
+    assert privacy_config_from_args(argparse.Namespace(privacy="SMPLoRA", privacy_holdout_dir="x")).objective == "smp"
 
 
 def test_parsed_privacy_args_are_scalars_for_the_trackers(capsys):
@@ -244,7 +265,8 @@ def _tiny_setup(folders, accelerator, *argv):
         with accelerator.accumulate(model):
             pred, target = forward(batch)
             loss = F.mse_loss(pred, target)
-            loss = reg.step(loss, reg.features(pred, target), reg.nonmember_features(forward),
+            n = reg.privacy_rows(len(pred))
+            loss = reg.step(loss, reg.features(pred, target, rows=n), reg.nonmember_features(forward, rows=n),
                             update_attacker=accelerator.sync_gradients)
             accelerator.backward(loss)
             opt.step()
@@ -370,40 +392,45 @@ def test_robust_preset_feeds_the_base_prediction_for_members_and_nonmembers(peft
     assert reg.config.calibrated
     core = CoreRegularizer(reg.config)
 
-    def predict(latents):                                      # the script's forward: pred, target, base_pred
+    def predict(latents, n=None):                              # the script's forward: pred, target, base_pred
         target = torch.zeros_like(latents)
         pred = wrapped(latents, t, c, return_dict=False)[0]
-        n = reg.privacy_rows(len(latents))                     # the documented line
-        return pred, target, reg.reference(wrapped, lambda: wrapped(latents[:n], t[:n], c[:n], return_dict=False)[0])
+        return pred, target, reg.reference(wrapped, n, lambda: wrapped(latents[:n], t[:n], c[:n],
+                                                                       return_dict=False)[0])
 
-    n = reg.privacy_rows(len(x))
+    n = reg.privacy_rows(len(x))                               # the documented line
     assert reg.config.privacy_fraction == 0.25 and len(x) == 2 and n == 1
-    pred, target, ref = predict(x)
+    pred, target, ref = predict(x, n)
     assert ref.shape[0] == n
     assert torch.allclose(ref, base_m[:n], atol=1e-5) and not ref.requires_grad   # the LoRA was off ...
     assert not torch.allclose(pred.detach(), base_m, atol=1e-3) and pred.requires_grad  # ... and is back on
-    feats = reg.features(pred, target, reference=ref)
+    feats = reg.features(pred, target, rows=n, reference=ref)
     assert feats.requires_grad and feats.shape[0] == n         # the privacy term sees the batch's first n
     assert torch.allclose(feats, core.features(pred[:n], target[:n], reference=base_m[:n]), atol=1e-5)
     raw = CoreRegularizer(reg.config.replace(calibrated=False)).features(pred[:n], target[:n])
     assert not torch.allclose(feats, raw, atol=1e-4)           # the reference changed the features
-    nm = reg.nonmember_features(predict, batch=x_n)            # a held-out batch is used whole
+    nm = reg.nonmember_features(predict, batch=x_n, rows=n)    # a held-out batch is used whole
     pred_n = predict(x_n)[0].detach()
     assert nm.shape[0] == len(x_n)
     assert torch.allclose(nm, core.features(pred_n, torch.zeros_like(x_n), reference=base_n), atol=1e-5)
     assert not nm.requires_grad
     # a base prediction of the whole batch (the line before --privacy_fraction) is refused with the fix
-    full = reg.reference(wrapped, lambda: wrapped(x, t, c, return_dict=False)[0])
-    with pytest.raises(FeatureError, match=r"privacy_rows\(len\(noisy_latents\)\)"):
-        reg.features(pred, target, reference=full)
+    full = reg.reference(wrapped, None, lambda: wrapped(x, t, c, return_dict=False)[0])
+    with pytest.raises(FeatureError, match=r"reg\.reference\(unet, n, lambda: unet\(noisy_latents\[:n\]"):
+        reg.features(pred, target, rows=n, reference=full)
+    with pytest.raises(FeatureError, match="rows=3 but the batch has 2 samples"):
+        reg.features(pred, target, rows=3, reference=ref)
+    for bad in (-1, 1.0, True, "1"):
+        with pytest.raises(FeatureError, match="row count"):
+            reg.features(pred, target, rows=bad, reference=ref)
 
     # a script that forgets the base prediction gets told how to add it, before any state changes
     with pytest.raises(FeatureError, match=r"reg\.reference\(unet"):
-        reg.features(pred, target)
+        reg.features(pred, target, rows=n)
     with pytest.raises(FeatureError, match="base_pred"):
-        reg.nonmember_features(lambda b: predict(b)[:2], batch=x_n)
+        reg.nonmember_features(lambda b: predict(b)[:2], batch=x_n, rows=n)
     with pytest.raises(FeatureError, match="shaped like model_pred"):
-        reg.nonmember_features(lambda b: (*predict(b)[:2], t), batch=x_n)
+        reg.nonmember_features(lambda b: (*predict(b)[:2], t), batch=x_n, rows=n)
     assert reg.attacker_updates == 0
     loss = reg.step(F.mse_loss(pred, target), feats, nm)
     assert torch.isfinite(loss) and reg.attacker_updates == 1
@@ -419,11 +446,10 @@ def test_a_step_without_privacy_rows_runs_no_base_or_heldout_forward(peft_unet):
     reg = PrivacyRegularizer.from_args(args, device="cpu")
     base_calls, held_out = [], []
 
-    def predict(latents):
+    def predict(latents, n=None):
         pred = unet(latents, t[:len(latents)], c[:len(latents)], return_dict=False)[0]
-        n = reg.privacy_rows(len(latents))
-        return pred, torch.zeros_like(latents), reg.reference(unet, lambda: base_calls.append(n) or unet(
-            latents[:n], t[:n], c[:n], return_dict=False)[0])
+        return pred, torch.zeros_like(latents), reg.reference(unet, n, lambda: base_calls.append(
+            len(latents[:n])) or unet(latents[:n], t[:n], c[:n], return_dict=False)[0])
 
     def held(batch):
         held_out.append(len(batch))
@@ -431,9 +457,10 @@ def test_a_step_without_privacy_rows_runs_no_base_or_heldout_forward(peft_unet):
 
     rows = []
     for _ in range(4):
-        pred, target, ref = predict(x)
-        feats = reg.features(pred, target, reference=ref)
-        nm = reg.nonmember_features(held, batch=x_n)
+        n = reg.privacy_rows(len(x))
+        pred, target, ref = predict(x, n)
+        feats = reg.features(pred, target, rows=n, reference=ref)
+        nm = reg.nonmember_features(held, batch=x_n, rows=n)
         rows.append(None if feats is None else feats.shape[0])
         assert (feats is None) == (ref is None) == (nm is None)
         loss = reg.step(F.mse_loss(pred, target), feats, nm)
@@ -449,7 +476,7 @@ def test_reference_costs_nothing_without_calibration_and_restores_adapters(peft_
     def boom():
         raise AssertionError("the base forward must not run with calibrated=False")
 
-    assert paper.reference(unet, boom) is None
+    assert paper.reference(unet, 2, boom) is None and paper.reference(unet, None, boom) is None
     with torch.no_grad():
         adapted = unet(x, t, c, return_dict=False)[0]
     with pytest.raises(RuntimeError, match="inside"):
@@ -468,7 +495,7 @@ def test_reference_costs_nothing_without_calibration_and_restores_adapters(peft_
         unet.zero_grad(set_to_none=True)
         pred = unet(x, t, c, return_dict=False)[0]
         if with_reference:
-            cal.reference(unet, lambda: unet(x, t, c, return_dict=False)[0])
+            cal.reference(unet, None, lambda: unet(x, t, c, return_dict=False)[0])
         pred.pow(2).mean().backward()
         return {n: p.grad.clone() for n, p in unet.named_parameters() if "lora" in n and p.grad is not None}
 
@@ -476,6 +503,54 @@ def test_reference_costs_nothing_without_calibration_and_restores_adapters(peft_
     unet.zero_grad(set_to_none=True)
     assert plain and plain.keys() == with_ref.keys() and all(torch.equal(plain[k], with_ref[k]) for k in plain)
     with pytest.raises(FeatureError, match="cannot disable the LoRA of Conv2d"):
-        cal.reference(torch.nn.Conv2d(4, 4, 1), lambda: x)
+        cal.reference(torch.nn.Conv2d(4, 4, 1), 1, lambda: x)
     with pytest.raises(FeatureError, match="not the prediction tensor"):
-        cal.reference(unet, lambda: unet(x, t, c, return_dict=False))
+        cal.reference(unet, 1, lambda: unet(x, t, c, return_dict=False))
+    assert cal.reference(unet, 0, boom) is None                # no privacy row this step: no base forward
+
+
+def test_explicit_rows_make_the_calls_of_a_step_order_free(peft_unet):
+    """Each per-step call takes this step's row count, and privacy_rows only reads the step: two regularisers
+    fed the same steps, one in the documented order, one held-out first, the base call between, with extra
+    privacy_rows calls for other batch sizes, return the same rows, features, losses and attacker."""
+    unet, (x, t, c, x_n), _ = peft_unet
+    args = parse("--privacy", "smplora", "--privacy_preset", "robust", "--privacy_holdout_dir", "x",
+                 "--privacy_feature_grid", "4", "--privacy_attacker_hidden", "8", "--seed", "0",
+                 "--privacy_nonmember_every", "1")
+    documented, shuffled = (PrivacyRegularizer.from_args(args, device="cpu") for _ in range(2))
+
+    def predict(reg, latents, n=None):
+        pred = unet(latents, t[:len(latents)], c[:len(latents)], return_dict=False)[0]
+        return pred, torch.zeros_like(latents), reg.reference(unet, n, lambda: unet(
+            latents[:n], t[:n], c[:n], return_dict=False)[0])
+
+    def in_order(reg):
+        n = reg.privacy_rows(len(x))
+        pred, target, base = predict(reg, x, n)
+        feats = reg.features(pred, target, rows=n, reference=base)
+        return n, pred, target, base, feats, reg.nonmember_features(lambda b: predict(reg, b), batch=x_n, rows=n)
+
+    def out_of_order(reg):
+        n = reg.privacy_rows(len(x))
+        nm = reg.nonmember_features(lambda b: predict(reg, b), batch=x_n, rows=n)
+        others.append(reg.privacy_rows(3))                     # another batch size in between
+        pred, target, base = predict(reg, x, n)
+        reg.privacy_rows(1)
+        feats = reg.features(pred, target, rows=n, reference=base)
+        reg.privacy_rows(len(x_n), with_prior_preservation=True)
+        return n, pred, target, base, feats, nm
+
+    rows, others = [], []
+    for _ in range(4):
+        a, b = in_order(documented), out_of_order(shuffled)
+        rows.append(a[0])
+        assert a[0] == b[0]
+        for u, v in zip(a[1:], b[1:]):
+            assert (u is None) == (v is None) and (u is None or torch.equal(u.detach(), v.detach()))
+        la = documented.step(F.mse_loss(a[1], a[2]), a[4], a[5])
+        lb = shuffled.step(F.mse_loss(b[1], b[2]), b[4], b[5])
+        assert torch.equal(la.detach(), lb.detach()) and documented.metrics() == shuffled.metrics()
+    assert rows == [1, 0, 1, 0] and others == [1, 1, 1, 0] and documented.attacker_updates == 2
+    sa, sb = documented.state_dict(), shuffled.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(v, sb[k]) if isinstance(v, torch.Tensor) else v == sb[k] for k, v in sa.items())

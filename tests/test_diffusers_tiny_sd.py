@@ -7,9 +7,15 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 
+from smplora_plugin.errors import ConfigError  # noqa: E402
 from smplora_plugin.holdout import content_hash  # noqa: E402
 from smplora_plugin.tiny_sd import (  # noqa: E402
-    TinySDConfig, build_components, build_tokenizer, unique_digit_indices, write_digit_images, write_tokenizer_files,
+    TinySDConfig,
+    build_components,
+    build_tokenizer,
+    unique_digit_indices,
+    write_digit_images,
+    write_tokenizer_files,
 )
 
 
@@ -39,7 +45,7 @@ def test_digit_folder_has_distinct_images_and_captions(tmp_path):
     with Image.open(a[0]) as im:
         assert im.size == (16, 16) and im.mode == "RGB"
     assert len(unique_digit_indices()) > 1700
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(ConfigError, match="multiple of 8"):
         write_digit_images(tmp_path / "c", n=1, size=12)
 
 
@@ -52,5 +58,5 @@ def test_components_follow_the_config_and_are_seeded():
     for name in ("unet", "vae", "text_encoder"):
         sa, sb = a[name].state_dict(), b[name].state_dict()
         assert all((sa[k] == sb[k]).all() for k in sa)
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ConfigError, match="divisible"):
         build_components(TinySDConfig(unet_channels=(10, 16)))

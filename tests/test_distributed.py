@@ -46,7 +46,8 @@ def _run(rank, world, port, out_dir):
     result["loss"] = out.detach().reshape(1)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in result.items()}, os.path.join(out_dir, f"rank{rank}_of{world}.safetensors"))
+    save_file({k: v.contiguous() for k, v in result.items()},
+              os.path.join(out_dir, f"rank{rank}_of{world}.safetensors"))
     if world > 1:
         dist.destroy_process_group()
 

@@ -1,8 +1,7 @@
-"""benchmarks/frontier.py: cache keys, resume, Pareto selection and a tiny end-to-end run."""
+"""benchmarks/frontier.py: cache keys, resume, Pareto selection, worker scheduling and a tiny end-to-end run."""
 
-import importlib.util
+import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,11 @@ TINY = dict(dataset="textures", members=8, steps=3, runs=2, references=2,
 
 @pytest.fixture(scope="module")
 def fr():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("frontier", BENCH / "frontier.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["frontier"] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    from benchmarks import frontier
+
+    # opacus installs a top-level ``benchmarks`` package too: the repository's must be the one found
+    assert Path(frontier.__file__).parent == BENCH, frontier.__file__
+    return frontier
 
 
 def test_keys_change_with_every_setting_and_only_then(fr):
@@ -122,9 +120,11 @@ def test_tiny_frontier_end_to_end_and_resume(fr, tmp_path):
     text = fr.table(points)
     assert "| 8 | plain | 2 |" in text
     # 8 pooled non-members cannot resolve 1% FPR: the envelope TPR@1%FPR is n/a, not 0%
-    assert points[1]["envelope_tpr_1pct"] is None and points[1]["envelope_tpr_1pct_attack"] in points[1]["per_attack_auc"]
+    assert points[1]["envelope_tpr_1pct"] is None
+    assert points[1]["envelope_tpr_1pct_attack"] in points[1]["per_attack_auc"]
     assert fr._env_tpr(points[1]) == "n/a"
-    assert fr._env_tpr({"envelope_tpr_1pct": 0.209, "envelope_tpr_1pct_attack": "lira_offline"}) == "20.9% (lira_offline)"
+    env = {"envelope_tpr_1pct": 0.209, "envelope_tpr_1pct_attack": "lira_offline"}
+    assert fr._env_tpr(env) == "20.9% (lira_offline)"
     assert fr._paired({"paired_verdict": "leaks beyond the baseline", "paired_difference": 0.0571,
                        "paired_attack": "clid", "paired_p": 0.0152}) == "**beyond**: +0.057 (clid, p = 0.015)"
     fr.plot(points, tmp_path / "f.png")
@@ -229,7 +229,7 @@ def test_gain_shares_against_untouched_and_plain(fr):
     # more style share than plain, yet samples further from the style: 150% and 25%
     assert got[2][0] == pytest.approx(1.5) and got[2][1] == pytest.approx(0.25)
     assert fr._fd(points[2]) == "25.0 (25.0%)" and fr._fd(points[3]) == "n/a"
-    assert fr._pct(-1e-17) == "0.0%" and fr._pct(-0.2) == "-20.0%"
+    assert fr.pct(-1e-17) == "0.0%" and fr.pct(-0.2) == "-20.0%"
     # plain moved the Fréchet distance by 0.1 of 172 (textures): no share, n/a, not -94615%
     flat = [pt("untouched", 0.536, 171.9), pt("plain", 0.711, 171.8), pt("robust", 0.598, 253.3)]
     fr.add_gain(flat)
@@ -246,3 +246,50 @@ def test_gain_shares_against_untouched_and_plain(fr):
     assert both[2]["gain_kept"] == pytest.approx(0.5) and both[5]["gain_kept"] == pytest.approx(0.25)
     assert fr.most_runs(both) == both[3:]
     assert fr.most_runs(both[:3] + [both[5]]) == both[:2] + [both[5]]
+
+
+def test_default_cache_is_the_users_cache_folder(fr, monkeypatch, tmp_path):
+    monkeypatch.delenv("SMPLORA_FRONTIER_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fr.default_cache() == tmp_path / "xdg" / "smplora" / "frontier"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # not absolute: ignored, as the XDG spec says
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fr.default_cache() == tmp_path / "home" / ".cache" / "smplora" / "frontier"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert fr.default_cache() == tmp_path / "home" / ".cache" / "smplora" / "frontier"
+    monkeypatch.setenv("SMPLORA_FRONTIER_CACHE", str(tmp_path / "mine"))
+    assert fr.default_cache() == tmp_path / "mine"
+
+
+def test_cache_keys_are_the_ones_existing_caches_hold(fr):
+    """The key of a fixed recipe, pinned: a change here would orphan every existing cache entry."""
+    import smplora_plugin
+
+    rc = fr.Recipe(**TINY)
+    settings = fr.lora_settings(rc, fr.row_spec("plain"), 0)
+    # everything but the code facts is pinned here; the code facts follow the shipped model and version
+    assert {k: v for k, v in settings.items() if k != "code"} == {
+        "dataset": "textures", "members": 8, "steps": 3, "batch_size": 32, "lora_rank": 8, "lora_lr": 1e-3,
+        "defense_nonmembers": 64, "spec": {"kind": "plain"}, "run": 0}
+    assert settings["code"]["frontier_version"] == 1 and settings["code"]["smplora"] == smplora_plugin.__version__
+    assert fr.settings_key({"b": [1, 2], "a": 0.5}) == fr.settings_key({"a": 0.5, "b": [1, 2]}) == \
+        hashlib.sha256(b'{"a":0.5,"b":[1,2]}').hexdigest()[:20]
+
+
+def test_schedule_trains_missing_references_in_workers_and_counts_failures(fr, tmp_path):
+    rc = fr.Recipe(**{**TINY, "steps": 1})
+    cache = fr.Cache(tmp_path / "cache")
+    lines = []
+    assert fr.schedule(cache, rc, [], jobs=2, nice=0, log=lines.append) == 0
+    refs = [fr.settings_key(fr.lora_settings(rc, {"kind": "plain"}, 0, reference=r)) for r in range(rc.references)]
+    assert all(cache.done("lora", k) for k in refs)  # each worker wrote its reference into the cache
+    assert sorted(json.loads(ln.split(": ", 1)[1])["index"] for ln in lines) == [0, 1]
+    assert fr.schedule(cache, rc, [], jobs=2, log=lines.append) == 0 and len(lines) == 2  # nothing left to run
+    blocked = tmp_path / "a file"
+    blocked.write_text("not a folder")  # a worker cannot write its entry under a file: both tasks fail
+    lines.clear()
+    assert fr.schedule(fr.Cache(blocked), rc, [], jobs=2, nice=0, log=lines.append) == 2
+    assert len(lines) == 2 and all(ln.startswith("FAILED {'task': 'reference'") for ln in lines)
+    assert "Traceback" in lines[0]  # the worker's traceback comes back with its error
+    with pytest.raises(ValueError, match="jobs"):
+        fr.schedule(cache, rc, [], jobs=0)

@@ -5,8 +5,14 @@ import json
 import pytest
 
 from smplora_plugin.errors import HoldoutError
-from smplora_plugin.holdout import (check_disjoint, content_hash, find_overlap, read_manifest, split_by_identity,
-                                    write_manifest)
+from smplora_plugin.holdout import (
+    check_disjoint,
+    content_hash,
+    find_overlap,
+    read_manifest,
+    split_by_identity,
+    write_manifest,
+)
 
 
 @pytest.fixture

@@ -10,12 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_kohya_calibrated import PRIV, spy_class
+from test_kohya_standin import _clean_kohya_modules, data, kohya_args, parse, standin  # noqa: F401
 
 from smplora_plugin.errors import SmploraError
 from smplora_plugin.integrations.kohya import base_forward as bf
-
-from test_kohya_calibrated import PRIV, spy_class
-from test_kohya_standin import _clean_kohya_modules, data, kohya_args, parse, standin  # noqa: F401
 
 ROBUST_EVERY = ("--privacy_preset", "robust", "--privacy_nonmember_every", "1")
 
@@ -205,7 +204,8 @@ def test_take_and_spread_rows_over_argument_and_output_structures():
     assert torch.equal(cut[0], torch.tensor([[0.0, 1.0], [4.0, 5.0]])) and cut[1][0].shape == (2, 3)
     assert cut[1][1] is None and cut[2]["y"].shape == (2,) and cut[2]["pe"] is args[2]["pe"]
     assert cut[3] is args[3] and cut[4] == "text" and args[0].shape == (4, 2)   # input unchanged
-    for out in (torch.ones(2, 3), SampleOutput(torch.ones(2, 3)), Output(torch.ones(2, 3)), {"sample": torch.ones(2, 3)},
+    for out in (torch.ones(2, 3), SampleOutput(torch.ones(2, 3)), Output(torch.ones(2, 3)),
+                {"sample": torch.ones(2, 3)},
                 SimpleNamespace(sample=torch.ones(2, 3), note="n")):
         spread = bf.spread_rows(out, idx, 4)
         sample = spread if isinstance(spread, torch.Tensor) else (

@@ -14,13 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from test_kohya_standin import _clean_kohya_modules, data, header, kohya_args, launch, parse, standin  # noqa: F401
 
 from smplora_plugin.config import PrivacyConfig
 from smplora_plugin.errors import ConfigError, SmploraError, StateError
 from smplora_plugin.integrations.kohya import add_privacy_arguments, settings_from_namespace
 from smplora_plugin.integrations.kohya.options import settings_from_mapping
-
-from test_kohya_standin import _clean_kohya_modules, data, header, kohya_args, launch, parse, standin  # noqa: F401
 
 PRIV = ["--privacy", "smplora", "--privacy_feature_grid", "4", "--privacy_attacker_hidden", "8"]
 ROBUST = PrivacyConfig.preset("robust")
@@ -232,7 +231,7 @@ def test_previous_multiplier_is_restored_also_after_an_exception(data, tmp_path)
 
 def test_lora_off_and_lora_switch_units():
     tn = standin()
-    from smplora_plugin.integrations.kohya.mixin import lora_off, lora_switch
+    from smplora_plugin.integrations.kohya.capture import lora_off, lora_switch
 
     net = tn.TinyLoRANetwork(2, multiplier=0.5)
     with pytest.raises(ValueError):
@@ -251,9 +250,11 @@ def test_lora_off_and_lora_switch_units():
 
 
 def test_replay_rng_restore_unit():
-    from smplora_plugin.integrations.kohya import data as kdata
     import random
+
     import numpy as np
+
+    from smplora_plugin.integrations.kohya import data as kdata
 
     snap = kdata.rng_snapshot(torch.device("cpu"))
     first = (torch.randn(3), random.random(), np.random.rand())
@@ -336,7 +337,8 @@ def robust_toml(tmp_path, data):  # noqa: F811
     """A kohya config file whose [smplora] section picks the robust preset (tiny attacker)."""
     toml = tmp_path / "cfg.toml"
     toml.write_text(f'[smplora]\nprivacy = "smplora"\nprivacy_preset = "robust"\n'
-                    f'privacy_holdout_dir = "{data / "holdout"}"\nprivacy_feature_grid = 4\nprivacy_attacker_hidden = [8]\n')
+                    f'privacy_holdout_dir = "{data / "holdout"}"\n'
+                    'privacy_feature_grid = 4\nprivacy_attacker_hidden = [8]\n')
     return toml
 
 
@@ -372,7 +374,9 @@ def test_robust_run_trains_saves_and_resumes(data, tmp_path):  # noqa: F811
     assert reg.config.calibrated and reg.attacker_updates == 2 and reg.global_step == 4
     # an uncalibrated attacker cannot silently continue a calibrated one
     trainer = make_private_trainer(tn.NetworkTrainer)
-    with pytest.raises(StateError, match=r"other privacy settings. To continue it, pass --privacy_calibrated \(this run: --no-privacy_calibrated\)"):
+    with pytest.raises(StateError,
+                       match=r"other privacy settings. To continue it, pass --privacy_calibrated \(this run: "
+                             r"--no-privacy_calibrated\)"):
         trainer.train(parse(*kohya_args(data, tmp_path / "out3", "--resume", str(out / "lora-state")), *PRIV, *resume,
                             "--no-privacy_calibrated"))
     assert not (tmp_path / "out3").exists()

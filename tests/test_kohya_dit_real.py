@@ -22,7 +22,8 @@ import pytest
 
 pytestmark = [pytest.mark.sdscripts, pytest.mark.slow,
               pytest.mark.skipif(not (os.environ.get("SD_SCRIPTS_DIR") and os.environ.get("SMPLORA_DIT_FIXTURE")),
-                                 reason="needs SD_SCRIPTS_DIR and SMPLORA_DIT_FIXTURE (made by make_random_flux_sd3.py)")]
+                                 reason="needs SD_SCRIPTS_DIR and SMPLORA_DIT_FIXTURE "
+                                        "(made by make_random_flux_sd3.py)")]
 
 PY = os.environ.get("SD_SCRIPTS_PYTHON", sys.executable)
 VOLATILE = {"ss_session_id", "ss_training_started_at", "ss_training_finished_at", "sshs_model_hash",
@@ -53,7 +54,8 @@ def run(fx: Path, arch: str, out: Path, *extra: str) -> subprocess.CompletedProc
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [PY, "-m", "smplora_plugin.integrations.kohya", "--sd_scripts", os.environ["SD_SCRIPTS_DIR"],
            *model_args(fx, arch), "--t5xxl", str(fx / "text_encoders" / "t5xxl.safetensors"),
-           "--t5xxl_max_token_length", "16", "--tokenizer_cache_dir", str(fx / "tokenizers"), "--dataset_config", str(ds),
+           "--t5xxl_max_token_length", "16", "--tokenizer_cache_dir", str(fx / "tokenizers"), "--dataset_config",
+           str(ds),
            "--output_dir", str(out), "--output_name", arch, "--network_dim", "4", "--network_alpha", "1",
            "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--max_data_loader_n_workers", "0", "--seed", "1",
            "--network_train_unet_only", "--validate_every_n_epochs", "1000", "--cache_latents",

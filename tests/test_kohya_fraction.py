@@ -15,15 +15,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from test_kohya_calibrated import PRIV, ROBUST, kohya_parser, own_generator_trainer, robust_toml, spy_class
+from test_kohya_standin import _clean_kohya_modules, data, header, kohya_args, launch, parse, standin  # noqa: F401
 
 from smplora_plugin.config import PrivacyConfig
 from smplora_plugin.errors import ConfigError, SmploraError
 from smplora_plugin.integrations.kohya import add_privacy_arguments, settings_from_namespace
 from smplora_plugin.integrations.kohya import data as kdata
 from smplora_plugin.integrations.kohya.options import PRESET_OPTIONS, settings_from_mapping
-
-from test_kohya_calibrated import PRIV, ROBUST, kohya_parser, own_generator_trainer, robust_toml, spy_class
-from test_kohya_standin import _clean_kohya_modules, data, header, kohya_args, launch, parse, standin  # noqa: F401
 
 
 # ---------------------------------------------------------------------------- options
@@ -142,7 +141,8 @@ def test_first_rows_cuts_every_per_sample_entry_and_leaves_the_rest():
     assert isinstance(ids, list) and len(ids) == 2 and ids[0].shape == (1, 3) and ids[1].shape == (1, 5)
     assert torch.equal(ids[1], batch["input_ids_list"][1][:1])
     te = cut["text_encoder_outputs_list"]
-    assert isinstance(te, tuple) and len(te) == 3 and te[0].shape == (1, 7, 8) and te[1] is None and te[2].shape == (1, 8)
+    assert isinstance(te, tuple) and len(te) == 3 and te[0].shape == (1, 7, 8) and te[1] is None
+    assert te[2].shape == (1, 8)
     for key in ("images", "alpha_masks", "step", "scale", "name", "pair"):
         assert cut[key] is batch[key] or cut[key] == batch[key]
     assert cut["bucket_reso"] is batch["bucket_reso"] and cut["scalar"] is batch["scalar"]
@@ -278,14 +278,16 @@ def test_fraction_one_leaves_features_whole_and_the_first_row_is_the_same(data, 
     m_default, _ = split_calls(default)
     m_quarter, n_quarter = split_calls(quarter)
     assert [c["result"].shape[0] for c in m_whole] == [4, 4, 4] and [c["result"].shape[0] for c in n_whole] == [4] * 3
-    assert [c["result"].shape[0] for c in m_quarter] == [1, 1, 1] and [c["result"].shape[0] for c in n_quarter] == [1] * 3
+    assert [c["result"].shape[0] for c in m_quarter] == [1, 1, 1]
+    assert [c["result"].shape[0] for c in n_quarter] == [1] * 3
     assert not [b for b in whole.eval_batches if b["latents"].shape[0] != 4]      # held-out batches not cut
     assert torch.equal(m_whole[0]["result"], m_default[0]["result"])           # same LoRA, same draws at step 1
     for a, b in zip(m_whole, m_default):   # later steps: two identical CPU runs differ by float rounding (~1e-7)
         torch.testing.assert_close(a["result"], b["result"], rtol=0, atol=1e-6)
         assert torch.equal(a["lora"]["t"], b["lora"]["t"]) and torch.equal(a["lora"]["x"], b["lora"]["x"])
     for call in m_whole:
-        assert torch.equal(call["pred"], call["forward"]["pred"]) and torch.equal(call["reference"], call["base"]["out"])
+        assert torch.equal(call["pred"], call["forward"]["pred"]) and torch.equal(call["reference"],
+                                                                                  call["base"]["out"])
     # step 1 starts from the same LoRA and the same draws: the quarter's single row is the whole batch's first row
     # (its base forward ran on that row only: a 1-row convolution rounds differently from a 4-row one, ~2e-7)
     torch.testing.assert_close(m_quarter[0]["result"], m_whole[0]["result"][:1], rtol=0, atol=1e-6)

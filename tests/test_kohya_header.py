@@ -18,7 +18,6 @@ import tempfile
 
 import pytest
 from safetensors import safe_open
-
 from test_kohya_standin import _clean_kohya_modules, data, header, kohya_args, launch, standin  # noqa: F401
 
 PER_RUN = {"ss_session_id", "ss_training_started_at", "sshs_model_hash"}
@@ -106,7 +105,7 @@ def test_help_does_not_warn_about_training_without_the_defense(capsys):
 
 
 def test_summary_box_fits_80_columns():
-    from smplora_plugin.integrations.kohya.mixin import summary_box
+    from smplora_plugin.integrations.summary import summary_box
 
     text = summary_box(["a" * 20 + " word" * 40, "manifest: /a/very/long/path/" + "x" * 90 + ".json", "short"])
     lines = text.splitlines()

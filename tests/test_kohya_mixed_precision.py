@@ -13,10 +13,9 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from test_kohya_standin import _clean_kohya_modules, data, kohya_args, parse, standin  # noqa: F401
 
 from smplora_plugin import PrivacyRegularizer
-
-from test_kohya_standin import _clean_kohya_modules, data, kohya_args, parse, standin  # noqa: F401
 
 PRIV = ["--privacy", "smplora", "--privacy_feature_grid", "4", "--privacy_attacker_hidden", "8"]
 

@@ -6,13 +6,12 @@ import argparse
 import logging
 
 import pytest
+from test_kohya_standin import _clean_kohya_modules, data, kohya_args, launch, standin  # noqa: F401
 
 from smplora_plugin.config import PrivacyConfig
 from smplora_plugin.errors import ConfigError
 from smplora_plugin.integrations.kohya import add_privacy_arguments, settings_from_namespace
 from smplora_plugin.integrations.kohya.options import settings_from_mapping
-
-from test_kohya_standin import _clean_kohya_modules, data, kohya_args, launch, standin  # noqa: F401
 
 
 def kohya_parser():
@@ -75,7 +74,8 @@ def test_privacy_none_with_options_warns(caplog):
 
 def test_mapping_for_in_process_callers():
     s = settings_from_mapping({"alpha": 0.3, "hidden": (16,), "privacy_holdout_dir": "/data/h"})
-    assert s.objective == "smp" and s.config.alpha == 0.3 and s.config.hidden == (16,) and str(s.holdout_dir) == "/data/h"
+    assert s.objective == "smp" and s.config.alpha == 0.3 and s.config.hidden == (16,)
+    assert str(s.holdout_dir) == "/data/h"
     s = settings_from_mapping({"objective": "mp"})
     assert s.objective == "mp"
     with pytest.raises(ConfigError, match="unknown config field"):
@@ -111,8 +111,9 @@ privacy_attacker_hidden = [8]
     rc = launch("train_network.py", "--config_file", str(toml), "--train_data_dir", str(data / "train"),
                 "--output_dir", str(out), "--output_name", "lora", "--max_train_steps", "2", "--privacy_alpha", "0.5")
     assert rc == 0
-    from safetensors import safe_open
     import json
+
+    from safetensors import safe_open
 
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         cfg = json.loads(f.metadata()["smplora.config"])
@@ -132,3 +133,12 @@ def test_bad_toml_fails_before_training(data, tmp_path, section, message, capsys
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trainer_class_that_is_not_a_class_is_an_input_error_and_a_type_error():
+    from smplora_plugin.errors import InputError
+    from smplora_plugin.integrations.kohya import private_trainer_class
+
+    with pytest.raises(InputError, match=r"expected a kohya trainer class .* got 'train_network'\.") as info:
+        private_trainer_class("train_network")
+    assert isinstance(info.value, TypeError)

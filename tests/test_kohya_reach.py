@@ -14,18 +14,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from smplora_plugin.integrations.kohya import KohyaVersionError, make_private_trainer, private_trainer_class
-from smplora_plugin.integrations.kohya import reach
-from smplora_plugin.integrations.kohya.compat import static_check, trainer_source_problems
-
 from test_kohya_standin import STANDIN, _clean_kohya_modules, data, header, kohya_args, launch, parse, standin  # noqa: F401
+
+from smplora_plugin.integrations.kohya import KohyaVersionError, make_private_trainer, private_trainer_class, reach
+from smplora_plugin.integrations.kohya.compat import static_check, trainer_source_problems
 
 VOLATILE = {"ss_session_id", "ss_training_started_at", "sshs_model_hash"}
 
 
 @pytest.fixture(autouse=True)
-def _clean_v011_module(_clean_kohya_modules):
+def _clean_v011_module(_clean_kohya_modules):  # noqa: F811
     yield
     sys.modules.pop("v011_train_network", None)
 
@@ -91,7 +89,7 @@ def test_save_path_is_found_in_both_layouts():
     assert reach.save_path(list(v.V011NetworkTrainer.__mro__)).kind == "method"
 
 
-def test_v011_layout_trains_with_kohyas_own_header(data, tmp_path):
+def test_v011_layout_trains_with_kohyas_own_header(data, tmp_path):  # noqa: F811
     """The v0.11 layout: checkpoints through _save_model() carry the attacker state, the header (self._metadata)
     is the one of the same run without privacy, and _run_validation_loop() stays off the holdout."""
     v = v011()
@@ -113,14 +111,14 @@ def test_v011_layout_trains_with_kohyas_own_header(data, tmp_path):
     assert (out / "lora_smplora_manifest.json").is_file()
 
 
-def test_v011_layout_through_the_launcher(data, tmp_path):
+def test_v011_layout_through_the_launcher(data, tmp_path):  # noqa: F811
     assert trainer_source_problems(STANDIN / "v011_train_network.py") == []
     out = tmp_path / "out"
     assert launch("v011_train_network.py", *kohya_args(data, out, "--max_train_steps", "2"), *priv(data)) == 0
     assert "smplora.config" in header(out / "lora.safetensors") and (out / "lora.smplora_state").is_file()
 
 
-def test_train_util_split_with_reexports_is_supported(data, tmp_path):
+def test_train_util_split_with_reexports_is_supported(data, tmp_path):  # noqa: F811
     """#2372 split train_util.py: a train_util that re-exports what the shim uses works."""
     root = checkout(tmp_path, "from library.image_utils import IMAGE_EXTENSIONS  # re-export\n")
     assert trainer_source_problems(root / "train_network.py") == []
@@ -149,7 +147,7 @@ def launch_in(root: Path, *argv: str) -> int:
     return main(["--sd_scripts", str(root), *argv])
 
 
-def test_train_util_without_a_name_the_shim_uses_is_refused_by_the_launcher(data, tmp_path, capsys):
+def test_train_util_without_a_name_the_shim_uses_is_refused_by_the_launcher(data, tmp_path, capsys):  # noqa: F811
     root = checkout(tmp_path)
     assert trainer_source_problems(root / "train_network.py") == [
         "library/train_util.py has no IMAGE_EXTENSIONS (not even as a re-export)"]
@@ -163,7 +161,7 @@ def test_train_util_without_a_name_the_shim_uses_is_refused_by_the_launcher(data
 
 @pytest.mark.parametrize("module,name", [("train_util", "IMAGE_EXTENSIONS"),
                                          ("config_util", "generate_dreambooth_subsets_config_by_subdirs")])
-def test_library_name_missing_at_run_time_is_refused(data, tmp_path, monkeypatch, module, name):
+def test_library_name_missing_at_run_time_is_refused(data, tmp_path, monkeypatch, module, name):  # noqa: F811
     """In-process callers skip the launcher's source check: the run-time lookup refuses the same way."""
     tn = standin()
     import importlib
@@ -188,18 +186,19 @@ def test_library_attr_and_network_trainer_lookups(monkeypatch):
         reach.network_trainer(SimpleNamespace())
 
 
-def test_no_save_path_is_refused_before_anything(data, tmp_path):
+def test_no_save_path_is_refused_before_anything(data, tmp_path):  # noqa: F811
     """Neither a _save_model() method nor a save_model closure in train(): refused when train() starts."""
     tn = standin()
     v = v011()
-    body = {k: val for k, val in vars(v.V011NetworkTrainer).items() if k not in ("_save_model", "__dict__", "__weakref__")}
+    body = {k: val for k, val in vars(v.V011NetworkTrainer).items() if k not in ("_save_model", "__dict__",
+                                                                                 "__weakref__")}
     renamed = type("RenamedSave", (tn.NetworkTrainer,), {**body, "_write_checkpoint": v.V011NetworkTrainer._save_model})
     out = tmp_path / "out"
     refused(renamed, parse(*kohya_args(data, out), *priv(data)), out, "the checkpoint save path", "_save_model()",
             loaded=False)
 
 
-def test_v011_save_model_without_self_metadata_is_refused(data, tmp_path):
+def test_v011_save_model_without_self_metadata_is_refused(data, tmp_path):  # noqa: F811
     v = v011()
 
     class HeaderElsewhere(v.V011NetworkTrainer):   # _save_model (v0.11) but the header not in self._metadata
@@ -215,7 +214,7 @@ def test_v011_save_model_without_self_metadata_is_refused(data, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["48d368fa", "v0.11"])
-def test_header_without_the_dataset_list_is_refused(data, tmp_path, monkeypatch, layout):
+def test_header_without_the_dataset_list_is_refused(data, tmp_path, monkeypatch, layout):  # noqa: F811
     """kohya's header must list every training dataset (ss_datasets) for the holdout block to be removed; it is
     checked at the first step, in train()'s metadata local (48d368fa) or in self._metadata (v0.11)."""
     tn = standin()
@@ -232,7 +231,7 @@ def test_header_without_the_dataset_list_is_refused(data, tmp_path, monkeypatch,
     refused(cls, parse(*kohya_args(data, out), *priv(data)), out, "ss_datasets", "no ss_datasets key")
 
 
-def test_network_without_a_metadata_argument_is_refused(data, tmp_path, monkeypatch):
+def test_network_without_a_metadata_argument_is_refused(data, tmp_path, monkeypatch):  # noqa: F811
     tn = standin()
 
     class NoHeader(tn.TinyLoRANetwork):
@@ -262,7 +261,7 @@ def test_network_saver_finds_the_header_argument():
         reach.network_saver(object())
 
 
-def test_dataset_without_an_attribute_the_header_needs_is_refused(data, tmp_path):
+def test_dataset_without_an_attribute_the_header_needs_is_refused(data, tmp_path):  # noqa: F811
     tn = standin()
 
     class Moved(tn.NetworkTrainer):   # a dataset class that no longer keeps its tag frequencies
@@ -275,7 +274,7 @@ def test_dataset_without_an_attribute_the_header_needs_is_refused(data, tmp_path
             loaded=False)
 
 
-def test_holdout_block_not_last_is_refused(data, tmp_path):
+def test_holdout_block_not_last_is_refused(data, tmp_path):  # noqa: F811
     tn = standin()
 
     class Reordered(tn.NetworkTrainer):
@@ -286,7 +285,7 @@ def test_holdout_block_not_last_is_refused(data, tmp_path):
     refused(Reordered, parse(*kohya_args(data, out), *priv(data)), out, "holdout block", loaded=False)
 
 
-def test_batches_without_custom_attributes_are_refused(data, tmp_path):
+def test_batches_without_custom_attributes_are_refused(data, tmp_path):  # noqa: F811
     tn = standin()
 
     class Untagged(tn.NetworkTrainer):
@@ -298,7 +297,7 @@ def test_batches_without_custom_attributes_are_refused(data, tmp_path):
             'batch["custom_attributes"]')
 
 
-def test_missing_validation_option_is_refused(data, tmp_path):
+def test_missing_validation_option_is_refused(data, tmp_path):  # noqa: F811
     tn = standin()
     args = parse(*kohya_args(data, tmp_path / "out"), *priv(data))
     del args.validate_every_n_epochs

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.sdscripts, pytest.mark.slow,
-              pytest.mark.skipif(not os.environ.get("SD_SCRIPTS_DIR"), reason="needs SD_SCRIPTS_DIR (a kohya sd-scripts checkout)")]
+              pytest.mark.skipif(not os.environ.get("SD_SCRIPTS_DIR"),
+                                 reason="needs SD_SCRIPTS_DIR (a kohya sd-scripts checkout)")]
 
 REPO = Path(__file__).resolve().parents[1]
 PY = os.environ.get("SD_SCRIPTS_PYTHON", sys.executable)
@@ -69,7 +70,8 @@ def header(path: Path) -> dict:
 def dataset_toml(fx: Path, path: Path) -> Path:
     path.write_text(
         "[general]\ncaption_extension = '.caption'\n\n"
-        f"[[datasets]]\nresolution = 64\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = '{fx}/train/5_tiny'\nnum_repeats = 5\n\n"
+        f"[[datasets]]\nresolution = 64\nbatch_size = 2\n[[datasets.subsets]]\n"
+        f"image_dir = '{fx}/train/5_tiny'\nnum_repeats = 5\n\n"
         f"[[datasets]]\nresolution = 64\nbatch_size = 2\nvalidation_split = 1.0\n"
         f"[[datasets.subsets]]\nimage_dir = '{fx}/holdout/1_tiny'\nnum_repeats = 1\n")
     return path
@@ -83,7 +85,8 @@ def test_real_train_network_privacy_metadata_and_resume(fixture_dir, tmp_path):
     fx = fixture_dir
     ds = dataset_toml(fx, tmp_path / "dataset.toml")
     # 1. privacy on, non-members from a validation_split = 1.0 dataset block, --save_state
-    a = run_kohya(fx, tmp_path / "a", "--dataset_config", str(ds), "--max_train_steps", "2", "--save_every_n_steps", "1",
+    a = run_kohya(fx, tmp_path / "a", "--dataset_config", str(ds), "--max_train_steps", "2", "--save_every_n_steps",
+                  "1",
                   "--save_state", *PRIV)
     assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-6000:]
     log = a.stdout + a.stderr

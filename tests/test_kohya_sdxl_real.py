@@ -102,7 +102,8 @@ def test_real_sdxl_paper_and_robust_save_resume_and_header(fx, tmp_path):
     assert "base-calibrated features" in c.stdout + c.stderr
     cfg = json.loads(header(tmp_path / "robust" / "sdxl.safetensors")["smplora.config"])
     assert cfg["calibrated"] is True and cfg["privacy_fraction"] == 0.25
-    d = run_sdxl(fx, tmp_path / "resumed", ds, "--max_train_steps", "3", "--resume", str(tmp_path / "robust" / "sdxl-state"),
+    d = run_sdxl(fx, tmp_path / "resumed", ds, "--max_train_steps", "3", "--resume",
+                 str(tmp_path / "robust" / "sdxl-state"),
                  "--privacy", "smplora", "--privacy_preset", "robust", *SMALL)
     assert d.returncode == 0, d.stderr[-6000:]
     assert "attacker state restored" in d.stdout + d.stderr

@@ -123,7 +123,8 @@ def test_launcher_run_writes_metadata_state_and_manifest(data, tmp_path, capsys)
     assert (out / "lora-step00000004-state" / "smplora_state.safetensors").is_file()
     # a --save_state folder at a checkpoint's step links that checkpoint's state file: no second copy
     for step in ("00000002", "00000004"):
-        a, b = (out / f"lora-step{step}.smplora_state").stat(), (out / f"lora-step{step}-state" / "smplora_state.safetensors").stat()
+        a = (out / f"lora-step{step}.smplora_state").stat()
+        b = (out / f"lora-step{step}-state" / "smplora_state.safetensors").stat()
         assert a.st_ino == b.st_ino
     assert json.loads(header(out / "lora.safetensors")["smplora.feature_grid"]) == [4, 4]
     from smplora_plugin.holdout import read_manifest
@@ -167,7 +168,8 @@ def test_kohya_validation_over_the_holdout_is_off_unless_asked(data, tmp_path, c
         trainer = make_private_trainer(tn.NetworkTrainer)
         with caplog.at_level(logging.WARNING):   # 6 images x 2 repeats at batch 2: 6 steps an epoch, 2 epochs
             trainer.train(parse(*kohya_args(data, tmp_path / name, "--max_train_steps", "8", *extra), *priv))
-        seen[name] = (trainer.validation_batches, header(tmp_path / name / "lora.safetensors")["ss_validate_every_n_epochs"],
+        seen[name] = (trainer.validation_batches,
+                      header(tmp_path / name / "lora.safetensors")["ss_validate_every_n_epochs"],
                       trainer.privacy_regularizer.attacker_updates)
         if name == "default":
             assert "validation pass over the held-out images is off" in caplog.text
@@ -385,6 +387,30 @@ def test_no_nonmembers_is_a_clear_error(data, tmp_path, capsys):
     assert "--privacy_holdout_dir" in err and "--validation_split" in err
 
 
+def test_a_loop_that_never_hands_over_its_datasets_is_refused_at_the_first_step(data, tmp_path):
+    """Members are learnt from the groups kohya passes to assert_extra_args: a train() that skips that hook is
+    stopped before the first training step writes anything."""
+    from smplora_plugin.errors import SmploraError
+    from smplora_plugin.integrations.kohya import make_private_trainer
+
+    tn = standin()
+
+    class NoHandover(tn.NetworkTrainer):
+        def _prepare_training(self, args):
+            self.assert_extra_args = lambda *a: None   # shadows every class's hook, the mixin's included
+            return super()._prepare_training(args)
+
+        def process_batch(self, *a, **kw):
+            raise AssertionError("a training step ran")
+
+    trainer = make_private_trainer(NoHandover)
+    out = tmp_path / "out"
+    with pytest.raises(SmploraError, match="without calling assert_extra_args"):
+        trainer.train(parse(*kohya_args(data, out), "--privacy", "smplora", "--privacy_holdout_dir",
+                            str(data / "holdout")))
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_old_sd_scripts_is_refused_with_version(tmp_path, capsys):
     old = tmp_path / "sd-scripts-old"
     (old / "library").mkdir(parents=True)
@@ -392,7 +418,8 @@ def test_old_sd_scripts_is_refused_with_version(tmp_path, capsys):
     (old / "train_network.py").write_text(
         "class NetworkTrainer:\n"
         "    def assert_extra_args(self, args, train_dataset_group):\n        pass\n"
-        "    def get_text_cond(self, args, accelerator, batch, tokenizers, text_encoders, weight_dtype):\n        pass\n"
+        "    def get_text_cond(self, args, accelerator, batch, tokenizers, text_encoders, weight_dtype):\n"
+        "        pass\n"
         "    def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds, batch, weight_dtype):\n"
         "        pass\n"
         "    def train(self, args):\n        raise SystemExit('trained!')\n")
@@ -403,6 +430,7 @@ def test_old_sd_scripts_is_refused_with_version(tmp_path, capsys):
     assert rc == 3 and "v0.10.0" in err and "process_batch" in err and "trained!" not in err
     sys.path.insert(0, str(old))
     import train_network as old_tn
+
     from smplora_plugin.integrations.kohya import KohyaVersionError, make_private_trainer
 
     with pytest.raises(KohyaVersionError, match="v0.10.0"):

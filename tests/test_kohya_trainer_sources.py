@@ -51,23 +51,26 @@ def _trainer(tmp_path: Path, body: str, main: str = "    trainer = MyTrainer()\n
     script.write_text("import train_network\n\n\nclass MyTrainer(train_network.NetworkTrainer):\n"
                       + textwrap.indent(textwrap.dedent(body), "    ")
                       + "\n\ndef setup_parser():\n    return train_network.setup_parser()\n\n\n"
-                      "if __name__ == '__main__':\n    parser = setup_parser()\n    args = parser.parse_args()\n" + main)
+                      "if __name__ == '__main__':\n    parser = setup_parser()\n"
+                      "    args = parser.parse_args()\n" + main)
     return script
 
 
-GNP = "get_noise_pred_and_target(self, args, accelerator, noise_scheduler, latents, batch, text_encoder_conds, {den}, " \
-      "network, weight_dtype, train_unet, is_train=True)"
+GNP = ("get_noise_pred_and_target(self, args, accelerator, noise_scheduler, latents, batch, text_encoder_conds, "
+       "{den}, network, weight_dtype, train_unet, is_train=True)")
 
 
 def test_denoiser_named_dit_is_accepted(tmp_path):
     """Lumina's get_noise_pred_and_target calls its denoiser ``dit``; kohya passes it by position."""
-    body = f"def {GNP.format(den='dit')}:\n    def inner():\n        return dit\n    return inner(), latents, None, None\n"
+    body = (f"def {GNP.format(den='dit')}:\n    def inner():\n        return dit\n"
+            "    return inner(), latents, None, None\n")
     assert trainer_source_problems(_trainer(tmp_path, body)) == []
 
 
 def test_renamed_or_missing_parameters_are_reported(tmp_path):
     body = (f"def {GNP.format(den='model')}:\n    return model, latents, None, None\n\n"
-            "def on_step_start(self, args, accelerator, network, text_encoders, unet, batch, weight_dtype):\n    pass\n")
+            "def on_step_start(self, args, accelerator, network, text_encoders, unet, batch, weight_dtype):\n"
+            "    pass\n")
     problems = trainer_source_problems(_trainer(tmp_path, body))
     assert "MyTrainer.get_noise_pred_and_target() lacks parameter(s) unet|dit" in problems
     assert "MyTrainer.on_step_start() lacks parameter(s) is_train" in problems

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from _helpers import one_thread  # noqa: F401,E402  (an autouse fixture)
 from safetensors import safe_open  # noqa: E402
 
 from smplora_plugin import PrivacyRegularizer, loss_maps  # noqa: E402
 from smplora_plugin.tiny_sd import TinySDConfig, build_components  # noqa: E402
+
+from _helpers import one_thread  # noqa: F401,E402  (an autouse fixture)
 
 BF16 = torch.bfloat16
 SMALL = TinySDConfig(unet_channels=(8, 16), unet_norm_groups=4, attention_head_dim=4, vae_channels=(8, 8),
@@ -323,22 +324,21 @@ def test_diffusers_shim_under_accelerate_bf16(preset, tmp_path, fresh_accelerate
     acc.unwrap_model(unet).conv_in.register_forward_hook(lambda m, a, o: denoiser_dtypes.append(o.dtype))
     g = torch.Generator().manual_seed(7)
 
-    def predict(batch):                                   # the script's forward: pred, target (, base_pred)
+    def predict(batch, n=None):                           # the script's forward: pred, target (, base_pred)
         noisy, noise, t, c = batch
         pred = unet(noisy, t, c, return_dict=False)[0]
-        n = reg.privacy_rows(len(noisy))
-        base = reg.reference(unet, lambda: unet(noisy[:n], t[:n], c[:n], return_dict=False)[0])
+        base = reg.reference(unet, n, lambda: unet(noisy[:n], t[:n], c[:n], return_dict=False)[0])
         return (pred, noise) if base is None else (pred, noise, base)
 
     for _ in range(3):
         batch, held_out = inputs(g, BF16, batch=4), inputs(g, BF16, batch=4)
         with acc.accumulate(unet):
-            pred, target, *base = predict(batch)
+            n = reg.privacy_rows(4)                       # this step's privacy rows (explicit in every call)
+            pred, target, *base = predict(batch, n)
             loss = F.mse_loss(pred.float(), target.float())
-            n = reg.privacy_rows(len(pred))
             held_out = tuple(x[:n] for x in held_out)
-            out = reg.step(loss, reg.features(pred, target, reference=base[0] if base else None),
-                           reg.nonmember_features(predict, batch=held_out), update_attacker=acc.sync_gradients)
+            out = reg.step(loss, reg.features(pred, target, rows=n, reference=base[0] if base else None),
+                           reg.nonmember_features(predict, batch=held_out, rows=n), update_attacker=acc.sync_gradients)
             assert torch.equal(out.detach(), loss.detach()) and out.dtype == torch.float32
             acc.backward(out)
             assert all(p.grad.dtype == BF16 and torch.isfinite(p.grad).all() for p in params)

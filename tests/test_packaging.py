@@ -54,7 +54,6 @@ def test_wheel_installs_and_imports_outside_the_source_tree(wheel, tmp_path):
 
 def _requirements():
     import tomllib
-
     from packaging.requirements import Requirement
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

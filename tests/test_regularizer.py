@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from _helpers import TinyDenoiser, batch, small_reg
 def _reference_ce(reg, feats):
     """CE on label 1 computed by hand from the attacker's weights (eval mode, no dropout)."""
     h = feats.reshape(feats.shape[0], -1)
-    layers = [(l.weight.detach(), l.bias.detach()) for l in reg.attacker.layers]
+    layers = [(layer.weight.detach(), layer.bias.detach()) for layer in reg.attacker.layers]
     for w, b in layers[:-1]:
         h = torch.clamp(h @ w.T + b, min=0)
     w, b = layers[-1]
@@ -109,7 +108,7 @@ def test_unbalanced_batches_are_weighted_equally():
     a, b = small_reg(dropout=0.0), small_reg(dropout=0.0)
     a.update_attacker(m, n)
     b.update_attacker(m.repeat(7, 1, 1, 1), n)
-    for (k, va), vb in zip(a.attacker.state_dict().items(), b.attacker.state_dict().values()):
+    for va, vb in zip(a.attacker.state_dict().values(), b.attacker.state_dict().values()):
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6)
 
 
@@ -159,7 +158,9 @@ def test_attacker_learns_to_separate_members_of_a_memorising_model():
     for _ in range(600):  # memorise the members
         pred, noise = forward(members, g)
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
     reg = PrivacyRegularizer(hidden=(64, 32), feature_grid=4, attacker_lr=1e-3, k_steps=1, seed=0)
     with torch.no_grad():
@@ -197,7 +198,7 @@ def test_nonmember_bank_is_refreshed_every_n_updates():
     reg = small_reg(nonmember_every=3)
     m = lambda: torch.rand(2, 2, 4, 4, requires_grad=True)  # noqa: E731
     pattern = []
-    for i in range(7):
+    for _ in range(7):
         want = reg.wants_nonmembers()
         pattern.append(want)
         n = torch.rand(2, 2, 4, 4) if want else None

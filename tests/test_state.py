@@ -1,4 +1,4 @@
-"""Saved and resumed runs continue exactly; state files hold no pickle."""
+"""Saved and resumed runs continue exactly; state files hold no pickle; the codec (state.py) reads no meaning."""
 
 import json
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from smplora_plugin import PrivacyRegularizer
+from smplora_plugin import PrivacyRegularizer, StateError
+from smplora_plugin.state import read_state, save_state, state_from_bytes, state_to_bytes
 
 from _helpers import TinyDenoiser, batch, small_reg
 
@@ -25,7 +26,9 @@ def _train(model, reg, opt, steps, start):
             with torch.no_grad():
                 nonmember = reg.features(model(xn + noisen), noisen)
         out = reg.step(loss, reg.features(pred, noise), nonmember, update_attacker=update)
-        opt.zero_grad(); out.backward(); opt.step()
+        opt.zero_grad()
+        out.backward()
+        opt.step()
         losses.append(out.item())
     return losses
 
@@ -81,3 +84,37 @@ def test_state_of_an_unbuilt_regulariser_round_trips(tmp_path):
     reg.save(tmp_path / "empty.safetensors")
     again = PrivacyRegularizer.load(tmp_path / "empty.safetensors")
     assert again.attacker is None and again.config == reg.config
+
+
+def test_the_codec_round_trips_any_tensors_and_strings_exactly(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    state = {"meta.format": "smplora-state/1", "meta.anything": "not json, kept as is",
+             "a.b": torch.randn(2, 3, generator=g), "ints": torch.arange(5), "half": torch.ones(2).half(),
+             "rng": torch.Generator().manual_seed(1).get_state()}
+    for back in (state_from_bytes(state_to_bytes(state)), read_state(save_state(state, tmp_path / "s.safetensors"))):
+        assert back.keys() == state.keys()
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+            else:
+                assert back[key] == value, key
+
+
+def test_the_codec_refuses_other_values_before_touching_the_file(tmp_path):
+    path = tmp_path / "s.safetensors"
+    path.write_bytes(b"the previous state")
+    with pytest.raises(StateError, match=r"\['meta.counters'\] are neither tensors nor strings"):
+        save_state({"meta.format": "smplora-state/1", "meta.counters": {"global_step": 1}}, path)
+    assert path.read_bytes() == b"the previous state" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_bytes_that_are_not_a_regulariser_state_are_refused():
+    from safetensors.torch import save
+
+    with pytest.raises(StateError, match="not a readable"):
+        state_from_bytes(b"\x05\x00")
+    with pytest.raises(StateError, match="not a smplora regulariser state"):
+        state_from_bytes(save({"w": torch.ones(2)}, metadata={"format": "pt"}))
+    good = state_to_bytes(small_reg().state_dict())
+    with pytest.raises(StateError, match="not a readable"):
+        state_from_bytes(good[: len(good) - 3])

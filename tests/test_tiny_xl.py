@@ -10,9 +10,8 @@ pytest.importorskip("diffusers")
 import torch  # noqa: E402
 
 from smplora_plugin import tiny_xl  # noqa: E402
-from smplora_plugin.tiny_xl import (  # noqa: E402
-    TinyFluxConfig, TinySD3Config, TinySDXLConfig, build_t5_tokenizer, t5_pieces,
-)
+from smplora_plugin.errors import ConfigError  # noqa: E402
+from smplora_plugin.tiny_xl import TinyFluxConfig, TinySD3Config, TinySDXLConfig, build_t5_tokenizer, t5_pieces  # noqa: E402
 
 ARCHS = {
     "sdxl": ("StableDiffusionXLPipeline", "unet", TinySDXLConfig),
@@ -118,5 +117,5 @@ def test_flux_and_sd3_sizes_follow_the_config():
     ("build_sd3_components", TinySD3Config(vae_channels=(6, 16)), "vae_norm_groups"),
 ])
 def test_bad_sizes_are_refused_with_the_fix(builder, config, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         getattr(tiny_xl, builder)(config)

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Write a copy of diffusers' official SD1, SDXL or FLUX LoRA script with the SMP-LoRA lines added.
 
-    python examples/diffusers/patch_official.py sd1 <diffusers>/examples/text_to_image/train_text_to_image_lora.py out.py
-    python examples/diffusers/patch_official.py sdxl <diffusers>/examples/text_to_image/train_text_to_image_lora_sdxl.py out.py
-    python examples/diffusers/patch_official.py flux <diffusers>/examples/dreambooth/train_dreambooth_lora_flux.py out.py
+    D=<diffusers>/examples
+    python examples/diffusers/patch_official.py sd1 $D/text_to_image/train_text_to_image_lora.py out.py
+    python examples/diffusers/patch_official.py sdxl $D/text_to_image/train_text_to_image_lora_sdxl.py out.py
+    python examples/diffusers/patch_official.py flux $D/dreambooth/train_dreambooth_lora_flux.py out.py
 
 The edits are exactly those shown in ``PATCH.md``, ``PATCH_SDXL.md`` and ``PATCH_FLUX.md`` next to this file (the
 lines below are the ones those files show). Each edit looks for one short anchor line of the official
@@ -34,8 +35,8 @@ REG = """\
 """
 
 STEP_LINES = """\
-                    loss = reg.step(loss, reg.features(model_pred, target, reference=base_pred),
-                                    reg.nonmember_features(lambda b: predict(b)[:3]),
+                    loss = reg.step(loss, reg.features(model_pred, target, rows=n, reference=base_pred),
+                                    reg.nonmember_features(lambda b: predict(b)[:3], rows=n),
                                     update_attacker=accelerator.sync_gradients)
 """
 
@@ -54,18 +55,18 @@ SD1_REG = """\
 
 """
 
-SD1_DEF = "    def predict(batch):  # the loop's forward, moved here unchanged\n"
+SD1_DEF = "    def predict(batch, n=None):  # the loop's forward, moved here unchanged; n=None: a held-out batch\n"
 
 SD1_TAIL = """\
-        # the base prediction for calibrated features (--privacy_preset robust); else None, no forward
-        n = reg.privacy_rows(bsz) if reg else 0  # the batch's share in the privacy term
-        base_pred = reg.reference(unet, lambda: unet(noisy_latents[:n], timesteps[:n],
-                                                     encoder_hidden_states[:n], return_dict=False)[0]) if reg else None
+        # the base prediction on the n privacy rows for calibrated features (--privacy_preset robust); else None
+        base_pred = reg.reference(unet, n, lambda: unet(
+            noisy_latents[:n], timesteps[:n], encoder_hidden_states[:n], return_dict=False)[0]) if reg else None
         return model_pred, target, base_pred, timesteps
 
 """
 
-SD1_STEP = ("                if reg:  # before the gather: `loss` keeps its value (step_loss, train_loss), gets the SMP "
+SD1_STEP = ("                if reg:  # before the gather: `loss` keeps its value (step_loss, train_loss), "
+            "gets the SMP "
             "gradient\n" + STEP_LINES)
 
 SD1_POSTFIX = "            logs.update(reg.progress_postfix() if reg else {})\n"
@@ -77,14 +78,13 @@ SDXL_HOLDOUT = """\
 
 """
 
-SDXL_DEF = "    def predict(batch):  # the loop's forward, moved here unchanged\n"
+SDXL_DEF = "    def predict(batch, n=None):  # the loop's forward, moved here unchanged; n=None: a held-out batch\n"
 
 SDXL_TAIL = """\
 
         # the base prediction (LoRA off, no grad) on the privacy rows for calibrated features
         # (--privacy_preset robust); None and no forward otherwise
-        n = reg.privacy_rows(bsz) if reg else 0
-        base_pred = reg.reference(unet, lambda: unet(
+        base_pred = reg.reference(unet, n, lambda: unet(
             noisy_model_input[:n], timesteps[:n], prompt_embeds[:n],
             added_cond_kwargs={k: v[:n] for k, v in unet_added_conditions.items()}, return_dict=False,
         )[0]) if reg else None
@@ -92,7 +92,10 @@ SDXL_TAIL = """\
 
 """
 
-SDXL_CALL = "                model_pred, target, base_pred, timesteps = predict(batch)\n"
+SDXL_CALL = """\
+                n = reg.privacy_rows(len(batch["pixel_values"])) if reg else 0  # this step's rows in the privacy term
+                model_pred, target, base_pred, timesteps = predict(batch, n)
+"""
 
 SDXL_STEP = ("                if reg:  # before the gather: `loss` keeps its value and carries the SMP-LoRA gradient\n"
              + STEP_LINES)
@@ -118,7 +121,7 @@ FLUX_HOLDOUT = """\
 FLUX_KEEP_VAE = "        if args.validation_prompt is None and holdout is None:  # held-out images need the VAE\n"
 
 FLUX_DEF = """\
-    def predict(batch, step=None):  # the loop's forward, moved here; step=None: a held-out batch
+    def predict(batch, n=None, step=None):  # the loop's forward, moved here; n, step None: a held-out batch
         nonlocal tokens_one, tokens_two  # the moved lines assign them (custom prompts with --train_text_encoder)
 """
 
@@ -128,8 +131,7 @@ FLUX_TAIL = """\
 
         # the base prediction (LoRA off, no grad) on the privacy rows of the instance half, unpacked like
         # model_pred, for calibrated features (--privacy_preset robust); None and no forward otherwise
-        n = reg.privacy_rows(bsz, with_prior_preservation=args.with_prior_preservation) if reg else 0
-        base_pred = reg.reference(transformer, lambda: FluxPipeline._unpack_latents(transformer(
+        base_pred = reg.reference(transformer, n, lambda: FluxPipeline._unpack_latents(transformer(
             hidden_states=packed_noisy_model_input[:n], timestep=timesteps[:n] / 1000,
             guidance=None if guidance is None else guidance[:n], pooled_projections=pooled_prompt_embeds[:n],
             encoder_hidden_states=prompt_embeds[:n], txt_ids=text_ids, img_ids=latent_image_ids, return_dict=False,
@@ -139,9 +141,14 @@ FLUX_TAIL = """\
 
 """
 
-FLUX_CALL = "                model_pred, target, base_pred, weighting = predict(batch, step)\n"
+FLUX_CALL = """\
+                n = reg.privacy_rows(len(batch["pixel_values"]),  # this step's rows in the privacy term
+                                     with_prior_preservation=args.with_prior_preservation) if reg else 0
+                model_pred, target, base_pred, weighting = predict(batch, n, step)
+"""
 
-FLUX_STEP = ("                if reg:  # the instance loss only (class images never reach the attacker); keeps its value\n"
+FLUX_STEP = ("                if reg:  # the instance loss only (class images never reach the attacker); "
+             "keeps its value\n"
              + STEP_LINES + "\n")
 
 FLUX_LOG = """\

@@ -37,21 +37,20 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
-from PIL import Image
-from tqdm.auto import tqdm
-
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
+from PIL import Image
+from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from smplora_plugin.integrations._common import list_images  # the image files of a folder, sorted (recursive)
 from smplora_plugin.integrations.diffusers import HoldoutImages, PrivacyRegularizer, add_privacy_args  # [smplora]
 
 logger = get_logger(__name__, log_level="INFO")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def parse_args(argv=None):
@@ -137,7 +136,7 @@ class JsonlTracker(GeneralTracker):
 def read_image_folder(folder, caption_column):
     """(image paths, captions) of an image folder: metadata.jsonl (file_name + caption) or sidecar .txt files."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = list_images(folder)
     if not files:
         raise ValueError(f"--train_data_dir {folder} contains no images.")
     captions = {}
@@ -396,7 +395,7 @@ def main(args):
     progress_bar = tqdm(range(0, args.max_train_steps), initial=initial_global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
 
-    def predict(batch):  # the recipe's forward, as a function so that held-out batches can reuse it
+    def predict(batch, n=None):  # the recipe's forward, as a function so that held-out batches (n=None) reuse it
         latents = vae.encode(batch["pixel_values"].to(dtype=weight_dtype)).latent_dist.sample()
         latents = latents * vae.config.scaling_factor
         noise = torch.randn_like(latents)
@@ -416,9 +415,9 @@ def main(args):
             raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         # [smplora] calibrated features (--privacy_preset robust): the same call with the LoRA off, no grad
-        n = reg.privacy_rows(bsz) if reg else 0  # [smplora] the batch's share in the privacy term
-        base_pred = reg.reference(unet, lambda: unet(noisy_latents[:n], timesteps[:n],  # [smplora]
-                                                     encoder_hidden_states[:n], return_dict=False)[0]) if reg else None  # [smplora]
+        base_pred = reg.reference(unet, n, lambda: unet(  # [smplora]
+            noisy_latents[:n], timesteps[:n], encoder_hidden_states[:n],  # [smplora]
+            return_dict=False)[0]) if reg else None  # [smplora]
         return model_pred, target, base_pred, timesteps  # [smplora] base_pred: None unless calibrated
 
     for epoch in range(first_epoch, args.num_train_epochs):
@@ -429,9 +428,10 @@ def main(args):
             active_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
         else:
             active_dataloader = train_dataloader
-        for step, batch in enumerate(active_dataloader):
+        for _step, batch in enumerate(active_dataloader):
             with accelerator.accumulate(unet):
-                model_pred, target, base_pred, timesteps = predict(batch)  # [smplora] + base_pred
+                n = reg.privacy_rows(len(batch["pixel_values"])) if reg else 0  # [smplora] this step's privacy rows
+                model_pred, target, base_pred, timesteps = predict(batch, n)  # [smplora] + n, base_pred
 
                 if args.snr_gamma is None:
                     loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
@@ -448,8 +448,8 @@ def main(args):
                     loss = loss.mean()
 
                 if reg is not None:  # [smplora] member loss maps (before SNR weighting) + held-out ones
-                    loss = reg.step(loss, reg.features(model_pred, target, reference=base_pred),  # [smplora]
-                                    reg.nonmember_features(lambda b: predict(b)[:3]),  # [smplora]
+                    loss = reg.step(loss, reg.features(model_pred, target, rows=n, reference=base_pred),  # [smplora]
+                                    reg.nonmember_features(lambda b: predict(b)[:3], rows=n),  # [smplora]
                                     update_attacker=accelerator.sync_gradients)  # [smplora]
 
                 avg_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()

@@ -8,14 +8,16 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from smplora_plugin.errors import InputError
 from smplora_plugin.holdout import check_disjoint
+from smplora_plugin.integrations._common import IMAGE_EXTENSIONS
+from smplora_plugin.integrations._common import list_images as _image_files
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # run_audit splits each set in half (calibration / evaluation) and needs 4 per side in each half.
 MIN_IMAGES = 8
 
 
-class FolderError(ValueError):
+class FolderError(InputError):
     """A member / non-member folder the audit cannot use; the message names the fix."""
 
 
@@ -26,10 +28,11 @@ def list_images(folder: str, what: str, minimum: int = MIN_IMAGES) -> List[Path]
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise FolderError(f"the {what} folder {path} does not exist: give the path of a folder of images.")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    files = _image_files(path, recursive=False)
     if len(files) < minimum:
-        raise FolderError(f"the {what} folder {path} has {len(files)} image(s) ({', '.join(IMAGE_EXTS)}); the audit "
-                          f"needs at least {minimum} (half calibrate the attacks, half evaluate them). Add images.")
+        raise FolderError(f"the {what} folder {path} has {len(files)} image(s) ({', '.join(IMAGE_EXTENSIONS)}); "
+                          f"the audit needs at least {minimum} (half calibrate the attacks, half evaluate them). "
+                          "Add images.")
     return files
 
 

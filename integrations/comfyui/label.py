@@ -27,7 +27,8 @@ def read_header(path: Union[str, "os.PathLike[str]"]) -> Dict[str, str]:
     if not path.is_file():
         raise SmploraError(f"{path} does not exist: pick a file from ComfyUI's models/loras folder.")
     if path.suffix != ".safetensors":
-        raise SmploraError(f"{path.name} is not a .safetensors file; only safetensors LoRA files are read (never pickles).")
+        raise SmploraError(f"{path.name} is not a .safetensors file; only safetensors LoRA files are read "
+                           "(never pickles).")
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})

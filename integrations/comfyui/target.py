@@ -44,7 +44,8 @@ class ComfyTarget:
     def __init__(self, model: Any, clip: Any, vae: Any, lora_model: Any, lora_clip: Any, *, load_models: Any):
         sampling = model.model.model_sampling
         sigmas = getattr(sampling, "sigmas", None)
-        if sigmas is None or not torch.is_tensor(sigmas) or sigmas.ndim != 1 or not _noise_scaling_is_additive(sampling):
+        if (sigmas is None or not torch.is_tensor(sigmas) or sigmas.ndim != 1
+                or not _noise_scaling_is_additive(sampling)):
             raise AuditError(
                 f"the audit needs a model with a discrete DDPM-style noise schedule (SD1.x, SD2.x, SDXL, ...); "
                 f"{type(sampling).__name__} is not one (flow-matching models such as SD3 or Flux are not supported "

@@ -167,7 +167,8 @@ class PrivateLoss:
         finally:
             wrap.conds["positive"] = member_conds
         with torch.autocast(pred.device.type, enabled=False):
-            return self.reg.features(pred.float(), x0.float(), reference=None if reference is None else reference.float())
+            reference = None if reference is None else reference.float()
+            return self.reg.features(pred.float(), x0.float(), reference=reference)
 
 
 def private_classes(nodes_train: Any, reg: PrivacyRegularizer, holdout: Holdout, seed: int,

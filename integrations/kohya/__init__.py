@@ -9,8 +9,9 @@ Needs sd-scripts v0.10.0 or newer at run time; nothing of sd-scripts is imported
 
 from smplora_plugin.metadata import annotate
 
+from .checkpoints import state_path_for_checkpoint
 from .compat import KohyaVersionError, check_trainer_class, missing_hooks
-from .mixin import SmploraTrainerMixin, state_path_for_checkpoint
+from .mixin import SmploraTrainerMixin
 from .options import KohyaPrivacySettings, add_privacy_arguments, settings_from_namespace
 from .trainer import make_private_trainer, private_trainer_class
 

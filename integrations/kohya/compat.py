@@ -116,7 +116,8 @@ def find_trainer_class(module, base: type) -> type:
     # the most derived class defined there
     leaves = [c for c in candidates if not any(o is not c and issubclass(o, c) for o in candidates)]
     if len(leaves) != 1:
-        raise SmploraError(f"{module.__name__} defines several trainer classes ({', '.join(c.__name__ for c in leaves)}); "
+        raise SmploraError(f"{module.__name__} defines several trainer classes "
+                           f"({', '.join(c.__name__ for c in leaves)}); "
                            "use make_private_trainer(TrainerClass, config) to pick one.")
     return leaves[0]
 
@@ -378,7 +379,7 @@ def static_check(train_network_py) -> None:
             f"the sd-scripts checkout at {path.parent} is older than {MIN_VERSION}: NetworkTrainer has no per-batch "
             f"hooks ({'; '.join(hooks + layout)}). {REQUIREMENT}. Nothing was trained.")
     if layout:
-        from .reach import SUPPORTED   # (reach imports this module)
+        from .reach import SUPPORTED  # (reach imports this module)
 
         raise KohyaVersionError(
             f"the sd-scripts checkout at {path.parent} has the per-batch hooks but not the layout smplora-kohya "

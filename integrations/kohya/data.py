@@ -30,6 +30,7 @@ from smplora_plugin._io import atomic_write
 from smplora_plugin.errors import HoldoutError
 from smplora_plugin.holdout import check_disjoint, write_manifest
 
+from .._common import IMAGE_EXTENSIONS, list_images
 from . import reach
 
 logger = logging.getLogger("smplora.kohya")
@@ -38,13 +39,12 @@ ROLE_KEY = "smplora_role"  # tag in each subset's custom_attributes dict (batche
 DATASET_SKIP_KEYS = {"subsets", "validation_split", "validation_seed"}
 SUBSET_SKIP_KEYS = {"image_dir", "num_repeats", "is_reg", "class_tokens", "metadata_file", "conditioning_data_dir",
                     "custom_attributes", "cache_info"}
-_FALLBACK_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def image_extensions() -> Tuple[str, ...]:
     """kohya's image extensions (``library.train_util.IMAGE_EXTENSIONS``); a default list outside sd-scripts."""
     if "library" not in sys.modules and importlib.util.find_spec("library") is None:   # outside sd-scripts
-        return _FALLBACK_EXTS
+        return IMAGE_EXTENSIONS
     return tuple(e.lower() for e in reach.library_attr("train_util", "IMAGE_EXTENSIONS"))
 
 
@@ -58,12 +58,12 @@ def holdout_subfolders(holdout_dir: Path) -> List[Tuple[Path, List[Path]]]:
         raise HoldoutError(f"--privacy_holdout_dir {holdout_dir} is not a folder.")
     exts = image_extensions()
     found: List[Tuple[Path, List[Path]]] = []
-    loose = [p for p in holdout_dir.iterdir() if p.is_file() and p.suffix.lower() in exts]
+    loose = list_images(holdout_dir, exts, recursive=False)
     for sub in sorted(p for p in holdout_dir.iterdir() if p.is_dir()):
         head = sub.name.split("_", 1)[0]
         if not head.isdigit() or int(head) < 1:
             continue
-        images = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in exts)
+        images = list_images(sub, exts, recursive=False)
         if images:
             found.append((sub, images))
     if not found:
@@ -112,7 +112,7 @@ def write_dataset_config(config: Dict[str, Any], path: Path) -> Path:
 def asks_validation(args, config: Dict[str, Any]) -> bool:
     """Whether the user asked kohya to validate: ``--validate_every_n_epochs`` / ``--validate_every_n_steps``,
     a carve-out, or a validation dataset of their own (any block but the holdout's, the last one)."""
-    if getattr(args, "validate_every_n_epochs", None) is not None or getattr(args, "validate_every_n_steps", None) is not None:
+    if any(getattr(args, name, None) is not None for name in ("validate_every_n_epochs", "validate_every_n_steps")):
         return True
     if float(getattr(args, "validation_split", 0.0) or 0.0) > 0.0:   # a CLI carve-out (config ones: below)
         return True
@@ -151,27 +151,15 @@ def group_images(group) -> Tuple[List[str], List[str]]:
         return [], []
     datasets = getattr(group, "datasets", None)
     if datasets is None:
-        raise HoldoutError(f"the dataset is a {type(group).__name__} (--dataset_class?), not one of kohya's own dataset "
-                           "groups; SMP-LoRA needs kohya's DreamBooth or fine-tuning datasets to know members from non-members.")
+        raise HoldoutError(f"the dataset is a {type(group).__name__} (--dataset_class?), not one of kohya's own "
+                           "dataset groups; SMP-LoRA needs kohya's DreamBooth or fine-tuning datasets to know members "
+                           "from non-members.")
     members, regs = [], []
     for ds in datasets:
         for info in getattr(ds, "image_data", {}).values():
             path = getattr(info, "absolute_path", None) or getattr(info, "image_key", None)
             (regs if getattr(info, "is_reg", False) else members).append(str(path))
     return sorted(set(members)), sorted(set(regs))
-
-
-def tag_subsets(group, role_of_subset) -> None:
-    """Write ``custom_attributes[ROLE_KEY]`` into each subset (kohya passes these dicts along with every batch)."""
-    if group is None:
-        return
-    for ds in getattr(group, "datasets", []):
-        for subset in getattr(ds, "subsets", []):
-            attrs = getattr(subset, "custom_attributes", None)
-            if attrs is None:
-                attrs = {}
-                subset.custom_attributes = attrs
-            attrs[ROLE_KEY] = role_of_subset(subset)
 
 
 def member_rows(batch: Dict[str, Any], batch_size: int) -> List[int]:
@@ -222,7 +210,8 @@ def first_rows(value: Any, n: int, batch_size: int) -> Any:
         return {key: first_rows(item, n, batch_size) for key, item in value.items()}
     if type(value) in (list, tuple):
         items = list(value)
-        if any(isinstance(x, torch.Tensor) for x in items) and all(x is None or isinstance(x, torch.Tensor) for x in items):
+        tensors = any(isinstance(x, torch.Tensor) for x in items)
+        if tensors and all(x is None or isinstance(x, torch.Tensor) for x in items):
             out = [first_rows(x, n, batch_size) for x in items]
         elif len(items) == batch_size:
             out = items[:n]
@@ -279,7 +268,8 @@ class NonmemberPool:
         self.rank, self.world_size = int(rank), max(1, int(world_size))
         self.n = len(group)
         if self.n == 0:
-            raise HoldoutError("the non-member dataset group is empty (no batches); check --privacy_holdout_dir / validation_split.")
+            raise HoldoutError("the non-member dataset group is empty (no batches); check --privacy_holdout_dir / "
+                               "validation_split.")
         self._perm_pass = -1
         self._perm: List[int] = []
 

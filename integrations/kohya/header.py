@@ -57,7 +57,8 @@ def restore(metadata: Dict[str, str], plan_: HeaderPlan, args: Any, num_processe
     if plan_.validation_off and "ss_validate_every_n_epochs" in out:
         out["ss_validate_every_n_epochs"] = "None"    # the user's value (they gave none)
     if "ss_num_validation_images" in out:
-        out["ss_num_validation_images"] = str(sum(int(getattr(d, "num_train_images", 0)) for d in plan_.other_validation))
+        out["ss_num_validation_images"] = str(sum(int(getattr(d, "num_train_images", 0))
+                                                  for d in plan_.other_validation))
     if "ss_datasets" not in out:
         return out
     if plan_.user_config:

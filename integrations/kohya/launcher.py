@@ -144,7 +144,8 @@ def _main_block(module, script_path: Path) -> Optional[ast.Module]:
     for node in tree.body:
         if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and isinstance(node.test.left, ast.Name)
                 and node.test.left.id == "__name__" and len(node.test.comparators) == 1
-                and isinstance(node.test.comparators[0], ast.Constant) and node.test.comparators[0].value == "__main__"):
+                and isinstance(node.test.comparators[0], ast.Constant)
+                and node.test.comparators[0].value == "__main__"):
             return ast.Module(body=node.body, type_ignores=[])
     return None
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from smplora_plugin.config import PRESETS as CORE_PRESETS, PrivacyConfig
+from smplora_plugin.config import PRESETS as CORE_PRESETS
+from smplora_plugin.config import PrivacyConfig
 from smplora_plugin.errors import ConfigError
 
 MODES = {"none": None, "smplora": "smp", "smp": "smp", "mplora": "mp", "mp": "mp"}
@@ -29,11 +30,15 @@ CONFIG_OPTIONS: Dict[str, tuple] = {
     "privacy_delta": ("delta", float, "numerical guard of the SMP denominator (paper: 1e-5)"),
     "privacy_k_steps": ("k_steps", int, "proxy-attacker updates per optimiser step; 0 freezes it (paper: 1)"),
     "privacy_attacker_lr": ("attacker_lr", float, "Adam learning rate of the proxy attacker (paper: 1e-5)"),
-    "privacy_attacker_weight_decay": ("attacker_weight_decay", float, "Adam weight decay of the attacker (paper: 1e-4)"),
+    "privacy_attacker_weight_decay": ("attacker_weight_decay", float,
+                                      "Adam weight decay of the attacker (paper: 1e-4)"),
     "privacy_attacker_hidden": ("hidden", str, "hidden widths of the attacker MLP, comma separated (paper: 512,256)"),
     "privacy_attacker_dropout": ("dropout", float, "dropout of the attacker while it trains (paper: 0.5)"),
-    "privacy_feature_grid": ("feature_grid", str, "loss maps are pooled per channel down to this grid: N or H,W; 0 = no pooling (default: the preset's, paper 16, robust 32)"),
-    "privacy_nonmember_every": ("nonmember_every", int, "refresh the held-out forward every N attacker updates (default 4)"),
+    "privacy_feature_grid": ("feature_grid", str,
+                             "loss maps are pooled per channel down to this grid: N or H,W; 0 = no pooling (default: "
+                             "the preset's, paper 16, robust 32)"),
+    "privacy_nonmember_every": ("nonmember_every", int,
+                                "refresh the held-out forward every N attacker updates (default 4)"),
     "privacy_fraction": ("privacy_fraction", float, "share of the member images in the privacy term, in (0, 1], taken "
                          "over steps: step k uses the first ceil((k+1) F m) - ceil(k F m) of its m (at batch 1 and "
                          "0.25, one step in four); held-out forwards of ceil(F * batch) images (default: the "
@@ -42,14 +47,15 @@ CONFIG_OPTIONS: Dict[str, tuple] = {
 }
 PATH_OPTIONS: Dict[str, str] = {
     "privacy_holdout_dir": "non-member images in kohya's folder layout (DIR/<repeats>_<name>/*.png), never trained on",
-    "privacy_manifest": "where to write the member / non-member manifest (default: OUTPUT_DIR/OUTPUT_NAME_smplora_manifest.json)",
+    "privacy_manifest": "where to write the member / non-member manifest (default: "
+                        "OUTPUT_DIR/OUTPUT_NAME_smplora_manifest.json)",
     "privacy_attacker_state": "an attacker state .safetensors to start from (default: the one in --resume DIR, if any)",
 }
 PRESETS = tuple(CORE_PRESETS)  # PrivacyConfig.preset names
 PRESET_OPTIONS: Dict[str, str] = {
-    "privacy_preset": "paper (default): the paper's hyperparameters. robust: base-calibrated features, alpha 20, attacker "
-                      "lr 1e-3, privacy fraction 0.25 (stronger against the full attack suite; one extra no-grad base "
-                      "forward per step). --privacy_* options override the preset's values",
+    "privacy_preset": "paper (default): the paper's hyperparameters. robust: base-calibrated features, alpha 20, "
+                      "attacker lr 1e-3, privacy fraction 0.25 (stronger against the full attack suite; one extra "
+                      "no-grad base forward per step). --privacy_* options override the preset's values",
     "privacy_calibrated": "the attacker sees loss maps minus the base model's (LoRA switched off) at the same noisy "
                           "input; costs a no-grad base forward per step (default: the preset's; robust turns it on)",
 }

@@ -1,12 +1,16 @@
-"""Every place smplora-kohya reaches into sd-scripts beyond the ``NetworkTrainer`` hooks, one function each.
+"""Every place smplora-kohya reaches into sd-scripts beyond the ``NetworkTrainer`` hooks, and every change it makes
+to sd-scripts' objects: one function each.
 
-Each function finds its target and, when it is not there, raises :class:`~.compat.KohyaVersionError` naming the
-piece and the sd-scripts versions supported, before the first training step and before the shim writes any file,
+Checked on sd-scripts main 48d368fa (2026-02-16) and on the v0.11 layout (v0.11.1, commit 6721028, 2026-06-16) as its
+pull requests describe it: that one against a stand-in only (tests/kohya_standin/v011_train_network.py).
+
+Lookups: each function finds its target and, when it is not there, raises :class:`~.compat.KohyaVersionError` naming
+the piece and the sd-scripts versions supported, before the first training step and before the shim writes any file,
 instead of a wrong header or a crash at the first checkpoint. Targets are found from the objects (``hasattr``,
 signatures, the trainer's source), never from a version string. The same pieces are read from the source,
 before anything is imported, by :func:`.compat.trainer_source_problems` (the launcher's first check).
 
-Piece by piece (tested layout, main 48d368fa / sd-scripts v0.11, v0.11.1 commit 6721028):
+Piece by piece (48d368fa / v0.11):
 
 - :func:`library_attr`: ``library.train_util`` / ``config_util`` names the shim uses / v0.11 (#2335, #2345,
   #2372): supported where ``train_util`` still re-exports them, refused otherwise;
@@ -14,7 +18,7 @@ Piece by piece (tested layout, main 48d368fa / sd-scripts v0.11, v0.11.1 commit 
 - :func:`save_path`: the ``save_model`` closure of ``train()`` / the ``_save_model()`` method (#2356);
 - :func:`metadata_dict`: ``train()``'s ``metadata`` local / ``self._metadata`` (#2353 ``_build_metadata()``, #2356);
 - :func:`check_header`: ``ss_datasets`` lists every training dataset, the holdout block last / the same;
-- :func:`network_saver`: the network's ``save_weights(file, dtype, metadata)``, wrapped / the same;
+- :func:`network_saver`: the network's ``save_weights(file, dtype, metadata)`` / the same;
 - :func:`dataset_groups`, :func:`holdout_plan`: ``.datasets``, dataset and subset attributes / the same,
   wherever #2335 put the dataset classes (checked on the objects kohya passes, not by module);
 - :func:`batch_roles`: ``batch["custom_attributes"]`` carries the subsets' dicts / the same;
@@ -23,6 +27,19 @@ Piece by piece (tested layout, main 48d368fa / sd-scripts v0.11, v0.11.1 commit 
 - :func:`save_state_hook`: accelerate's ``register_save_state_pre_hook`` / the same;
 - :func:`steps_progress_bar`: tqdm's bar ``desc="steps"`` / the same. The one piece that only warns when it is
   missing: losing ``mia_ce`` / ``mia_acc`` on the bar is not worth refusing a run (the trackers still get them).
+
+Patches, the shim's only changes to sd-scripts' objects (each made once the lookups above have passed):
+
+- :func:`use_dataset_config`, :func:`seed_validation_split`, :func:`validation_off`: kohya's options
+  ``--dataset_config`` (the config with the holdout block, then its kept copy), ``--validation_seed`` (for a
+  carve-out without one), ``--validate_every_n_epochs`` (a value no run reaches, to keep kohya's pass off the holdout);
+- :func:`tag_roles`: the shim's role tag in each dataset subset's ``custom_attributes`` dict;
+- :func:`wrap_save_weights`: the network's ``save_weights``, wrapped for the run (header restored, state saved);
+- :func:`add_to_progress_bar`: the bar's ``set_postfix``, wrapped to show ``mia_ce`` / ``mia_acc``.
+
+Not here: the trainer hooks themselves (:mod:`.mixin`), the LoRA switched off through kohya's own
+``set_multiplier`` (:func:`.capture.lora_off`), and the denoiser's ``forward`` cut to the privacy rows for the length
+of one no-grad replay (:func:`.base_forward.cut_forward`, generic to any ``torch.nn.Module``).
 """
 
 from __future__ import annotations
@@ -31,13 +48,16 @@ import ast
 import importlib
 import inspect
 import json
+import logging
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from . import compat, header
 from .compat import METADATA_ATTR, METADATA_LOCAL, SAVE_CLOSURE, SAVE_METHOD, TESTED_COMMIT, KohyaVersionError
+
+logger = logging.getLogger("smplora.kohya")
 
 SUPPORTED = (f"smplora-kohya supports kohya sd-scripts v0.10.0 (2026-01-19) up to the layout of main {TESTED_COMMIT} "
              "(2026-02-16, the one it is tested against); of sd-scripts v0.11 (v0.11.1, commit 6721028, 2026-06-16) "
@@ -282,6 +302,8 @@ def steps_progress_bar(accelerator) -> Tuple[Any, Optional[str]]:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - kohya depends on tqdm
         return None, "tqdm is not installed"
+    # tqdm's registry of open bars (what tqdm itself uses to place them) is the only way to the bar: tqdm has no
+    # public one, and kohya keeps the bar in a local of train() (48d368fa; the v0.11 PRs do not say where).
     instances = getattr(tqdm, "_instances", None)
     if instances is None:
         return None, "tqdm keeps no _instances registry"
@@ -292,3 +314,75 @@ def steps_progress_bar(accelerator) -> Tuple[Any, Optional[str]]:
     if not getattr(accelerator, "is_local_main_process", True):
         return None, None
     return None, "no tqdm bar named 'steps' is open at the first step"
+
+
+# ---------------------------------------------------------------------------------------------- patches
+NEVER_VALIDATE = 2**31 - 1    # --validate_every_n_epochs that no run reaches: kohya's epoch validation off
+
+
+def use_dataset_config(args, path) -> None:
+    """kohya reads its datasets from ``path`` (``--dataset_config``)."""
+    args.dataset_config = str(path)
+
+
+def seed_validation_split(args, seed: int) -> None:
+    """``--validation_seed``: kohya's carve-out then shuffles its training and validation sides alike."""
+    args.validation_seed = seed
+
+
+def validation_off(args) -> None:
+    """Keep kohya's epoch validation pass off the privacy holdout (the option :func:`validation_switch` found)."""
+    setattr(args, compat.VALIDATION_OPTION, NEVER_VALIDATE)
+
+
+def tag_roles(group, key: str, role_of_subset: Callable[[Any], str]) -> None:
+    """Write ``custom_attributes[key]`` into each subset of a kohya dataset group (kohya passes these dicts along
+    with every batch: :func:`batch_roles`)."""
+    if group is None:
+        return
+    for ds in getattr(group, "datasets", []):
+        for subset in getattr(ds, "subsets", []):
+            attrs = getattr(subset, "custom_attributes", None)
+            if attrs is None:
+                attrs = {}
+                subset.custom_attributes = attrs
+            attrs[key] = role_of_subset(subset)
+
+
+def wrap_save_weights(saver: Saver, restore_header: Optional[Callable[[Dict[str, str]], Dict[str, str]]],
+                      saved: Callable[[Any], None]) -> None:
+    """From now on, each ``saver.net.save_weights(file, dtype, metadata)`` saves the header ``restore_header(metadata)``
+    (when given) and then calls ``saved(file)``."""
+    original = saver.net.save_weights
+
+    def save_weights(*a, **kw):
+        a = list(a)
+        if restore_header is not None:
+            i, name = saver.metadata_index, saver.metadata_name
+            if name is not None and isinstance(kw.get(name), dict):
+                kw[name] = restore_header(kw[name])
+            elif i is not None and i < len(a) and isinstance(a[i], dict):
+                a[i] = restore_header(a[i])
+        out = original(*a, **kw)
+        saved(a[0] if a else kw.get(saver.file_name))
+        return out
+
+    saver.net.save_weights = save_weights
+
+
+def add_to_progress_bar(accelerator, postfix: Callable[[], Dict[str, str]]) -> None:
+    """From now on, kohya's progress bar (:func:`steps_progress_bar`) shows ``postfix()`` next to its own postfix; a
+    warning when the bar is not found (the trackers still get the metrics)."""
+    bar, missing = steps_progress_bar(accelerator)
+    if bar is None:
+        if missing:
+            logger.warning(f"SMP-LoRA: kohya's progress bar was not found ({missing}); mia_ce / mia_acc are "
+                           "logged to kohya's trackers only")
+        return
+    original = bar.set_postfix
+
+    def set_postfix(ordered_dict=None, refresh=True, **kwargs):
+        kwargs.update(postfix())
+        return original(ordered_dict, refresh, **kwargs)
+
+    bar.set_postfix = set_postfix

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from smplora_plugin.config import PrivacyConfig
+from smplora_plugin.errors import InputError
 
 from .compat import check_trainer_class
 from .mixin import SmploraTrainerMixin
@@ -14,10 +15,15 @@ from .options import settings_from_mapping
 _CLASSES: Dict[type, type] = {}
 
 
+class TrainerClassError(InputError, TypeError):
+    """What was passed as the kohya trainer class is not a class (still a :class:`TypeError`, as it always was)."""
+
+
 def private_trainer_class(trainer_cls: type) -> type:
     """``(SmploraTrainerMixin, trainer_cls)``, feature-checked and cached per class."""
     if not isinstance(trainer_cls, type):
-        raise TypeError(f"expected a kohya trainer class (e.g. train_network.NetworkTrainer), got {trainer_cls!r}.")
+        raise TrainerClassError("expected a kohya trainer class (e.g. train_network.NetworkTrainer), "
+                                f"got {trainer_cls!r}.")
     if issubclass(trainer_cls, SmploraTrainerMixin):
         return trainer_cls
     check_trainer_class(trainer_cls)

@@ -97,7 +97,8 @@ def main() -> None:
     save_file(sd, args.out, metadata={"smplora.note": "random tiny SD1.x-style checkpoint for tests"})
     n = {part: sum(v.numel() for k, v in sd.items() if k.startswith(part))
          for part in ("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")}
-    print(f"wrote {args.out}: {os.path.getsize(args.out) / 2**20:.1f} MiB, params unet {n['model.diffusion_model.']/1e6:.2f}M, "
+    print(f"wrote {args.out}: {os.path.getsize(args.out) / 2**20:.1f} MiB, "
+          f"params unet {n['model.diffusion_model.']/1e6:.2f}M, "
           f"clip {n['cond_stage_model.']/1e6:.2f}M, vae {n['first_stage_model.']/1e6:.2f}M, {time.time() - t0:.1f} s")
 
 

@@ -74,7 +74,8 @@ def main(argv=None) -> int:
                    "style_share_members": u["style_share_members"], "style_share_unseen": u["style_share_unseen"],
                    "base_style_share_members": b["style_share_members"],
                    "base_style_share_unseen": b["style_share_unseen"],
-                   "frechet_distance": round(u["frechet_distance"], 3), "kernel_distance": round(u["kernel_distance"], 4),
+                   "frechet_distance": round(u["frechet_distance"], 3),
+                   "kernel_distance": round(u["kernel_distance"], 4),
                    "heldout_loss": rep["utility"].get("heldout_denoising_loss"),
                    "member_loss": rep["utility"].get("member_denoising_loss"),
                    "verdict": (rep.get("verdict") or {}).get("verdict"), "attacks_auc_tpr1": att}

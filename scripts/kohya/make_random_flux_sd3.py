@@ -102,7 +102,8 @@ def make_text_encoders(out: Path, with_clip_g: bool) -> None:
     n = _save(_bf16(lambda: CLIPTextModel._from_config(clip_l_config)), out / "clip_l.safetensors")
     print(f"CLIP-L: {n / 1e6:.0f}M parameters")
     if with_clip_g:
-        n = _save(_bf16(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2))), out / "clip_g.safetensors")
+        n = _save(_bf16(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2))),
+                  out / "clip_g.safetensors")
         print(f"CLIP-G: {n / 1e6:.0f}M parameters")
     t5 = _bf16(lambda: T5EncoderModel(t5_config))
     n = _save(t5, out / "t5xxl.safetensors")

@@ -80,8 +80,9 @@ def make_checkpoint(path: Path, sd_dir: Path, seed: int) -> int:
     logit_scale = torch.tensor(4.6052, dtype=torch.bfloat16)  # log(100), CLIP's usual value
     path.parent.mkdir(parents=True, exist_ok=True)
     # save_dtype=None: the tensors are already bf16, so the saver stores them without a second copy in RAM
-    sdxl_model_util.save_stable_diffusion_checkpoint(str(path), te1, te2, unet, 0, 0, None, vae, logit_scale,
-                                                     {"smplora.fixture": "random SDXL, seed %d" % seed}, save_dtype=None)
+    meta = {"smplora.fixture": "random SDXL, seed %d" % seed}
+    sdxl_model_util.save_stable_diffusion_checkpoint(str(path), te1, te2, unet, 0, 0, None, vae, logit_scale, meta,
+                                                     save_dtype=None)
     return n_params
 
 

@@ -13,7 +13,7 @@ Entry point::
         calibration_nonmembers=None, # members/nonmembers are split by identity into calibration/eval
         calibration_fraction=0.5,
         attacks=None,                # names/classes/instances; None = whole suite (CLiD only with captions)
-        config=None,                 # AuditConfig or dict: seed, batch_size, timesteps, draws, ...
+        config=None,                 # AuditConfig or dict: seed, batch_size, timesteps, draws, attack_options...
         out_dir=None,                # writes report.json, report.md, roc.png, manifest.json
         utility=None,                # extra utility fields for the report (ratio to plain LoRA, quality...)
         manifest_sets=None,          # extra id lists, e.g. {"member_defense": [...], "nonmember_defense": [...]}
@@ -60,21 +60,23 @@ noise predictor) or an original-layout single-file SD1.x / SDXL checkpoint (``lo
 
 Built-in attacks (``available_attacks()``): loss, loss_calibrated, loss_best_t, sima, secmi, pia,
 clid, mlp, logreg, gboost and the blind baseline ``blind``; with ``references=``, also
-lira_online, lira_offline and rmia (:class:`References`: reference LoRAs and what each trained on). Known-answer target for checks:
-:class:`smplora_plugin.audit.synthetic.MemorizingTarget`.
+lira_online, lira_offline and rmia (:class:`References`: reference LoRAs and what each trained on).
+Known-answer target for checks: :class:`smplora_plugin.audit.synthetic.MemorizingTarget`.
 """
 
 from .attacks import Attack, AttackOutput, available_attacks, register_attack
-from .engine import AuditConfig, ScoreContext
+from .config import AuditConfig
+from .engine import ScoreContext
+from .flow import FlowMatchTarget
 from .metrics import MetricError
 from .paired import compare_to_baseline
 from .pooled import AuditRun, run_audit_pooled
-from .protocol import AuditReport, AuditSamples, run_audit
+from .protocol import run_audit
 from .references import References
 from .report import side_by_side
-from .target import AuditError, AuditTarget, DiffusersTarget, load_lora_target
-from .flow import FlowMatchTarget
 from .single_file import load_single_file
+from .target import AuditTarget, DiffusersTarget, load_lora_target
+from .types import AuditError, AuditReport, AuditSamples
 
 __all__ = [
     "Attack",

@@ -7,20 +7,24 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from smplora_plugin._io import IMAGE_EXTENSIONS
+
 from .target import AuditError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# the shims' image types plus the ones an audit may be handed but no trainer reads (kohya takes only the shared
+# set): GIF and TIFF member / non-member images are audited, not refused
+IMAGE_EXTS = IMAGE_EXTENSIONS + (".gif", ".tif", ".tiff")
 CAPTION_EXTS = (".txt", ".caption")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", required=True, metavar="DIR|FILE",
                    help="diffusers-format base model folder (SD1.x/SD2.x/SDXL: unet/, scheduler/, vae/, text_encoder/, "
-                        "tokenizer/ [, text_encoder_2/, tokenizer_2/]; SD3/FLUX: the saved pipeline with transformer/), "
-                        "or a single-file .safetensors checkpoint in the original SD1.x / SDXL layout")
+                        "tokenizer/ [, text_encoder_2/, tokenizer_2/]; SD3/FLUX: the saved pipeline with "
+                        "transformer/), or a single-file .safetensors checkpoint in the original SD1.x / SDXL layout")
     p.add_argument("--tokenizer", metavar="DIR", default=None,
-                   help="for a single-file --base-model: the CLIP tokenizer (a folder with vocab.json and merges.txt, or "
-                        "a diffusers model folder of the same architecture with tokenizer/ [and tokenizer_2/]); "
+                   help="for a single-file --base-model: the CLIP tokenizer (a folder with vocab.json and merges.txt, "
+                        "or a diffusers model folder of the same architecture with tokenizer/ [and tokenizer_2/]); "
                         "default: the local Hugging Face cache (nothing is downloaded)")
     p.add_argument("--lora", metavar="FILE",
                    help="LoRA .safetensors file, diffusers/peft or kohya format (one run; or use --run)")
@@ -31,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--members", metavar="DIR", help="folder of member (trained-on) images; captions from "
                      "NAME.txt / NAME.caption or metadata.jsonl when present")
     src.add_argument("--nonmembers", metavar="DIR", help="folder of held-out non-member images")
-    src.add_argument("--manifest", metavar="FILE", help="smplora holdout manifest (JSON) with sets 'member'/'nonmember' "
+    src.add_argument("--manifest", metavar="FILE",
+                     help="smplora holdout manifest (JSON) with sets 'member'/'nonmember' "
                      "(split here) or member_calibration/nonmember_calibration/member_eval/nonmember_eval")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (the files it gets are listed below)")
     p.add_argument("--attacks", default=None, help="comma-separated attack names (default: the whole suite; "
@@ -48,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--draws", type=int, default=None, help="noise draws per timestep (default 4)")
     p.add_argument("--config", metavar="JSON", default=None,
-                   help="AuditConfig fields as JSON text or a .json file, e.g. '{\"timesteps\": [100, 200]}'")
+                   help="AuditConfig fields as JSON text or a .json file, e.g. '{\"timesteps\": [100, 200]}'; "
+                        "attack settings under \"attack_options\", e.g. '{\"attack_options\": {\"sima\": {\"p\": 2}}}'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the audit (default 1: fastest on a busy machine)")
@@ -148,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     target = load_lora_target(args.base_model, args.lora, device=args.device, tokenizer=args.tokenizer)
     size = args.resolution or _model_resolution(target)
     channels = _image_channels(target)
-    samples = {name: load_images(paths, size, channels, captions=not args.no_captions) for name, paths in groups.items()}
+    samples = {name: load_images(paths, size, channels, captions=not args.no_captions)
+               for name, paths in groups.items()}
     references = reference_models(ref_specs, args, size, channels)
     kw = dict(config=cfg, out_dir=None if args.baseline else args.out, progress=not args.no_progress,
               num_threads=args.threads, n_permutations=args.permutations,
@@ -226,7 +233,8 @@ def _run_pooled(args: argparse.Namespace) -> int:
             runs.append(AuditRun(target, s["members"], s["nonmembers"], calibration_fraction=args.calibration_fraction,
                                  name=name, info=info, references=references))
         else:
-            runs.append(AuditRun(target, s["member_eval"], s["nonmember_eval"], calibration_members=s["member_calibration"],
+            runs.append(AuditRun(target, s["member_eval"], s["nonmember_eval"],
+                                 calibration_members=s["member_calibration"],
                                  calibration_nonmembers=s["nonmember_calibration"], name=name, info=info,
                                  references=references))
     pool_kw = dict(config=cfg, progress=not args.no_progress, num_threads=args.threads,
@@ -271,8 +279,8 @@ def reference_specs(specs: Sequence[str]) -> List[tuple]:
             raise AuditError(f"--reference {spec!r}: {exc}") from exc
         names = [k for k in ("member", "members") if k in sets]
         if not names:
-            raise AuditError(f"--reference manifest {manifest} has sets {sorted(sets)}; it needs a 'member' set listing "
-                             "the images this reference LoRA trained on.")
+            raise AuditError(f"--reference manifest {manifest} has sets {sorted(sets)}; it needs a 'member' set "
+                             "listing the images this reference LoRA trained on.")
         root = Path(manifest).resolve().parent
         files = [p if p.is_absolute() else root / p for k in names for p in map(Path, sets[k])]
         missing = [str(f) for f in files if not f.is_file()]
@@ -283,7 +291,8 @@ def reference_specs(specs: Sequence[str]) -> List[tuple]:
             raise AuditError(f"--reference manifest {manifest}: its 'member' set is empty.")
         out.append((Path(lora), files))
     if len(out) == 1:
-        raise AuditError("one --reference given; LiRA and RMIA need at least 2 reference LoRAs (8 or more recommended).")
+        raise AuditError("one --reference given; LiRA and RMIA need at least 2 reference LoRAs "
+                         "(8 or more recommended).")
     return out
 
 
@@ -412,7 +421,8 @@ def manifest_groups(path: str) -> Dict[str, List[Path]]:
     for name, files in groups.items():
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise AuditError(f"manifest {path}: {len(missing)} file(s) of set {name!r} do not exist, e.g. {missing[0]}.")
+            raise AuditError(f"manifest {path}: {len(missing)} file(s) of set {name!r} do not exist, "
+                             f"e.g. {missing[0]}.")
     return groups
 
 

@@ -131,8 +131,8 @@ class FlowMatchTarget:
                     captions, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)
                 B, C, H, W = x.shape
                 if H % 2 or W % 2:
-                    raise AuditError(f"FLUX packs latents in 2x2 patches; latents of {H}x{W} are not even: use an image "
-                                     "side divisible by 16.")
+                    raise AuditError(f"FLUX packs latents in 2x2 patches; latents of {H}x{W} are not even: use an "
+                                     "image side divisible by 16.")
                 packed = self.pipe._pack_latents(x, B, C, H, W)
                 img_ids = self.pipe._prepare_latent_image_ids(B, H // 2, W // 2, self.device, self.dtype)
                 guidance = None
@@ -147,7 +147,8 @@ class FlowMatchTarget:
                 embeds, _, pooled, _ = self.pipe.encode_prompt(
                     captions, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
                     max_sequence_length=self.max_sequence_length)
-                out = self.transformer(hidden_states=x, timestep=s * 1000.0, encoder_hidden_states=embeds.to(self.dtype),
+                out = self.transformer(hidden_states=x, timestep=s * 1000.0,
+                                       encoder_hidden_states=embeds.to(self.dtype),
                                        pooled_projections=pooled.to(self.dtype), return_dict=False)[0]
         return out
 

@@ -18,11 +18,11 @@ verdict:
 Null (default, ``n_permutations=1000``): the membership labels permuted, the same permutation for
 both models and every attack, within each pooled run. When the members were a random draw, it is
 exact for a LoRA that adds nothing to a baseline that never saw them (an untouched base model),
-and it stays valid when one image is audited in several pooled runs. With ``n_permutations=0``: the normal approximation (headline: normal tail;
-envelope: maximum of correlated normals with the differences' correlation), which treats samples
-as independent. ``"leaks beyond the baseline"`` when ``min(p_headline, p_envelope) < alpha / 2``;
-otherwise ``"no evidence beyond the baseline"``. Pooled reports (:func:`~.pooled.pool_reports`)
-compare on their standardised pooled scores.
+and it stays valid when one image is audited in several pooled runs. With ``n_permutations=0``: the
+normal approximation (headline: normal tail; envelope: maximum of correlated normals with the
+differences' correlation), which treats samples as independent. ``"leaks beyond the baseline"``
+when ``min(p_headline, p_envelope) < alpha / 2``; otherwise ``"no evidence beyond the baseline"``.
+Pooled reports (:func:`~.pooled.pool_reports`) compare on their standardised pooled scores.
 """
 
 from __future__ import annotations

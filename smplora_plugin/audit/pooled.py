@@ -19,9 +19,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import metrics as M
-from .engine import AuditConfig
-from .protocol import AuditReport, SamplesLike, _max_over, _metrics, run_audit
-from .target import AuditError
+from .config import AuditConfig, as_config
+from .protocol import run_audit
+from .scoring import attack_metrics, upper_envelope
+from .types import AuditError, AuditReport, SamplesLike
 from .verdict import AttackScores, VerdictSettings, assess
 
 
@@ -89,8 +90,7 @@ def run_audit_pooled(
     names = [r.name or f"run {i + 1}" for i, r in enumerate(runs)]
     if len(set(names)) != len(names):
         raise AuditError(f"run names must be unique, got {names}.")
-    cfg = config if isinstance(config, AuditConfig) else AuditConfig.from_dict(dict(config or {}))
-    cfg.validate()
+    cfg = as_config(config)
     vset = VerdictSettings(n_permutations=int(n_permutations))
     vset.validate()
     t0 = time.time()
@@ -136,7 +136,7 @@ def pool_reports(reports: Sequence[AuditReport], names: Sequence[str], *, config
         cm, cn = ps.cal_scores[ps.cal_labels == 1], ps.cal_scores[ps.cal_labels == 0]
         thr, cal_bacc = M.best_threshold(cm, cn)
         em, en = ps.eval_scores[labels == 1], ps.eval_scores[labels == 0]
-        d = _metrics(reports[0].attacks[a]["title"], ps.uses_model, em, en, thr, config)
+        d = attack_metrics(reports[0].attacks[a]["title"], ps.uses_model, em, en, thr, config)
         d["calibration"] = {"calibration_auc": ps.calibration_auc, "balanced_accuracy": cal_bacc,
                             "per_run_auc": [r.attacks[a]["auc"] for r in reports]}
         d["seconds"] = round(sum(r.attacks[a].get("seconds", 0.0) for r in reports), 2)
@@ -148,7 +148,8 @@ def pool_reports(reports: Sequence[AuditReport], names: Sequence[str], *, config
     for n, r in zip(names, reports):
         v = r.verdict or {}
         h = v.get("headline") or {}
-        per_run.append({"run": n, "verdict": v.get("verdict"), "headline": h.get("attack"), "headline_auc": h.get("auc"),
+        per_run.append({"run": n, "verdict": v.get("verdict"), "headline": h.get("attack"),
+                        "headline_auc": h.get("auc"),
                         "headline_p_value": h.get("p_value")})
     verdict["per_run"] = per_run
     splits: Dict[str, int] = {}
@@ -161,7 +162,7 @@ def pool_reports(reports: Sequence[AuditReport], names: Sequence[str], *, config
             passes[k] = passes.get(k, 0) + v
     n1, n0 = int(labels.sum()), int((labels == 0).sum())
     return AuditReport(
-        title=title, verdict=verdict, attacks=results, max_over_attacks=_max_over(results), utility={},
+        title=title, verdict=verdict, attacks=results, max_over_attacks=upper_envelope(results), utility={},
         splits=splits, null_band=M.null_band(n1, n0), config=config.to_dict(), timesteps=reports[0].timesteps,
         passes=passes, info={"runs": list(names)}, seconds=round(sum(r.seconds for r in reports), 2), manifest=None,
         roc=roc, scores=pooled, eval_labels=labels, runs=list(reports),

@@ -1,7 +1,9 @@
-"""tqdm progress bars (to stderr) when tqdm is installed and enabled; a silent stand-in otherwise."""
+"""What the audit shows on stderr: tqdm progress bars (when tqdm is installed and enabled; a silent
+stand-in otherwise) and warnings (:func:`warn`, always shown)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -22,3 +24,8 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
     except ImportError:  # tqdm is in the audit extra; progress is optional
         return _Silent()
     return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+
+
+def warn(message: str) -> None:
+    """Print ``message`` as an audit warning on stderr (it is also recorded in the report)."""
+    print(f"smplora audit: WARNING: {message}", file=sys.stderr)

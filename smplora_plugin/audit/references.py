@@ -2,7 +2,7 @@
 
 A :class:`References` holds reference :class:`~.target.AuditTarget` s and, for each, the
 identities of the samples it trained on. Identities are those of
-:meth:`~.protocol.AuditSamples.identity` (explicit ids, or ``sha256:`` of the pixels); an audited
+:meth:`~.types.AuditSamples.identity` (explicit ids, or ``sha256:`` of the pixels); an audited
 sample counts as IN for a reference when its explicit id *or* its pixel hash is in that
 reference's training set, so a reference manifest may name files by path or by content.
 
@@ -30,7 +30,9 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Seq
 import numpy as np
 import torch
 
-from .target import AuditError, check_target
+from .attacks.registry import BUILTIN_ATTACKS
+from .target import check_target, load_lora_target
+from .types import AuditError, AuditSamples
 
 MODES = ("online", "offline", "auto")
 MIN_REFERENCES = 2
@@ -96,13 +98,11 @@ class References:
               log: Optional[Callable[[str], None]] = None) -> "References":
         """Train ``n`` references with ``trainer(train_samples, seed)`` on random halves of ``pool``.
 
-        ``pool`` (:class:`~.protocol.AuditSamples`): the population pool, which should contain the
+        ``pool`` (:class:`~.types.AuditSamples`): the population pool, which should contain the
         audited members and non-members for the online variant. The assignment is balanced: each
         pool sample is IN for exactly ``n // 2`` references (a seeded random choice per sample),
         so a reference's training set has about half of the pool.
         """
-        from .protocol import AuditSamples
-
         if not isinstance(pool, AuditSamples):
             raise AuditError(f"pool must be AuditSamples, got {type(pool).__name__}.")
         if isinstance(n, bool) or not isinstance(n, int) or n < MIN_REFERENCES:
@@ -138,11 +138,9 @@ class References:
         file, when given) and loaded with :func:`~.target.load_lora_target` only while its loss
         grid is computed.
         """
-        from .target import load_lora_target
-
         want = _lora_shapes(Path(like)) if like is not None else None
         models = []
-        for i, (lora, ids) in enumerate(pairs):
+        for lora, ids in pairs:
             lora = Path(lora)
             if not lora.is_file():
                 raise AuditError(f"reference LoRA {lora} does not exist.")
@@ -229,8 +227,6 @@ def match(references: References, samples: Any) -> ReferenceView:
 
     Raises :class:`AuditError` when the requested mode is impossible with these references.
     """
-    from .protocol import AuditSamples
-
     if not isinstance(references, References):
         raise AuditError(f"references must be a smplora_plugin.audit.References, got {type(references).__name__}; "
                          "build one with References.from_targets, References.train or References.from_lora_files.")
@@ -279,8 +275,6 @@ def check_compatible(view: ReferenceView, target: Any, images: torch.Tensor) -> 
 
 def select_attacks(attack_objs: List[Any], default_suite: bool, view: Optional[ReferenceView]) -> List[Any]:
     """Add (default suite) or check (explicit list) the reference attacks for this audit."""
-    from .attacks.registry import BUILTIN_ATTACKS
-
     names = {a.name for a in attack_objs}
     if default_suite:
         if view is None:

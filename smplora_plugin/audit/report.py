@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from smplora_plugin._io import atomic_write_text, fmt
 
-def _f(x: Optional[float], nd: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"
+
+def run_folder(index: int, name: str) -> str:
+    """Sub-folder of a pooled report for run ``index`` (0-based): ``run_01_<name>``."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:40] or "run"
+    return f"run_{index + 1:02d}_{slug}"
 
 
 def _pct(x: Optional[float]) -> str:
+    # not smplora_plugin._io.pct: that one rounds numpy scalars with numpy's round(), which differs from the
+    # format's rounding on ties (0.0005 as np.float64 is 0.0% there, 0.1% here); the reports keep this one
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def _value(v: Any) -> str:
     if isinstance(v, float):
-        return _f(v, 4)
+        return fmt(v, 4)
     if isinstance(v, Mapping):
         return ", ".join(f"{k} {_value(x)}" for k, x in v.items())
     return "n/a" if v is None else str(v)
@@ -61,7 +67,8 @@ def render_verdict(v: Optional[Mapping[str, Any]]) -> List[str]:
                  f"[{h['auc_ci95'][0]:.3f}, {h['auc_ci95'][1]:.3f}], permutation p = {h['p_value']:.3g} (one-sided).")
     env = (f"- Upper envelope (maximum over attacks on the evaluation split: selected on it, optimistic): AUC "
            f"{e['auc']['value']:.3f} ({e['auc']['attack']}) against a null 95% quantile of {e['auc']['null_q95']:.3f}, "
-           f"p = {e['auc']['p_value']:.3g}; leakage {e['leakage']['value']:.3f} (null q95 {e['leakage']['null_q95']:.3f}, "
+           f"p = {e['auc']['p_value']:.3g}; leakage {e['leakage']['value']:.3f} (null q95 "
+           f"{e['leakage']['null_q95']:.3f}, "
            f"p = {e['leakage']['p_value']:.3g})")
     t = e.get("tpr_at_1pct_fpr")
     if t:
@@ -103,7 +110,7 @@ def render_markdown(d: Mapping[str, Any]) -> str:
         lines += ["", f"Pooled over {pl['n_runs']} runs: {pl['method']}.", "", "| run | verdict | headline attack | "
                   "AUC | p |", "|---|---|---|---|---|"]
         for r in (d.get("verdict") or {}).get("per_run", []):
-            lines.append(f"| {_cell(r['run'])} | {r['verdict']} | {r['headline']} | {_f(r['headline_auc'])} | "
+            lines.append(f"| {_cell(r['run'])} | {r['verdict']} | {r['headline']} | {fmt(r['headline_auc'])} | "
                          f"{'n/a' if r['headline_p_value'] is None else format(r['headline_p_value'], '.3g')} |")
     lines += ["", f"Evaluation: {sp['member_eval']} members / {sp['nonmember_eval']} non-members "
                   f"(calibration: {sp['member_calibration']} / {sp['nonmember_calibration']}). "
@@ -118,14 +125,14 @@ def render_markdown(d: Mapping[str, Any]) -> str:
             blind = (name, r)
         cal_auc = (r.get("calibration") or {}).get("calibration_auc")
         row = (f"| {_cell(r['title'])} | {r['auc']:.3f} [{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] | "
-               f"{_f(cal_auc)} | {r['leakage']:.3f} | {_tpr_cell(r, '1%')} | {_tpr_cell(r, '0.1%')} | "
-               f"{_f(r['balanced_accuracy'])} | {_tuned(r['calibration'])} |")
+               f"{fmt(cal_auc)} | {r['leakage']:.3f} | {_tpr_cell(r, '1%')} | {_tpr_cell(r, '0.1%')} | "
+               f"{fmt(r['balanced_accuracy'])} | {_tuned(r['calibration'])} |")
         lines.append(row)
     if any(r["uses_model"] for r in d["attacks"].values()) and mx.get("auc"):
         lines.append(f"| *upper envelope (max over attacks, selected on evaluation)* | *{mx['auc']['value']:.3f}* | | "
-                     f"*{_f(mx['leakage']['value'])}* | *{_pct((mx.get('tpr_at_1pct_fpr') or {}).get('value'))}* | "
+                     f"*{fmt(mx['leakage']['value'])}* | *{_pct((mx.get('tpr_at_1pct_fpr') or {}).get('value'))}* | "
                      f"*{_pct((mx.get('tpr_at_0.1pct_fpr') or {}).get('value'))}* | "
-                     f"*{_f((mx.get('balanced_accuracy') or {}).get('value'))}* | |")
+                     f"*{fmt((mx.get('balanced_accuracy') or {}).get('value'))}* | |")
     lines.append("")
     first = next(iter(d["attacks"].values()), None)
     fp_note = ""
@@ -155,10 +162,10 @@ def render_markdown(d: Mapping[str, Any]) -> str:
     lines += ["", "## For comparison with the SMP-LoRA paper only", "",
               "ASR picks its threshold on the evaluation set itself (optimistic); AUCn = |AUC - 0.5| / 0.5 hides "
               "the direction.", "", "| attack | TPR@5%FPR | ASR | AUCn |", "|---|---|---|---|"]
-    for name, r in d["attacks"].items():
+    for r in d["attacks"].values():
         pc = r["paper_comparison"]
-        lines.append(f"| {_cell(r['title'])} | {_pct(pc['tpr_at_5pct_fpr'])} | {_pct(pc['asr_best_threshold_on_eval'])} | "
-                     f"{pc['aucn']:.3f} |")
+        lines.append(f"| {_cell(r['title'])} | {_pct(pc['tpr_at_5pct_fpr'])} | "
+                     f"{_pct(pc['asr_best_threshold_on_eval'])} | {pc['aucn']:.3f} |")
     curves = [(name, fam, c) for name, r in d["attacks"].items() for fam, c in (r.get("curves_eval_auc") or {}).items()]
     if curves:
         lines += ["", "## Per-timestep / per-variant AUC on the evaluation split (diagnostic, not selected on it)", ""]
@@ -170,8 +177,6 @@ def render_markdown(d: Mapping[str, Any]) -> str:
               + f". Audit time {d['seconds']:.1f} s."]
     names = (d.get("pooling") or {}).get("runs") or []
     for i, run in enumerate(d.get("runs") or []):
-        from .protocol import run_folder
-
         v = run.get("verdict") or {}
         lines += ["", f"## Run {i + 1}: {_cell(run['title'])}", ""]
         if i < len(names):
@@ -183,7 +188,7 @@ def render_markdown(d: Mapping[str, Any]) -> str:
         lines.append("")
         lines.append("| attack | AUC [95% CI] | TPR@1%FPR |")
         lines.append("|---|---|---|")
-        for name, r in run["attacks"].items():
+        for r in run["attacks"].values():
             lines.append(f"| {_cell(r['title'])} | {r['auc']:.3f} [{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] | "
                          f"{_pct(r['tpr_at_1pct_fpr'])} |")
     return "\n".join(lines) + "\n"
@@ -292,8 +297,8 @@ def write_report(report: Any, out_dir: Union[str, Path]) -> Dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     d = report.to_dict()
     paths = {"json": out / "report.json", "markdown": out / "report.md", "roc": out / "roc.png"}
-    _atomic_write(paths["json"], json.dumps(d, indent=2, sort_keys=False, default=_json_default))
-    _atomic_write(paths["markdown"], render_markdown(d))
+    atomic_write_text(paths["json"], json.dumps(d, indent=2, sort_keys=False, default=_json_default))
+    atomic_write_text(paths["markdown"], render_markdown(d))
     head = ((d.get("verdict") or {}).get("headline") or {}).get("attack")
     plot_roc(report.roc, paths["roc"], title=f"{report.title}\nROC on the evaluation split",
              n_nonmember=report.splits.get("nonmember_eval"), aucs={k: r["auc"] for k, r in d["attacks"].items()},
@@ -305,6 +310,8 @@ def write_report(report: Any, out_dir: Union[str, Path]) -> Dict[str, Path]:
 
 
 def _json_default(x: Any) -> Any:
+    """numpy scalars and arrays as Python values; anything else is a bug in ``to_dict()``, so a TypeError
+    (what ``json`` expects from its ``default`` hook), not a :class:`SmploraError` that reads as user error."""
     import numpy as np
 
     if isinstance(x, (np.floating, np.integer)):
@@ -312,12 +319,6 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x.tolist()
     raise TypeError(f"cannot serialise {type(x).__name__}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def side_by_side(reports: Mapping[str, Any], *, utility_keys: Optional[Sequence[str]] = None) -> str:
@@ -353,13 +354,13 @@ def side_by_side(reports: Mapping[str, Any], *, utility_keys: Optional[Sequence[
             cells.append("-" if r is None else f"{r['auc']:.3f} [{r['auc_ci95'][0]:.2f}, {r['auc_ci95'][1]:.2f}]")
         title = next(d["attacks"][a]["title"] for d in ds.values() if a in d["attacks"])
         lines.append(f"| AUC {_cell(title)} | " + " | ".join(cells) + " |")
-    for key, label, fmt in (("auc", "max AUC over attacks (upper envelope)", _f), ("leakage", "max leakage", _f),
-                            ("tpr_at_1pct_fpr", "max TPR@1%FPR", _pct), ("tpr_at_0.1pct_fpr", "max TPR@0.1%FPR", _pct),
-                            ("balanced_accuracy", "max bal. acc. (calibrated threshold)", _f)):
+    for key, label, show in (("auc", "max AUC over attacks (upper envelope)", fmt), ("leakage", "max leakage", fmt),
+                             ("tpr_at_1pct_fpr", "max TPR@1%FPR", _pct), ("tpr_at_0.1pct_fpr", "max TPR@0.1%FPR", _pct),
+                             ("balanced_accuracy", "max bal. acc. (calibrated threshold)", fmt)):
         cells = []
         for d in ds.values():
             m = d["max_over_attacks"].get(key)
-            cells.append("n/a" if not m else f"{fmt(m['value'])} ({m['attack']})")
+            cells.append("n/a" if not m else f"{show(m['value'])} ({m['attack']})")
         lines.append(f"| **{label}** | " + " | ".join(cells) + " |")
     keys: List[str] = list(utility_keys) if utility_keys is not None else []
     if utility_keys is None:

@@ -185,7 +185,8 @@ def vae_config(state: Dict[str, torch.Tensor], layout: str) -> Dict[str, Any]:
         layers = _count(v, "encoder.down.0.block.{}")
         widths = [int(v[f"encoder.down.{i}.block.{layers - 1}.conv2.weight"].shape[0]) for i in range(levels)]
         latent = int(v["encoder.conv_out.weight"].shape[0]) // 2
-        cfg = {"in_channels": int(v["encoder.conv_in.weight"].shape[1]), "out_channels": int(v["decoder.conv_out.weight"].shape[0]),
+        cfg = {"in_channels": int(v["encoder.conv_in.weight"].shape[1]),
+               "out_channels": int(v["decoder.conv_out.weight"].shape[0]),
                "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
                "block_out_channels": widths, "layers_per_block": layers, "latent_channels": latent,
                "sample_size": ARCHITECTURES[layout]["resolution"],

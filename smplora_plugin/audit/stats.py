@@ -287,7 +287,8 @@ def epsilon_from_rates(tpr_lo: float, fpr_hi: float, delta: float = 0.0) -> floa
     return max(cands)
 
 
-def epsilon_lower_bound(tp: int, n1: int, fp: int, n0: int, *, level: float = 0.95, delta: float = 0.0) -> Dict[str, float]:
+def epsilon_lower_bound(tp: int, n1: int, fp: int, n0: int, *, level: float = 0.95,
+                        delta: float = 0.0) -> Dict[str, float]:
     """Empirical epsilon lower bound from one threshold test's counts on the evaluation split.
 
     ``TPR_lo`` is the one-sided ``level`` Clopper-Pearson lower bound of ``tp / n1`` and ``FPR_hi``
@@ -311,7 +312,8 @@ def best_epsilon_threshold(member: Sequence[float], nonmember: Sequence[float], 
     best = (math.inf, 0.0)
     for i in range(1, thr.size):
         e = epsilon_from_rates(clopper_pearson(int(round(tpr[i] * m.size)), m.size, level=level, side="lower")[0],
-                               clopper_pearson(int(round(fpr[i] * n.size)), n.size, level=level, side="upper")[1], delta)
+                               clopper_pearson(int(round(fpr[i] * n.size)), n.size, level=level, side="upper")[1],
+                               delta)
         if e > best[1] + 1e-12:
             lower = thr[i + 1] if i + 1 < thr.size else thr[i] - 1.0
             best = (float(0.5 * (thr[i] + lower)), e)

@@ -16,11 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Unio
 
 import torch
 
-from ..errors import SmploraError
-
-
-class AuditError(SmploraError):
-    """Bad input to the audit (files, images, manifests, sample counts, model folders)."""
+from .types import AuditError
 
 
 @runtime_checkable
@@ -101,7 +97,8 @@ class DiffusersTarget:
     """
 
     def __init__(self, unet: Any, scheduler: Any, *, vae: Any = None, text_encoder: Any = None, tokenizer: Any = None,
-                 base_unet: Any = None, device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
+                 base_unet: Any = None, device: Union[str, torch.device, None] = None,
+                 dtype: torch.dtype = torch.float32,
                  text_encoder_2: Any = None, tokenizer_2: Any = None):
         self.unet = unet
         self.base_unet = base_unet
@@ -122,7 +119,8 @@ class DiffusersTarget:
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().float().cpu()
         self.prediction_type = str(getattr(cfg, "prediction_type", "epsilon") or "epsilon")
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise AuditError(f"prediction_type {self.prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'.")
+            raise AuditError(f"prediction_type {self.prediction_type!r} is not supported; use 'epsilon' or "
+                             "'v_prediction'.")
         self._cross_attention_dim = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
         if self._cross_attention_dim is not None and (text_encoder is None or tokenizer is None):
             raise AuditError("this UNet is text-conditional: give DiffusersTarget a text_encoder and a tokenizer.")
@@ -182,7 +180,8 @@ class DiffusersTarget:
             if self.sdxl:
                 hidden, pooled = self._encode_text_sdxl(cond)
                 h, w = (s * self._vae_scale() for s in z.shape[-2:])
-                time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype).expand(z.shape[0], 6)
+                time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype)
+                time_ids = time_ids.expand(z.shape[0], 6)
                 out = unet(z, tt, encoder_hidden_states=hidden,
                            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
             elif self.tokenizer is not None:
@@ -297,7 +296,8 @@ def load_lora_target(base_model: PathLike, lora: PathLike, *, device: Union[str,
     if not lora.is_file():
         raise AuditError(f"LoRA file {lora} does not exist.")
     if lora.suffix != ".safetensors":
-        raise AuditError(f"LoRA file {lora} is not a .safetensors file; only safetensors LoRA files are read (never pickles).")
+        raise AuditError(f"LoRA file {lora} is not a .safetensors file; only safetensors LoRA files are read (never "
+                         "pickles).")
     if base_model.is_file():
         from .single_file import load_single_file
 
@@ -320,11 +320,13 @@ def load_lora_target(base_model: PathLike, lora: PathLike, *, device: Union[str,
 
     unet_cfg = _read_json(base_model / "unet" / "config.json")
     unet_cls = getattr(diffusers, unet_cfg.get("_class_name", "UNet2DConditionModel"))
-    parts: Dict[str, Any] = {"unet": unet_cls.from_pretrained(base_model, subfolder="unet", torch_dtype=dtype).to(device)}
+    parts: Dict[str, Any] = {"unet": unet_cls.from_pretrained(base_model, subfolder="unet",
+                                                              torch_dtype=dtype).to(device)}
     sched_cfg = _read_json(base_model / "scheduler" / "scheduler_config.json")
     parts["scheduler"] = diffusers.DDPMScheduler.from_config(sched_cfg)
     if (base_model / "vae").is_dir():
-        parts["vae"] = diffusers.AutoencoderKL.from_pretrained(base_model, subfolder="vae", torch_dtype=dtype).to(device)
+        parts["vae"] = diffusers.AutoencoderKL.from_pretrained(base_model, subfolder="vae",
+                                                               torch_dtype=dtype).to(device)
     for suffix in ("", "_2"):
         if (base_model / f"text_encoder{suffix}").is_dir() and (base_model / f"tokenizer{suffix}").is_dir():
             import transformers

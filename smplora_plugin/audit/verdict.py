@@ -26,6 +26,7 @@ import numpy as np
 
 from . import metrics as M
 from . import stats as S
+from .types import AuditError
 
 LEAKS = "leaks"
 NO_EVIDENCE = "no evidence of leakage at this size"
@@ -68,8 +69,6 @@ class VerdictSettings:
     shift_gap: float = 0.1
 
     def validate(self) -> None:
-        from .target import AuditError
-
         if self.n_permutations < 1000:
             raise AuditError(f"n_permutations={self.n_permutations}: use at least 1000 label permutations.")
         if not 0 < self.alpha < 1 or not 0 < self.power < 1 or not 0.5 < self.detectable_bound <= 1:
@@ -233,7 +232,8 @@ def _epsilon(sc: AttackScores, y: np.ndarray, st: VerdictSettings) -> Dict[str, 
 def _rule_text(st: VerdictSettings) -> str:
     return (f"'{LEAKS}' when min(p_headline, p_upper_envelope_auc) < {st.alpha / 2:g} (Bonferroni over the two "
             f"permutation tests, family-wise {st.alpha:g}); else '{TOO_FEW}' when the smallest AUC detectable at "
-            f"{st.power:.0%} power (one-sided {st.alpha / 2:g}) is above {st.detectable_bound:g}; else '{NO_EVIDENCE}'.")
+            f"{st.power:.0%} power (one-sided {st.alpha / 2:g}) is above {st.detectable_bound:g}; "
+            f"else '{NO_EVIDENCE}'.")
 
 
 def _summary(verdict: str, v: Mapping[str, Any], st: VerdictSettings) -> str:

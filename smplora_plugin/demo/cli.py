@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="smplora_demo", help="output folder for reports, LoRA files and samples "
                                                               "(default: ./smplora_demo)")
     parser.add_argument("--quick", action="store_true",
-                        help="reduced size for CI (16 members, 200 steps, 64 evaluation non-members, fewer audit draws)")
+                        help="reduced size for CI (16 members, 200 steps, 64 evaluation non-members, "
+                             "fewer audit draws)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the private splits, LoRA and audit")
     from .datasets import NAMES
 
@@ -44,8 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrain-base", action="store_true",
                         help="train the base model and classifier here instead of loading the shipped weights")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: the tiny model's ops are too small to gain from more, "
-                             "and extra threads slow down badly on a shared machine)")
+                        help="torch CPU threads per job (default 1: the tiny model's ops are too small to gain from "
+                             "more, and extra threads slow down badly on a shared machine)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="columns (LoRA variants and the base model) trained and audited at once, each in its own "
+                             "process (default: one per free core, at most one per column; 1: one after another in "
+                             "this process, with progress bars); the figures are the same for any value")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -54,7 +59,8 @@ def config_from_args(args: argparse.Namespace):
 
     kw: Dict[str, Any] = {"seed": args.seed, "dataset": getattr(args, "dataset", "digits")}
     for name, field in (("members", "members"), ("steps", "steps"), ("rank", "lora_rank"), ("lr", "lora_lr"),
-                        ("alpha", "smp_alpha"), ("attacker_lr", "attacker_lr"), ("mp_alpha", "mp_alpha"), ("k_steps", "k_steps")):
+                        ("alpha", "smp_alpha"), ("attacker_lr", "attacker_lr"), ("mp_alpha", "mp_alpha"),
+                        ("k_steps", "k_steps")):
         v = getattr(args, name, None)
         if v is not None:
             kw[field] = v
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; print the side-by-side table. Returns the exit status."""
     import torch
 
+    from .columns import columns_of, default_jobs
     from .pipeline import ASSETS, render_table, run_demo
 
     try:
@@ -80,15 +87,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"smplora demo: error: {exc}", file=sys.stderr)
         return 2
-    if args.threads < 1:
-        print("smplora demo: error: --threads must be >= 1.", file=sys.stderr)
+    if args.threads < 1 or (args.jobs is not None and args.jobs < 1):
+        print("smplora demo: error: --threads and --jobs must be >= 1.", file=sys.stderr)
         return 2
+    jobs = args.jobs or default_jobs(len(columns_of(cfg)), args.threads)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     summary = run_demo(cfg, args.out, progress=not args.no_progress, assets=None if args.retrain_base else ASSETS,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+                       log=lambda m: print(m, file=sys.stderr, flush=True), jobs=jobs)
     print(render_table(summary))
     print(f"\nReports written to {args.out}/ (summary.md, summary.json, manifest.json; <variant>/report.md|json, "
           f"roc.png, per_timestep_auc.png, manifest.json, samples.png, lora.safetensors; base/: the base model's "
-          f"audit). Wall time {time.time() - t0:.0f} s.")
+          f"audit). Wall time {time.time() - t0:.0f} s ({summary['jobs']} job{'s' if summary['jobs'] > 1 else ''}).")
     return 0

@@ -14,6 +14,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .model import caption_for
 
 #: Names of the private sets, in the order they are drawn.
@@ -90,13 +91,13 @@ def check_split_sizes(sizes: Mapping[str, int], pool: int, noun: str = "images")
     """``ValueError`` for unknown set names, sizes that are not whole numbers >= 1, or sets larger than ``pool``."""
     unknown = set(sizes) - set(PRIVATE_SETS)
     if unknown:
-        raise ValueError(f"unknown set name(s) {sorted(unknown)}; valid names: {list(PRIVATE_SETS)}.")
+        raise ConfigError(f"unknown set name(s) {sorted(unknown)}; valid names: {list(PRIVATE_SETS)}.")
     for k, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"set {k!r} needs a whole number of images >= 1, got {v!r}.")
+            raise ConfigError(f"set {k!r} needs a whole number of images >= 1, got {v!r}.")
     total = sum(sizes.values())
     if total > pool:
-        raise ValueError(f"the private sets ask for {total} {noun} but the private pool holds {pool}; "
+        raise ConfigError(f"the private sets ask for {total} {noun} but the private pool holds {pool}; "
                          "reduce --members or the non-member set sizes.")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from ..errors import ConfigError
 from .data import DigitSet, DigitSplits
 from .model import TinyLDMConfig
 
@@ -130,5 +131,5 @@ NAMES = tuple(_REGISTRY)
 def get_dataset(name: str) -> DemoDataset:
     """The data set called ``name``; ``ValueError`` naming the choices otherwise."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown demo data set {name!r}; choose one of {list(NAMES)}.")
+        raise ConfigError(f"unknown demo data set {name!r}; choose one of {list(NAMES)}.")
     return _REGISTRY[name]()

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import ConfigError, InputError
 from .data import PRIVATE_SETS, DigitSet, DigitSplits, check_split_sizes
 
 DATA_DIR = Path(__file__).resolve().parent / "assets" / "emoji"
@@ -57,8 +58,8 @@ def table() -> Dict[str, Any]:
     """The parsed ``emoji.json``: provenance, selection rules and one row per emoji."""
     path = DATA_DIR / "emoji.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall smplora-plugin, or rebuild it with "
-                                "scripts/emoji/make_emoji_dataset.py.")
+        raise InputError(f"{path} is missing: reinstall smplora-plugin, or rebuild it with "
+                         "scripts/emoji/make_emoji_dataset.py.")
     return json.loads(path.read_text())
 
 
@@ -71,7 +72,7 @@ def caption_for(index: int) -> str:
     """The caption of emoji ``index`` (its row in the table)."""
     caps = captions()
     if not 0 <= int(index) < len(caps):
-        raise ValueError(f"emoji indices are 0..{len(caps) - 1}, got {index}.")
+        raise InputError(f"emoji indices are 0..{len(caps) - 1}, got {index}.")
     return caps[int(index)]
 
 
@@ -87,7 +88,7 @@ def _arrays(resolution: int) -> Dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     if resolution not in RESOLUTIONS:
-        raise ValueError(f"emoji resolution must be one of {list(RESOLUTIONS)}, got {resolution!r}.")
+        raise ConfigError(f"emoji resolution must be one of {list(RESOLUTIONS)}, got {resolution!r}.")
     return load_file(str(DATA_DIR / f"emoji_{resolution}px.safetensors"))
 
 
@@ -106,7 +107,7 @@ def pools() -> Dict[str, Tuple[int, ...]]:
 def load_rows(rows: Sequence[int], style: str, resolution: int = IMAGE_SIZE) -> DigitSet:
     """Emoji ``rows`` in ``style`` as a :class:`DigitSet`: ``(N, 3, r, r)`` in [-1, 1], style labels, captions."""
     if style not in STYLES:
-        raise ValueError(f"style must be one of {list(STYLES)}, got {style!r}.")
+        raise ConfigError(f"style must be one of {list(STYLES)}, got {style!r}.")
     rows = [int(i) for i in rows]
     arr = _arrays(resolution)[style][rows]
     images = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
@@ -133,7 +134,7 @@ def load_emoji(split: str, resolution: int = IMAGE_SIZE) -> DigitSet:
                                load_rows(p["classifier"], BASE_STYLE, resolution))
     if split == "classifier_twitter":
         return load_rows(p["classifier"], LORA_STYLE, resolution)
-    raise ValueError(f"unknown emoji split {split!r}; choose one of {list(SPLITS)}.")
+    raise ConfigError(f"unknown emoji split {split!r}; choose one of {list(SPLITS)}.")
 
 
 def public_pool() -> DigitSet:
@@ -209,7 +210,7 @@ def train_style_classifier(data: DigitSet, *, epochs: int = STYLE_CLASSIFIER_EPO
     from .quality import fit_classifier
 
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}.")
+        raise ConfigError(f"epochs must be >= 1, got {epochs}.")
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -228,7 +229,7 @@ def kernel_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Unbiased squared MMD with the cubic polynomial kernel ``(x.y / d + 1)^3`` (KID's estimator)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"need two (N >= 2, D) feature arrays of equal D, got {a.shape} and {b.shape}.")
+        raise InputError(f"need two (N >= 2, D) feature arrays of equal D, got {a.shape} and {b.shape}.")
     d = a.shape[1]
     k = lambda x, y: (x @ y.T / d + 1.0) ** 3  # noqa: E731
     kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
@@ -248,7 +249,7 @@ def style_utility(model: Any, clf: Any, member_captions: Sequence[str], unseen: 
     from .quality import frechet_distance, sample_captions
 
     if not member_captions or len(unseen) < 2 or n < 1:
-        raise ValueError("style_utility needs member captions, at least 2 unseen images and n >= 1.")
+        raise InputError("style_utility needs member captions, at least 2 unseen images and n >= 1.")
     mc = [member_captions[i % len(member_captions)] for i in range(n)]
     uc = [unseen.captions[i % len(unseen)] for i in range(n)]
     imgs = sample_captions(model, mc + uc, steps=steps, guidance=guidance, seed=seed, adapter=adapter)

@@ -1,6 +1,7 @@
 """Train the demo's base model and digit classifier on the public pool and write them to ``assets/``.
 
-    python -m smplora_plugin.demo.make_assets [--dataset digits|textures|emoji] [--out smplora_plugin/demo/assets] [--threads 2]
+    python -m smplora_plugin.demo.make_assets [--dataset digits|textures|emoji] \
+        [--out smplora_plugin/demo/assets] [--threads 2]
 
 Deterministic (seed 0, fixed public pool). The demo loads these weights when their header
 matches its model config and base recipe, and trains them itself otherwise.

@@ -25,8 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError, InputError, StateError
+
 DIGIT_CAPTION = "a handwritten digit {}"
-VOCAB: Tuple[str, ...] = ("<pad>", "<unk>", "a", "handwritten", "digit", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
+VOCAB: Tuple[str, ...] = ("<pad>", "<unk>", "a", "handwritten", "digit",
+                          "0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
 LORA_TARGETS: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
 
@@ -83,7 +86,7 @@ class PixelUnshuffleAE:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != self.channels:
             kind = "grey images" if self.channels == 1 else f"{self.channels}-channel images"
-            raise ValueError(f"images must be (N, {self.channels}, H, W) {kind} in [-1, 1], "
+            raise InputError(f"images must be (N, {self.channels}, H, W) {kind} in [-1, 1], "
                              f"got shape {tuple(images.shape)}.")
         return F.pixel_unshuffle(images.float(), self.factor)
 
@@ -152,7 +155,7 @@ class TinyLDM(nn.Module):
             self.text = CaptionEncoder(cfg.text_dim, cfg.max_words, cfg.vocab)
             self.unet = build_unet(cfg)
         if cfg.latent_channels != cfg.image_channels * PixelUnshuffleAE.factor ** 2:
-            raise ValueError(f"latent_channels must be 4 x image_channels ({4 * cfg.image_channels}), "
+            raise ConfigError(f"latent_channels must be 4 x image_channels ({4 * cfg.image_channels}), "
                              f"got {cfg.latent_channels}.")
         self.ae = PixelUnshuffleAE(cfg.image_channels)
         self.scheduler = build_scheduler(cfg)
@@ -182,7 +185,7 @@ class TinyLDM(nn.Module):
         from peft import LoraConfig
 
         if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+            raise ConfigError(f"LoRA rank must be >= 1, got {rank}.")
         self.requires_grad_(False)
         cfg = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank), init_lora_weights="gaussian",
                          target_modules=list(targets))
@@ -220,7 +223,7 @@ class TinyLDM(nn.Module):
         result = set_peft_model_state_dict(self.unet, state)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
-            raise ValueError(f"LoRA state has keys the model lacks: {unexpected[:3]}...")
+            raise StateError(f"LoRA state has keys the model lacks: {unexpected[:3]}...")
 
     # -- base weights ---------------------------------------------------------------------------
     def base_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -235,7 +238,7 @@ class TinyLDM(nn.Module):
 
     def load_base_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
         if self.has_lora():
-            raise RuntimeError("load the base weights before adding a LoRA.")
+            raise StateError("load the base weights before adding a LoRA.")
         self.text.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("text.")})
         self.unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
 

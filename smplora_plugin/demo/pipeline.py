@@ -22,8 +22,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..errors import ConfigError
 from .data import DigitSet, DigitSplits
-from .datasets import NAMES as DATASETS, DemoDataset, get_dataset
+from .datasets import NAMES as DATASETS
+from .datasets import DemoDataset, get_dataset
 from .model import TinyLDM, load_base, save_base
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -75,33 +77,33 @@ class DemoConfig:
 
     def validate(self) -> None:
         if self.dataset not in DATASETS:
-            raise ValueError(f"dataset={self.dataset!r} is unknown; choose one of {list(DATASETS)}.")
+            raise ConfigError(f"dataset={self.dataset!r} is unknown; choose one of {list(DATASETS)}.")
         for name in ("members", "nonmember_defense", "nonmember_calibration", "nonmember_eval", "steps", "batch_size",
                      "lora_rank", "base_steps", "base_batch_size", "classifier_epochs", "samples_per_label",
                      "sample_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {v!r}.")
+                raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}.")
         if self.members < 8:
-            raise ValueError(f"members={self.members}: the audit splits members into calibration and evaluation "
+            raise ConfigError(f"members={self.members}: the audit splits members into calibration and evaluation "
                              "halves and needs at least 4 in each; use --members 8 or more.")
         if self.nonmember_calibration < 4 or self.nonmember_eval < 4:
-            raise ValueError("the audit needs at least 4 calibration and 4 evaluation non-members.")
+            raise ConfigError("the audit needs at least 4 calibration and 4 evaluation non-members.")
         for name in ("lora_lr", "attacker_lr", "base_lr"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}.")
         if isinstance(self.k_steps, bool) or not isinstance(self.k_steps, int) or self.k_steps < 0:
-            raise ValueError(f"k_steps must be a whole number >= 0, got {self.k_steps!r}.")
+            raise ConfigError(f"k_steps must be a whole number >= 0, got {self.k_steps!r}.")
         if self.smp_alpha < 0 or self.mp_alpha < 0:
-            raise ValueError("smp_alpha and mp_alpha must be >= 0.")
+            raise ConfigError("smp_alpha and mp_alpha must be >= 0.")
         if isinstance(self.references, bool) or not isinstance(self.references, int) or self.references == 1 \
                 or self.references < 0:
-            raise ValueError(f"references={self.references!r}: 0 (no LiRA / RMIA) or at least 2 reference LoRAs.")
+            raise ConfigError(f"references={self.references!r}: 0 (no LiRA / RMIA) or at least 2 reference LoRAs.")
         if self.reference_variant not in VARIANT_TITLES:
-            raise ValueError(f"reference_variant={self.reference_variant!r}; choose one of {list(VARIANT_TITLES)}.")
+            raise ConfigError(f"reference_variant={self.reference_variant!r}; choose one of {list(VARIANT_TITLES)}.")
         bad = [v for v in self.variants if v not in VARIANT_TITLES]
         if bad or "plain" not in self.variants:
-            raise ValueError(f"variants must include 'plain' and may add 'smp', 'smp-robust' and 'mp'; "
+            raise ConfigError(f"variants must include 'plain' and may add 'smp', 'smp-robust' and 'mp'; "
                              f"got {list(self.variants)}.")
 
     def to_dict(self) -> Dict[str, Any]:
@@ -218,15 +220,21 @@ def _verdict_line(v: Optional[Mapping[str, Any]]) -> str:
     return f"{v['verdict']} (headline {h['attack']} AUC {h['auc']:.3f}, p = {h['p_value']:.3g})"
 
 
-def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = True, assets: Union[str, Path, None] = ASSETS,
-             log=print) -> Dict[str, Any]:
-    """Run the demo; writes reports under ``out_dir`` and returns the summary (also ``summary.json``)."""
-    from ..audit import run_audit
-    from .quality import FEATURE_SPACE, image_grid, sample_captions
-    from .target import TinyLDMTarget
-    from .train import train_lora
+def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = True,
+             assets: Union[str, Path, None] = ASSETS, log=print, jobs: int = 1) -> Dict[str, Any]:
+    """Run the demo; writes reports under ``out_dir`` and returns the summary (also ``summary.json``).
+
+    ``jobs``: columns trained and audited at once, each in a spawned worker process with this process's
+    torch thread count (:mod:`.columns`; the figures do not depend on it). With ``jobs > 1``, call it under
+    ``if __name__ == "__main__":`` in a script.
+    """
+    from .columns import Shared, columns_of, run_columns
+    from .quality import FEATURE_SPACE
 
     cfg.validate()
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs={jobs!r}: use a whole number >= 1 (worker processes; 1 runs the columns one "
+                          "after another here).")
     ds = cfg.data
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,90 +265,33 @@ def run_demo(cfg: DemoConfig, out_dir: Union[str, Path], *, progress: bool = Tru
             refs = reference_models(cfg, base_sd, splits, progress=progress, log=log)
             timings["train_references"] = round(time.time() - t0, 1)
         reference = DigitSet.concat(splits["nonmember_calibration"], splits["nonmember_eval"])
-        quality_args = dict(per_label=cfg.samples_per_label, steps=cfg.sample_steps, guidance=cfg.guidance,
-                            seed=cfg.seed)
-        base_quality = ds.sample_quality(base, clf, splits["member"], reference, **quality_args)
+        base_quality = ds.sample_quality(base, clf, splits["member"], reference, per_label=cfg.samples_per_label,
+                                         steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed)
         base_quality["real_digits_frechet_distance"] = _real_floor(clf, ds.real_data(), reference,
                                                                    10 * cfg.samples_per_label, cfg.seed)
-        space = FEATURE_SPACE if ds.name == "digits" else FEATURE_SPACE.replace("digit", ds.name)
-
-        def audit(model: TinyLDM, title: str, utility: Dict[str, Any], info: Dict[str, Any]):
-            return run_audit(
-                TinyLDMTarget(model), _samples(m_eval), _samples(splits["nonmember_eval"]),
-                calibration_members=_samples(m_cal), calibration_nonmembers=_samples(splits["nonmember_calibration"]),
-                attacks=None if cfg.attacks is None else list(cfg.attacks), config={"seed": cfg.seed, **cfg.audit},
-                utility=utility, manifest_sets={"nonmember_defense": splits["nonmember_defense"].ids},
-                info={"model": f"smplora demo tiny LDM (diffusers UNet2DConditionModel + peft LoRA) on {ds.title}",
-                      "variant": title, "base": base_source, **info},
-                title=f"Membership-inference audit: {title} (smplora demo)", progress=progress, out_dir=None,
-                references=refs)
-
-        results: Dict[str, Dict[str, Any]] = {}
-        plain_heldout: Optional[float] = None
-        for variant in cfg.variants:
-            title = VARIANT_TITLES[variant]
-            vdir = out / variant
-            vdir.mkdir(parents=True, exist_ok=True)
-            model = TinyLDM(ds.model_config, seed=0)
-            model.load_base_state_dict(base_sd)
-            model.add_lora(cfg.lora_rank, seed=cfg.seed)
-            reg = _regularizer(cfg, variant)
-            t0 = time.time()
-            run = train_lora(model, splits["member"], steps=cfg.steps, lr=cfg.lora_lr, batch_size=cfg.batch_size,
-                             seed=cfg.seed, reg=reg, nonmembers=splits["nonmember_defense"], name=title, progress=progress)
-            timings[f"train_{variant}"] = round(time.time() - t0, 1)
-            lora_path = _save_lora(model, reg, vdir, variant, cfg)
-            t0 = time.time()
-            quality = ds.sample_quality(model, clf, splits["member"], reference, **quality_args)
-            _save_png(image_grid(sample_captions(model, ds.grid_captions(splits["member"], reference),
-                                                 steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed),
-                                 nrow=10), vdir / "samples.png")
-            timings[f"quality_{variant}"] = round(time.time() - t0, 1)
-            utility = {"sample_quality": {**quality, "feature_space": space,
-                                          "reference": "private non-members (calibration + evaluation)"},
-                       "sample_quality_base_model": base_quality}
-            if plain_heldout is not None:
-                utility["heldout_loss_ratio_to_plain_lora"] = None  # filled below, once this audit gives its loss
-            t0 = time.time()
-            log(f"Auditing {title} ...")
-            report = audit(model, title, utility, {
-                "members_trained": cfg.members, "steps": cfg.steps, "batch_size": cfg.batch_size,
-                "steps_per_image": cfg.steps * min(cfg.batch_size, cfg.members) / cfg.members,
-                "lora_rank": cfg.lora_rank, "lora_lr": cfg.lora_lr,
-                "regularizer": None if reg is None else reg.config.to_dict(),
-                "defense_members": "every training batch (all members)", "training": run.summary()})
-            timings[f"audit_{variant}"] = round(time.time() - t0, 1)
-            held = report.utility.get("heldout_denoising_loss")
-            if variant == "plain":
-                plain_heldout = held
-            ratio = None if (held is None or not plain_heldout) else held / plain_heldout
-            report.utility["heldout_loss_ratio_to_plain_lora"] = ratio
-            report.write(vdir)
-            results[variant] = {"title": title, "report": report.to_dict(), "training": run.summary(),
-                                "lora_file": str(lora_path)}
-            log(f"{title}: {_verdict_line(report.verdict)}")
-        t0 = time.time()
-        log(f"Auditing the {BASE_TITLE} (the same targets, LoRA disabled: the floor) ...")
-        model = TinyLDM(ds.model_config, seed=0)
-        model.load_base_state_dict(base_sd)
-        model.add_lora(cfg.lora_rank, seed=cfg.seed)  # never trained: B = 0, so it computes exactly the base model
-        report = audit(model, BASE_TITLE,
-                       {"sample_quality": {**base_quality, "feature_space": space,
-                                           "reference": "private non-members (calibration + evaluation)"}},
-                       {"note": "the untouched base model: a LoRA that was never trained (B = 0) is the identity"})
-        timings["audit_base"] = round(time.time() - t0, 1)
-        held = report.utility.get("heldout_denoising_loss")
-        report.utility["heldout_loss_ratio_to_plain_lora"] = None if (held is None or not plain_heldout) \
-            else held / plain_heldout
-        report.write(out / "base")
-        base_result = {"title": BASE_TITLE, "report": report.to_dict(), "training": None, "lora_file": None,
-                       "report_dir": str(out / "base")}
-        log(f"{BASE_TITLE}: {_verdict_line(report.verdict)}")
+        shared = Shared(cfg=cfg, splits=splits, member_cal=m_cal, member_eval=m_eval, base_sd=base_sd, classifier=clf,
+                        references=refs, base_source=base_source, base_quality=base_quality,
+                        quality_reference=reference,
+                        feature_space=FEATURE_SPACE if ds.name == "digits" else FEATURE_SPACE.replace("digit", ds.name))
+        done = run_columns(shared, out, jobs=jobs, progress=progress, log=log)
     finally:
         if flushed:
             torch.set_flush_denormal(False)
+    plain_heldout = done["plain"]["report"].utility.get("heldout_denoising_loss")
+    for column in columns_of(cfg):
+        report = done[column]["report"]
+        held = report.utility.get("heldout_denoising_loss")
+        report.utility["heldout_loss_ratio_to_plain_lora"] = None if (held is None or not plain_heldout) \
+            else held / plain_heldout
+        report.write(out / column)
+        timings.update(done[column]["seconds"])
+    results = {v: {"title": done[v]["title"], "report": done[v]["report"].to_dict(), "training": done[v]["training"],
+                   "lora_file": done[v]["lora_file"]} for v in cfg.variants}
+    base_result = {"title": BASE_TITLE, "report": done["base"]["report"].to_dict(), "training": None,
+                   "lora_file": None, "report_dir": str(out / "base")}
     timings["total"] = round(time.time() - t_all, 1)
     summary = build_summary(cfg, splits, results, base_quality, base_source, timings, base_audit=base_result)
+    summary["jobs"] = min(jobs, len(columns_of(cfg)))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     (out / "summary.md").write_text(render_table(summary) + "\n")
     from ..holdout import write_manifest
@@ -375,7 +326,8 @@ def reference_models(cfg: DemoConfig, base_sd: Mapping[str, torch.Tensor], split
         model.load_base_state_dict(base_sd)
         model.add_lora(cfg.lora_rank, seed=seed)
         train_lora(model, pool.subset([pos[i] for i in train.identity()]), steps=cfg.steps, lr=cfg.lora_lr,
-                   batch_size=cfg.batch_size, seed=seed, reg=_regularizer(replace(cfg, seed=seed), cfg.reference_variant),
+                   batch_size=cfg.batch_size, seed=seed,
+                   reg=_regularizer(replace(cfg, seed=seed), cfg.reference_variant),
                    nonmembers=splits["nonmember_defense"], name="reference", progress=progress)
         model.requires_grad_(False)
         return TinyLDMTarget(model)
@@ -480,14 +432,6 @@ def build_summary(cfg: DemoConfig, splits: DigitSplits, results: Mapping[str, Di
             "references": first["info"].get("references") if first else None}
 
 
-def _f(x: Optional[float], nd: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def _p(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def _auc_ci(x: Optional[float], ci: Optional[Sequence[float]]) -> str:
     return "n/a" if x is None else f"{x:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
@@ -504,6 +448,9 @@ def render_table(s: Mapping[str, Any]) -> str:
     over attacks on the evaluation split), per-attack AUCs, and utility. The base model (no LoRA),
     when audited, is the first column: the floor every figure sits next to.
     """
+    from .._io import fmt as _f
+    from ..audit.report import _pct as _p  # not _io.pct: that rounds numpy scalars differently on ties
+
     cols = dict(s["variants"])
     if s.get("base_model_audit"):
         cols = {"base": s["base_model_audit"], **cols}
@@ -531,7 +478,8 @@ def render_table(s: Mapping[str, Any]) -> str:
     row("*upper envelope: max TPR@1%FPR*", lambda c: f"*{_p(c['max_tpr_at_1pct_fpr'])}*")
     attacks = list(next(iter(cols.values()))["attacks"])
     for a in attacks:
-        row(f"{a}: AUC / TPR@1%FPR", lambda c, a=a: f"{c['attacks'][a]['auc']:.3f} / {_p(c['attacks'][a]['tpr_at_1pct_fpr'])}")
+        row(f"{a}: AUC / TPR@1%FPR",
+            lambda c, a=a: f"{c['attacks'][a]['auc']:.3f} / {_p(c['attacks'][a]['tpr_at_1pct_fpr'])}")
     row("held-out denoising loss (ratio to plain LoRA)",
         lambda c: f"{_f(c['heldout_loss'], 4)} ({_f(c['heldout_loss_ratio_to_plain'])})")
     row("member denoising loss", lambda c: _f(c["member_loss"], 4))
@@ -584,8 +532,9 @@ def render_table(s: Mapping[str, Any]) -> str:
         lines += [""] + [f"**Warning ({', '.join(t)})**: {w}" for w, t in warned.items()]
     lines += ["", f"Verdict rule: {s['verdict_rule']}" if s.get("verdict_rule") else "Verdict rule: n/a",
               "", "The headline attack is chosen on the calibration split; the upper envelope is chosen on the "
-                  "evaluation split, so judge it by its permutation null (q95), not by the chance band. A 'no evidence' "
-                  "verdict is never a proof of privacy, and the epsilon lower bound is what this audit refutes, not a "
+                  "evaluation split, so judge it by its permutation null (q95), not by the chance band. "
+                  "A 'no evidence' verdict is never a proof of privacy, and the epsilon lower bound is what this "
+                  "audit refutes, not a "
                   "guarantee. TPR@1%FPR is conservative (largest threshold with FPR <= 1%). Details: "
                   "<out>/<column>/report.md, report.json, roc.png (base model: <out>/base/)."]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError, InputError
 from .data import DigitSet
 from .model import TinyLDM, caption_for
 
@@ -32,7 +33,7 @@ class DigitClassifier(nn.Module):
     def __init__(self, image_size: int = 8, classes: int = 10, in_channels: int = 1):
         super().__init__()
         if image_size < 2 or image_size % 2:
-            raise ValueError(f"image_size must be even and >= 2, got {image_size}.")
+            raise ConfigError(f"image_size must be even and >= 2, got {image_size}.")
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.fc = nn.Linear(32 * (image_size // 2) ** 2, 64)
@@ -107,7 +108,7 @@ def sample_captions(model: TinyLDM, captions: Sequence[str], *, steps: int = 20,
     """Deterministic DDIM samples (eta 0), one per caption, with classifier-free guidance; images in [-1, 1]."""
     captions = list(captions)
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
+        raise ConfigError(f"steps must be >= 1, got {steps}.")
     T = model.cfg.num_train_timesteps
     abar = model.alphas_cumprod.double()
     ts = torch.linspace(T - 1, 0, steps).round().long().tolist()
@@ -139,7 +140,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to feature rows ``a`` and ``b``."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"need two (N >= 2, D) feature arrays of equal D, got {a.shape} and {b.shape}.")
+        raise InputError(f"need two (N >= 2, D) feature arrays of equal D, got {a.shape} and {b.shape}.")
     mu = a.mean(0) - b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     w, v = np.linalg.eigh(s1)

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from ..errors import InputError
 from .model import TinyLDM
 
 
@@ -20,7 +21,7 @@ class TinyLDMTarget:
 
     def __init__(self, model: TinyLDM):
         if not model.has_lora():
-            raise ValueError("TinyLDMTarget needs a model with a LoRA (model.add_lora), so the base can be queried.")
+            raise InputError("TinyLDMTarget needs a model with a LoRA (model.add_lora), so the base can be queried.")
         self.model = model.eval()
         self.num_train_timesteps = int(model.cfg.num_train_timesteps)
         self.alphas_cumprod = model.alphas_cumprod.detach().float().cpu().clone()
@@ -32,7 +33,7 @@ class TinyLDMTarget:
     @torch.no_grad()
     def condition(self, captions: Optional[Sequence[str]]) -> Any:
         if captions is None:
-            raise ValueError("condition(None) needs a batch size: pass a list of captions ('' for unconditional).")
+            raise InputError("condition(None) needs a batch size: pass a list of captions ('' for unconditional).")
         return self.model.text(list(captions))
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ from typing import List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import ConfigError, HoldoutError, InputError
 from .data import PRIVATE_SETS, DigitSet, DigitSplits, check_split_sizes
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
@@ -45,7 +46,7 @@ def caption_for(label: int) -> str:
     """Class ``label`` (0..9) -> ``"a striped circle"``: shape ``label // 2``, texture ``label % 2``."""
     label = int(label)
     if not 0 <= label < len(SHAPES) * len(TEXTURES):
-        raise ValueError(f"texture class labels are 0..{len(SHAPES) * len(TEXTURES) - 1}, got {label}.")
+        raise InputError(f"texture class labels are 0..{len(SHAPES) * len(TEXTURES) - 1}, got {label}.")
     return f"a {TEXTURES[label % 2]} {SHAPES[label // 2]}"
 
 
@@ -63,7 +64,7 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
     if shape == "ring":
         d = np.hypot(dx, dy)
         return (d <= r) & (d >= 0.55 * r)
-    raise ValueError(f"unknown shape {shape!r}")
+    raise InputError(f"unknown shape {shape!r}")
 
 
 def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -98,7 +99,7 @@ def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.n
 def make_pool(n: int, seed: int, classes: Optional[Sequence[int]] = None) -> DigitSet:
     """``n`` instances, labels cycling through ``classes`` (default all 10), instance ``i`` drawn from ``(seed, i)``."""
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}.")
+        raise ConfigError(f"n must be >= 1, got {n}.")
     classes = np.asarray(range(len(SHAPES) * len(TEXTURES)) if classes is None else list(classes))
     labels = classes[np.arange(n) % len(classes)]
     raw = np.stack([render(int(y), np.random.default_rng([seed, i])) for i, y in enumerate(labels)])
@@ -127,7 +128,7 @@ def make_splits(sizes: Mapping[str, int], *, seed: int = 0) -> DigitSplits:
     public = public_pool()
     clash = set(private.ids) & (set(public.ids) | set(classifier_pool().ids))
     if clash or len(set(private.ids)) != len(private):
-        raise RuntimeError("texture pools are not disjoint by content; this is a bug in the generator.")
+        raise HoldoutError("texture pools are not disjoint by content; this is a bug in the generator.")
     pos = {s: i for i, s in enumerate(private.ids)}
     plan = {k: sizes[k] for k in PRIVATE_SETS if k in sizes}
     parts = split_by_identity(private.ids, plan, seed=seed, key="path")

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError, HoldoutError, InputError
 from .data import DigitSet
 from .model import TinyLDM
 
@@ -31,7 +32,7 @@ def train_base(model: TinyLDM, data: DigitSet, *, steps: int = 3000, batch_size:
     guidance needs the unconditional model). AdamW with a cosine learning-rate decay.
     """
     if steps < 1 or batch_size < 1:
-        raise ValueError("steps and batch_size must be >= 1.")
+        raise ConfigError("steps and batch_size must be >= 1.")
     g = torch.Generator().manual_seed(seed)
     model.train()
     params = list(model.text.parameters()) + list(model.unet.parameters())
@@ -110,9 +111,9 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
     import time
 
     if not model.has_lora():
-        raise ValueError("the model has no LoRA: call model.add_lora(...) first.")
+        raise InputError("the model has no LoRA: call model.add_lora(...) first.")
     if reg is not None and nonmembers is None:
-        raise ValueError("SMP-LoRA needs the defense's non-member set (nonmembers=...).")
+        raise HoldoutError("SMP-LoRA needs the defense's non-member set (nonmembers=...).")
     t_start = time.time()
     g = torch.Generator().manual_seed(seed)             # member batches, t, noise: same with and without reg
     g_nm = torch.Generator().manual_seed(seed + 7919)    # non-member draws of the defense

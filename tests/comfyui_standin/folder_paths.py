@@ -43,7 +43,8 @@ def get_full_path_or_raise(folder_name: str, filename: str) -> str:
     return str(path)
 
 
-def get_save_image_path(filename_prefix: str, output_dir: str, image_width=0, image_height=0) -> Tuple[str, str, int, str, str]:
+def get_save_image_path(filename_prefix: str, output_dir: str, image_width=0,
+                        image_height=0) -> Tuple[str, str, int, str, str]:
     subfolder, filename = os.path.split(os.path.normpath(filename_prefix))
     full = os.path.join(output_dir, subfolder)
     os.makedirs(full, exist_ok=True)

@@ -2,13 +2,15 @@
 (like Anima), each calling super(), and has a fix-up line in its main block (like Anima)."""
 
 import train_network
+
 from library import train_util
 
 CALLS = []
 
 
 class Sd3NetworkTrainer(train_network.NetworkTrainer):
-    def on_step_start(self, args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train: bool = True):
+    def on_step_start(self, args, accelerator, network, text_encoders, unet, batch, weight_dtype,
+                      is_train: bool = True):
         CALLS.append(("on_step_start", is_train))
         super().on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train=is_train)
 

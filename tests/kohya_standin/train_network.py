@@ -9,6 +9,7 @@ import math
 import os
 import random
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,8 @@ class NetworkTrainer:
     def update_metadata(self, metadata, args):
         pass
 
-    def on_step_start(self, args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train: bool = True):
+    def on_step_start(self, args, accelerator, network, text_encoders, unet, batch, weight_dtype,
+                      is_train: bool = True):
         pass
 
     def on_validation_step_end(self, args, accelerator, network, text_encoders, unet, batch, weight_dtype):
@@ -155,6 +157,52 @@ class NetworkTrainer:
 
     def train(self, args):
         use_user_config = args.dataset_config is not None
+        r = self._prepare_training(args)
+        if r is None:
+            return
+        accelerator, train_group, val_group = r.accelerator, r.train_group, r.val_group
+        state = {"step": 0}
+
+        def save_model_hook(models, weights, output_dir):
+            with open(os.path.join(output_dir, "train_state.json"), "w") as f:
+                json.dump({"current_step": state["step"]}, f)
+
+        accelerator.register_save_state_pre_hook(save_model_hook)
+        if args.resume:
+            accelerator.load_state(args.resume)
+        metadata = {"ss_session_id": random.randint(0, 2**31), **run_metadata(args, train_group, val_group)}
+        self.update_metadata(metadata, args)
+        metadata.update(dataset_metadata(use_user_config, train_group, args, accelerator.num_processes))
+        metadata = {k: str(v) for k, v in metadata.items()}
+
+        def save_model(ckpt_name, unwrapped_nw, steps, epoch_no):
+            os.makedirs(args.output_dir, exist_ok=True)
+            metadata["ss_steps"] = str(steps)
+            metadata["ss_epoch"] = str(epoch_no)
+            to_save = {k: metadata[k] for k in ("ss_output_name",)} if args.no_metadata else metadata
+            to_save.update(self.get_sai_model_spec(args))
+            unwrapped_nw.save_weights(os.path.join(args.output_dir, ckpt_name), None, to_save)
+
+        for epoch, batch in self._training_batches(r, self._validate_epoch):
+            with accelerator.accumulate(r.network):
+                self.on_step_start(args, accelerator, r.network, r.text_encoders, r.unet, batch, r.weight_dtype,
+                                   is_train=True)
+                loss = self._optimize(r, batch)
+            if self._step_done(r):
+                state["step"] = r.global_step
+                if args.save_every_n_steps and r.global_step % args.save_every_n_steps == 0:
+                    save_model(f"{args.output_name}-step{r.global_step:08d}.safetensors",
+                               accelerator.unwrap_model(r.network), r.global_step, epoch)
+                    r.save_state(f"-step{r.global_step:08d}")
+            self._log_step(r, loss)
+        r.save_state("")
+        save_model(f"{args.output_name}.safetensors", accelerator.unwrap_model(r.network), r.global_step, r.num_epochs)
+        self.final_global_step = r.global_step
+
+    # ------------------------------------------------------------------ the loop's pieces (the v0.11 stand-in too)
+    def _prepare_training(self, args):
+        """Datasets (``assert_extra_args``), accelerator, model, LoRA (``post_process_network``), optimizer,
+        loaders and noise scheduler, in sd-scripts' order (a :class:`Run`); ``None`` when there is no training data."""
         if args.seed is None:
             args.seed = random.randint(0, 2**31)
         random.seed(args.seed)
@@ -167,13 +215,13 @@ class NetworkTrainer:
         train_group, val_group = config_util.generate_dataset_groups(user_config, args)
         if len(train_group) == 0:
             print("No data found.")
-            return
+            return None
         self.assert_extra_args(args, train_group, val_group)
 
         accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=True,
                                   mixed_precision=args.mixed_precision)
         weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-        model_version, text_encoder, vae, unet = self.load_target_model(args, weight_dtype, accelerator)
+        _, text_encoder, vae, unet = self.load_target_model(args, weight_dtype, accelerator)
         text_encoders = text_encoder if isinstance(text_encoder, list) else [text_encoder]
         unet.requires_grad_(False)
         unet.to(dtype=weight_dtype)   # as sd-scripts: the frozen base model in weight_dtype
@@ -191,89 +239,99 @@ class NetworkTrainer:
                                                    collate_fn=lambda xs: xs[0])
         val_loader = torch.utils.data.DataLoader(val_group if val_group is not None else [], batch_size=1,
                                                  shuffle=False, collate_fn=lambda xs: xs[0])
-        network, optimizer, train_loader, lr_scheduler = accelerator.prepare(network, optimizer, train_loader, lr_scheduler)
+        network, optimizer, train_loader, lr_scheduler = accelerator.prepare(network, optimizer, train_loader,
+                                                                             lr_scheduler)
         self._network = network
-        noise_scheduler = self.get_noise_scheduler(args, accelerator.device)
-        state = {"step": 0}
-
-        def save_model_hook(models, weights, output_dir):
-            with open(os.path.join(output_dir, "train_state.json"), "w") as f:
-                json.dump({"current_step": state["step"]}, f)
-
-        accelerator.register_save_state_pre_hook(save_model_hook)
-        if args.resume:
-            accelerator.load_state(args.resume)
-        metadata = {"ss_session_id": random.randint(0, 2**31), "ss_training_started_at": time.time(),
-                    "ss_output_name": args.output_name, "ss_learning_rate": args.learning_rate,
-                    "ss_network_dim": args.network_dim, "ss_num_train_images": train_group.num_train_images,
-                    "ss_num_reg_images": train_group.num_reg_images,
-                    "ss_num_validation_images": val_group.num_train_images if val_group is not None else 0,
-                    "ss_validation_split": args.validation_split, "ss_validation_seed": args.validation_seed,
-                    "ss_validate_every_n_epochs": args.validate_every_n_epochs}
-        self.update_metadata(metadata, args)
-        metadata.update(dataset_metadata(use_user_config, train_group, args, accelerator.num_processes))
-        metadata = {k: str(v) for k, v in metadata.items()}
-
-        def save_model(ckpt_name, unwrapped_nw, steps, epoch_no):
-            os.makedirs(args.output_dir, exist_ok=True)
-            metadata["ss_steps"] = str(steps)
-            metadata["ss_epoch"] = str(epoch_no)
-            to_save = {k: metadata[k] for k in ("ss_output_name",)} if args.no_metadata else metadata
-            to_save.update(self.get_sai_model_spec(args))
-            unwrapped_nw.save_weights(os.path.join(args.output_dir, ckpt_name), None, to_save)
-
         num_epochs = math.ceil(args.max_train_steps / max(1, len(train_loader) // args.gradient_accumulation_steps))
-        # as sd-scripts: open on the local main process (shown with --progress only, to keep test logs short)
-        progress_bar = tqdm(range(args.max_train_steps), desc="steps", disable=not accelerator.is_local_main_process,
-                            file=None if args.progress else io.StringIO())
-        global_step, losses = 0, []
-        for epoch in range(num_epochs):
-            accelerator.unwrap_model(network).on_epoch_start(text_encoder, unet)
-            for step, batch in enumerate(train_loader):
-                with accelerator.accumulate(network):
-                    self.on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train=True)
-                    loss = self.process_batch(batch, text_encoders, unet, network, vae, noise_scheduler, weight_dtype,
-                                              weight_dtype, accelerator, args, None, None, is_train=True,
-                                              train_text_encoder=False, train_unet=True)
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    progress_bar.update(1)
-                    global_step += 1
-                    state["step"] = global_step
-                    if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
-                        save_model(f"{args.output_name}-step{global_step:08d}.safetensors",
-                                   accelerator.unwrap_model(network), global_step, epoch)
-                        if args.save_state:
-                            accelerator.save_state(os.path.join(args.output_dir,
-                                                                f"{args.output_name}-step{global_step:08d}-state"))
-                current_loss = loss.detach().item()
-                losses.append(current_loss)
-                avr_loss = sum(losses[-10:]) / len(losses[-10:])
-                progress_bar.set_postfix(avr_loss=avr_loss)
-                self.step_logs.append(self.generate_step_logs(args, current_loss, avr_loss, lr_scheduler, None, optimizer))
-                if global_step >= args.max_train_steps:
+        return Run(args=args, train_group=train_group, val_group=val_group, accelerator=accelerator,
+                   weight_dtype=weight_dtype, text_encoder=text_encoder, text_encoders=text_encoders, vae=vae,
+                   unet=unet, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                   train_loader=train_loader, val_loader=val_loader, num_epochs=num_epochs,
+                   noise_scheduler=self.get_noise_scheduler(args, accelerator.device))
+
+    def _training_batches(self, r, end_of_epoch):
+        """``(epoch, batch)`` of every training step until ``max_train_steps``, each epoch opened by the network's
+        ``on_epoch_start`` and closed by ``end_of_epoch(r, epoch)`` (kohya's validation); the progress bar opens
+        on the local main process (shown with --progress only, to keep test logs short)."""
+        r.progress_bar = tqdm(range(r.args.max_train_steps), desc="steps",
+                              disable=not r.accelerator.is_local_main_process,
+                              file=None if r.args.progress else io.StringIO())
+        for epoch in range(r.num_epochs):
+            r.accelerator.unwrap_model(r.network).on_epoch_start(r.text_encoder, r.unet)
+            for batch in r.train_loader:
+                yield epoch, batch
+                if r.global_step >= r.args.max_train_steps:
                     break
-            every = args.validate_every_n_epochs   # sd-scripts: None validates at the end of every epoch
-            if len(val_loader) > 0 and (every is None or (epoch + 1) % every == 0):
-                accelerator.unwrap_model(network).eval()   # epoch validation: process_batch with is_train=False
-                for batch in val_loader:
-                    self.validation_batches += 1
-                    self.on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train=False)
-                    self.process_batch(batch, text_encoders, unet, network, vae, noise_scheduler, weight_dtype,
-                                       weight_dtype, accelerator, args, None, None, is_train=False,
-                                       train_text_encoder=False, train_unet=True)
-                    self.on_validation_step_end(args, accelerator, network, text_encoders, unet, batch, weight_dtype)
-                accelerator.unwrap_model(network).train()
-            if global_step >= args.max_train_steps:
+            end_of_epoch(r, epoch)
+            if r.global_step >= r.args.max_train_steps:
                 break
-        progress_bar.close()
-        if args.save_state:
-            accelerator.save_state(os.path.join(args.output_dir, f"{args.output_name}-state"))
-        save_model(f"{args.output_name}.safetensors", accelerator.unwrap_model(network), global_step, num_epochs)
-        self.final_global_step = global_step
+        r.progress_bar.close()
+
+    def _optimize(self, r, batch):
+        """process_batch, then one optimizer step (inside accelerate's gradient accumulation)."""
+        loss = self.process_batch(batch, r.text_encoders, r.unet, r.network, r.vae, r.noise_scheduler, r.weight_dtype,
+                                  r.weight_dtype, r.accelerator, r.args, None, None, is_train=True,
+                                  train_text_encoder=False, train_unet=True)
+        r.accelerator.backward(loss)
+        r.optimizer.step()
+        r.lr_scheduler.step()
+        r.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _step_done(self, r):
+        """Whether the batch completed an optimizer step (the progress bar and the step count then move on)."""
+        if not r.accelerator.sync_gradients:
+            return False
+        r.progress_bar.update(1)
+        r.global_step += 1
+        return True
+
+    def _log_step(self, r, loss):
+        current_loss = loss.detach().item()
+        r.losses.append(current_loss)
+        avr_loss = sum(r.losses[-10:]) / len(r.losses[-10:])
+        r.progress_bar.set_postfix(avr_loss=avr_loss)
+        self.step_logs.append(self.generate_step_logs(r.args, current_loss, avr_loss, r.lr_scheduler, None,
+                                                      r.optimizer))
+
+    def _validate_epoch(self, r, epoch):
+        args = r.args
+        every = args.validate_every_n_epochs   # sd-scripts: None validates at the end of every epoch
+        if len(r.val_loader) == 0 or not (every is None or (epoch + 1) % every == 0):
+            return
+        r.accelerator.unwrap_model(r.network).eval()   # epoch validation: process_batch with is_train=False
+        for batch in r.val_loader:
+            self.validation_batches += 1
+            self.on_step_start(r.args, r.accelerator, r.network, r.text_encoders, r.unet, batch, r.weight_dtype,
+                               is_train=False)
+            self.process_batch(batch, r.text_encoders, r.unet, r.network, r.vae, r.noise_scheduler, r.weight_dtype,
+                               r.weight_dtype, r.accelerator, r.args, None, None, is_train=False,
+                               train_text_encoder=False, train_unet=True)
+            self.on_validation_step_end(r.args, r.accelerator, r.network, r.text_encoders, r.unet, batch,
+                                        r.weight_dtype)
+        r.accelerator.unwrap_model(r.network).train()
+
+
+class Run(SimpleNamespace):
+    """What the stand-in's training loop works with (NetworkTrainer._prepare_training), and how far it got."""
+
+    def __init__(self, **kw):
+        super().__init__(global_step=0, losses=[], progress_bar=None, **kw)
+
+    def save_state(self, suffix):
+        """With --save_state: accelerate's state in ``<output_name><suffix>-state``."""
+        if self.args.save_state:
+            self.accelerator.save_state(os.path.join(self.args.output_dir, f"{self.args.output_name}{suffix}-state"))
+
+
+def run_metadata(args, train_group, val_group):
+    """sd-scripts' header keys of a run, but for its session id (drawn first) and its dataset keys."""
+    return {"ss_training_started_at": time.time(), "ss_output_name": args.output_name,
+            "ss_learning_rate": args.learning_rate, "ss_network_dim": args.network_dim,
+            "ss_num_train_images": train_group.num_train_images, "ss_num_reg_images": train_group.num_reg_images,
+            "ss_num_validation_images": val_group.num_train_images if val_group is not None else 0,
+            "ss_validation_split": args.validation_split, "ss_validation_seed": args.validation_seed,
+            "ss_validate_every_n_epochs": args.validate_every_n_epochs}
 
 
 def dataset_metadata(use_user_config, train_group, args, num_processes):

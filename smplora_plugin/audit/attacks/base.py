@@ -1,10 +1,12 @@
-"""The attack interface: :class:`Attack`, :class:`AttackOutput` and calibration-only selection helpers.
+"""The attack interface: :class:`Attack`, :class:`AttackOutput`, :class:`CrossFitted` and calibration-only helpers.
 
-An attack turns the cached model quantities of a :class:`~smplora_plugin.audit.engine.ScoreContext`
-into one score per sample, higher = more likely a member. Threshold attacks return named
-*candidates* (e.g. one per timestep); the protocol picks the candidate and the sign on the
-calibration split only. Trained attacks override :meth:`Attack.run` and fit on the calibration
-split, returning held-out calibration scores for the threshold.
+An attack turns the shared operations and cached quantities of a
+:class:`~smplora_plugin.audit.engine.ScoreContext` into one score per sample, higher = more likely
+a member. Threshold attacks return named *candidates* (e.g. one per timestep); the protocol picks
+the candidate and the sign on the calibration split only. Trained attacks override
+:meth:`Attack.run` and fit on the calibration split, returning held-out calibration scores for the
+threshold. An attack with settings names its registered option set (``option_set``, see
+:func:`~smplora_plugin.audit.config.register_options`) and reads them with :meth:`Attack.settings`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, ClassVar, Dict
 import numpy as np
 
 from .. import metrics as M
+from ..config import make_options
 from ..engine import ScoreContext
 from ..target import AuditError
 
@@ -41,9 +44,16 @@ class Attack:
     title: ClassVar[str] = ""
     needs_captions: ClassVar[bool] = False
     uses_model: ClassVar[bool] = True  # False only for the blind baseline
+    option_set: ClassVar[str] = ""  # the registered options this attack reads ("" = free-form options)
 
     def __init__(self, **options: Any):
+        if self.option_set:  # refuse unknown or bad options now, not after model work
+            make_options(self.option_set, options)
         self.options = options
+
+    def settings(self, ctx: ScoreContext) -> Any:
+        """The attack's options: defaults, then the config's ``attack_options``, then this instance's."""
+        return ctx.config.options(self.option_set, **self.options)
 
     def candidates(self, ctx: ScoreContext) -> Dict[str, np.ndarray]:
         """Named candidate scores ``(N,)``, oriented by the attack's prior (higher = member)."""
@@ -70,6 +80,39 @@ class Attack:
             chosen["candidate"] = best_name
         return AttackOutput(scores=sign * cands[best_name], calibration_index=cal_index, chosen=chosen,
                             curves=self.curves(ctx))
+
+
+class CrossFitted(Attack):
+    """Fit a scikit-learn classifier on the calibration split with out-of-fold calibration scores."""
+
+    def features(self, ctx: ScoreContext) -> np.ndarray:
+        raise NotImplementedError
+
+    def make_model(self, seed: int):
+        raise NotImplementedError
+
+    def run(self, ctx, cal_index, cal_labels):
+        from sklearn.model_selection import StratifiedKFold
+
+        X = self.features(ctx)
+        folds = max(2, min(ctx.config.cv_folds, int(np.bincount(cal_labels, minlength=2).min())))
+        oof = np.zeros(len(cal_index))
+        skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=ctx.config.seed)
+        for tr, te in skf.split(X[cal_index], cal_labels):
+            model = self.make_model(ctx.config.seed).fit(X[cal_index[tr]], cal_labels[tr])
+            oof[te] = _member_score(model, X[cal_index[te]])
+        model = self.make_model(ctx.config.seed).fit(X[cal_index], cal_labels)
+        scores = _member_score(model, X)
+        scores[cal_index] = oof  # only out-of-fold scores may set the threshold
+        a = M.auc(oof[cal_labels == 1], oof[cal_labels == 0])
+        return AttackOutput(scores=scores, calibration_index=cal_index,
+                            chosen={"cv_folds": folds, "features": int(X.shape[1]), "calibration_auc": a})
+
+
+def _member_score(model, X: np.ndarray) -> np.ndarray:
+    p = model.predict_proba(X)[:, 1]
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
 
 
 def _pick(cands: Dict[str, np.ndarray], cal_index: np.ndarray, cal_labels: np.ndarray) -> AttackOutput:

@@ -8,7 +8,7 @@ from typing import List
 import numpy as np
 import torch
 
-from .stacked import _CrossFitted
+from .base import CrossFitted
 
 N_BANDS = 8
 
@@ -45,7 +45,7 @@ def caption_statistics(captions: List[str]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
-class BlindBaseline(_CrossFitted):
+class BlindBaseline(CrossFitted):
     """No model access: logistic regression on downsampled pixels, full-resolution frequency-band
     energies, and (with captions) caption words and caption statistics.
 

@@ -118,11 +118,11 @@ def generated_distances(ctx: ScoreContext, per_caption: int = PER_CAPTION, pool:
             groups.setdefault(c, []).append(i)
         n_gen = per_caption if ctx.captions is not None else pool
         out = {k: (np.zeros(ctx.n), np.zeros(ctx.n)) for k in spaces}
-        bar = ctx._bar(len(groups) * 2, "generation")
+        bar = ctx.bar(len(groups) * 2, "generation")
         for cap, idx in groups.items():
             g = torch.Generator().manual_seed(_group_seed(cap, ctx.config.seed))
             noise = torch.randn((n_gen, *ctx.latents.shape[1:]), generator=g)
-            cond = ctx._cond(slice(0, n_gen), [cap] * n_gen)
+            cond = ctx.cond(slice(0, n_gen), [cap] * n_gen)
             for j, adapter in enumerate((True, False)):
                 z = ddim_sample(target, noise, cond, ctx.abar, steps, adapter=adapter, clip=clip)
                 gen = target.decode(z).float().cpu().clamp(-1, 1) if decode else z
@@ -136,7 +136,7 @@ def generated_distances(ctx: ScoreContext, per_caption: int = PER_CAPTION, pool:
         ctx.passes["generation"] = ctx.passes.get("generation", 0) + 2 * len(groups) * n_gen * steps
         return {(space_name if k == "pixels" else k): v for k, v in out.items()}
 
-    return ctx._cached(f"generation:{per_caption}:{pool}:{steps}", compute)
+    return ctx.cached(f"generation:{per_caption}:{pool}:{steps}", compute)
 
 
 class GenerationAttack(Attack):

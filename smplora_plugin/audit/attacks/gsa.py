@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import metrics as M
-from ..engine import ScoreContext, _scale_t
+from ..engine import ScoreContext, scale_timesteps
 from ..target import AuditError
 from .base import Attack, AttackOutput
 
@@ -38,7 +38,7 @@ def lora_modules(names: Sequence[str]) -> Dict[str, List[str]]:
 
 def gsa_pairs(ctx: ScoreContext, timesteps: Sequence[int] = GSA_TIMESTEPS) -> List[Tuple[int, int]]:
     """The ``(t, noise draw)`` pairs of the GSA loss, ``t`` rescaled to the target's T."""
-    ts = [t for t in _scale_t(timesteps, ctx.T) if t > 0] or [ctx.T // 2]
+    ts = [t for t in scale_timesteps(timesteps, ctx.T) if t > 0] or [ctx.T // 2]
     return [(t, k % ctx.config.draws) for k, t in enumerate(ts)]
 
 
@@ -78,13 +78,13 @@ def gradient_norms(ctx: ScoreContext, timesteps: Sequence[int] = GSA_TIMESTEPS) 
         a = ctx.abar[ts].view(-1, *([1] * (ctx.latents.ndim - 1)))  # float64
         e = torch.stack([ctx.noise[m] for _, m in pairs]).double()
         out = np.zeros((ctx.n, len(modules)))
-        bar = ctx._bar(ctx.n, "GSA gradients")
+        bar = ctx.bar(ctx.n, "GSA gradients")
         with _grad_on(params):
             for i in range(ctx.n):
                 z0 = ctx.latents[i:i + 1].double().expand(len(pairs), *ctx.latents.shape[1:])
                 z_t = a.sqrt() * z0 + (1 - a).sqrt() * e
                 caps = None if ctx.captions is None else [ctx.captions[i]] * len(pairs)
-                cond = ctx._cond(slice(0, len(pairs)), caps)
+                cond = ctx.cond(slice(0, len(pairs)), caps)
                 pred = target.eps_grad(z_t, ts, cond)
                 loss = (pred.double().cpu() - e).pow(2).mean()  # float64, cast back through autograd
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -95,7 +95,7 @@ def gradient_norms(ctx: ScoreContext, timesteps: Sequence[int] = GSA_TIMESTEPS) 
         ctx.passes["gsa"] = ctx.passes.get("gsa", 0) + ctx.n * len(pairs)
         return out, modules
 
-    return ctx._cached(f"gsa:{tuple(pairs)}", compute)
+    return ctx.cached(f"gsa:{tuple(pairs)}", compute)
 
 
 def cross_fit(X: np.ndarray, cal_index: np.ndarray, cal_labels: np.ndarray, make_model: Callable[[], object],

@@ -29,7 +29,8 @@ def lira_statistic(grid: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(np.asarray(grid, dtype=np.float64).mean(-1), 1e-30))
 
 
-def fit_gaussians(ref_stat: np.ndarray, mask: np.ndarray, min_count: int = MIN_COUNT) -> Tuple[np.ndarray, np.ndarray, bool]:
+def fit_gaussians(ref_stat: np.ndarray, mask: np.ndarray,
+                  min_count: int = MIN_COUNT) -> Tuple[np.ndarray, np.ndarray, bool]:
     """Per-sample Gaussians of ``ref_stat`` ``(R, N, K)`` over the references where ``mask`` ``(R, N)``.
 
     Returns ``(mu (N, K), var (N, K), pooled)``; ``pooled`` is True when the variance is one per
@@ -50,7 +51,8 @@ def fit_gaussians(ref_stat: np.ndarray, mask: np.ndarray, min_count: int = MIN_C
             var_k = resid2.sum(0) / dof
         else:  # one reference per sample on this side: the spread of the values across samples
             vals = np.stack([ref_stat[mask[:, i], i] for i in range(mask.shape[1])])  # (N, 1, K)
-            var_k = vals.reshape(-1, ref_stat.shape[-1]).var(0, ddof=1) if mask.shape[1] > 1 else np.ones(ref_stat.shape[-1])
+            flat = vals.reshape(-1, ref_stat.shape[-1])
+            var_k = flat.var(0, ddof=1) if mask.shape[1] > 1 else np.ones(ref_stat.shape[-1])
         var = np.broadcast_to(var_k, mu.shape).copy()
         pooled = True
     return mu, np.maximum(var, _VAR_FLOOR), pooled
@@ -88,15 +90,14 @@ class _LiRA(Attack):
         return {"per_timestep": {f"t={t}": terms[:, k] for k, t in enumerate(ctx.timesteps)}}
 
     def _terms(self, ctx):
-        key = f"lira:{self.name}"
-        if key not in ctx._cache:
+        def compute():
             if ctx.references is None:
                 raise AuditError(f"attack {self.name!r} needs reference models (run_audit(..., references=...)).")
             x = lira_statistic(ctx.loss_grid(True))
             ref = lira_statistic(ctx.reference_grids())
             fn = lira_online_terms if self.online else lira_offline_terms
-            ctx._cache[key] = fn(x, ref, ctx.references.inside, int(self.options.get("min_count", MIN_COUNT)))
-        return ctx._cache[key]
+            return fn(x, ref, ctx.references.inside, int(self.options.get("min_count", MIN_COUNT)))
+        return ctx.cached(f"lira:{self.name}", compute, views=False)
 
     def run(self, ctx, cal_index, cal_labels):
         out = super().run(ctx, cal_index, cal_labels)

@@ -8,15 +8,17 @@ from ..target import AuditError, missing_capabilities
 from .base import Attack
 from .blind import BlindBaseline
 from .clid import CLiDAttack, CLiDVecAttack
+from .generation import GenerationAttack
+from .gsa import GSAAttack
 from .loss import BestTimestepLossAttack, CalibratedLossAttack, LossAttack
 from .mlp import MLPAttack
 from .pia import PIAAttack
+from .quantile import QuantileRegressionAttack
 from .secmi import SecMIAttack
+
+# the statistic attacks first: the order their option sets register in is report.json's timesteps order
 from .sima import SimAAttack
 from .stacked import GradientBoostingAttack, LogRegAttack
-from .quantile import QuantileRegressionAttack
-from .gsa import GSAAttack
-from .generation import GenerationAttack
 
 BUILTIN_ATTACKS: Dict[str, Type[Attack]] = {
     cls.name: cls

@@ -27,7 +27,8 @@ GAMMAS = (1.0, 1.1, 1.25, 1.5, 2.0)
 OFFLINE_A = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def rmia_probabilities(grid: np.ndarray, ref_grids: np.ndarray, population: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def rmia_probabilities(grid: np.ndarray, ref_grids: np.ndarray,
+                       population: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """``Pr(x | target)`` ``(N,)`` and ``Pr(x | reference r)`` ``(R, N)`` from loss grids ``(.., N, K, M)``."""
     L = np.asarray(grid, dtype=np.float64).mean(-1)  # (N, K)
     Lr = np.asarray(ref_grids, dtype=np.float64).mean(-1)  # (R, N, K)

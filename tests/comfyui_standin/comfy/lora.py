@@ -3,14 +3,14 @@
 from .standin_model import LoRAAdapter
 
 
-def model_lora_keys_unet(model, key_map={}):
+def model_lora_keys_unet(model, key_map={}):  # noqa: B006 (ComfyUI's own signature)
     for k in model.state_dict():
         if k.startswith("diffusion_model.") and k.endswith(".weight"):
             key_map[k[:-len(".weight")]] = k
     return key_map
 
 
-def model_lora_keys_clip(model, key_map={}):
+def model_lora_keys_clip(model, key_map={}):  # noqa: B006 (ComfyUI's own signature)
     for k in model.state_dict():
         key_map[f"clip.{k}"] = k
     return key_map

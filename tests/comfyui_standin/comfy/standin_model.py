@@ -99,7 +99,8 @@ class BaseModel(torch.nn.Module):
         self.diffusion_model = Denoiser()
         self.model_sampling = ModelSamplingDiscrete()
 
-    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None,
+                    transformer_options={}, **kwargs):  # noqa: B006 (ComfyUI's own signature)
         xc = self.model_sampling.calculate_input(t, x)
         out = self.diffusion_model(xc, self.model_sampling.timestep(t), context=c_crossattn)
         return self.model_sampling.calculate_denoised(t, out.float(), x)
@@ -114,7 +115,7 @@ class BaseModel(torch.nn.Module):
 class ModelPatcher:
     """Weight wrappers (training adapters) and merged patches (loaded LoRAs), applied on load."""
 
-    def __init__(self, model: torch.nn.Module, load_device=torch.device("cpu")):
+    def __init__(self, model: torch.nn.Module, load_device=torch.device("cpu")):  # noqa: B008 (ComfyUI's signature)
         self.model = model
         self.load_device = load_device
         self.offload_device = torch.device("cpu")

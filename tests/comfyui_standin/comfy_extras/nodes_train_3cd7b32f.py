@@ -38,7 +38,8 @@ class TrainLoraNode(io.ComfyNode):
                 i.options = ["bf16", "fp32"]
         return io.Schema(node_id="TrainLoraNode", display_name="Train LoRA", category="training", is_experimental=True,
                          is_input_list=True, inputs=inputs,
-                         outputs=[io.Model.Output(display_name="model"), io.Custom("LORA_MODEL").Output(display_name="lora"),
+                         outputs=[io.Model.Output(display_name="model"),
+                                  io.Custom("LORA_MODEL").Output(display_name="lora"),
                                   io.Custom("LOSS_MAP").Output(display_name="loss_map"),
                                   io.Int.Output(display_name="steps")])
 

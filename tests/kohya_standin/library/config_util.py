@@ -48,7 +48,7 @@ def generate_dataset_groups(user_config, args):
         split = float(_pick("validation_split", ds, general, argd, default=0.0))
         seed = _pick("validation_seed", ds, general, argd, default=None)
         bs = int(_pick("batch_size", ds, general, {"batch_size": argd.get("train_batch_size")}, default=1))
-        def subsets():   # sd-scripts builds the validation side from fresh subset objects (dicts copied)
+        def subsets(ds=ds):   # sd-scripts builds the validation side from fresh subset objects (dicts copied)
             return [train_util.Subset(
                 image_dir=s["image_dir"], num_repeats=int(s.get("num_repeats", 1)), is_reg=bool(s.get("is_reg", False)),
                 class_tokens=s.get("class_tokens"), custom_attributes=copy.deepcopy(s.get("custom_attributes")),

@@ -4,10 +4,10 @@ import argparse
 import logging
 import os
 import random
-import tomllib
 from pathlib import Path
 
 import numpy as np
+import tomllib
 import torch
 
 logger = logging.getLogger("standin.train_util")
@@ -45,7 +45,8 @@ def image_latents(path):
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    def __init__(self, subsets, batch_size, is_training_dataset, validation_split, validation_seed, prior_loss_weight=1.0,
+    def __init__(self, subsets, batch_size, is_training_dataset, validation_split, validation_seed,
+                 prior_loss_weight=1.0,
                  resolution=(8, 8), enable_bucket=False, min_bucket_reso=256, max_bucket_reso=1024):
         self.batch_size, self.is_training_dataset = batch_size, is_training_dataset
         self.prior_loss_weight = prior_loss_weight

@@ -9,7 +9,8 @@ from typing import Any, List, Optional
 class Input:
     def __init__(self, io_type: str, id: str, display_name: str = None, optional: bool = False, tooltip: str = None,
                  **extra: Any):
-        self.io_type, self.id, self.display_name, self.optional, self.tooltip = io_type, id, display_name, optional, tooltip
+        self.io_type, self.id, self.display_name = io_type, id, display_name
+        self.optional, self.tooltip = optional, tooltip
         self.extra = extra
 
 
