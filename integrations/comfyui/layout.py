@@ -106,7 +106,3 @@ def train_layout(nodes_train: Any) -> TrainLayout:
     model_output = types.index("MODEL") if "MODEL" in types else None
     return TrainLayout(inputs=inputs, outputs=outputs, model_output=model_output)
 
-
-def check_training_module(nodes_train: Any) -> TrainLayout:
-    """The layout of ``nodes_train``, or :class:`ComfyTrainingError` naming what is missing (before any work)."""
-    return train_layout(nodes_train)

@@ -25,7 +25,7 @@ from smplora_plugin.metadata import validate_entries
 from .fit import check_lora_fits
 from .images import load_images, member_nonmember_files
 from .label import privacy_label
-from .layout import SUPPORTED, check_training_module
+from .layout import SUPPORTED, train_layout
 from .training import Holdout, private_training
 from .verdict import report_text
 
@@ -96,7 +96,7 @@ class SmploraTrainLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, **kwargs: Any) -> io.NodeOutput:
-        layout = check_training_module(nodes_train)
+        layout = train_layout(nodes_train)
         own = {k: kwargs.pop(k) for k in OWN_INPUTS}
         seed = int(kwargs["seed"][0])
         batch_size = int(kwargs["batch_size"][0])

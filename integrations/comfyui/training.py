@@ -25,7 +25,7 @@ import torch
 
 from smplora_plugin import PrivacyRegularizer
 
-from .layout import ComfyTrainingError, check_training_module
+from .layout import ComfyTrainingError, train_layout
 
 HOLDOUT_KEY = "smplora_holdout"
 _SWAP_LOCK = threading.Lock()
@@ -178,7 +178,7 @@ def private_classes(nodes_train: Any, reg: PrivacyRegularizer, holdout: Holdout,
     ``on_progress`` receives a one-line summary of the defense's metrics after every step (the
     node sends it to the UI as the node's progress text).
     """
-    check_training_module(nodes_train)
+    train_layout(nodes_train)
     base_sampler, base_guider = nodes_train.TrainSampler, nodes_train.TrainGuider
 
     class SmploraTrainGuider(base_guider):
