@@ -194,6 +194,57 @@ class PrivacyRegularizer:
             out = out * scale - (scale - 1) * out.detach()
         return self._finish(out, loss, ada, ce_m, denominator, keep_loss_value)
 
+    def step_per_sample(self, losses: torch.Tensor, member_feats: torch.Tensor,
+                        nonmember_feats: Optional[torch.Tensor] = None, *, update_attacker: bool = True,
+                        keep_loss_value: bool = False) -> torch.Tensor:
+        """:meth:`step` for DP noise: the objective as a mean of per-sample terms, so that a per-sample gradient
+        is the gradient of that sample's own term (:mod:`smplora_plugin.dp`, ``docs/dp.md``).
+
+        Each of the ``B`` samples gets ``l_i / (beta + alpha CE_i + delta)`` (smp) or ``l_i - alpha CE_i`` (mp),
+        ``CE_i`` the frozen attacker's member cross-entropy on its own features; the result is their mean.
+        (The batch ratio of :meth:`step` couples the samples through its denominator, so one sample's data would
+        rescale every other sample's clipped gradient.) Every row is a privacy row: ``privacy_fraction`` does not
+        apply. The attacker is updated first, as in :meth:`step`.
+
+        Args:
+            losses: ``(B,)`` per-sample adaptation losses of the forward (with grad); their mean is the trainer's loss.
+            member_feats: ``reg.features(pred, target)`` of the same ``B`` rows (with grad).
+            nonmember_feats, update_attacker, keep_loss_value: as in :meth:`step` (the kept value is ``losses.mean()``).
+        """
+        if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or losses.numel() == 0:
+            raise FeatureError(f"losses must be the (B,) per-sample losses of the batch, got "
+                               f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__};"
+                               " reduce each sample's loss map to one value (e.g. .mean(dim=(1, 2, 3))).")
+        if not torch.isfinite(losses.detach()).all():
+            raise FeatureError("a per-sample loss is not finite: fix the model/lr before regularising.")
+        member, nonmember = self._validated_pair(member_feats, nonmember_feats)
+        if member.shape[0] != losses.shape[0]:
+            raise FeatureError(f"member_feats has {member.shape[0]} rows but losses has {losses.shape[0]}: under DP "
+                               "noise every sample of the batch needs its features (privacy_fraction does not apply).")
+        if losses.requires_grad and not member.requires_grad:
+            raise FeatureError("member_feats carries no gradient but losses do: compute it from the same forward "
+                               "(reg.features(pred, target) without torch.no_grad() or .detach()).")
+        do_update = bool(update_attacker) and self.config.k_steps > 0
+        if nonmember is None and do_update and self.wants_nonmembers():
+            raise FeatureError("nonmember_feats is None but the attacker is due an update with fresh non-member "
+                               "features (see reg.wants_nonmembers()): pass features of a held-out batch.")
+        # ---- state changes from here on
+        self._fix_grid(member_feats)
+        self._ensure_attacker(member.shape[1], member.device)
+        member = member.to(self._device)
+        if nonmember is not None:
+            self._bank = nonmember.to(self._device)
+        if do_update:
+            self._update_attacker(member.detach(), self._bank)
+        logits = self._frozen_logits(member)
+        ce = F.cross_entropy(logits, torch.ones(member.shape[0], dtype=torch.long, device=member.device),
+                             reduction="none")
+        ada = losses.float().to(ce.device)
+        terms, denominators = self._combine(ada, ce)
+        loss = losses.mean()
+        out = terms.mean()
+        return self._finish(out, loss, ada.mean(), ce.mean(), denominators.mean(), keep_loss_value)
+
     def _combine(self, ada: torch.Tensor, ce_m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         if cfg.objective == "smp":

@@ -128,3 +128,43 @@ def test_smp_sample_loss_refuses_what_it_cannot_use():
         smp_sample_loss(reg, (pred[:1] - noise[:1]) ** 2, feats)
     with pytest.raises(DPError, match="pass reg.features\\(pred, target\\) of the one sample"):
         smp_sample_loss(reg, F.mse_loss(pred, noise), reg.features(pred, noise))
+
+
+def test_step_per_sample_is_the_mean_of_smp_sample_losses_and_trains_per_sample():
+    """The trainers' SMP + DP objective (reg.step_per_sample): its value is the mean of smp_sample_loss over the
+    batch, and DPTraining's hooks on the trainer's backward give each sample exactly smp_sample_loss's gradient."""
+    from smplora_plugin.dp import DPTraining, GradSampleHooks, dp_options
+
+    from _helpers import small_reg
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1))
+    x, noise = batch(4, seed=1)
+    xn, noisen = batch(4, seed=2)
+    reg = small_reg(k_steps=1)
+    hooks = GradSampleHooks(model, list(model.parameters())).attach()
+    pred = model(x + noise)
+    losses = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    with torch.no_grad():
+        nonmember = reg.features(model(xn + noisen), noisen)
+    out = reg.step_per_sample(losses, reg.features(pred, noise), nonmember, keep_loss_value=True)
+    assert out.item() == pytest.approx(losses.mean().item(), rel=1e-6)       # the trainer's loss value is kept
+    out.backward()
+    got = hooks.take()
+    hooks.detach()
+    for i in range(4):
+        model.zero_grad()
+        p_i = model(x[i:i + 1] + noise[i:i + 1])
+        smp_sample_loss(reg, F.mse_loss(p_i, noise[i:i + 1]), reg.features(p_i, noise[i:i + 1])).backward()
+        for g, p in zip(got, model.parameters()):
+            torch.testing.assert_close(g[i], p.grad, rtol=1e-4, atol=1e-6)
+    dpt = DPTraining(model, dp_options("smplora", noise_multiplier=1.0), dataset_size=8, batch_size=4,
+                     regularizer=reg)
+    assert "smp-lora + dp noise" in dpt.summary()
+
+
+def test_step_per_sample_refuses_rows_without_features():
+    from _helpers import small_reg
+    reg = small_reg(k_steps=0)
+    x, noise = batch(3, seed=1)
+    with pytest.raises(Exception, match="every sample of the batch needs its features"):
+        reg.step_per_sample(torch.ones(3), reg.features(x[:2], noise[:2]))

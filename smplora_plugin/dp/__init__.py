@@ -9,9 +9,12 @@ from Opacus's RDP or PRV accountant, always with the sampling it assumes. The ac
 from .accountant import DPAccountant, default_delta, noise_multiplier_for, sampling_note
 from .errors import DPError
 from .gradients import DPGradients
+from .hooks import GradSampleHooks
 from .per_sample import clip_factors, per_sample_norms
 from .sampler import PoissonBatchSampler
 from .smp import smp_sample_loss
+from .training import DPOptions, DPTraining, check_mixed_precision, dp_options
 
-__all__ = ["DPGradients", "DPAccountant", "PoissonBatchSampler", "DPError", "smp_sample_loss", "default_delta",
+__all__ = ["DPGradients", "DPTraining", "DPOptions", "dp_options", "check_mixed_precision", "GradSampleHooks",
+           "DPAccountant", "PoissonBatchSampler", "DPError", "smp_sample_loss", "default_delta",
            "noise_multiplier_for", "sampling_note", "clip_factors", "per_sample_norms"]

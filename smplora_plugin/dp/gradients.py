@@ -25,7 +25,7 @@ from torch import nn
 from ..metadata import validate_entries
 from .accountant import DPAccountant, check_delta, check_mechanism, check_sampling, default_delta, noise_multiplier_for
 from .errors import DPError
-from .per_sample import METHODS, clipped_sum
+from .per_sample import METHODS, clip_factors, clipped_sum, per_sample_norms
 
 FORMAT = "smplora-dp/1"
 _NORMALISATION = "(sum of clipped per-sample gradients + N(0, (sigma*clip)^2)) / expected_batch_size"
@@ -76,6 +76,10 @@ class DPGradients:
         regularizer: the :class:`~smplora_plugin.PrivacyRegularizer` whose per-sample objective is privatised
             (:func:`~smplora_plugin.dp.smp_sample_loss`); recorded in :meth:`summary` and the header, with
             what the epsilon does not cover (its proxy attacker is fit on member features outside the mechanism).
+        short_batches: with ``sampling="fixed_batch"``, accept a step of fewer than ``B`` samples (a trainer's
+            last batch of an epoch or of an aspect-ratio bucket). Each sample still moves the sum by at most
+            ``C`` and the noise is the same, so such a step leaks no more than a full one; the sum is still
+            divided by ``B``. A step of more than ``B`` samples is always refused.
     """
 
     def __init__(self, target: Union[nn.Module, Iterable[torch.Tensor]], *, max_grad_norm: float,
@@ -84,7 +88,7 @@ class DPGradients:
                  expected_batch_size: Optional[float] = None, dataset_size: Optional[int] = None,
                  sampling: str = "poisson", accountant: str = "rdp", delta: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, method: str = "vmap", chunk_size: Optional[int] = None,
-                 regularizer: Any = None):
+                 regularizer: Any = None, short_batches: bool = False):
         # ---- validate everything before any state is set
         self.module, self.names, self.params = _dp_parameters(target)
         self.max_grad_norm = _positive("max_grad_norm", max_grad_norm,
@@ -120,6 +124,9 @@ class DPGradients:
             raise DPError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
         if regularizer is not None and not hasattr(regularizer, "config"):
             raise DPError(f"regularizer must be a PrivacyRegularizer, got {type(regularizer).__name__}.")
+        if not isinstance(short_batches, bool) or (short_batches and sampling != "fixed_batch"):
+            raise DPError(f"short_batches={short_batches!r}: it is a bool, and only means something with "
+                          "sampling='fixed_batch' (Poisson batches have no fixed size).")
 
         # ---- state
         self.noise_multiplier = sigma
@@ -129,6 +136,7 @@ class DPGradients:
         self.sampling = sampling
         self.chunk_size = chunk_size
         self.regularizer = regularizer
+        self.short_batches = short_batches
         self.accountant = DPAccountant(mechanism, sample_rate=q, sampling=sampling, delta=delta)
         if generator is None:
             generator = torch.Generator()
@@ -186,6 +194,55 @@ class DPGradients:
         self.pending += int(size)
         return norms.detach()
 
+    def add_per_sample(self, grads: List[torch.Tensor]) -> torch.Tensor:
+        """Add per-sample gradients computed elsewhere (the trainer's own backward, :class:`.hooks.GradSampleHooks`;
+        or a batch of one's ``p.grad``): ``grads[k]`` is ``(B, *shape_k)`` for the k-th DP parameter, row ``i`` the
+        gradient of sample ``i``'s own loss. Clips each sample to ``max_grad_norm`` over all parameters, adds the sum
+        to this step's; returns the norms before clipping."""
+        if not isinstance(grads, (list, tuple)) or len(grads) != len(self.params):
+            raise DPError(f"add_per_sample needs one (B, *shape) tensor per DP parameter ({len(self.params)}), got "
+                          f"{len(grads) if isinstance(grads, (list, tuple)) else type(grads).__name__}.")
+        size = grads[0].shape[0] if isinstance(grads[0], torch.Tensor) and grads[0].ndim else None
+        for g, p, name in zip(grads, self.params, self.names):
+            if not isinstance(g, torch.Tensor) or g.shape[:1] != (size,) or tuple(g.shape[1:]) != tuple(p.shape):
+                raise DPError(f"the per-sample gradient of {name} has shape "
+                              f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}; expected "
+                              f"({size}, {', '.join(map(str, p.shape))}): one row per sample, the parameter's shape.")
+        norms = per_sample_norms(grads)
+        if not bool(torch.isfinite(norms).all()):
+            raise DPError("a per-sample gradient is NaN or Inf: the loss diverged on a sample (or a GradScaler scaled "
+                          "it past float range); lower the learning rate or check the inputs (nothing was added).")
+        f = clip_factors(norms, self.max_grad_norm)
+        sums = [torch.einsum("b,b...->...", f.to(g.device), g.float()).to(p.device) for g, p in zip(grads, self.params)]
+        # ---- state changes from here on
+        if self._sum is None:
+            self._sum = sums
+        else:
+            for total, s_ in zip(self._sum, sums):
+                total.add_(s_)
+        self.pending += int(size)
+        return norms.detach()
+
+    def all_reduce(self) -> None:
+        """Sum this step's clipped sums and sample counts over the ranks of the process group (a no-op with one
+        process). Call it on every rank before :meth:`step`; give every rank the same noise generator seed, so the
+        one noise draw per step is the same everywhere and every rank's LoRA stays identical."""
+        from .. import distributed
+        if not distributed.is_active():
+            return
+        import torch.distributed as dist
+        device = self.params[0].device
+        if self._sum is None:
+            self._sum = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+        flat = torch.cat([s.reshape(-1).to(device) for s in self._sum] +
+                         [torch.tensor([float(self.pending)], device=device)])
+        dist.all_reduce(flat)
+        out, at = [], 0
+        for s in self._sum:
+            out.append(flat[at:at + s.numel()].reshape(s.shape).to(s.device))
+            at += s.numel()
+        self._sum, self.pending = out, int(round(float(flat[-1])))
+
     def step(self) -> None:
         """Noise the accumulated sum once, divide by :attr:`expected_batch_size`, write ``p.grad``, count the step.
 
@@ -200,7 +257,8 @@ class DPGradients:
                 "loss.backward() or an earlier step is not private and would be mixed in. Call "
                 "optimizer.zero_grad(set_to_none=True) before dp.step(), and get gradients only through dp.accumulate."
             )
-        if self.sampling == "fixed_batch" and self.pending != self.expected_batch_size:
+        short_ok = self.short_batches and self.pending < self.expected_batch_size
+        if self.sampling == "fixed_batch" and self.pending != self.expected_batch_size and not short_ok:
             raise DPError(
                 f"this step accumulated {self.pending} samples, but sampling='fixed_batch' accounts every step as a "
                 f"batch of exactly expected_batch_size={self.expected_batch_size:g}: accumulate exactly that many "
