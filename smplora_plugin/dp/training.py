@@ -76,8 +76,9 @@ def dp_options(method: str, *, noise_multiplier: Any = None, max_grad_norm: Any 
 
     ``method="dpsgd"`` is DP-SGD alone; any other privacy method with ``noise_multiplier`` or ``target_epsilon``
     is that method's objective under DP noise (SMP-LoRA + DP). ``flag`` is how the trainer spells the options
-    (``--privacy_`` for kohya / diffusers, ``privacy.`` for a YAML block), for the error messages. Everything is
-    checked here, before a trainer builds anything.
+    (``--privacy_`` for kohya / diffusers, ``privacy.`` for a YAML block), for the error messages; the DP delta
+    and accountant are spelled ``dp_delta`` / ``dp_accountant`` there (``--privacy_delta`` is SMP-LoRA's
+    denominator constant). Everything is checked here, before a trainer builds anything.
     """
     sigma = _number(f"{flag}noise_multiplier", noise_multiplier,
                     "sigma is the noise of the Gaussian mechanism (clipping without noise has no privacy guarantee); "
@@ -91,9 +92,13 @@ def dp_options(method: str, *, noise_multiplier: Any = None, max_grad_norm: Any 
         try:
             delta = check_delta(delta)
         except DPError:
-            raise DPError(f"{flag}delta={delta!r} is outside (0, 1): pass a probability such as 1e-5, or leave it out "
+            raise DPError(f"{flag}dp_delta={delta!r} is outside (0, 1): pass a probability such as 1e-5, or leave it out "
                           "for the default 1/(N ln N) of N training images.") from None
-    accountant = check_mechanism(accountant)
+    try:
+        accountant = check_mechanism(accountant)
+    except DPError:
+        raise DPError(f"{flag}dp_accountant={accountant!r} is not 'rdp' (Renyi DP, the default) or 'prv' (privacy "
+                      "random variables, tighter and slower).") from None
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise DPError(f"the DP noise seed must be an int, got {seed!r}.")
     noised = sigma is not None or target is not None
@@ -101,7 +106,7 @@ def dp_options(method: str, *, noise_multiplier: Any = None, max_grad_norm: Any 
         raise DPError(f"{flag[:-1] if flag.endswith('_') else flag}=dpsgd needs a noise level: pass "
                       f"{flag}noise_multiplier (sigma, e.g. 1.0) or {flag}target_epsilon (e.g. 8).")
     if not noised:
-        given = [n for n, v in (("max_grad_norm", clip), ("delta", delta)) if v is not None]
+        given = [n for n, v in (("max_grad_norm", clip), ("dp_delta", delta)) if v is not None]
         if given:
             raise DPError(f"{', '.join(flag + g for g in given)} given without a DP mechanism: these options only act "
                           f"with DP noise. Pass {flag}noise_multiplier or {flag}target_epsilon (DP-SGD, or "
