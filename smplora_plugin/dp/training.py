@@ -92,8 +92,8 @@ def dp_options(method: str, *, noise_multiplier: Any = None, max_grad_norm: Any 
         try:
             delta = check_delta(delta)
         except DPError:
-            raise DPError(f"{flag}dp_delta={delta!r} is outside (0, 1): pass a probability such as 1e-5, or leave it out "
-                          "for the default 1/(N ln N) of N training images.") from None
+            raise DPError(f"{flag}dp_delta={delta!r} is outside (0, 1): pass a probability such as 1e-5, or leave "
+                          "it out for the default 1/(N ln N) of N training images.") from None
     try:
         accountant = check_mechanism(accountant)
     except DPError:
