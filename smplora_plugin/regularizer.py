@@ -147,7 +147,6 @@ class PrivacyRegularizer:
         Returns:
             ``loss / (beta + alpha * CE_m + delta)`` (smp) or ``loss - alpha * CE_m`` (mp).
         """
-        cfg = self.config
         # ---- validate everything before any state changes
         if not isinstance(loss, torch.Tensor):
             raise FeatureError(f"loss must be a torch.Tensor, got {type(loss).__name__}.")
@@ -162,27 +161,10 @@ class PrivacyRegularizer:
         if member_feats is None:
             return self._step_without_members(loss, nonmember_feats, keep_loss_value)
         member, nonmember = self._validated_pair(member_feats, nonmember_feats)
-        if loss.requires_grad and not member.requires_grad:
-            raise FeatureError(
-                "member_feats carries no gradient but loss does: compute it from the same forward as loss "
-                "(reg.features(pred, target) without torch.no_grad() or .detach()), or the defense cannot act."
-            )
-        do_update = bool(update_attacker) and cfg.k_steps > 0
-        if nonmember is None and do_update and self.wants_nonmembers():
-            raise FeatureError(
-                "nonmember_feats is None but the attacker is due an update with fresh non-member features "
-                "(see reg.wants_nonmembers()): pass features of a held-out batch, or update_attacker=False on "
-                "steps that skip the attacker update."
-            )
+        do_update = self._check_update(loss, member, nonmember, update_attacker)
 
         # ---- state changes from here on
-        self._fix_grid(member_feats)
-        self._ensure_attacker(member.shape[1], member.device)
-        member = member.to(self._device)
-        if nonmember is not None:
-            self._bank = nonmember.to(self._device)
-        if do_update:
-            self._update_attacker(member.detach(), self._bank)
+        member = self._apply_update(member_feats, member, nonmember, do_update)
         ce_m = self._member_ce(member)
         ada = loss.float()
         if self._is_distributed():
@@ -221,21 +203,9 @@ class PrivacyRegularizer:
         if member.shape[0] != losses.shape[0]:
             raise FeatureError(f"member_feats has {member.shape[0]} rows but losses has {losses.shape[0]}: under DP "
                                "noise every sample of the batch needs its features (privacy_fraction does not apply).")
-        if losses.requires_grad and not member.requires_grad:
-            raise FeatureError("member_feats carries no gradient but losses do: compute it from the same forward "
-                               "(reg.features(pred, target) without torch.no_grad() or .detach()).")
-        do_update = bool(update_attacker) and self.config.k_steps > 0
-        if nonmember is None and do_update and self.wants_nonmembers():
-            raise FeatureError("nonmember_feats is None but the attacker is due an update with fresh non-member "
-                               "features (see reg.wants_nonmembers()): pass features of a held-out batch.")
+        do_update = self._check_update(losses, member, nonmember, update_attacker)
         # ---- state changes from here on
-        self._fix_grid(member_feats)
-        self._ensure_attacker(member.shape[1], member.device)
-        member = member.to(self._device)
-        if nonmember is not None:
-            self._bank = nonmember.to(self._device)
-        if do_update:
-            self._update_attacker(member.detach(), self._bank)
+        member = self._apply_update(member_feats, member, nonmember, do_update)
         logits = self._frozen_logits(member)
         ce = F.cross_entropy(logits, torch.ones(member.shape[0], dtype=torch.long, device=member.device),
                              reduction="none")
@@ -244,6 +214,37 @@ class PrivacyRegularizer:
         loss = losses.mean()
         out = terms.mean()
         return self._finish(out, loss, ada.mean(), ce.mean(), denominators.mean(), keep_loss_value)
+
+    def _check_update(self, loss: torch.Tensor, member: torch.Tensor, nonmember: Optional[torch.Tensor],
+                      update_attacker: bool) -> bool:
+        """Whether this step updates the attacker; refuses features without gradient and a missing held-out batch
+        (no state changes)."""
+        if loss.requires_grad and not member.requires_grad:
+            raise FeatureError(
+                "member_feats carries no gradient but loss does: compute it from the same forward as loss "
+                "(reg.features(pred, target) without torch.no_grad() or .detach()), or the defense cannot act."
+            )
+        do_update = bool(update_attacker) and self.config.k_steps > 0
+        if nonmember is None and do_update and self.wants_nonmembers():
+            raise FeatureError(
+                "nonmember_feats is None but the attacker is due an update with fresh non-member features "
+                "(see reg.wants_nonmembers()): pass features of a held-out batch, or update_attacker=False on "
+                "steps that skip the attacker update."
+            )
+        return do_update
+
+    def _apply_update(self, member_feats: Any, member: torch.Tensor, nonmember: Optional[torch.Tensor],
+                      do_update: bool) -> torch.Tensor:
+        """Fix the grid, build the attacker, refresh the held-out bank and run the attacker update when due;
+        returns the member features on the attacker's device."""
+        self._fix_grid(member_feats)
+        self._ensure_attacker(member.shape[1], member.device)
+        member = member.to(self._device)
+        if nonmember is not None:
+            self._bank = nonmember.to(self._device)
+        if do_update:
+            self._update_attacker(member.detach(), self._bank)
+        return member
 
     def _combine(self, ada: torch.Tensor, ce_m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config

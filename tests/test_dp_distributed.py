@@ -2,13 +2,13 @@
 single-process run on the global batch (DDP-style gradient averaging of the trainer's own gradient included)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_distributed import _free_port
 
 from smplora_plugin.dp import DPTraining, dp_options
 
@@ -48,12 +48,6 @@ def _run(rank, world, port, out_dir):
     save_file(out, os.path.join(out_dir, f"rank{rank}_of{world}.safetensors"))
     if world > 1:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_identical_and_equal_to_one_process(tmp_path):
