@@ -17,6 +17,21 @@ Design (per data set and member count ``M``):
   every run: common noise draws), then the runs are pooled with
   :func:`smplora_plugin.audit.pooled.pool_reports` (per-run standardisation on calibration
   non-members, calibrated verdict, stratified permutations).
+- **Canaries** (issue 23; ``--canaries N``, off by default). A fixed universe of ``2N`` fresh private images
+  (disjoint from ``A`` and the defense set) in ``N`` pairs; pair ``j`` is made one of the most exposed kinds
+  (:data:`CANARY_KINDS`, cycled): duplicated (trained twice), colour-inverted, rotated (out of distribution,
+  with their captions), caption-swapped. Run ``i`` trains on one image of each pair (seeded by ``i``) besides
+  its ``M`` members and audits the other as its matching non-member; references train on balanced halves of
+  the universe too, so online LiRA / RMIA cover the canaries. The canaries join the evaluation sides of the
+  run's one audit (:func:`audit_with_canaries`: the same draws and fits; the population's report is the one
+  ``run_audit`` gives on the population alone); their scores are pooled over runs, standardised like the
+  population's, and reported beside it (AUC, TPR@1%FPR, per kind, the paired test against the untouched
+  model's canaries). A recipe with canaries trains on more rows, so its LoRAs, references and audits have
+  keys of their own; without canaries the keys are the old ones.
+- **Kinds.** ``untouched``, ``plain``, ``smp`` / ``mp`` / ``robust`` (the demo's ``train_lora`` with a
+  regulariser), ``dpsgd`` (Opacus per-sample gradients: sigma ``noise``, clip ``clip``, noise multiplicity
+  ``noise_mult``, ``flip``), ``smp_dp`` (the ``robust`` preset under the core's DP-SGD, ``DPTraining`` with
+  ``reg.step_per_sample``), ``floor``; every DP row records its epsilon (delta 1e-5, RDP).
 - **Utility.** The data set's classifier on generated samples (accuracy; for textures the share of
   samples of the captioned class), Fréchet distance in its feature space, held-out denoising loss.
   The style / concept **gain kept** is ``(acc - acc_untouched) / (acc_plain - acc_untouched)``.
@@ -36,11 +51,14 @@ Run from the repository root (two jobs at a time, one thread each, niced):
 
   python -m benchmarks.frontier run --dataset textures --members 64 --rows untouched,plain,robust --runs 8 --jobs 2
   python -m benchmarks.frontier report --write      # pools every finished point: RESULTS.md, PNG, rows jsonl
+  python -m benchmarks.frontier run --dataset emoji --members 128 --steps 400 --canaries \
+      --rows untouched,plain,"dp-sgd s0.3" --runs 8 --jobs 2   # issue 23: with 8 canaries per run
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -62,7 +80,8 @@ from ._common import atomic_write, fmt, header, json_default, pct, run_in_worker
 
 HERE = Path(__file__).resolve().parent
 #: Bump when a change to this harness or to the code it calls changes what a cached result would be.
-FRONTIER_VERSION = 1
+#: 2: RMIA's score breaks the ties of the paper's fraction (issue 27), so cached audit scores are stale.
+FRONTIER_VERSION = 2
 ROWS_JSONL = HERE / "frontier_rows.jsonl"
 PNG = HERE / "frontier.png"
 DEFENSE_NONMEMBERS = 64
@@ -101,9 +120,38 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "loss floor": ("loss floor", {"kind": "floor"}),
     # per-sample gradient clipping without noise (no DP guarantee), the issue's clipping lever
     "clip only": ("clipping", {"kind": "dpsgd", "noise": 0.0, "clip": 0.05}),
+    # issue 23: DP-SGD tuned for utility. sigma down from 0.5 (clip 0.05), the clip up to 1 (no clipping for most
+    # samples), noise multiplicity K (K noise / timestep draws per member, averaged before clipping: no privacy
+    # cost, K times the compute) and flip augmentation inside the clipped per-member gradient
+    "dp-sgd s0.05": ("dp-sgd", {"kind": "dpsgd", "noise": 0.05, "clip": 0.05}),
+    "dp-sgd s0.1": ("dp-sgd", {"kind": "dpsgd", "noise": 0.1, "clip": 0.05}),
+    "dp-sgd s0.2": ("dp-sgd", {"kind": "dpsgd", "noise": 0.2, "clip": 0.05}),
+    "dp-sgd s0.3": ("dp-sgd", {"kind": "dpsgd", "noise": 0.3, "clip": 0.05}),
+    "dp-sgd s0.1 c0.2": ("dp-sgd", {"kind": "dpsgd", "noise": 0.1, "clip": 0.2}),
+    "dp-sgd s0.1 c1": ("dp-sgd", {"kind": "dpsgd", "noise": 0.1, "clip": 1.0}),
+    "dp-sgd s0.3 c0.2": ("dp-sgd", {"kind": "dpsgd", "noise": 0.3, "clip": 0.2}),
+    "dp-sgd s0.1 K4": ("dp-sgd", {"kind": "dpsgd", "noise": 0.1, "clip": 0.05, "noise_mult": 4}),
+    "dp-sgd s0.1 flip": ("dp-sgd", {"kind": "dpsgd", "noise": 0.1, "clip": 0.05, "flip": True}),
+    "dp-sgd s0.1 K4 flip": ("dp-sgd", {"kind": "dpsgd", "noise": 0.1, "clip": 0.05, "noise_mult": 4, "flip": True}),
+    "dp-sgd s0.3 K4 flip": ("dp-sgd", {"kind": "dpsgd", "noise": 0.3, "clip": 0.05, "noise_mult": 4, "flip": True}),
+    "dp-sgd s0.05 c1 K8 flip": ("dp-sgd", {"kind": "dpsgd", "noise": 0.05, "clip": 1.0, "noise_mult": 8,
+                                            "flip": True}),
+    # issue 23: SMP-LoRA (robust preset) under per-sample clipping and small noise, trained with the core's DP-SGD
+    # (DPTraining + reg.step_per_sample: each member's own SMP term, every row a privacy row, so
+    # privacy_fraction only sets the non-member batch: 8 of 32 for the preset, 32 for whole-batch)
+    "robust flip dp s0.1 c0.05": ("smp + dp", {"kind": "smp_dp", "noise": 0.1, "clip": 0.05, "flip": True}),
+    "robust flip dp s0.3 c0.05": ("smp + dp", {"kind": "smp_dp", "noise": 0.3, "clip": 0.05, "flip": True}),
+    "robust flip dp s0.1 c0.2": ("smp + dp", {"kind": "smp_dp", "noise": 0.1, "clip": 0.2, "flip": True}),
+    "robust whole-batch dp s0.3 c0.05": ("smp + dp", {"kind": "smp_dp", "noise": 0.3, "clip": 0.05,
+                                                      "privacy_fraction": 1.0}),
 }
-FAMILY_ORDER = ("untouched", "plain", "smp paper", "robust", "mp", "dp-sgd", "loss floor", "clipping")
-KINDS = ("untouched", "plain", "smp", "robust", "mp", "dpsgd", "floor")
+FAMILY_ORDER = ("untouched", "plain", "smp paper", "robust", "mp", "dp-sgd", "loss floor", "clipping", "smp + dp")
+KINDS = ("untouched", "plain", "smp", "robust", "mp", "dpsgd", "floor", "smp_dp")
+#: issue 23's most exposed members, cycled over a run's canaries: the image twice in the training set, the image
+#: colour-inverted or rotated by 90 degrees (out of distribution, with its own caption), the image with another
+#: image's caption
+CANARY_KINDS = ("duplicate", "inverted", "rotated", "caption-swap")
+CANARY_SEED = 300_007
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +177,9 @@ class Recipe:
     #: at most this many members (and as many non-members) of a run are audited, half of them calibration;
     #: above it a run's audited samples are a seeded draw of its members, so large M costs no more to audit
     audited: int = 128
+    #: canaries per run (issue 23): this many member canaries (:data:`CANARY_KINDS`, cycled) trained on besides the
+    #: ``members``, and as many matching non-member canaries, scored by the same audit; 0: none (the old runs)
+    canaries: int = 0
 
     def validate(self) -> None:
         from smplora_plugin.demo.datasets import NAMES
@@ -146,6 +197,8 @@ class Recipe:
             raise ConfigError(f"audited={self.audited}: use a multiple of 4, at least 8.")
         if self.references == 1 or self.references < 0 or self.references % 2:
             raise ConfigError(f"references={self.references}: 0 (no LiRA/RMIA) or an even number >= 2.")
+        if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or self.canaries < 0:
+            raise ConfigError(f"canaries={self.canaries!r}: a whole number >= 0 per run (0: no canaries; issue 23: 8).")
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:
@@ -178,6 +231,8 @@ def lora_settings(rc: Recipe, spec: Mapping[str, Any], run: int, *, reference: O
         d["run"] = run
     else:
         d.update(reference=reference, references=rc.references, reference_seed=REFERENCE_SEED)
+    if rc.canaries:  # only with canaries, so the keys of the runs without them stay what they were
+        d["canaries"] = {"n": rc.canaries, "kinds": list(CANARY_KINDS), "seed": CANARY_SEED}
     return d
 
 
@@ -189,6 +244,8 @@ def audit_settings(rc: Recipe, spec: Mapping[str, Any], run: int) -> Dict[str, A
          "per_label": rc.per_label, "sample_steps": rc.sample_steps}
     if rc.audited < rc.members:  # only where the cap binds, so the keys of smaller points stay what they were
         d["audited"] = rc.audited
+    if rc.canaries:
+        d["canaries"] = rc.canaries
     return d
 
 
@@ -256,12 +313,24 @@ def _setup(dataset: str):
     return cfg, base, clf
 
 
-def audited_pool(dataset: str, members: int):
-    """The fixed audited pool ``A`` (``2 * members``) and the defense's non-members."""
+@functools.lru_cache(maxsize=8)
+def _private_sets(dataset: str, members: int, canaries: int):
+    """The data set's private draw (seed 0): the audited pool, the defense set and, with ``canaries``, the
+    ``2 * canaries`` canary sources after them (the sets are drawn in that order from one permutation, so the
+    first two do not depend on ``canaries``). Memoised: drawing a pool costs seconds and a task asks often."""
     from smplora_plugin.demo.datasets import get_dataset
 
-    sp = get_dataset(dataset).splits({"member": 2 * members, "nonmember_defense": DEFENSE_NONMEMBERS}, 0)
-    return sp["member"], sp["nonmember_defense"]
+    sizes = {"member": 2 * members, "nonmember_defense": DEFENSE_NONMEMBERS}
+    if canaries:
+        sizes["nonmember_eval"] = 2 * canaries
+    return get_dataset(dataset).splits(sizes, 0)
+
+
+def audited_pool(dataset: str, members: int):
+    """The fixed audited pool ``A`` (``2 * members``) and the defense's non-members (fresh copies)."""
+    sp = _private_sets(dataset, members, 0)
+    return sp["member"].subset(range(len(sp["member"]))), sp["nonmember_defense"].subset(
+        range(len(sp["nonmember_defense"])))
 
 
 def run_draw(n_pool: int, members: int, run: int, audited: Optional[int] = None) -> Dict[str, List[int]]:
@@ -275,6 +344,87 @@ def run_draw(n_pool: int, members: int, run: int, audited: Optional[int] = None)
     h = a // 2
     return {"member": sorted(mem), "member_cal": sorted(mem[:h]), "member_eval": sorted(mem[h:a]),
             "nonmember_cal": sorted(non[:h]), "nonmember_eval": sorted(non[h:a])}
+
+
+def _join(*sets):
+    """The sets one after the other, captions kept (a set's captions may come from its labels)."""
+    from smplora_plugin.demo.data import DigitSet
+
+    return DigitSet(torch.cat([x.images for x in sets]), torch.cat([x.labels for x in sets]),
+                    [i for x in sets for i in x.ids], [c for x in sets for c in x.captions])
+
+
+def canary_universe(dataset: str, members: int, canaries: int):
+    """The ``2 * canaries`` canary images of ``(dataset, members)`` and their kinds; ``(DigitSet, kinds)``.
+
+    Sources: a fixed draw of fresh private images (the split after the audited pool and the defense set, so
+    disjoint from both). Pair ``j`` (images ``2j`` and ``2j + 1``) has kind ``CANARY_KINDS[j % 4]``: a run
+    trains on one of the pair (:func:`canary_draw`) and audits the other as its matching non-member.
+    ``duplicate``: the image as it is (trained twice); ``inverted``: ``-x`` (colours inverted); ``rotated``: 90
+    degrees; ``caption-swap``: the caption of the next source image with another caption. Ids are
+    ``canary-<kind>:<source id>``.
+    """
+    from smplora_plugin.demo.data import DigitSet
+
+    if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 1:
+        raise ConfigError(f"canaries={canaries!r}: a whole number >= 1 (0 means no canaries: build none).")
+    src = _private_sets(dataset, members, canaries)["nonmember_eval"]
+    caps = src.captions
+    kinds = [CANARY_KINDS[(i // 2) % len(CANARY_KINDS)] for i in range(len(src))]
+    images, texts, ids = [], [], []
+    for i, kind in enumerate(kinds):
+        x, cap = src.images[i], caps[i]
+        if kind == "inverted":
+            x = -x
+        elif kind == "rotated":
+            x = torch.rot90(x, 1, (-2, -1))
+        elif kind == "caption-swap":
+            other = [caps[(i + d) % len(caps)] for d in range(1, len(caps))]
+            swapped = [c for c in other if c != cap]
+            if not swapped:
+                raise ConfigError(f"every canary source of {dataset!r} has the caption {cap!r}: no caption to swap.")
+            cap = swapped[0]
+        images.append(x)
+        texts.append(cap)
+        ids.append(f"canary-{kind}:{src.ids[i]}")
+    return DigitSet(torch.stack(images).contiguous(), src.labels.clone(), ids, texts), kinds
+
+
+def canary_draw(canaries: int, run: int) -> Dict[str, List[int]]:
+    """Run ``run``'s member and non-member canaries (indices into :func:`canary_universe`): one of each pair each,
+    by a seeded coin per pair; a member canary and its non-member sit at the same position and share a kind."""
+    coins = torch.randint(0, 2, (canaries,), generator=torch.Generator().manual_seed(CANARY_SEED + run)).tolist()
+    return {"member": [2 * j + c for j, c in enumerate(coins)],
+            "nonmember": [2 * j + 1 - c for j, c in enumerate(coins)]}
+
+
+def canary_rows(universe, kinds: Sequence[str], idx: Sequence[int]):
+    """The training rows of the canaries ``idx``: each once, a ``duplicate`` twice."""
+    rows = [i for i in idx for _ in range(2 if kinds[i] == "duplicate" else 1)]
+    return universe.subset(rows)
+
+
+def training_set(rc: Recipe, run: int, *, reference: Optional[int] = None):
+    """What a LoRA trains on: run ``run``'s members (or reference ``reference``'s half of the pool), then, with
+    canaries, its member canaries (a reference: its balanced half of the canary universe)."""
+    pool, _ = audited_pool(rc.dataset, rc.members)
+    if reference is None:
+        train = pool.subset(run_draw(len(pool), rc.members, run)["member"])
+    else:
+        from smplora_plugin.audit.references import balanced_halves
+
+        keep = balanced_halves(len(pool), rc.references, REFERENCE_SEED)
+        train = pool.subset(np.flatnonzero(keep[reference]).tolist())
+    if not rc.canaries:
+        return train
+    universe, kinds = canary_universe(rc.dataset, rc.members, rc.canaries)
+    if reference is None:
+        idx = canary_draw(rc.canaries, run)["member"]
+    else:
+        from smplora_plugin.audit.references import balanced_halves
+
+        idx = np.flatnonzero(balanced_halves(len(universe), rc.references, REFERENCE_SEED + 1)[reference]).tolist()
+    return _join(train, canary_rows(universe, kinds, idx))
 
 
 def _new_model(cfg, base_sd, rank: int, seed: int):
@@ -320,7 +470,7 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
     from smplora_plugin import PrivacyConfig, PrivacyRegularizer
     from smplora_plugin.demo.train import train_lora
 
-    from .privacy_utility import train_dpsgd, train_floor
+    from .privacy_utility import train_dpsgd, train_floor, train_smp_dp
 
     spec = dict(spec)
     kind = spec.pop("kind")
@@ -334,15 +484,32 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
     grid = _grid(cfg, spec)
     spec.pop("grid", None)
     flip = bool(spec.pop("flip", False))
-    if flip and kind not in ("plain", "smp", "mp", "robust"):
+    if flip and kind not in ("plain", "smp", "mp", "robust", "dpsgd", "smp_dp"):
         raise ConfigError(f"flip augmentation is not wired for row kind {kind!r}.")
     if "hidden" in spec:
         spec["hidden"] = tuple(spec["hidden"])
     plugins = [TimestepChannels(cfg.data.model_config.num_train_timesteps)] if spec.pop("tfeat", False) else None
-    if plugins and kind not in ("smp", "mp", "robust"):
+    if plugins and kind not in ("smp", "mp", "robust", "smp_dp"):
         raise ConfigError(f"timestep features need an SMP / MP row, not {kind!r}.")
+    dp: Dict[str, Any] = {}
+    if kind in ("dpsgd", "smp_dp"):
+        missing = [k for k in ("noise", "clip") if k not in spec]
+        if missing:
+            raise ConfigError(f"row kind {kind!r} needs {missing} (sigma and the per-sample clip).")
+        dp = {k: spec.pop(k) for k in ("noise", "clip")}
+        if kind == "dpsgd" and "noise_mult" in spec:
+            dp["noise_mult"] = spec.pop("noise_mult")
+        if kind == "dpsgd" and spec:
+            raise ConfigError(f"row kind 'dpsgd' does not take {sorted(spec)}; it takes noise, clip, noise_mult, "
+                              "flip, steps_frac.")
     if kind == "dpsgd":
-        facts["epsilon"] = train_dpsgd(model, members, steps=steps, lr=rc.lora_lr, bs=rc.batch_size, seed=seed, **spec)
+        facts["epsilon"] = train_dpsgd(model, members, steps=steps, lr=rc.lora_lr, bs=rc.batch_size, seed=seed,
+                                       flip=flip, **dp)
+    elif kind == "smp_dp":
+        reg = PrivacyRegularizer(PrivacyConfig.preset("robust", feature_grid=grid, seed=seed, **spec),
+                                 plugins=plugins, load_entry_points=False)
+        facts["epsilon"], facts["final_loss"] = train_smp_dp(model, members, defense, steps=steps, lr=rc.lora_lr,
+                                                             bs=rc.batch_size, seed=seed, reg=reg, flip=flip, **dp)
     elif kind == "floor":
         train_floor(model, members, defense, steps=steps, lr=rc.lora_lr, bs=rc.batch_size, seed=seed)
     elif kind != "untouched":
@@ -367,16 +534,9 @@ def ensure_lora(cache: Cache, rc: Recipe, spec: Mapping[str, Any], run: int, *, 
     cfg, base, _ = setup or _setup(rc.dataset)
     settings = lora_settings(rc, spec, run, reference=reference)
     key = settings_key(settings)
-    pool, defense = audited_pool(rc.dataset, rc.members)
-    if reference is None:
-        train = pool.subset(run_draw(len(pool), rc.members, run)["member"])
-        seed = run
-    else:
-        from smplora_plugin.audit.references import balanced_halves
-
-        keep = balanced_halves(len(pool), rc.references, REFERENCE_SEED)
-        train = pool.subset(np.flatnonzero(keep[reference]).tolist())
-        seed = 50_000 + reference
+    _, defense = audited_pool(rc.dataset, rc.members)
+    train = training_set(rc, run, reference=reference)
+    seed = run if reference is None else 50_000 + reference
     base_sd = base.base_state_dict()
     if cache.done("lora", key):
         meta, state = cache.read("lora", key)
@@ -485,6 +645,64 @@ def _quality(rc: Recipe, model, clf, cfg, members, reference, seed: int) -> Dict
                           captioner=ds.captioner)
 
 
+def audit_with_canaries(target: Any, parts: Mapping[str, Any], canary_members: Any, canary_nonmembers: Any, *,
+                        attacks: Optional[Sequence[str]], config: Mapping[str, Any], references: Any = None):
+    """One audit of a run's population and its canaries: ``(report, canary scores, canary labels)``.
+
+    ``parts``: the population's ``member_cal`` / ``member_eval`` / ``nonmember_cal`` / ``nonmember_eval``
+    :class:`~smplora_plugin.audit.AuditSamples`. The canaries join the evaluation sides of one score context
+    (the same noise draws, calibration fits and references), so each attack scores them as evaluation samples;
+    the returned report is then assembled from the population's evaluation samples alone, as
+    :func:`~smplora_plugin.audit.run_audit` on the population would (verdict, attack metrics, held-out loss), and
+    the canaries' scores come back per attack, ``(n_canaries,)`` with labels 1 / 0 (members first). Built from
+    the steps of ``run_audit`` (``smplora_plugin.audit.protocol``); tests/test_frontier.py checks the report
+    against ``run_audit``'s on the population.
+    """
+    import copy
+
+    from smplora_plugin.audit import metrics as M
+    from smplora_plugin.audit import protocol as P
+    from smplora_plugin.audit.types import AuditSamples
+
+    cm, cn = len(canary_members), len(canary_nonmembers)
+    if not cm or not cn:
+        raise ConfigError("audit_with_canaries needs member and non-member canaries (without them: run_audit).")
+    plan = P._plan(target, AuditSamples.concat([parts["member_eval"], canary_members]),
+                   AuditSamples.concat([parts["nonmember_eval"], canary_nonmembers]),
+                   calibration_members=parts["member_cal"], calibration_nonmembers=parts["nonmember_cal"],
+                   calibration_fraction=0.5, attacks=attacks, config=dict(config), manifest_sets=None,
+                   load_plugins=False, num_threads=1, n_permutations=1000, references=references)
+    start = len(plan.parts["member_calibration"]) + len(plan.parts["nonmember_calibration"])
+    nm, nn = len(parts["member_eval"]), len(parts["nonmember_eval"])
+    pop = np.r_[start:start + nm, start + nm + cm:start + nm + cm + nn]
+    can = np.r_[start + nm:start + nm + cm, start + nm + cm + nn:start + nm + cm + nn + cn]
+    t0 = time.time()
+    outs = []
+    with P.cpu_settings(plan.threads):
+        ctx = plan.context(target, False)
+        for attack in plan.attacks:
+            ta = time.time()
+            outs.append((attack, attack.run(ctx, plan.cal_index, plan.labels[plan.cal_index]), time.time() - ta))
+    view = copy.copy(plan)  # the population's plan: its evaluation samples only
+    view.parts = {**plan.parts, "member_eval": plan.parts["member_eval"].subset(range(nm)),
+                  "nonmember_eval": plan.parts["nonmember_eval"].subset(range(nn))}
+    view.sets = P._manifest_sets(view.parts, None)
+    view.eval_index = pop
+    scored = P._Scored({}, {}, {})
+    lab = plan.labels[pop]
+    canary_scores: Dict[str, np.ndarray] = {}
+    for attack, out, seconds in outs:
+        scored.results[attack.name] = {**P._score_attack(attack, out, plan.labels, pop, plan.config),
+                                       "seconds": round(seconds, 2)}
+        scored.kept[attack.name] = P._kept_scores(attack, out, plan.labels, pop)
+        ev = np.asarray(out.scores, dtype=np.float64)
+        fpr, tpr, _ = M.roc_curve(ev[pop][lab == 1], ev[pop][lab == 0])
+        scored.roc[attack.name] = (fpr.tolist(), tpr.tolist())
+        canary_scores[attack.name] = ev[can].copy()
+    report = P._assemble(view, ctx, scored, title="Membership-inference audit", utility=None, info=None, t0=t0)
+    return report, canary_scores, plan.labels[can].copy()
+
+
 def ensure_audit(cache: Cache, rc: Recipe, row: str, run: int, setup=None) -> Dict[str, Any]:
     """Run ``run`` of ``row``: train (or load) its LoRA, audit it and measure utility; cached."""
     spec = row_spec(row)
@@ -504,10 +722,24 @@ def ensure_audit(cache: Cache, rc: Recipe, row: str, run: int, setup=None) -> Di
     s = lambda part: AuditSamples(pool.subset(draw[part]).images, pool.subset(draw[part]).captions,  # noqa: E731
                                   pool.subset(draw[part]).ids)
     t0 = time.time()
-    report = run_audit(TinyLDMTarget(model), s("member_eval"), s("nonmember_eval"),
-                       calibration_members=s("member_cal"), calibration_nonmembers=s("nonmember_cal"),
-                       attacks=None if rc.attacks is None else list(rc.attacks), config={"seed": 0, **rc.audit},
-                       progress=False, num_threads=1, references=refs, load_plugins=False)
+    canary_meta: Optional[Dict[str, Any]] = None
+    if not rc.canaries:
+        report = run_audit(TinyLDMTarget(model), s("member_eval"), s("nonmember_eval"),
+                           calibration_members=s("member_cal"), calibration_nonmembers=s("nonmember_cal"),
+                           attacks=None if rc.attacks is None else list(rc.attacks), config={"seed": 0, **rc.audit},
+                           progress=False, num_threads=1, references=refs, load_plugins=False)
+    else:
+        universe, kinds = canary_universe(rc.dataset, rc.members, rc.canaries)
+        cd = canary_draw(rc.canaries, run)
+        c = lambda idx: AuditSamples(universe.subset(idx).images, universe.subset(idx).captions,  # noqa: E731
+                                     universe.subset(idx).ids)
+        report, canary_scores, canary_labels = audit_with_canaries(
+            TinyLDMTarget(model), {k: s(k) for k in ("member_cal", "member_eval", "nonmember_cal", "nonmember_eval")},
+            c(cd["member"]), c(cd["nonmember"]), attacks=None if rc.attacks is None else list(rc.attacks),
+            config={"seed": 0, **rc.audit}, references=refs)
+        canary_meta = {"ids": [universe.ids[i] for i in cd["member"] + cd["nonmember"]],
+                       "kinds": [kinds[i] for i in cd["member"] + cd["nonmember"]],
+                       "labels": canary_labels.astype(int).tolist()}
     audit_s = time.time() - t0
     for m in memos:
         m.flush()
@@ -518,6 +750,10 @@ def ensure_audit(cache: Cache, rc: Recipe, row: str, run: int, setup=None) -> Di
         tensors[f"{a}.eval"] = torch.as_tensor(sc.eval_scores, dtype=torch.float64)
         tensors[f"{a}.cal"] = torch.as_tensor(sc.cal_scores, dtype=torch.float64)
         tensors[f"{a}.cal_labels"] = torch.as_tensor(np.asarray(sc.cal_labels).astype(np.int64))
+        if canary_meta is not None:
+            tensors[f"{a}.canary"] = torch.as_tensor(canary_scores[a], dtype=torch.float64)
+    if canary_meta is not None:
+        tensors["canary_labels"] = torch.as_tensor(canary_labels.astype(np.int64))
     meta = {"row": row, "run": run, "dataset": rc.dataset, "members": rc.members, "key": key,
             "reference_eps_memo": {"hits": sum(m.hits for m in memos), "misses": sum(m.misses for m in memos)},
             "lora_key": lmeta["key"], "train": {k: lmeta.get(k) for k in ("steps", "epsilon", "train_seconds",
@@ -527,6 +763,8 @@ def ensure_audit(cache: Cache, rc: Recipe, row: str, run: int, setup=None) -> Di
             "member_loss": report.utility.get("member_denoising_loss"),
             "uses_model": {a: bool(sc.uses_model) for a, sc in report.scores.items()},
             "report": report.to_dict()}
+    if canary_meta is not None:
+        meta["canaries"] = canary_meta
     cache.write("audit", key, meta, tensors)
     return meta
 
@@ -550,6 +788,28 @@ def load_report(cache: Cache, key: str):
     return rep, meta
 
 
+def load_canary_report(cache: Cache, key: str):
+    """A cached run's canaries as an :class:`AuditReport` for pooling: evaluation scores and labels the canaries',
+    calibration scores the run's population calibration (the same standardisation as the population's)."""
+    import dataclasses
+
+    from smplora_plugin.audit import metrics as M
+    from smplora_plugin.audit.verdict import AttackScores
+
+    rep, meta = load_report(cache, key)
+    if "canaries" not in meta:
+        raise ConfigError(f"the cached run {key} has no canaries: audit it with a recipe with canaries > 0.")
+    _, t = cache.read("audit", key)
+    labels = t["canary_labels"].numpy()
+    scores = {a: AttackScores(t[f"{a}.canary"].numpy(), sc.cal_scores, sc.cal_labels, uses_model=sc.uses_model)
+              for a, sc in rep.scores.items()}
+    attacks = {a: {"title": rep.attacks[a].get("title", a),
+                   "auc": M.auc(sc.eval_scores[labels == 1], sc.eval_scores[labels == 0])} for a, sc in scores.items()}
+    splits = {"canary_member": int(labels.sum()), "canary_nonmember": int((labels == 0).sum())}
+    return dataclasses.replace(rep, scores=scores, eval_labels=labels, attacks=attacks, verdict={},
+                               splits=splits), meta
+
+
 # ---------------------------------------------------------------------------------------------
 # one point: pooled over its runs
 
@@ -569,6 +829,53 @@ def pooled_report(cache: Cache, rc: Recipe, row: str):
     return pool_reports(reports, [f"run {i}" for i in range(rc.runs)], config=cfg, title=row), metas
 
 
+def pooled_canary_report(cache: Cache, rc: Recipe, row: str):
+    """The canaries of ``row`` pooled over its ``rc.runs`` runs (``None`` until all are cached, or without canaries):
+    ``(pooled AuditReport, per-run canary kinds in pooled order)``."""
+    from smplora_plugin.audit.engine import AuditConfig
+    from smplora_plugin.audit.pooled import pool_reports
+
+    if not rc.canaries:
+        return None
+    spec = row_spec(row)
+    keys = [settings_key(audit_settings(rc, spec, i)) for i in range(rc.runs)]
+    if not all(cache.done("audit", k) for k in keys):
+        return None
+    loaded = [load_canary_report(cache, k) for k in keys]
+    cfg = AuditConfig.from_dict({"seed": 0, **rc.audit})
+    pooled = pool_reports([r for r, _ in loaded], [f"run {i}" for i in range(rc.runs)], config=cfg,
+                          title=f"{row}: canaries")
+    return pooled, [k for _, m in loaded for k in m["canaries"]["kinds"]]
+
+
+def canary_fields(pooled, kinds: Sequence[str], baseline=None) -> Dict[str, Any]:
+    """The canaries' pooled figures: headline and envelope AUC, TPR@1%FPR, AUC per kind (the headline attack's),
+    and with ``baseline`` (the untouched model's pooled canaries) the paired test."""
+    from smplora_plugin.audit import metrics as M
+
+    v = pooled.verdict
+    h = v["headline"]["attack"]
+    model_attacks = {a: r for a, r in pooled.attacks.items() if r.get("uses_model", True)}
+    env1 = max(model_attacks, key=lambda a: model_attacks[a].get("tpr_at_1pct_fpr") or 0.0)
+    lab = np.asarray(pooled.eval_labels).astype(int)
+    sc = pooled.scores[h].eval_scores
+    ks = np.asarray(kinds)
+    per_kind = {k: M.auc(sc[(ks == k) & (lab == 1)], sc[(ks == k) & (lab == 0)])
+                for k in CANARY_KINDS if ((ks == k) & (lab == 1)).any() and ((ks == k) & (lab == 0)).any()}
+    out = {"canary_n_member": int(lab.sum()), "canary_n_nonmember": int((lab == 0).sum()),
+           "canary_verdict": v["verdict"], "canary_headline_attack": h, "canary_headline_auc": v["headline"]["auc"],
+           "canary_headline_tpr_1pct": pooled.attacks[h].get("tpr_at_1pct_fpr"),
+           "canary_envelope_auc": v["upper_envelope"]["auc"]["value"],
+           "canary_envelope_auc_attack": v["upper_envelope"]["auc"]["attack"],
+           "canary_envelope_tpr_1pct": model_attacks[env1].get("tpr_at_1pct_fpr"),
+           "canary_envelope_tpr_1pct_attack": env1,
+           "canary_per_attack_auc": {a: r["auc"] for a, r in pooled.attacks.items()},
+           "canary_kind_auc": per_kind}
+    if baseline is not None:
+        out.update({f"canary_{k}": x for k, x in paired_fields(pooled, baseline).items()})
+    return out
+
+
 def paired_fields(pooled, baseline) -> Dict[str, Any]:
     """The row against the untouched model on the same draws
     (:func:`~smplora_plugin.audit.paired.compare_to_baseline`)."""
@@ -583,10 +890,13 @@ def paired_fields(pooled, baseline) -> Dict[str, Any]:
             "paired_headline_difference": c["headline"]["difference"]}
 
 
-def pooled_point(cache: Cache, rc: Recipe, row: str, baseline=None) -> Optional[Dict[str, Any]]:
+def pooled_point(cache: Cache, rc: Recipe, row: str, baseline=None,
+                 canary_baseline=None) -> Optional[Dict[str, Any]]:
     """The pooled row of ``row`` when all ``rc.runs`` runs are cached; ``None`` otherwise.
 
     ``baseline``: the untouched model's pooled report at the same recipe; adds the paired verdict.
+    With canaries (``rc.canaries``) the point also holds the canaries' figures (:func:`canary_fields`);
+    ``canary_baseline``: the untouched model's pooled canary report, for their paired test.
     """
     got = pooled_report(cache, rc, row)
     if got is None:
@@ -625,7 +935,16 @@ def pooled_point(cache: Cache, rc: Recipe, row: str, baseline=None) -> Optional[
         "train_seconds": mean([m["train"]["train_seconds"] for m in metas]),
         "audit_seconds": mean([m["audit_seconds"] for m in metas]),
         **(paired_fields(pooled, baseline) if baseline is not None and row != "untouched" else {}),
+        **_canaries_of(cache, rc, row, canary_baseline),
     }
+
+
+def _canaries_of(cache: Cache, rc: Recipe, row: str, canary_baseline) -> Dict[str, Any]:
+    got = pooled_canary_report(cache, rc, row)
+    if got is None:
+        return {}
+    base = canary_baseline if row != "untouched" else None
+    return {"canaries": rc.canaries, **canary_fields(got[0], got[1], base)}
 
 
 def add_gain(points: List[Dict[str, Any]]) -> None:
@@ -637,9 +956,9 @@ def add_gain(points: List[Dict[str, Any]]) -> None:
     Both are ``None`` (n/a) where plain LoRA did not improve the metric by at least 1% of the untouched
     value (digits' accuracy and Fréchet distance, textures' Fréchet distance): there is no gain to keep.
     """
-    by = {(p["dataset"], p["members"], p["runs"], p["row"]): p for p in points}
+    by = {(p["dataset"], p["members"], p["runs"], p.get("canaries", 0), p["row"]): p for p in points}
     for p in points:
-        at = (p["dataset"], p["members"], p["runs"])
+        at = (p["dataset"], p["members"], p["runs"], p.get("canaries", 0))
         u, pl = by.get((*at, "untouched")), by.get((*at, "plain"))
         p["gain_kept"] = _share(p, u, pl, "classifier_accuracy", +1)
         p["fd_gain_kept"] = _share(p, u, pl, "frechet_distance", -1)
@@ -659,13 +978,14 @@ def _share(p: Mapping[str, Any], u: Optional[Mapping[str, Any]], pl: Optional[Ma
 
 
 def most_runs(points: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per (data set, M, row) the point pooled over the most runs (its runs include the smaller point's)."""
-    best: Dict[Tuple[str, int, str], Dict[str, Any]] = {}
+    """Per (data set, M, canaries, row) the point pooled over the most runs (its runs include the smaller point's)."""
+    best: Dict[Tuple[str, int, int, str], Dict[str, Any]] = {}
+    key = lambda p: (p["dataset"], p["members"], p.get("canaries", 0), p["row"])  # noqa: E731
     for p in points:
-        k = (p["dataset"], p["members"], p["row"])
+        k = key(p)
         if k not in best or p["runs"] > best[k]["runs"]:
             best[k] = p
-    return [p for p in points if best[(p["dataset"], p["members"], p["row"])] is p]
+    return [p for p in points if best[key(p)] is p]
 
 
 def pareto(points: Sequence[Tuple[float, float]]) -> List[int]:
@@ -759,23 +1079,40 @@ def _eps(x: Optional[float]) -> str:
     return "—" if x is None else f"{x:.0f}"
 
 
+def _canary_cells(p: Mapping[str, Any]) -> str:
+    """The canary columns of one point: pooled member canaries, headline AUC, envelope AUC, envelope TPR@1%FPR,
+    the paired test against the untouched model's canaries."""
+    if "canary_headline_auc" not in p:
+        return "— | — | — | — | — |"
+    tpr = p.get("canary_envelope_tpr_1pct")
+    tpr_text = "n/a" if tpr is None else f"{pct(tpr)} ({p['canary_envelope_tpr_1pct_attack']})"
+    paired = _paired({k[len("canary_"):]: v for k, v in p.items() if k.startswith("canary_paired")})
+    return (f"{p['canary_n_member']} | {p['canary_headline_auc']:.3f} ({p['canary_headline_attack']}) | "
+            f"{p['canary_envelope_auc']:.3f} ({p['canary_envelope_auc_attack']}) | {tpr_text} | {paired} |")
+
+
 def table(points: List[Dict[str, Any]]) -> str:
-    lines = ["| M | row | runs | epochs | verdict | headline attack | headline AUC [95% CI] | TPR@1%FPR | "
-             "TPR@0.1%FPR | envelope AUC (attack) | envelope TPR@1%FPR (attack) | envelope TPR@0.1%FPR | "
-             "vs untouched, paired: largest AUC gain (attack, p) | "
-             "classifier acc. | gain kept | Fréchet distance (drop kept) | held-out loss | DP epsilon |",
-             "|" + "---|" * 18]
+    """The Markdown table of the points; with canary columns when any point has canaries."""
+    canaries = any("canary_headline_auc" in p for p in points)
+    head = ("| M | row | runs | epochs | verdict | headline attack | headline AUC [95% CI] | TPR@1%FPR | "
+            "TPR@0.1%FPR | envelope AUC (attack) | envelope TPR@1%FPR (attack) | envelope TPR@0.1%FPR | "
+            "vs untouched, paired: largest AUC gain (attack, p) | "
+            "classifier acc. | gain kept | Fréchet distance (drop kept) | held-out loss | DP epsilon |")
+    if canaries:
+        head += (" canaries (members pooled) | canary headline AUC (attack) | canary envelope AUC (attack) | "
+                 "canary envelope TPR@1%FPR (attack) | canaries vs untouched's, paired |")
+    lines = [head, "|" + "---|" * (18 + 5 * canaries)]
     for p in points:
         lo, hi = p["headline_auc_ci95"]
         lines.append(
-            f"| {p['members']} | {p['row']} | {p['runs']} | {p['epochs']:g} | {p['verdict']} | "
-            f"{p['headline_attack']} | "
+            f"| {p['members']} | {p['row']}{' (+ canaries)' if p.get('canaries') else ''} | {p['runs']} | "
+            f"{p['epochs']:g} | {p['verdict']} | {p['headline_attack']} | "
             f"{p['headline_auc']:.3f} [{lo:.2f}, {hi:.2f}] | {pct(p['headline_tpr_1pct'])} | "
             f"{pct(p['headline_tpr_01pct'])} | {p['envelope_auc']:.3f} ({p['envelope_auc_attack']}) | "
             f"{_env_tpr(p)} | {pct(p['envelope_tpr_01pct'])} | {_paired(p)} | "
             f"{fmt(p['classifier_accuracy'])} ± {fmt(p['classifier_accuracy_sd'])} | "
             f"{pct(p.get('gain_kept'))} | {_fd(p)} | {fmt(p['heldout_loss'], 4)} | "
-            f"{_eps(p['dp_epsilon'])} |")
+            f"{_eps(p['dp_epsilon'])} |" + (f" {_canary_cells(p)}" if canaries else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -804,15 +1141,18 @@ def plot(points: List[Dict[str, Any]], path: Path) -> None:
     handles: Dict[str, Any] = {}
     for ax, ds in zip(axes[0], datasets):
         for fam in FAMILY_ORDER:
-            for m in sorted({p["members"] for p in points if p["dataset"] == ds}):
-                ps = [p for p in points if p["dataset"] == ds and p["family"] == fam and p["members"] == m]
+            groups = sorted({(p["members"], p.get("canaries", 0)) for p in points if p["dataset"] == ds})
+            for m, nc in groups:  # a recipe with canaries trains on more: its own line (dashed, hollow markers)
+                ps = [p for p in points if p["dataset"] == ds and p["family"] == fam and p["members"] == m
+                      and p.get("canaries", 0) == nc]
                 if not ps:
                     continue
                 xy = [(p["classifier_accuracy"], p["headline_auc"]) for p in ps]
-                sc = ax.scatter([x for x, _ in xy], [y for _, y in xy], color=colors[fam], marker=markers.get(m, "P"),
-                                s=36, zorder=3)
+                sc = ax.scatter([x for x, _ in xy], [y for _, y in xy], marker=markers.get(m, "P"), s=36, zorder=3,
+                                **({"facecolors": "none", "edgecolors": colors[fam]} if nc else {"color": colors[fam]}))
                 front = pareto(xy)
-                ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color=colors[fam], lw=1.2, zorder=2)
+                ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color=colors[fam], lw=1.2, zorder=2,
+                        ls="--" if nc else "-")
                 handles.setdefault(fam, sc)
                 handles.setdefault(f"M = {m}", plt.Line2D([], [], color="k", marker=markers.get(m, "P"), ls=""))
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
@@ -845,7 +1185,8 @@ def _recipe(args) -> Recipe:
     audit = {"n_boot": 200, **json.loads(args.audit_json)}
     rc = Recipe(dataset=args.dataset, members=args.members, steps=steps, runs=args.runs, references=args.references,
                 audit=audit, attacks=None if not args.attacks else tuple(args.attacks.split(",")),
-                per_label=args.per_label, sample_steps=args.sample_steps, audited=args.audited)
+                per_label=args.per_label, sample_steps=args.sample_steps, audited=args.audited,
+                canaries=args.canaries)
     rc.validate()
     return rc
 
@@ -863,6 +1204,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--audited", type=int, default=128,
                    help="audit at most this many members (and non-members) per run; the LoRA trains on all")
+    p.add_argument("--canaries", type=int, nargs="?", const=8, default=0,
+                   help="canaries per run (issue 23; bare --canaries: 8): member canaries trained on besides the "
+                        "members, as many non-member canaries, audited with them; a recipe of its own (its LoRAs, "
+                        "references and audits are cached apart). Default 0: none, the runs cached before")
     p.add_argument("--rows", default="untouched,plain,robust")
     p.add_argument("--cache", default=str(default_cache()),
                    help="cache folder (default: $SMPLORA_FRONTIER_CACHE, else $XDG_CACHE_HOME/smplora/frontier)")
@@ -878,8 +1223,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pr.add_argument("--stop-at", default="", help="HH:MM (machine clock): start no new job after it")
     pp = sub.add_parser("report", help="pool every finished point of the given frontiers; print / write")
     pp.add_argument("--frontier", action="append", default=[],
-                    help="DATASET:M:ROWS[:STEPS[:RUNS]] (repeatable; STEPS 0: from --epochs); the other recipe "
-                         "settings from the options below. A row given at several run counts is reported at the most")
+                    help="DATASET:M:ROWS[:STEPS[:RUNS[:CANARIES]]] (repeatable; STEPS 0: from --epochs; CANARIES: "
+                         "per run, default --canaries); the other recipe settings from the options below. A row "
+                         "given at several run counts is reported at the most")
     _common(pp)
     pp.add_argument("--out-rows", default=str(ROWS_JSONL))
     pp.add_argument("--png", default=str(PNG))
@@ -909,15 +1255,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         steps = int(parts[3]) if len(parts) > 3 and parts[3] else 0
         ns = argparse.Namespace(**{**vars(args), "dataset": parts[0], "members": int(parts[1]),
                                    "steps": steps or args.steps, "epochs": 0 if steps else args.epochs,
-                                   "runs": int(parts[4]) if len(parts) > 4 else args.runs})
+                                   "runs": int(parts[4]) if len(parts) > 4 else args.runs,
+                                   "canaries": int(parts[5]) if len(parts) > 5 else args.canaries})
         rc = _recipe(ns)
         base = pooled_report(cache, rc, "untouched")
+        canary_base = pooled_canary_report(cache, rc, "untouched")
         for row in parts[2].split(","):
-            p = pooled_point(cache, rc, row, baseline=None if base is None else base[0])
+            p = pooled_point(cache, rc, row, baseline=None if base is None else base[0],
+                             canary_baseline=None if canary_base is None else canary_base[0])
             if p is None:
                 spec = row_spec(row)
                 n = sum(cache.done("audit", settings_key(audit_settings(rc, spec, i))) for i in range(rc.runs))
-                missing.append(f"{rc.dataset} M={rc.members} {row}: {n}/{rc.runs} runs")
+                with_c = f" with {rc.canaries} canaries" if rc.canaries else ""
+                missing.append(f"{rc.dataset} M={rc.members}{with_c} {row}: {n}/{rc.runs} runs")
             else:
                 points.append(p)
     add_gain(points)

@@ -40,6 +40,7 @@ VARIANTS = {
     "plain": [],
     "paper (defaults)": ["--privacy", "smplora"],
     "robust": ["--privacy", "smplora", "--privacy_preset", "robust"],
+    "dpsgd": ["--privacy", "dpsgd", "--privacy_noise_multiplier", "1.0"],  # DP-SGD alone (needs opacus in --python)
 }
 
 
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (plain is always run)")
+    p.add_argument("--variants", default="paper (defaults),robust",
+                   help=f"comma-separated, of {', '.join(VARIANTS)} (plain is always run)")
     p.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     if args.steps < args.skip + 3:

@@ -28,10 +28,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from smplora_plugin.dp.errors import DPError
 
 from ._common import header, run_in_workers, write_section
 
@@ -101,31 +103,73 @@ def _batches(model, data, steps, bs, seed):
         yield model.add_noise(z[idx], t, noise), t, c[idx], noise
 
 
-def train_dpsgd(model, members, *, steps, lr, bs, seed, noise, clip) -> Optional[float]:
+def _dp_batches(model, data, steps, bs, seed, noise_mult: int = 1, flip: bool = False):
+    """Yield ``(z_t, t, cond, noise)`` batches of ``bs`` members, each member repeated ``noise_mult`` times in a row
+    (its own noise and timestep per copy; with ``flip`` each copy is mirrored with probability 1/2, the coins from
+    their own generator as in the demo's ``train_lora``). ``noise_mult=1`` without ``flip`` draws exactly
+    :func:`_batches`' batches."""
+    g = torch.Generator().manual_seed(seed)
+    g_flip = torch.Generator().manual_seed(seed + 104_729)
+    with torch.no_grad():
+        z, c = model.encode(data.images), model.text(data.captions)
+        z_mirror = model.encode(data.images.flip(-1)) if flip else None
+    T = model.cfg.num_train_timesteps
+    bs = min(bs, len(data))
+    for _ in range(steps):
+        idx = torch.randperm(len(data), generator=g)[:bs]
+        rows = idx if noise_mult == 1 else idx.repeat_interleave(noise_mult)
+        z0 = z[rows]
+        if z_mirror is not None:
+            z0 = torch.where((torch.rand(len(rows), generator=g_flip) < 0.5).view(-1, 1, 1, 1), z_mirror[rows], z0)
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, T, (len(rows),), generator=g)
+        yield model.add_noise(z0, t, noise), t, c[rows], noise
+
+
+def _check_dp(noise: Any, clip: Any, noise_mult: Any) -> None:
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
+        raise DPError(f"noise={noise!r}: the noise multiplier sigma is a number >= 0 (0: clipping alone, no DP).")
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0:
+        raise DPError(f"clip={clip!r}: the per-sample clip C is a number > 0, e.g. 0.05 or 1.0.")
+    if isinstance(noise_mult, bool) or not isinstance(noise_mult, int) or noise_mult < 1:
+        raise DPError(f"noise_mult={noise_mult!r}: the noise / timestep draws per member are a whole number >= 1.")
+
+
+def train_dpsgd(model, members, *, steps, lr, bs, seed, noise, clip, noise_mult: int = 1,
+                flip: bool = False) -> Optional[float]:
     """DP-SGD on the LoRA parameters (per-sample clipping + Gaussian noise); returns epsilon at delta 1e-5.
 
-    ``noise=0`` is per-sample clipping alone: no guarantee, so the epsilon is ``None``.
+    ``noise=0`` is per-sample clipping alone: no guarantee, so the epsilon is ``None``. ``noise_mult`` ``K``
+    (DPDM's noise multiplicity): each member's gradient is that of the mean of its loss over ``K`` noise /
+    timestep draws, averaged before clipping, so it costs no privacy (the same epsilon) and ``K`` times the
+    compute. ``flip``: augmentation (each draw mirrored with probability 1/2), also inside the clipped
+    per-member gradient; with ``K >= 2`` it is augmentation multiplicity. ``K = 1`` without ``flip`` is the
+    original path, draw for draw.
     """
     from opacus import GradSampleModule
     from opacus.accountants import RDPAccountant
 
+    _check_dp(noise, clip, noise_mult)
     gsm = GradSampleModule(model.unet)
     params = [p for p in model.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g_noise = torch.Generator().manual_seed(seed + 1234)
     acc = RDPAccountant()
     q = min(bs, len(members)) / len(members)
-    for z_t, t, cond, eps in _batches(model, members, steps, bs, seed):
+    k = noise_mult
+    for z_t, t, cond, eps in _dp_batches(model, members, steps, bs, seed, k, flip):
         pred = gsm(z_t, t, encoder_hidden_states=cond).sample
         per_sample = F.mse_loss(pred, eps, reduction="none").mean((1, 2, 3))
+        n = len(z_t) // k  # members in the batch
         opt.zero_grad(set_to_none=True)
-        per_sample.sum().backward()
-        gs = [p.grad_sample.reshape(len(z_t), -1) for p in params]
-        norms = torch.cat(gs, 1).norm(dim=1)
+        (per_sample.sum() if k == 1 else per_sample.view(n, k).mean(1).sum()).backward()
+        # each member's gradient: the sum of its K rows' gradients (each of its loss / K)
+        member = [p.grad_sample if k == 1 else p.grad_sample.reshape(n, k, *p.shape).sum(1) for p in params]
+        norms = torch.cat([gm.reshape(n, -1) for gm in member], 1).norm(dim=1)
         factor = (clip / (norms + 1e-12)).clamp(max=1.0)
-        for p in params:
-            clipped = (p.grad_sample * factor.view(-1, *[1] * (p.grad_sample.ndim - 1))).sum(0)
-            p.grad = (clipped + torch.randn(p.shape, generator=g_noise) * noise * clip) / len(z_t)
+        for p, gm in zip(params, member):
+            clipped = (gm * factor.view(-1, *[1] * (gm.ndim - 1))).sum(0)
+            p.grad = (clipped + torch.randn(p.shape, generator=g_noise) * noise * clip) / n
             p.grad_sample = None
         opt.step()
         if noise > 0:
@@ -133,6 +177,85 @@ def train_dpsgd(model, members, *, steps, lr, bs, seed, noise, clip) -> Optional
     gsm._close()
     model.unet = gsm._module
     return float(acc.get_epsilon(delta=1e-5)) if noise > 0 else None
+
+
+def train_smp_dp(model, members, nonmembers, *, steps, lr, bs, seed, noise, clip, reg,
+                 flip: bool = False) -> Tuple[float, float]:
+    """SMP-LoRA under DP noise, with the core's DP-SGD (:class:`smplora_plugin.dp.DPTraining`).
+
+    The member batches, timesteps, noise, flip coins and non-member draws are the demo's ``train_lora``'s for
+    the same seed. Each step: the attacker update and each member's own SMP term
+    (:meth:`~smplora_plugin.PrivacyRegularizer.step_per_sample`: every row is a privacy row), one backward whose
+    per-sample gradients the hooks on the LoRA layers capture, then clipping to ``clip``, noise ``sigma = noise``
+    once per step, division by the batch. Returns ``(epsilon at delta 1e-5, mean adaptation loss of the last
+    100 steps)``; the epsilon is the RDP accountant's at ``q = batch / members`` (the batches are fixed-size random
+    subsets: the Poisson figure is an approximation, as for :func:`train_dpsgd`) and does not cover the proxy
+    attacker, which is fit on member features outside the mechanism.
+    """
+    from smplora_plugin.dp import DPTraining, dp_options
+
+    _check_dp(noise, clip, 1)
+    if noise <= 0:
+        raise DPError("smp_dp needs noise > 0 (SMP-LoRA with clipping alone is not a DP row).")
+    if nonmembers is None:
+        raise DPError("smp_dp needs the defense's non-members (the proxy attacker's held-out batches).")
+    g = torch.Generator().manual_seed(seed)
+    g_nm = torch.Generator().manual_seed(seed + 7919)
+    g_flip = torch.Generator().manual_seed(seed + 104_729)
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    bs = min(bs, len(members))
+    options = dp_options("smplora", noise_multiplier=float(noise), max_grad_norm=float(clip), delta=1e-5,
+                         seed=seed + 1234)
+    dpt = DPTraining(model.unet, options, dataset_size=len(members), batch_size=bs, planned_steps=steps,
+                     regularizer=reg)
+    with torch.no_grad():
+        z_m, c_m = model.encode(members.images), model.text(members.captions)
+        z_mirror = model.encode(members.images.flip(-1)) if flip else None
+        z_n, c_n = model.encode(nonmembers.images), model.text(nonmembers.captions)
+    T = model.cfg.num_train_timesteps
+    nb = reg.nonmember_rows(bs)
+    losses: List[float] = []
+
+    def base(z_t, t, cond):
+        if not reg.config.calibrated:
+            return None
+        with torch.no_grad(), model.adapter(False):
+            return model.predict(z_t, t, cond)
+
+    dpt.attach(opt)
+    model.unet.train()
+    try:
+        for _ in range(steps):
+            idx = torch.randperm(len(members), generator=g)[:bs]
+            z0 = z_m[idx]
+            if z_mirror is not None:
+                z0 = torch.where((torch.rand(bs, generator=g_flip) < 0.5).view(-1, 1, 1, 1), z_mirror[idx], z0)
+            noise_ = torch.randn(z0.shape, generator=g)
+            t = torch.randint(0, T, (bs,), generator=g)
+            z_t = model.add_noise(z0, t, noise_)
+            pred = model.predict(z_t, t, c_m[idx])
+            per_sample = F.mse_loss(pred, noise_, reduction="none").mean((1, 2, 3))
+            losses.append(float(per_sample.detach().mean()))
+            member_feats = reg.features(pred, noise_, t, reference=base(z_t, t, c_m[idx]))
+            nonmember_feats = None
+            if reg.wants_nonmembers():
+                j = torch.randperm(len(nonmembers), generator=g_nm)[:nb]
+                noise_n = torch.randn(z_n[j].shape, generator=g_nm)
+                t_n = torch.randint(0, T, (len(j),), generator=g_nm)
+                z_tn = model.add_noise(z_n[j], t_n, noise_n)
+                with torch.no_grad():
+                    pred_n = model.predict(z_tn, t_n, c_n[j])
+                nonmember_feats = reg.features(pred_n, noise_n, t_n, reference=base(z_tn, t_n, c_n[j]))
+            objective = reg.step_per_sample(per_sample, member_feats, nonmember_feats)
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            opt.step()  # DPTraining's pre-hook: the per-sample gradients, clipped, summed, noised, / batch
+    finally:
+        dpt.detach()
+        model.eval()
+    tail = losses[-100:]
+    return float(dpt.epsilon()), sum(tail) / max(1, len(tail))
 
 
 def train_floor(model, members, nonmembers, *, steps, lr, bs, seed, momentum=0.9) -> None:

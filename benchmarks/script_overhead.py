@@ -36,14 +36,17 @@ VARIANTS = {
     "plain": [],
     "smplora (defaults)": ["--privacy", "smplora"],
     "smplora robust": ["--privacy", "smplora", "--privacy_preset", "robust"],
+    "dpsgd": ["--privacy", "dpsgd", "--privacy_noise_multiplier", "1.0"],  # DP-SGD alone: no held-out images
 }
+DEFAULT_VARIANTS = ("plain", "smplora (defaults)", "smplora robust")
 
 
 def run(root: Path, variant: str, steps: int, batch: int, skip: int, script: Path = SCRIPT,
         report_to: str = "none") -> float:
     """Mean seconds per training step of one run of the script."""
     out = Path(tempfile.mkdtemp(dir=root))
-    extra = VARIANTS[variant] + (["--privacy_holdout_dir", str(root / "holdout")] if VARIANTS[variant] else [])
+    needs_holdout = "smplora" in VARIANTS[variant]
+    extra = VARIANTS[variant] + (["--privacy_holdout_dir", str(root / "holdout")] if needs_holdout else [])
     args = ["--pretrained_model_name_or_path", str(root / "pipeline"),
            "--train_data_dir", str(root / "train"), "--resolution", "32", "--center_crop",
            "--train_batch_size", str(batch), "--max_train_steps", str(steps), "--learning_rate", "1e-4",
@@ -65,15 +68,20 @@ def main(argv=None) -> int:
     p.add_argument("--report-to", default="none",
                    help="the script's --report_to (diffusers' official scripts need a tracker, e.g. tensorboard)")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, of {', '.join(VARIANTS)} (plain is always run)")
     p.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     if args.steps < args.skip + 3:
         p.error("--steps must leave at least 2 step gaps after --skip")
+    names = ["plain"] + [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "plain"]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
     root = Path(tempfile.mkdtemp(prefix="smplora_script_bench_"))
     subprocess.run([sys.executable, str(REPO / "examples" / "diffusers" / "make_tiny_pipeline.py"), "--out", str(root),
                     "--digits", "32", "--holdout", "16"], check=True, capture_output=True, env=_env())
-    per_step = {v: [] for v in VARIANTS}
-    names = list(VARIANTS)
+    per_step = {v: [] for v in names}
     for r in range(args.rounds):
         for v in names[r % len(names):] + names[: r % len(names)]:
             per_step[v].append(run(root, v, args.steps, args.batch, args.skip, Path(args.script), args.report_to))

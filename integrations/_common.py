@@ -46,3 +46,22 @@ def unwrap(model: Any, accelerator: Any = None, until: Optional[Callable[[Any], 
             break
         model = inner
     return model
+
+
+def verify_images(files: Iterable[PathLike]) -> None:
+    """Open and decode every held-out image; refuse the unreadable ones (``HoldoutError``, naming up to five)."""
+    from PIL import Image
+
+    from smplora_plugin.errors import HoldoutError
+
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data; OSError for permissions
+            bad.append(f"{f} ({type(exc).__name__}: {exc})")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise HoldoutError(f"{len(bad)} holdout image(s) cannot be read: {shown}. Fix their permissions, "
+                           "re-export them or remove them from the holdout folder.")

@@ -130,12 +130,12 @@ def test_rmia_by_hand():
     assert pt == pytest.approx(np.exp(-np.array([1.0, 2.0, 3.0]) / 2.5))
     assert pr == pytest.approx(np.exp(-np.array([[2.0, 2.0, 2.0], [4.0, 2.0, 3.0]]) / 2.5))
     inside = np.zeros((2, 3), dtype=bool)
-    s = rmia_scores(pt, pr, inside, pop, gamma=1.0)  # online: Pr(x) = mean over references
+    s = rmia_scores(pt, pr, inside, pop, gamma=1.0, continuous=False)  # online: Pr(x) = mean over references
     lr = pt / pr.mean(0)
     expect = [np.mean(lr[0] > lr[pop]), float(lr[1] > lr[2]), float(lr[2] > lr[1])]  # z != x
     assert s == pytest.approx(expect)
     inside[1, 0] = True  # sample 0 was in reference 1: offline uses reference 0 only
-    s_off = rmia_scores(pt, pr, inside, pop, gamma=1.0, a=0.5)
+    s_off = rmia_scores(pt, pr, inside, pop, gamma=1.0, a=0.5, continuous=False)
     px = 0.5 * (1.5 * np.array([pr[0, 0], pr.mean(0)[1], pr.mean(0)[2]]) + 0.5)
     lr = pt / px
     assert s_off == pytest.approx([np.mean(lr[0] > lr[pop]), float(lr[1] > lr[2]), float(lr[2] > lr[1])])

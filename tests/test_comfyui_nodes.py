@@ -57,7 +57,8 @@ def test_train_schema_has_comfyuis_inputs_plus_privacy(comfy):
     ours = [i.id for i in schema.inputs]
     assert ours[: len(base)] == base
     assert ours[len(base):] == ["holdout_latents", "holdout_positive", "privacy_preset", "privacy_objective",
-                                "privacy_alpha"]
+                                "privacy_alpha", "privacy_noise_multiplier", "privacy_max_grad_norm",
+                                "privacy_target_epsilon", "privacy_dp_delta"]
     # the same outputs on every layout, so one workflow links alike on old and new ComfyUI
     assert [o.display_name for o in schema.outputs] == ["lora", "loss_map", "steps", "privacy"]
     assert [o.io_type for o in schema.outputs] == ["LORA_MODEL", "LOSS_MAP", "INT", "SMPLORA_PRIVACY"]
@@ -209,11 +210,18 @@ def test_audit_node_reports_and_plots(comfy, data, tmp_path):
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         out = comfy.nodes.SmploraAuditLora.execute(data["model"], data["clip"], data["vae"], name, str(m), str(n), 32,
                                                    "a photo", "loss,mlp", 0)
-    text, roc = out.args
+    text, roc, exposure = out.args
     assert text.startswith("Verdict: ") and "Headline attack" in text and "loss" in text
-    assert roc.ndim == 4 and roc.shape[0] == 1 and roc.shape[-1] == 3 and 0 <= float(roc.min()) <= float(roc.max()) <= 1
+    assert "Training DP" not in text  # this LoRA has no smplora.dp header entry: nothing about DP is shown
+    for img in (roc, exposure):
+        assert img.ndim == 4 and img.shape[0] == 1 and img.shape[-1] == 3
+        assert 0 <= float(img.min()) <= float(img.max()) <= 1
+    assert float(exposure.std()) > 0  # a drawn figure, not the blank stand-in
     report_dir = comfy.base / "output" / "smplora_audit" / "audited_4_steps_00001__seed0"
     assert (report_dir / "report.json").is_file() and (report_dir / "roc.png").is_file()
+    assert (report_dir / "exposure.png").is_file() and "## Exposure: the most exposed members" in text
+    ranked = json.loads((report_dir / "report.json").read_text())["exposure"]["members"]
+    assert len(ranked) == 4 and ranked[0]["rank"] == 1  # 8 members, half of them in the evaluation split
 
 
 @pytest.mark.parametrize("case, match", [

@@ -89,7 +89,13 @@ class Server:
         t0 = time.time()
         pid = _post(f"{self.url}/prompt", {"prompt": workflow, "client_id": "smplora-test"})["prompt_id"]
         while time.time() - t0 < timeout:
-            hist = _get(f"{self.url}/history/{pid}")
+            try:
+                hist = _get(f"{self.url}/history/{pid}")
+            except (TimeoutError, urllib.error.URLError, ConnectionError):  # a busy server (training on a loaded CPU)
+                if self.proc.poll() is not None:
+                    log = self.log.read_text()[-4000:]
+                    raise AssertionError(f"ComfyUI exited with {self.proc.returncode}:\n{log}") from None
+                continue
             if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
                 self.timings[name + " (s)"] = round(time.time() - t0, 1)
                 return hist[pid]
@@ -246,4 +252,59 @@ def test_bad_audit_input_is_a_node_error_and_writes_nothing(server):
     assert status["status_str"] == "error"
     assert "needs at least 8" in json.dumps(status["messages"])
     after = sorted(p for p in (base / "output").rglob("*") if p.is_file())
+    assert after == before
+
+
+def test_dp_sgd_and_smp_with_dp_noise_in_real_comfyui(server):
+    """DP noise in a real ComfyUI: the shipped DP-SGD workflow (batch_size 1, gradient accumulation as the DP
+    batch, no held-out images) and SMP-LoRA + DP noise (in bypass mode where this ComfyUI has it) train and save
+    LoRAs whose headers carry smplora.dp; batch_size 2 under DP is a node error with nothing written."""
+    pytest.importorskip("opacus")  # the accountant, also needed in ComfyUI's Python (pip install 'smplora-plugin[dp]')
+    base = server.base
+    known = set(server.train_node["input"]["required"]) | set(server.train_node["input"].get("optional", {}))
+    wf = json.loads((EXAMPLES / "smplora_train_dpsgd_api.json").read_text())
+    wf["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    wf["6"]["inputs"].update(steps=3, grad_accumulation_steps=2, gradient_checkpointing=False)
+    wf["7"]["inputs"]["prefix"] = "smplora/dpsgd"
+    smp = json.loads((EXAMPLES / "smplora_train_save_api.json").read_text())
+    wf["4"], wf["5"] = smp["4"], smp["5"]                       # held-out images for SMP-LoRA + DP noise
+    wf["16"] = {"class_type": "SmploraTrainLora",
+                "inputs": {**smp["6"]["inputs"], "steps": 3, "batch_size": 1, "grad_accumulation_steps": 2,
+                           "gradient_checkpointing": False, "privacy_noise_multiplier": 1.0,
+                           "privacy_max_grad_norm": 0.5, "bypass_mode": "bypass_mode" in known}}
+    wf["17"] = {"class_type": "SmploraSaveLora", "inputs": {"lora": ["16", 0], "privacy": ["16", 3],
+                                                            "prefix": "smplora/smpdp", "save_to": "models/loras",
+                                                            "steps": ["16", 2]}}
+    outputs = _ok(server.run(wf, "train+save, DP-SGD and SMP-LoRA + DP noise"), "dp")
+    files = {}
+    for node, stem in (("7", "dpsgd"), ("17", "smpdp")):
+        path = base / "models" / "loras" / "smplora" / f"{stem}_3_steps_00001_.safetensors"
+        assert path.is_file(), sorted(str(p) for p in base.rglob("*.safetensors"))
+        text = outputs[node]["text"][0]
+        assert "DP noise: " in text and "fixed-size batches do not satisfy" in text and "with replacement" in text
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata()
+            ups = [f.get_tensor(k) for k in f.keys() if k.endswith("lora_up.weight")]
+            files[stem] = (header, set(f.keys()))
+        entry = json.loads(header["smplora.dp"])
+        assert (entry["steps"], entry["expected_batch_size"], entry["dataset_size"], entry["sampling"]) == \
+            (3, 2.0, 8, "fixed_batch")
+        assert entry["epsilon"] > 0 and ups and all(float(u.float().abs().sum()) > 0 for u in ups)
+        server.timings[f"{stem} epsilon"] = entry["epsilon"]
+        server.timings[f"{stem} header smplora.dp"] = header["smplora.dp"][:400]
+    dp_header, smp_header = files["dpsgd"][0], files["smpdp"][0]
+    assert dp_header["smplora.method"] == "dp-sgd" and json.loads(dp_header["smplora.dp"])["sigma"] == 1.0
+    assert smp_header["smplora.method"] == "smp-lora" and json.loads(smp_header["smplora.dp"])["clip"] == 0.5
+    assert json.loads(smp_header["smplora.dp"])["objective"] == "smp-lora + dp noise"
+    assert files["dpsgd"][1] == files["smpdp"][1]   # the same LoRA layout
+
+    before = sorted(p for d in ("output", "models/loras") for p in (base / d).rglob("*") if p.is_file())
+    bad = json.loads((EXAMPLES / "smplora_train_dpsgd_api.json").read_text())
+    bad["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    bad["6"]["inputs"].update(steps=3, batch_size=2)
+    bad["7"]["inputs"]["prefix"] = "smplora/refused"
+    result = server.run(bad, "DP with batch_size 2 (refused)")
+    assert result["status"]["status_str"] == "error"
+    assert "Set batch_size 1 and grad_accumulation_steps" in json.dumps(result["status"]["messages"])
+    after = sorted(p for d in ("output", "models/loras") for p in (base / d).rglob("*") if p.is_file())
     assert after == before

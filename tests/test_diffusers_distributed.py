@@ -2,6 +2,7 @@
 
 After N steps both ranks hold bit-identical attacker (and LoRA) weights, and the result matches one
 process that trains on the same global batch (members and held-out non-members) within float tolerance.
+With --privacy dpsgd both ranks hold the same LoRA, equal to DPGradients' loop on the global batch.
 """
 
 import argparse
@@ -182,3 +183,123 @@ def test_two_processes_match_each_other_and_a_single_process(tmp_path):
     # training moved the LoRA and the attacker far beyond the tolerance (the comparison is meaningful)
     b_keys = [k for k in lora_keys if "lora_B" in k]
     assert max(single[k].abs().max().item() for k in b_keys) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------- DP-SGD over two ranks
+DP_N, DP_SIGMA, DP_CLIP, DP_SEED = 12, 0.5, 0.01, 7
+
+
+def _dp_sample(i):
+    """Sample ``i``'s noisy latents, timestep, text embeddings and target, from its own seed (any split agrees)."""
+    g = torch.Generator().manual_seed(1000 + i)
+    x, c = torch.randn(4, 8, 8, generator=g), torch.randn(TINY["max_length"], TINY["cross_attention_dim"], generator=g)
+    return x, torch.tensor((i * 7919) % 1000), c, torch.randn(4, 8, 8, generator=g)
+
+
+def _dp_batch(ids):
+    return [torch.stack(col) for col in zip(*(_dp_sample(i) for i in ids))]
+
+
+def _dp_unet():
+    from peft import LoraConfig
+
+    from smplora_plugin.tiny_sd import TinySDConfig, build_components
+
+    unet = build_components(TinySDConfig(**TINY))["unet"]
+    unet.requires_grad_(False)
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return unet
+
+
+def _dp_worker(rank, world, port, out_dir):
+    """One accelerate process training DP-SGD through the shim (--privacy dpsgd) on its half of each global batch."""
+    torch.set_num_threads(1)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    from accelerate import Accelerator
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from smplora_plugin.integrations.diffusers import PrivacyRegularizer, add_privacy_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--train_batch_size", type=int)
+    parser.add_argument("--max_train_steps", type=int)
+    args = add_privacy_args(parser).parse_args([
+        "--privacy", "dpsgd", "--privacy_noise_multiplier", str(DP_SIGMA), "--privacy_max_grad_norm", str(DP_CLIP),
+        "--privacy_seed", str(DP_SEED), "--train_batch_size", str(GLOBAL_BATCH // world), "--max_train_steps",
+        str(STEPS)])
+    accelerator = Accelerator(cpu=True)
+    unet = _dp_unet()
+    optimizer = torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=1.0)
+    loader = torch.utils.data.DataLoader(list(range(DP_N)), batch_size=GLOBAL_BATCH // world)
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    reg = PrivacyRegularizer.from_args(args)
+    reg.attach(accelerator, None, model=unet, optimizer=optimizer, train_dataloader=loader)
+    per = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        x, t, c, y = _dp_batch([step * GLOBAL_BATCH + j for j in range(rank * per, (rank + 1) * per)])
+        with accelerator.accumulate(unet):
+            pred = unet(x, t, c, return_dict=False)[0]
+            n = reg.privacy_rows(per)
+            loss = reg.step(F.mse_loss(pred.float(), y.float()), reg.features(pred, y, rows=n),
+                            reg.nonmember_features(None, rows=n))
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    result = {f"lora.{k}": v for k, v in get_peft_model_state_dict(accelerator.unwrap_model(unet)).items()}
+    result["dp"] = torch.tensor([reg.dp.dp.steps, reg.dp.dp.expected_batch_size, reg.dp.dp.dataset_size])
+    save_file({k: v.detach().contiguous().clone() for k, v in result.items()},
+              os.path.join(out_dir, f"dp_rank{rank}.safetensors"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_dp_sgd_matches_the_single_process_mechanism(tmp_path):
+    """--privacy dpsgd over two DDP ranks: the clipped per-sample sums are summed over the ranks before the one noise
+    draw (the same seed on both), so both ranks hold the same LoRA, equal to DPGradients' loop on the global batch."""
+    pytest.importorskip("opacus")
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from smplora_plugin.dp import DPGradients
+
+    mp.start_processes(_dp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (load_file(str(tmp_path / f"dp_rank{r}.safetensors")) for r in (0, 1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = _dp_unet()
+        start = {k: v.clone() for k, v in get_peft_model_state_dict(ref).items()}
+        dp = DPGradients(ref, noise_multiplier=DP_SIGMA, max_grad_norm=DP_CLIP, dataset_size=DP_N,
+                         expected_batch_size=GLOBAL_BATCH, sampling="fixed_batch",
+                         generator=torch.Generator().manual_seed(DP_SEED), method="loop")
+        opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1.0)
+        for step in range(STEPS):
+            dp.accumulate(lambda m, x, t, c, y: F.mse_loss(m(x, t, c, return_dict=False)[0].float(), y.float()),
+                          *_dp_batch(range(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)))
+            opt.zero_grad(set_to_none=True)
+            dp.step()
+            opt.step()
+        single = get_peft_model_state_dict(ref)
+    finally:
+        torch.set_num_threads(threads)
+    assert r0["dp"].tolist() == r1["dp"].tolist() == [STEPS, GLOBAL_BATCH, DP_N]
+    keys = [k for k in r0 if k.startswith("lora.")]
+    assert keys and set(r0) == set(r1)
+    for k in keys:
+        name = k[len("lora."):]
+        assert torch.equal(r0[k], r1[k]), f"{k} differs between ranks"
+        torch.testing.assert_close(r0[k], single[name], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+        assert bool((single[name] != start[name]).all())     # every weight moved

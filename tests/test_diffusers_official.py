@@ -12,6 +12,9 @@ line of it ships with this project. It then trains 4 optimiser steps with ``--pr
 checkpointing at step 2 (an epoch boundary); a second run resumes from that checkpoint and must end with
 the same LoRA and the same attacker state. FLUX runs DreamBooth with prior preservation (only the instance half
 reaches the attacker); a third FLUX run covers ``--cache_latents`` with gradient accumulation and the paper preset.
+The SD1 script also trains with ``--privacy dpsgd --privacy_noise_multiplier 1.0`` (DP-SGD through the same lines:
+``smplora.dp`` in the header, the epsilon printed with its sampling note, the DP state in every checkpoint, and a
+resume with another sigma refused before the script writes anything).
 """
 
 import importlib.util
@@ -138,6 +141,47 @@ def test_sd1_text_to_image_lora(tmp_path):
     _check_run(tmp_path, "outA")
     _check_run(tmp_path, "outB")
     _same_files(tmp_path, "pytorch_lora_weights.safetensors", "checkpoint-4/smplora_state.safetensors")
+
+
+def test_sd1_text_to_image_lora_dpsgd(tmp_path):
+    """The same block, with DP-SGD alone (no holdout): per-sample clipping and noise on the official loop."""
+    from smplora_plugin import read_privacy_metadata
+    from smplora_plugin.tiny_sd import save_tiny_pipeline, write_digit_images
+
+    script = _patched("sd1", "text_to_image/train_text_to_image_lora.py", tmp_path / "scripts" / "sd1.py")
+    save_tiny_pipeline(tmp_path / "pipeline")
+    write_digit_images(tmp_path / "train", n=8, start=0, size=32)
+    common = ["--pretrained_model_name_or_path", tmp_path / "pipeline", "--train_data_dir", tmp_path / "train",
+              "--resolution", "32", "--center_crop", "--train_batch_size", "4", "--max_train_steps", STEPS,
+              "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--seed", "0",
+              "--rank", "4", "--privacy", "dpsgd", "--privacy_max_grad_norm", "0.1"]
+    a = _run(script, [*common, "--privacy_noise_multiplier", "1.0", "--output_dir", tmp_path / "outA"])
+    lora_path = tmp_path / "outA" / "pytorch_lora_weights.safetensors"
+    meta = read_privacy_metadata(lora_path)
+    dp = json.loads(meta["smplora.dp"])
+    assert meta["smplora.method"] == "dp-sgd"
+    assert (dp["objective"], dp["sigma"], dp["clip"], dp["steps"], dp["dataset_size"], dp["expected_batch_size"],
+            dp["sampling"]) == ("dp-sgd", 1.0, 0.1, STEPS, 8, 4.0, "fixed_batch")
+    assert dp["epsilon"] > 0 and "do not satisfy its assumption" in dp["assumption"]
+    closing = [ln for ln in a.stdout.splitlines() if ln.startswith("smplora DP: ")]
+    assert len(closing) == 1 and f"dp-sgd: epsilon {dp['epsilon']:.4g} at delta" in closing[0]
+    assert "the run's fixed-size batches do not satisfy its assumption" in closing[0]
+    assert "DP-SGD (smplora-plugin" in a.stdout and "eps=" in a.stderr and "mia_ce" not in a.stderr
+    ups = [v for k, v in _load(lora_path).items() if "lora_B" in k or "lora.up" in k]
+    assert ups and max(v.abs().max().item() for v in ups) > 0
+    for step in (2, 4):
+        assert (tmp_path / "outA" / f"checkpoint-{step}" / "smplora_dp_state.safetensors").is_file()
+    events = b"".join(p.read_bytes() for p in (tmp_path / "outA" / "logs").rglob("events.out.tfevents*"))
+    assert b"smplora/epsilon" in events
+    # a resume with another sigma is refused when the shim is attached: nothing is written
+    (tmp_path / "outB").mkdir()
+    shutil.copytree(tmp_path / "outA" / "checkpoint-2", tmp_path / "outB" / "checkpoint-2")
+    before = sorted(p for p in (tmp_path / "outB").rglob("*") if p.is_file())
+    proc = subprocess.run([sys.executable, str(script), *map(str, common), "--privacy_noise_multiplier", "2.0",
+                           "--output_dir", str(tmp_path / "outB"), "--resume_from_checkpoint", "latest"],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "DPError" in proc.stderr and "sigma: saved 1.0 vs this 2.0" in proc.stderr
+    assert sorted(p for p in (tmp_path / "outB").rglob("*") if p.is_file()) == before
 
 
 def test_sdxl_text_to_image_lora(tmp_path):

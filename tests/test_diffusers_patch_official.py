@@ -121,6 +121,22 @@ def test_every_problem_is_listed_at_once(patcher, kind):
     assert str(exc.value).count("  - anchor not found: ") == len(patcher.ANCHORS[kind])
 
 
+ATTACH_DP = "reg.attach(accelerator, holdout, model=unet, optimizer=optimizer, train_dataloader=train_dataloader)"
+PREPARE = "unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare("
+
+
+def test_sd1_attach_hands_dp_sgd_the_prepared_model_optimizer_and_dataloader(patcher):
+    """DP noise needs no extra line: the attach line after accelerator.prepare passes the three objects DP-SGD uses
+    (the delegate's own code then does the DP work; see tests/test_diffusers_dp.py)."""
+    src = "".join(a if a.endswith("\n") else a + "\n" for a in patcher.ANCHORS["sd1"]
+                  for a in (a, "                pass\n" if a == patcher.LATENTS else "    pass\n"))
+    src = src.replace(patcher.AFTER_PREPARE, f"    {PREPARE}\n        unet, optimizer, train_dataloader, lr_scheduler"
+                      f"\n    )\n{patcher.AFTER_PREPARE}") + "        )\n"     # closes save_lora_weights(
+    out = patcher.patch_sd1(src)
+    assert out.count(ATTACH_DP) == 1 and out.index(PREPARE) < out.index(ATTACH_DP)
+    assert out.index(ATTACH_DP) < out.index(patcher.AFTER_PREPARE)
+
+
 EXAMPLES = os.environ.get("DIFFUSERS_EXAMPLES_DIR")
 
 
@@ -132,6 +148,8 @@ def test_the_official_script_is_patched_and_an_edited_one_refused(patcher, kind)
     out = patcher.PATCHERS[kind](src)
     compile(out, rel, "exec")
     assert out.count("reg.step(") == 1 and out.count("reg.annotate(") == 1
+    if kind == "sd1":   # the official script's names after accelerator.prepare: what DP-SGD needs
+        assert out.count(ATTACH_DP) == 1 and out.index(PREPARE) < out.index(ATTACH_DP)
     renamed = src.replace(patcher.GATHER if kind != "flux" else patcher.FLUX_LOGS, "                # (logging)\n")
     with pytest.raises(patcher.PatchError, match="not found: "):
         patcher.PATCHERS[kind](renamed)

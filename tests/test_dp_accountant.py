@@ -135,3 +135,18 @@ def test_accountant_alone():
     for sigma in (1.0, 1.0, 2.0):
         ref.step(noise_multiplier=sigma, sample_rate=0.01)
     assert acc.epsilon() == ref.get_epsilon(delta=1e-5)
+
+
+def test_rdp_epsilon_per_step_equals_opacus_bit_for_bit_over_a_mixed_history():
+    """The one-step RDP is computed once per (sigma, q); the epsilon after every step is still Opacus's own."""
+    from smplora_plugin.dp import DPAccountant
+
+    acc = DPAccountant("rdp", sample_rate=2 / 30, sampling="fixed_batch", delta=0.0098)
+    ref = opacus_accountants.RDPAccountant()
+    for sigma in [1.0] * 7 + [0.5] * 3 + [1.0] * 5:
+        acc.step(sigma)
+        ref.step(noise_multiplier=sigma, sample_rate=2 / 30)
+        assert acc.epsilon() == max(0.0, ref.get_epsilon(delta=0.0098))
+        assert acc.epsilon(1e-5) == max(0.0, ref.get_epsilon(delta=1e-5))
+    assert acc.history == [(1.0, 2 / 30, 7), (0.5, 2 / 30, 3), (1.0, 2 / 30, 5)]
+    assert sorted(acc._rdp_memo) == [(0.5, 2 / 30), (1.0, 2 / 30)]

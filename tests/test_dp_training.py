@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,3 +236,10 @@ def test_fp16_loss_scaling_is_refused():
     check_mixed_precision("no")
     with pytest.raises(DPError, match="bf16"):
         check_mixed_precision("fp16")
+
+
+@pytest.mark.parametrize("flag, spelled", [("--privacy_", "--privacy dpsgd"), ("privacy.", "privacy.method: dpsgd"),
+                                           ("privacy_", "privacy_objective dpsgd")])
+def test_dpsgd_without_noise_names_the_choice_as_the_trainer_spells_it(flag, spelled):
+    with pytest.raises(DPError, match=f"^{re.escape(spelled)} needs a noise level: pass {re.escape(flag)}noise_mult"):
+        dp_options("dpsgd", flag=flag)

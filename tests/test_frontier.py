@@ -246,6 +246,13 @@ def test_gain_shares_against_untouched_and_plain(fr):
     assert both[2]["gain_kept"] == pytest.approx(0.5) and both[5]["gain_kept"] == pytest.approx(0.25)
     assert fr.most_runs(both) == both[3:]
     assert fr.most_runs(both[:3] + [both[5]]) == both[:2] + [both[5]]
+    # a recipe with canaries is a point set of its own: shares against its own untouched / plain, kept apart
+    canary = [{**pt(r, a, f), "canaries": 8} for r, a, f in (("untouched", 0.4, 30.0), ("plain", 0.5, 20.0),
+                                                              ("robust", 0.45, 25.0))]
+    mixed = both[:3] + canary
+    fr.add_gain(mixed)
+    assert mixed[2]["gain_kept"] == pytest.approx(0.5) and mixed[5]["gain_kept"] == pytest.approx(0.5)
+    assert mixed[5]["fd_gain_kept"] == pytest.approx(0.5) and fr.most_runs(mixed) == mixed
 
 
 def test_default_cache_is_the_users_cache_folder(fr, monkeypatch, tmp_path):
@@ -271,7 +278,8 @@ def test_cache_keys_are_the_ones_existing_caches_hold(fr):
     assert {k: v for k, v in settings.items() if k != "code"} == {
         "dataset": "textures", "members": 8, "steps": 3, "batch_size": 32, "lora_rank": 8, "lora_lr": 1e-3,
         "defense_nonmembers": 64, "spec": {"kind": "plain"}, "run": 0}
-    assert settings["code"]["frontier_version"] == 1 and settings["code"]["smplora"] == smplora_plugin.__version__
+    assert settings["code"]["frontier_version"] == fr.FRONTIER_VERSION == 2  # 2: RMIA's tie-break (issue 27)
+    assert settings["code"]["smplora"] == smplora_plugin.__version__
     assert fr.settings_key({"b": [1, 2], "a": 0.5}) == fr.settings_key({"a": 0.5, "b": [1, 2]}) == \
         hashlib.sha256(b'{"a":0.5,"b":[1,2]}').hexdigest()[:20]
 
@@ -293,3 +301,227 @@ def test_schedule_trains_missing_references_in_workers_and_counts_failures(fr, t
     assert "Traceback" in lines[0]  # the worker's traceback comes back with its error
     with pytest.raises(ValueError, match="jobs"):
         fr.schedule(cache, rc, [], jobs=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 23: canaries, tuned DP-SGD, SMP + DP
+
+CANARY = dict(TINY, references=0, attacks=("loss", "loss_calibrated"), canaries=4)
+
+
+@pytest.fixture(scope="module")
+def setup(fr):
+    return fr._setup("textures")
+
+
+def test_canaries_are_fixed_fresh_images_of_four_kinds(fr):
+    from smplora_plugin.audit import AuditSamples
+
+    universe, kinds = fr.canary_universe("textures", 8, 4)
+    again, kinds2 = fr.canary_universe("textures", 8, 4)
+    assert torch.equal(universe.images, again.images) and universe.ids == again.ids and kinds == kinds2
+    assert universe.captions == again.captions and len(universe) == 8
+    assert kinds == ["duplicate"] * 2 + ["inverted"] * 2 + ["rotated"] * 2 + ["caption-swap"] * 2
+    # fresh images: no id and no pixels in common with the audited pool or the defense set
+    pool, defense = fr.audited_pool("textures", 8)
+    assert not {i.split(":", 1)[1] for i in universe.ids} & set(pool.ids + defense.ids)
+    seen = set(AuditSamples(torch.cat([pool.images, defense.images])).pixel_hashes())
+    assert not set(AuditSamples(universe.images).pixel_hashes()) & seen
+    # the transforms, against the untransformed sources (the split after the pool and the defense set)
+    from smplora_plugin.demo.datasets import get_dataset
+
+    sp = get_dataset("textures").splits({"member": 16, "nonmember_defense": fr.DEFENSE_NONMEMBERS,
+                                         "nonmember_eval": 8}, 0)
+    src = sp["nonmember_eval"]
+    assert sp["member"].ids == pool.ids and sp["nonmember_defense"].ids == defense.ids  # the pool is as it was
+    assert torch.equal(universe.images[:2], src.images[:2]) and torch.equal(universe.images[2:4], -src.images[2:4])
+    assert torch.equal(universe.images[4], torch.rot90(src.images[4], 1, (-2, -1)))
+    assert universe.captions[:6] == src.captions[:6]
+    assert all(universe.captions[i] != src.captions[i] for i in (6, 7))  # another image's caption
+    assert torch.equal(universe.images[6:], src.images[6:])
+    # per run: one of each pair a member, the other its non-member; seeded by the run
+    d0, d1 = fr.canary_draw(4, 0), fr.canary_draw(4, 1)
+    assert d0 == fr.canary_draw(4, 0) and d0 != d1
+    for d in (d0, d1):
+        assert sorted(d["member"] + d["nonmember"]) == list(range(8))
+        assert [m // 2 for m in d["member"]] == [n // 2 for n in d["nonmember"]] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="canaries"):
+        fr.Recipe(**{**TINY, "canaries": -1}).validate()
+    with pytest.raises(ValueError, match="canaries"):
+        fr.canary_universe("textures", 8, 0)
+
+
+def test_canaries_join_the_training_set_duplicates_twice(fr):
+    rc = fr.Recipe(**{**TINY, "canaries": 4})
+    old = fr.training_set(fr.Recipe(**TINY), 0)
+    new = fr.training_set(rc, 0)
+    universe, kinds = fr.canary_universe("textures", 8, 4)
+    members = [universe.ids[i] for i in fr.canary_draw(4, 0)["member"]]
+    assert new.ids[:len(old)] == old.ids and torch.equal(new.images[:len(old)], old.images)  # the population as before
+    extra = new.ids[len(old):]
+    dup = [i for i in members if i.startswith("canary-duplicate")]
+    assert len(dup) == 1 and extra.count(dup[0]) == 2 and sorted(set(extra)) == sorted(members)
+    assert len(extra) == 5
+    j = new.ids.index(dup[0])
+    assert torch.equal(new.images[j], new.images[j + 1])  # really the same image twice
+    # references: each canary in exactly half of them, as the pool's images
+    refs = [set(fr.training_set(rc, 0, reference=r).ids) for r in range(rc.references)]
+    assert all(sum(c in ids for ids in refs) == rc.references // 2 for c in universe.ids)
+
+
+def test_canary_and_new_row_keys_change_only_what_they_change(fr):
+    rc, on = fr.Recipe(**TINY), fr.Recipe(**{**TINY, "canaries": 4})
+    assert fr.Recipe(**{**TINY, "canaries": 0}) == rc
+    for row in ("plain", "robust", "dp-sgd s1", "untouched"):
+        spec = fr.row_spec(row)
+        assert "canaries" not in fr.lora_settings(rc, spec, 0) and "canaries" not in fr.audit_settings(rc, spec, 0)
+        assert fr.settings_key(fr.lora_settings(rc, spec, 0)) != fr.settings_key(fr.lora_settings(on, spec, 0))
+        assert fr.settings_key(fr.audit_settings(rc, spec, 0)) != fr.settings_key(fr.audit_settings(on, spec, 0))
+    ref = lambda r: fr.settings_key(fr.lora_settings(r, {"kind": "plain"}, 0, reference=0))  # noqa: E731
+    assert ref(rc) != ref(on)
+    # the old DP-SGD rows are what they were; the new settings are keyed
+    assert fr.row_spec("dp-sgd s1") == {"kind": "dpsgd", "noise": 1.0, "clip": 0.05}
+    new = ["dp-sgd s0.1", "dp-sgd s0.1 c0.2", "dp-sgd s0.1 K4", "dp-sgd s0.1 flip", "dp-sgd s0.1 K4 flip",
+           "robust flip dp s0.1 c0.05", "robust whole-batch dp s0.3 c0.05"]
+    keys = {fr.settings_key(fr.lora_settings(rc, fr.row_spec(r), 0)) for r in new + ["dp-sgd s0.5", "robust flip"]}
+    assert len(keys) == len(new) + 2
+    assert fr.ROWS["robust flip dp s0.1 c0.05"][0] in fr.FAMILY_ORDER
+
+
+def _parts(fr, rc, run):
+    from smplora_plugin.audit import AuditSamples
+
+    pool, _ = fr.audited_pool(rc.dataset, rc.members)
+    draw = fr.run_draw(len(pool), rc.members, run)
+    return {k: AuditSamples(pool.subset(draw[k]).images, pool.subset(draw[k]).captions, pool.subset(draw[k]).ids)
+            for k in ("member_cal", "member_eval", "nonmember_cal", "nonmember_eval")}
+
+
+def test_one_audit_scores_the_canaries_and_reports_the_population_as_run_audit(fr, setup):
+    import numpy as np
+
+    from smplora_plugin.audit import AuditSamples, run_audit
+    from smplora_plugin.demo.target import TinyLDMTarget
+
+    rc = fr.Recipe(**CANARY)
+    cfg, base, _ = setup
+    model = fr._new_model(cfg, base.base_state_dict(), rc.lora_rank, 0)
+    model.requires_grad_(False)
+    parts = _parts(fr, rc, 0)
+    universe, _ = fr.canary_universe(rc.dataset, rc.members, rc.canaries)
+    d = fr.canary_draw(rc.canaries, 0)
+    c = lambda idx: AuditSamples(universe.subset(idx).images, universe.subset(idx).captions,  # noqa: E731
+                                 universe.subset(idx).ids)
+    audit = {"seed": 0, **rc.audit}
+    rep, can, lab = fr.audit_with_canaries(TinyLDMTarget(model), parts, c(d["member"]), c(d["nonmember"]),
+                                           attacks=list(rc.attacks), config=audit)
+    ref = run_audit(TinyLDMTarget(model), parts["member_eval"], parts["nonmember_eval"],
+                    calibration_members=parts["member_cal"], calibration_nonmembers=parts["nonmember_cal"],
+                    attacks=list(rc.attacks), config=audit, progress=False, num_threads=1, load_plugins=False)
+    assert lab.tolist() == [1] * 4 + [0] * 4 and set(can) == set(rc.attacks) and can["loss"].shape == (8,)
+    assert rep.splits == ref.splits and np.array_equal(rep.eval_labels, ref.eval_labels)
+    for a in rc.attacks:
+        np.testing.assert_allclose(rep.scores[a].eval_scores, ref.scores[a].eval_scores, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(rep.scores[a].cal_scores, ref.scores[a].cal_scores, rtol=1e-9, atol=1e-12)
+        assert rep.attacks[a]["auc"] == pytest.approx(ref.attacks[a]["auc"])
+    assert rep.verdict["headline"]["auc"] == pytest.approx(ref.verdict["headline"]["auc"])
+    assert rep.verdict["verdict"] == ref.verdict["verdict"]
+    assert rep.utility["heldout_denoising_loss"] == pytest.approx(ref.utility["heldout_denoising_loss"], rel=1e-9)
+    # the canaries' scores are the context's own: an inverted image is far from the base model's data
+    assert not np.allclose(can["loss"][:4], can["loss"][4:])
+
+
+def test_canary_frontier_pools_canaries_next_to_the_population(fr, setup, tmp_path):
+    rc = fr.Recipe(**{**CANARY, "steps": 2})
+    cache = fr.Cache(tmp_path / "cache")
+    for row in ("untouched", "plain"):
+        for i in range(rc.runs):
+            meta = fr.ensure_audit(cache, rc, row, i, setup=setup)
+            assert meta["canaries"]["labels"] == [1] * 4 + [0] * 4 and len(meta["canaries"]["kinds"]) == 8
+    lmeta = cache.read("lora", fr.settings_key(fr.lora_settings(rc, fr.row_spec("plain"), 1)))[0]
+    assert len(lmeta["trained_ids"]) == rc.members + rc.canaries + 1  # the duplicated canary twice
+    base, _ = fr.pooled_report(cache, rc, "untouched")
+    cbase, kinds = fr.pooled_canary_report(cache, rc, "untouched")
+    assert len(kinds) == rc.runs * 8 and cbase.eval_labels.sum() == rc.runs * 4
+    points = [fr.pooled_point(cache, rc, r, baseline=base, canary_baseline=cbase) for r in ("untouched", "plain")]
+    for p in points:
+        assert p["canaries"] == 4 and p["canary_n_member"] == p["canary_n_nonmember"] == 8
+        assert 0 <= p["canary_headline_auc"] <= 1 and set(p["canary_kind_auc"]) <= set(fr.CANARY_KINDS)
+        assert p["n_member_eval"] == rc.runs * rc.members // 2  # the population's samples, without the canaries
+    assert "canary_paired_verdict" not in points[0] and points[1]["canary_paired_verdict"] in (
+        "leaks beyond the baseline", "no evidence beyond the baseline")
+    text = fr.table(points)
+    assert "canary headline AUC" in text and f"| {points[1]['canary_headline_auc']:.3f} (" in text
+    assert "canary" not in fr.table([{k: v for k, v in points[1].items() if not k.startswith("canar")}])
+    assert fr.pooled_canary_report(cache, fr.Recipe(**{**CANARY, "steps": 2, "canaries": 0}), "plain") is None
+
+
+def _old_dpsgd(model, members, *, steps, lr, bs, seed, noise, clip):
+    """train_dpsgd as it was before noise multiplicity (the old rows' LoRAs are cached from it)."""
+    import torch.nn.functional as F
+    from opacus import GradSampleModule
+
+    from benchmarks.privacy_utility import _batches
+
+    gsm = GradSampleModule(model.unet)
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g_noise = torch.Generator().manual_seed(seed + 1234)
+    for z_t, t, cond, eps in _batches(model, members, steps, bs, seed):
+        pred = gsm(z_t, t, encoder_hidden_states=cond).sample
+        per_sample = F.mse_loss(pred, eps, reduction="none").mean((1, 2, 3))
+        opt.zero_grad(set_to_none=True)
+        per_sample.sum().backward()
+        gs = [p.grad_sample.reshape(len(z_t), -1) for p in params]
+        norms = torch.cat(gs, 1).norm(dim=1)
+        factor = (clip / (norms + 1e-12)).clamp(max=1.0)
+        for p in params:
+            clipped = (p.grad_sample * factor.view(-1, *[1] * (p.grad_sample.ndim - 1))).sum(0)
+            p.grad = (clipped + torch.randn(p.shape, generator=g_noise) * noise * clip) / len(z_t)
+            p.grad_sample = None
+        opt.step()
+    gsm._close()
+    model.unet = gsm._module
+
+
+def test_noise_multiplicity_one_is_the_old_dp_sgd_and_k_costs_no_epsilon(fr, setup):
+    pytest.importorskip("opacus")
+    from benchmarks.privacy_utility import train_dpsgd
+
+    cfg, base, _ = setup
+    members, _ = fr.audited_pool("textures", 8)
+    sd = base.base_state_dict()
+    kw = dict(steps=2, lr=1e-3, bs=8, seed=3, noise=0.5, clip=0.05)
+
+    def trained(fn, **extra):
+        m = fr._new_model(cfg, sd, 4, 3)
+        out = fn(m, members, **kw, **extra)
+        return m.lora_state_dict(), out
+
+    old, _ = trained(_old_dpsgd)
+    one, eps1 = trained(train_dpsgd, noise_mult=1)
+    assert all(torch.equal(old[k], one[k]) for k in old)  # draw for draw, bit for bit
+    two, eps2 = trained(train_dpsgd, noise_mult=2)
+    flip, eps3 = trained(train_dpsgd, flip=True)
+    assert eps1 == eps2 == eps3 and 0 < eps1 < float("inf")  # averaging before clipping: no privacy cost
+    assert any(not torch.equal(one[k], two[k]) for k in one) and any(not torch.equal(one[k], flip[k]) for k in one)
+    with pytest.raises(ValueError, match="noise_mult"):
+        trained(train_dpsgd, noise_mult=0)
+
+
+def test_smp_dp_rows_train_with_the_cores_dp_sgd_and_record_epsilon(fr, setup):
+    cfg, base, _ = setup
+    members, defense = fr.audited_pool("textures", 8)
+    rc = fr.Recipe(**{**TINY, "steps": 2})
+    sd = base.base_state_dict()
+    before = fr._new_model(cfg, sd, rc.lora_rank, 0).lora_state_dict()
+    model, facts = fr.train_one(rc, fr.row_spec("robust flip dp s0.1 c0.05"), members, defense, 0, cfg, sd)
+    after = model.lora_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before) and facts["steps"] == 2
+    assert facts["epsilon"] > 0 and facts["epsilon"] < float("inf") and facts["final_loss"] > 0
+    _, dp = fr.train_one(rc, fr.row_spec("dp-sgd s0.1 K4 flip"), members, None, 0, cfg, sd)
+    assert dp["epsilon"] > 0  # the tuned DP-SGD rows record it too
+    with pytest.raises(ValueError, match="needs"):
+        fr.train_one(rc, {"kind": "smp_dp", "clip": 0.05}, members, defense, 0, cfg, sd)
+    with pytest.raises(ValueError, match="does not take"):
+        fr.train_one(rc, {"kind": "dpsgd", "noise": 1.0, "clip": 0.05, "alpha": 2.0}, members, None, 0, cfg, sd)

@@ -51,7 +51,7 @@ def run(fx: Path, arch: str, out: Path, *extra: str) -> subprocess.CompletedProc
         "num_repeats = 5\n\n"
         f"[[datasets]]\nresolution = 64\nbatch_size = 2\nvalidation_split = 1.0\n"
         f"[[datasets.subsets]]\nimage_dir = '{fx}/holdout/1_tiny'\nnum_repeats = 1\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "400"}  # rich: no wrapping
     cmd = [PY, "-m", "smplora_plugin.integrations.kohya", "--sd_scripts", os.environ["SD_SCRIPTS_DIR"],
            *model_args(fx, arch), "--t5xxl", str(fx / "text_encoders" / "t5xxl.safetensors"),
            "--t5xxl_max_token_length", "16", "--tokenizer_cache_dir", str(fx / "tokenizers"), "--dataset_config",

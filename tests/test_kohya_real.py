@@ -50,7 +50,8 @@ def fixture_dir(tmp_path_factory) -> Path:
 
 
 def run_kohya(fx: Path, out: Path, *extra: str, script: str = "train_network.py", sd_dir=None, timeout=1800):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # COLUMNS: kohya's rich logger wraps at 80 columns without a terminal, splitting the lines tests look for
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "400"}
     cmd = [PY, "-m", "smplora_plugin.integrations.kohya", "--sd_scripts", sd_dir or os.environ["SD_SCRIPTS_DIR"],
            script, "--pretrained_model_name_or_path", str(fx / "model"), "--tokenizer_cache_dir",
            str(fx / "tokenizers"), "--resolution", "64", "--caption_extension", ".caption", "--output_dir", str(out),

@@ -51,7 +51,7 @@ def dataset_toml(fx: Path, path: Path) -> Path:
 
 
 def run_sdxl(fx: Path, out: Path, ds: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "400"}  # rich: no wrapping
     cmd = [PY, "-m", "smplora_plugin.integrations.kohya", "--sd_scripts", os.environ["SD_SCRIPTS_DIR"],
            "sdxl_train_network.py", "--pretrained_model_name_or_path", str(fx / CHECKPOINT),
            "--tokenizer_cache_dir", str(fx / "tokenizers"), "--dataset_config", str(ds), "--output_dir", str(out),

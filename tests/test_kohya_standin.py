@@ -456,7 +456,7 @@ def test_python_m_entry_point_and_help(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--privacy_holdout_dir" in proc.stdout and "--train_data_dir" in proc.stdout
-    assert "{none,smplora,mplora}" in proc.stdout
+    assert "{none,smplora,mplora,dpsgd}" in proc.stdout
 
 
 @pytest.mark.slow

@@ -88,3 +88,24 @@ def test_diffusers_extra_holds_what_the_documented_use_needs():
     # torchvision in an extra would make pip replace torch with a newer (multi-GB) build
     assert "torchvision" not in {r.name for reqs in extras.values() for r in reqs}
     assert "torchvision==" in (ROOT / "README.md").read_text()
+
+
+def test_dp_extra_keeps_kohya_pins():
+    """``[dp]`` is Opacus alone, and Opacus's own requirements accept every pin of a kohya venv (its torch
+    2.14.1 and the 2.13.0 here), so installing the extra there adds packages and replaces none."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    _, extras = _requirements()
+    assert [r.name for r in extras["dp"]] == ["opacus"]
+    (opacus,) = extras["dp"]
+    installed = importlib.metadata.version("opacus")
+    assert opacus.specifier.contains(installed), (opacus, installed)
+    pins = {**KOHYA_PINS, "torch": "2.14.1"}
+    own = [Requirement(r) for r in importlib.metadata.requires("opacus") or []]
+    own = [r for r in own if r.marker is None]
+    assert {"torch", "numpy"} <= {r.name for r in own}
+    for req in own:
+        for version in {pins.get(req.name), KOHYA_PINS.get(req.name)} - {None}:
+            assert req.specifier.contains(version), (req, version)

@@ -50,8 +50,8 @@ SD1_ARGS = "    add_privacy_args(parser)\n"
 
 SD1_REG = """\
     reg = PrivacyRegularizer.from_args(args, device=accelerator.device)  # None with --privacy none
-    if reg:
-        reg.attach(accelerator, holdout)  # prints the summary; save/load hooks: checkpoint-N/smplora_state.safetensors
+    if reg:  # prints the summary; save/load hooks: checkpoint-N/smplora_state.safetensors; DP noise: DP-SGD on the LoRA
+        reg.attach(accelerator, holdout, model=unet, optimizer=optimizer, train_dataloader=train_dataloader)
 
 """
 

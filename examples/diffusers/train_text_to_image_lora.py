@@ -18,7 +18,9 @@ Runs offline, e.g. on the tiny pipeline of ``make_tiny_pipeline.py``::
         --output_dir /tmp/tiny/out
 
 Add ``--privacy_preset robust`` for base-calibrated features (alpha 20, attacker lr 1e-3): one extra
-no-grad forward of the UNet with the LoRA disabled per training and held-out forward.
+no-grad forward of the UNet with the LoRA disabled per training and held-out forward. DP-SGD runs through the
+same lines: ``--privacy dpsgd --privacy_noise_multiplier 1.0`` (no holdout needed), or SMP-LoRA + DP noise with
+``--privacy smplora --privacy_noise_multiplier 1.0``.
 """
 
 import argparse
@@ -350,8 +352,9 @@ def main(args):
                                                                           lr_scheduler)
 
     reg = PrivacyRegularizer.from_args(args, device=accelerator.device)  # [smplora] None with --privacy none
-    if reg is not None:  # [smplora]
-        reg.attach(accelerator, holdout)  # [smplora] checkpoint hooks: smplora_state.safetensors
+    if reg is not None:  # [smplora] checkpoint hooks; with DP noise DP-SGD on the LoRA (smplora_dp_state.safetensors)
+        reg.attach(accelerator, holdout,  # [smplora]
+                   model=unet, optimizer=optimizer, train_dataloader=train_dataloader)  # [smplora] (DP noise only)
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:

@@ -51,6 +51,18 @@ def label_info(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
     return info
 
 
+def dp_line(dp: Dict[str, Any]) -> str:
+    """The ``smplora.dp`` entry in words: epsilon at delta with the sampling the accountant assumes."""
+    try:
+        head = (f"DP noise ({dp.get('objective', 'dp-sgd')}): epsilon {float(dp['epsilon']):.4g} at delta "
+                f"{float(dp['delta']):.3g} after {dp.get('steps')} steps, sigma {dp.get('sigma')}, "
+                f"clip {dp.get('clip')} ({dp.get('accountant')} accountant; "
+                f"{dp.get('assumption') or dp.get('sampling')})")
+    except (KeyError, TypeError, ValueError):
+        return f"smplora.dp: {json.dumps(dp, sort_keys=True)} (not in the format this version writes)"
+    return head + (f". {dp['caveat']}" if dp.get("caveat") else ".")
+
+
 def privacy_label(path: Union[str, "os.PathLike[str]"]) -> str:
     """A short human-readable label for a LoRA file (see :func:`label_info`)."""
     info = label_info(path)
@@ -69,10 +81,17 @@ def privacy_label(path: Union[str, "os.PathLike[str]"]) -> str:
                 f"{k}={_fmt(v)}" for k, v in sorted(metrics.items())))
         if info["data"]:
             lines.append("data: " + ", ".join(f"{k}={v}" for k, v in sorted(info["data"].items())))
+        dp = _json(info["other_smplora"].get("smplora.dp", "null"))
         for key, value in sorted(info["other_smplora"].items()):
-            lines.append(f"{key}: {value}")
-        lines.append("This is an empirical defense, not a differential-privacy guarantee: "
-                     "measure it with Audit LoRA (or `smplora audit`).")
+            if key != "smplora.dp":
+                lines.append(f"{key}: {value}")
+        if isinstance(dp, dict):
+            lines.append(dp_line(dp))
+        if info["method"] == "dp-sgd":
+            lines.append("Measure what the LoRA leaks with Audit LoRA (or `smplora audit`).")
+        else:
+            lines.append("The SMP-LoRA term is an empirical defense, not a differential-privacy guarantee: "
+                         "measure it with Audit LoRA (or `smplora audit`).")
     else:
         lines.append(f"{NO_INFO}: no smplora.* keys in this file, so it was not trained with the SMP-LoRA defense "
                      "(or its metadata was stripped).")

@@ -26,13 +26,14 @@ from .fit import check_lora_fits
 from .images import load_images, member_nonmember_files
 from .label import privacy_label
 from .layout import SUPPORTED, train_layout
-from .training import Holdout, private_training
+from .training import DP_INPUTS, DP_ONLY, Holdout, dp_report, dp_run, private_training
 from .verdict import report_text
 
 PRIVACY = io.Custom("SMPLORA_PRIVACY")
 LORA_MODEL = io.Custom("LORA_MODEL")
 LOSS_MAP = io.Custom("LOSS_MAP")
-OWN_INPUTS = ("holdout_latents", "holdout_positive", "privacy_preset", "privacy_objective", "privacy_alpha")
+OWN_INPUTS = ("holdout_latents", "holdout_positive", "privacy_preset", "privacy_objective", "privacy_alpha",
+              *DP_INPUTS)
 CATEGORY = "training/smplora"
 
 
@@ -68,18 +69,31 @@ class SmploraTrainLora(io.ComfyNode):
         base = nodes_train.TrainLoraNode.define_schema()
         inputs = list(base.inputs)  # every input of this ComfyUI's Train LoRA (they differ by version)
         inputs += [
-            io.Latent.Input("holdout_latents", tooltip="Latents of held-out images (non-members), never trained on; "
-                                                       "one size (the training size unless bucket_mode is on)."),
-            io.Conditioning.Input("holdout_positive",
+            io.Latent.Input("holdout_latents", optional=True,
+                            tooltip="Latents of held-out images (non-members), never trained on; one size (the "
+                                    "training size unless bucket_mode is on). Needed by smp / mp, not by dpsgd."),
+            io.Conditioning.Input("holdout_positive", optional=True,
                                   tooltip="Conditioning of the held-out images (one, or one per image)."),
             io.Combo.Input("privacy_preset", options=sorted(PRESETS),
                            default="robust" if "robust" in PRESETS else sorted(PRESETS)[0],
                            tooltip="'robust': base-calibrated features, alpha 20 (what the project's frontier "
                                    "supports); 'paper': the paper's settings."),
-            io.Combo.Input("privacy_objective", options=["smp", "mp"], default="smp",
-                           tooltip="smp: ratio objective (bounded, the default); mp: sum objective (a baseline)."),
+            io.Combo.Input("privacy_objective", options=["smp", "mp", "dpsgd"], default="smp",
+                           tooltip="smp: ratio objective (bounded, the default); mp: sum objective (a baseline); "
+                                   "dpsgd: DP-SGD alone (ComfyUI's own loss, no attacker term, no held-out images)."),
             io.Float.Input("privacy_alpha", default=0.0, min=0.0, max=1000.0, step=0.01,
                            tooltip="Weight of the attacker term; 0 keeps the preset's alpha."),
+            # DP noise (off by default): DP-SGD alone (dpsgd), or smp / mp + DP noise; needs batch_size 1
+            io.Float.Input("privacy_noise_multiplier", optional=True, default=0.0, min=0.0, max=1000.0, step=0.01,
+                           tooltip="DP noise: sigma of the Gaussian noise per optimiser step (0 = no DP noise). "
+                                   "Needs batch_size 1; grad_accumulation_steps is the DP batch."),
+            io.Float.Input("privacy_max_grad_norm", optional=True, default=0.0, min=0.0, max=1000.0, step=0.001,
+                           tooltip="DP noise: the per-image gradient clip C (0 = the default 1.0)."),
+            io.Float.Input("privacy_target_epsilon", optional=True, default=0.0, min=0.0, max=1.0e6, step=0.1,
+                           tooltip="DP noise: the epsilon to spend over the steps; sigma is chosen for it (0 = off; "
+                                   "give this or privacy_noise_multiplier)."),
+            io.Float.Input("privacy_dp_delta", optional=True, default=0.0, min=0.0, max=1.0, step=1e-6, round=1e-12,
+                           tooltip="DP noise: the delta of the reported epsilon (0 = the default 1/(N ln N))."),
         ]
         # The same four outputs on every supported ComfyUI: a97c9806 dropped Train LoRA's MODEL output (the
         # trained patcher is not fit for inference), so the pack never returns one and workflows link alike.
@@ -92,23 +106,63 @@ class SmploraTrainLora(io.ComfyNode):
                          is_experimental=True, is_input_list=True, inputs=inputs, outputs=outputs,
                          hidden=[io.Hidden.unique_id],
                          description="ComfyUI's LoRA training with the SMP-LoRA privacy term against membership "
-                                     f"inference (tested on {SUPPORTED}).")
+                                     "inference, DP-SGD noise (privacy_objective dpsgd), or both "
+                                     f"(tested on {SUPPORTED}).")
 
     @classmethod
     def execute(cls, **kwargs: Any) -> io.NodeOutput:
         layout = train_layout(nodes_train)
-        own = {k: kwargs.pop(k) for k in OWN_INPUTS}
+        own = {k: kwargs.pop(k, None) for k in OWN_INPUTS}  # optional inputs are absent when not given
         seed = int(kwargs["seed"][0])
         batch_size = int(kwargs["batch_size"][0])
         bucket = layout.bucket_mode and bool(kwargs.get("bucket_mode", [False])[0])
-        overrides: Dict[str, Any] = {"objective": own["privacy_objective"][0], "seed": seed}
-        if float(own["privacy_alpha"][0]) > 0:
+        objective = _first(own["privacy_objective"], "smp")
+        members = _latent_rows(kwargs["latents"], "latents", one_size=not bucket)
+        reg, holdout, config = None, None, None
+        if objective not in DP_ONLY:
+            reg, holdout, config = cls._smplora(own, objective, seed, batch_size, bucket, members)
+        dp = dp_run(objective, {k: _first(own[k], 0.0) for k in DP_INPUTS}, seed=seed, batch_size=batch_size,
+                    accumulation=int(kwargs["grad_accumulation_steps"][0]), steps=int(kwargs["steps"][0]),
+                    members=len(members), training_dtype=_first(kwargs.get("training_dtype"), "bf16"),
+                    lora_dtype=_first(kwargs.get("lora_dtype"), "bf16"), model_dtype=_model_dtype(kwargs["model"][0]),
+                    existing_lora=_first(kwargs.get("existing_lora"), None), regularizer=reg)
+        sink = progress_sink(cls)
+        # ComfyUI's sampler draws batch indices, sigmas and adapter inits from torch's global RNG; seed it
+        # from the node's seed inside a fork, so a run is repeatable and ComfyUI's RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]), private_training(nodes_train, reg, holdout, seed, sink, dp=dp):
+            torch.manual_seed(seed)
+            out = nodes_train.TrainLoraNode.execute(**kwargs)
+        lora, loss_map, steps = layout.pick(out.args)
+        data = {"members": len(members), "nonmembers": 0 if holdout is None else int(holdout.latents.shape[0]),
+                "steps": int(steps), "batch_size": batch_size, "trainer": "comfyui"}
+        privacy: Dict[str, Any] = {"file_metadata": {}, "metrics": {}, "config": None}
+        if reg is not None:
+            privacy = {"file_metadata": reg.file_metadata(), "metrics": reg.metrics(), "config": config.to_dict()}
+        if dp is not None:  # the epsilon with its sampling: in the output, the file header and the node's text
+            report = dp_report(dp, privacy["file_metadata"] if reg is not None else None)
+            privacy.update(file_metadata=report["file_metadata"], dp=report["dp"])
+            privacy["metrics"] = {**privacy["metrics"], **report["dp"]["metrics"]}
+            data.update(grad_accumulation_steps=dp.batch_size, sampling=report["dp"]["sampling"])
+            if sink is not None:
+                sink(report["text"])
+        privacy["data"] = data
+        return io.NodeOutput(lora, loss_map, steps, privacy)
+
+    @staticmethod
+    def _smplora(own: Dict[str, Any], objective: str, seed: int, batch_size: int, bucket: bool,
+                 members: List[torch.Tensor]):
+        """The SMP-LoRA (or MP-LoRA) regulariser, the checked held-out set and the config."""
+        overrides: Dict[str, Any] = {"objective": objective, "seed": seed}
+        if float(_first(own["privacy_alpha"], 0.0)) > 0:
             overrides["alpha"] = float(own["privacy_alpha"][0])
         try:
-            config = PrivacyConfig.preset(own["privacy_preset"][0], **overrides)
+            config = PrivacyConfig.preset(_first(own["privacy_preset"], "robust"), **overrides)
         except SmploraError as exc:
             raise ConfigError(f"Train LoRA (SMP-LoRA): {exc}") from exc
-        members = _latent_rows(kwargs["latents"], "latents", one_size=not bucket)
+        if own["holdout_latents"] is None or own["holdout_positive"] is None:
+            raise HoldoutError(f"privacy_objective {objective} needs held-out images: connect holdout_latents and "
+                               "holdout_positive (non-members, never trained on), or choose privacy_objective dpsgd "
+                               "(DP-SGD alone) with a privacy_noise_multiplier.")
         held = torch.cat(_latent_rows(own["holdout_latents"], "holdout_latents"))
         if not bucket and members[0].shape[1:] != held.shape[1:]:
             raise HoldoutError(f"holdout_latents have size {tuple(held.shape[1:])} but the training latents "
@@ -128,18 +182,22 @@ class SmploraTrainLora(io.ComfyNode):
         if len(hconds) != held.shape[0]:
             raise HoldoutError(f"{len(hconds)} held-out conditionings for {held.shape[0]} held-out latents: give one, "
                              "or one per held-out image.")
-        reg = PrivacyRegularizer(config)
-        # ComfyUI's sampler draws batch indices, sigmas and adapter inits from torch's global RNG; seed it
-        # from the node's seed inside a fork, so a run is repeatable and ComfyUI's RNG state is left as it was.
-        with torch.random.fork_rng(devices=[]), \
-                private_training(nodes_train, reg, Holdout(held, hconds), seed, progress_sink(cls)):
-            torch.manual_seed(seed)
-            out = nodes_train.TrainLoraNode.execute(**kwargs)
-        lora, loss_map, steps = layout.pick(out.args)
-        privacy = {"file_metadata": reg.file_metadata(), "metrics": reg.metrics(), "config": config.to_dict(),
-                   "data": {"members": len(members), "nonmembers": int(held.shape[0]), "steps": int(steps),
-                            "batch_size": batch_size, "trainer": "comfyui"}}
-        return io.NodeOutput(lora, loss_map, steps, privacy)
+        return PrivacyRegularizer(config), Holdout(held, hconds), config
+
+
+def _first(values: Any, default: Any) -> Any:
+    """The value of an ``is_input_list`` input (a list of one), or ``default`` when the optional input is absent."""
+    if values is None:
+        return default
+    return values[0] if isinstance(values, (list, tuple)) and values else values
+
+
+def _model_dtype(model: Any) -> Any:
+    """The MODEL's weight dtype (``ModelPatcher.model_dtype()``), or None when it cannot tell."""
+    try:
+        return model.model_dtype()
+    except Exception:  # noqa: BLE001 (any patcher without the method or a model: no dtype to check)
+        return None
 
 
 def progress_sink(cls: Any) -> Optional[Callable[[str], None]]:
@@ -192,6 +250,9 @@ class SmploraSaveLora(io.ComfyNode):
             raise InputError("lora is not a LoRA state dict: connect the lora output of Train LoRA (SMP-LoRA).")
         if not isinstance(privacy, dict) or "file_metadata" not in privacy:
             raise InputError("privacy is not the privacy output of Train LoRA (SMP-LoRA): connect that output.")
+        if "dp" in privacy and "smplora.dp" not in privacy["file_metadata"]:
+            raise InputError("privacy says the LoRA was trained with DP noise but carries no smplora.dp entry: connect "
+                             "the privacy output of the Train LoRA (SMP-LoRA) node that trained this LoRA.")
         metadata = dict(validate_entries(privacy["file_metadata"]))
         metadata.update(validate_entries({"smplora.data": privacy.get("data", {})}))
         root = _save_folder(save_to)
@@ -202,7 +263,10 @@ class SmploraSaveLora(io.ComfyNode):
         tensors = {k: v.detach().contiguous().cpu() for k, v in lora.items()}
         save_file(tensors, path, metadata=metadata)
         rel = os.path.relpath(path, root)
-        return io.NodeOutput(rel, ui=ui.PreviewText(f"saved {rel} in {save_to}\n" + privacy_label(path)))
+        text = f"saved {rel} in {save_to}\n" + privacy_label(path)
+        if isinstance(privacy.get("dp"), dict):  # DP noise: the epsilon with the sampling it assumes
+            text += f"\nDP noise: {privacy['dp']['summary']} {privacy['dp']['sampling']}."
+        return io.NodeOutput(rel, ui=ui.PreviewText(text))
 
 
 class SmploraLoraPrivacyLabel(io.ComfyNode):
@@ -256,21 +320,35 @@ class SmploraAuditLora(io.ComfyNode):
                 io.String.Input("attacks", default="",
                                 tooltip="Comma-separated attack names; empty = the whole suite."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1),
+                io.Boolean.Input("baseline", default=False, optional=True,
+                                 tooltip="Also audit the base model (the LoRA switched off) on the same images and "
+                                         "test the LoRA against it: 'beyond the base model: yes/no'. Doubles the "
+                                         "audit time."),
             ],
-            outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="roc")],
+            outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="roc"),
+                     io.Image.Output(display_name="exposure",
+                                     tooltip="The most exposed members beside the LoRA's nearest generated samples "
+                                             "(exposure.png)")],
         )
 
     @classmethod
     def execute(cls, model: Any, clip: Any, vae: Any, lora_name: str, member_folder: str, nonmember_folder: str,
-                resolution: int, caption: str, attacks: str, seed: int) -> io.NodeOutput:
-        from smplora_plugin.audit import AuditSamples, run_audit
+                resolution: int, caption: str, attacks: str, seed: int, baseline: bool = False) -> io.NodeOutput:
+        from smplora_plugin.audit import AuditSamples, baseline_cli, run_audit
+        from smplora_plugin.audit.report import EXPOSURE_FILE
+        from smplora_plugin.audit.training_dp import read_training_dp
 
         from .target import ComfyTarget
 
+        names = [a.strip() for a in attacks.split(",") if a.strip()] or None
+        if baseline and names and all(n == "blind" for n in names):
+            raise InputError("baseline compares model-using attacks, and attacks 'blind' uses no model: add one "
+                             "(e.g. loss) or turn baseline off.")
         member_files, nonmember_files = member_nonmember_files(member_folder, nonmember_folder)
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         if not str(path).endswith(".safetensors"):
             raise InputError(f"{lora_name} is not a .safetensors file; only safetensors LoRA files are read.")
+        training_dp = read_training_dp(path)  # the smplora.dp header (DP noise), checked before any model work
         lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
         check_lora_fits(model, clip, lora_sd, lora_name)
         lora_model, lora_clip = comfy.sd.load_lora_for_models(model, clip, lora_sd, 1.0, 1.0)
@@ -279,16 +357,35 @@ class SmploraAuditLora(io.ComfyNode):
         members = AuditSamples(*load_images(member_files, resolution, caption), ids=[str(p) for p in member_files])
         nonmembers = AuditSamples(*load_images(nonmember_files, resolution, caption),
                                   ids=[str(p) for p in nonmember_files])
-        names = [a.strip() for a in attacks.split(",") if a.strip()] or None
+        info = {"lora": lora_name, "trainer": "comfyui", "resolution": int(resolution)}
+
+        def audit(tgt: Any, chosen: Optional[List[str]], title: str) -> Any:
+            return run_audit(tgt, members, nonmembers, attacks=chosen, config={"seed": int(seed)}, title=title,
+                             info=info)
+
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trained attacks need autograd
-            report = run_audit(target, members, nonmembers, attacks=names, config={"seed": int(seed)},
-                               title=f"Membership-inference audit of {lora_name}",
-                               info={"lora": lora_name, "trainer": "comfyui", "resolution": int(resolution)})
+            report = audit(target, names, f"Membership-inference audit of {lora_name}")
+            report.training_dp = training_dp
+            if baseline:  # the same audit of the base model (LoRA off), then the paired test against it
+                base_target = baseline_cli.BaseModelTarget(target)
+                base = baseline_cli.audit_base(lambda chosen: audit(base_target, chosen, "Membership-inference audit "
+                                                                    f"of the base model of {lora_name} (LoRA off)"),
+                                               report, base_target)
+                baseline_cli.attach(report, baseline_cli.paired_block(report, base, n_permutations=1000,
+                                                                      seed=int(seed)))
         out_dir = (Path(folder_paths.get_output_directory()) / "smplora_audit"
                    / f"{Path(lora_name).stem}_seed{int(seed)}")
-        paths = report.write(out_dir)
+        if baseline:
+            baseline_cli.write_with_baseline(report, base, str(out_dir))
+        else:
+            report.write(out_dir)
         text = report_text(report) + f"\n\nreport written to {out_dir}"
-        return io.NodeOutput(text, _png_tensor(Path(paths["roc"])), ui=ui.PreviewText(text))
+        if report.exposure is not None:
+            image = _png_tensor(out_dir / EXPOSURE_FILE)
+        else:  # no ranking (no model-using attack ran): a blank image, and the text says why
+            text += "\nno exposure.png: the report ranks no members (no model-using attack ran)"
+            image = torch.zeros(1, 64, 64, 3)
+        return io.NodeOutput(text, _png_tensor(out_dir / "roc.png"), image, ui=ui.PreviewText(text))
 
 
 NODES = [SmploraTrainLora, SmploraSaveLora, SmploraLoraPrivacyLabel, SmploraAuditLora]

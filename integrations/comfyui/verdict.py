@@ -1,8 +1,9 @@
-"""The audit report as node text: the verdict summary, or the max-attack headline when no verdict was reached."""
+"""The audit report as node text: the verdict summary (or the max-attack headline when no verdict was reached),
+the paired test against the base model when it ran, then the report."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 
 def headline(d: Dict[str, Any]) -> str:
@@ -23,12 +24,39 @@ def headline(d: Dict[str, Any]) -> str:
     return "; ".join(parts) if parts else "no attack result"
 
 
+def beyond_base_line(d: Dict[str, Any]) -> Optional[str]:
+    """"Beyond the base model: yes/no (p = ..., attack; ...)" when the report holds the paired test, else None."""
+    b = (d.get("verdict") or {}).get("beyond_base_model")
+    if not isinstance(b, dict) or not b.get("line"):
+        return None
+    return str(b["line"]).replace("**", "")  # the report.md line without its Markdown emphasis
+
+
+def training_dp_text(d: Dict[str, Any]) -> Optional[str]:
+    """The training's DP epsilon (the LoRA's ``smplora.dp`` header) beside the audit's lower bound, else None."""
+    from smplora_plugin.audit.training_dp import render_training_dp
+
+    block = d.get("training_dp")
+    if not block:
+        return None
+    eps = (d.get("verdict") or {}).get("epsilon_lower_bound")
+    return "\n".join(line.lstrip("- ").strip() for line in render_training_dp(block, eps))
+
+
 def report_text(report: Any) -> str:
     """The audit's verdict summary (``report.verdict["summary"]``, "Verdict: ..."), then the Markdown table.
 
-    A report without a verdict (no model-using attack ran) falls back to the max-attack headline.
+    A report without a verdict (no model-using attack ran) falls back to the max-attack headline. With the
+    baseline option, the line "Beyond the base model: yes/no (p, attack)" follows the verdict; for a LoRA trained
+    with DP noise, the training's epsilon (a formal guarantee) beside the audit's empirical lower bound.
     """
     d = report.to_dict()
     v = d.get("verdict")
     first = v["summary"] if isinstance(v, dict) and v.get("verdict") and v.get("summary") else headline(d)
+    beyond = beyond_base_line(d)
+    if beyond is not None:
+        first += "\n" + beyond
+    dp = training_dp_text(d)
+    if dp is not None:
+        first += "\n" + dp
     return first + "\n\n" + report.markdown()

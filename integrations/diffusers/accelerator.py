@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -80,18 +80,23 @@ def to_device(batch: Any, device: Optional[torch.device]) -> Any:
     return batch
 
 
-def summary(config: PrivacyConfig, holdout: Optional[HoldoutImages], state_filename: str) -> str:
+def summary(config: Optional[PrivacyConfig], holdout: Optional[HoldoutImages], state_filename: str,
+            dp_lines: Optional[List[str]] = None) -> str:
     """The start-up box ``reg.attach`` prints (like kohya's): method, settings, the held-out images and
-    what the loss display and the trackers show."""
+    what the loss display and the trackers show; ``dp_lines`` (the DP noise, :func:`.dp.box_lines`) follow.
+    ``config`` is ``None`` for DP-SGD alone."""
     from smplora_plugin import __version__
 
+    if config is None:
+        return summary_box([f"DP-SGD (smplora-plugin {__version__}); loss display: step_loss / train_loss stay the "
+                            "script's denoising loss", *(dp_lines or [])])
     method = "SMP-LoRA" if config.objective == "smp" else "MP-LoRA (baseline)"
     lines = [f"{method} (smplora-plugin {__version__}): alpha={config.alpha:g}, beta={config.beta:g}, "
              f"k_steps={config.k_steps}, attacker lr {config.attacker_lr:g}"]
     if config.calibrated:
         lines.append("base-calibrated features: one extra no-grad UNet forward with the LoRA disabled "
                      "(reg.reference)")
-    if config.privacy_fraction < 1:
+    if config.privacy_fraction < 1 and not dp_lines:
         lines.append(f"privacy fraction {config.privacy_fraction:g}, taken over steps: step k's privacy term (and its "
                      f"forwards) uses the first ceil((k+1) f B) - ceil(k f B) images of its batch of B")
     if holdout is not None:
@@ -102,6 +107,6 @@ def summary(config: PrivacyConfig, holdout: Optional[HoldoutImages], state_filen
     lines += ["loss display: step_loss / train_loss stay the script's denoising loss; the gradient is the "
               "regularised loss's (reg.step keeps the loss value)",
               "progress bar: mia_ce (attacker CE on members, higher = better hidden) and mia_acc (its "
-              "balanced accuracy, 0.5 = chance); trackers: smplora/* (reg.log_dict)",
-              f"checkpoints: <checkpoint>/{state_filename}"]
+              "balanced accuracy, 0.5 = chance); trackers: smplora/* (reg.log_dict)"]
+    lines += dp_lines if dp_lines else [f"checkpoints: <checkpoint>/{state_filename}"]
     return summary_box(lines)

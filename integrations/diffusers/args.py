@@ -8,10 +8,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from smplora_plugin.config import PRESETS, PrivacyConfig
+from smplora_plugin.dp.errors import DPError
+from smplora_plugin.dp.training import DP_ONLY, DPOptions, check_mixed_precision, dp_options
 from smplora_plugin.errors import ConfigError, HoldoutError
 
-#: ``--privacy`` value -> the core's objective (``None``: no regulariser)
-METHODS = {"none": None, "smplora": "smp", "smp": "smp", "mplora": "mp", "mp": "mp"}
+#: ``--privacy`` value -> the core's objective (``None``: no regulariser; ``dpsgd``: DP-SGD alone, no regulariser)
+METHODS = {"none": None, "smplora": "smp", "smp": "smp", "mplora": "mp", "mp": "mp", "dpsgd": None}
 
 # option name -> PrivacyConfig field
 _ARG_FIELDS = {
@@ -32,7 +34,10 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g = parser.add_argument_group("privacy (smplora-plugin: SMP-LoRA membership-inference defense)")
     g.add_argument("--privacy", type=str.lower, default="none", choices=sorted(METHODS),
                    help="none (default), smplora (SMP-LoRA: loss / (beta + alpha * attacker CE)) or mplora "
-                        "(MP-LoRA baseline: loss - alpha * attacker CE); smp / mp are aliases.")
+                        "(MP-LoRA baseline: loss - alpha * attacker CE); smp / mp are aliases. dpsgd: DP-SGD alone "
+                        "(per-sample clipping and Gaussian noise, no attacker; needs --privacy_noise_multiplier or "
+                        "--privacy_target_epsilon). smplora / mplora with a noise level: that objective under DP "
+                        "noise.")
     g.add_argument("--privacy_preset", type=str.lower, default="paper", choices=tuple(PRESETS),
                    help="paper (default): the paper's hyperparameters. robust: base-calibrated features, alpha 20, "
                         "attacker lr 1e-3, privacy term on a quarter of each batch (stronger against the full attack "
@@ -78,7 +83,23 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="Run the held-out forward every this many attacker updates and reuse its features in "
                         f"between (1 = every optimiser step, as in the paper; default {d.nonmember_every}).")
     g.add_argument("--privacy_seed", type=int, default=None,
-                   help="Seed of the attacker and of the holdout order (default: --seed, else 0).")
+                   help="Seed of the attacker, of the holdout order and of the DP noise (default: --seed, else 0).")
+    # DP-SGD (smplora_plugin.dp): all default to None, so that a run without a noise level has no DP part
+    g.add_argument("--privacy_noise_multiplier", type=float, default=None,
+                   help="DP noise sigma: each optimiser step adds N(0, (sigma * clip)^2) to the sum of the clipped "
+                        "per-sample gradients of the LoRA (with --privacy dpsgd, or smplora / mplora for "
+                        "SMP-LoRA + DP noise).")
+    g.add_argument("--privacy_target_epsilon", type=float, default=None,
+                   help="Instead of --privacy_noise_multiplier: the smallest sigma whose planned steps "
+                        "(--max_train_steps) spend at most this epsilon at --privacy_dp_delta.")
+    g.add_argument("--privacy_max_grad_norm", type=float, default=None,
+                   help="DP per-sample clip C: each sample's gradient over all LoRA parameters is scaled to norm at "
+                        "most C (default 1.0; the script's --max_grad_norm then acts on a discarded gradient).")
+    g.add_argument("--privacy_dp_delta", type=float, default=None,
+                   help="The delta of the reported epsilon, in (0, 1) (default 1/(N ln N) for N training images). "
+                        "Not --privacy_delta, which is SMP-LoRA's denominator constant.")
+    g.add_argument("--privacy_dp_accountant", type=str.lower, default=None, choices=("rdp", "prv"),
+                   help="The epsilon's accountant (Opacus): rdp (Renyi DP, default) or prv (tighter, slower).")
     return parser
 
 
@@ -119,19 +140,71 @@ def privacy_seed(args: Any) -> int:
     return int(option(args, "seed", 0) if seed is None else seed)
 
 
+def privacy_method(args: Any) -> str:
+    """``--privacy``, lower-cased and checked (:class:`ConfigError` naming the valid values)."""
+    method = str(option(args, "privacy", "none")).lower()
+    if method not in METHODS:
+        smp = ", ".join(m for m in METHODS if m not in DP_ONLY)
+        raise ConfigError(f"--privacy {method!r} is unknown; choose one of {smp} (smp and mp are short for smplora "
+                          f"and mplora), or {' / '.join(DP_ONLY)} (DP-SGD alone).")
+    return method
+
+
+def dp_options_from_args(args: Any) -> Optional[DPOptions]:
+    """The DP part of the ``--privacy*`` options (:func:`smplora_plugin.dp.dp_options`), or ``None`` without a
+    noise level; :class:`~smplora_plugin.dp.DPError` naming the fix for bad input, before anything is built.
+
+    Besides the options themselves it refuses what the mechanism cannot honour in a diffusers script: a noise
+    level with ``--privacy none``, fp16 mixed precision (a GradScaler'd loss is clipped at the scaled norm),
+    ``--with_prior_preservation`` (class images in the batch), ``--train_text_encoder`` (a second network), and
+    under SMP-LoRA + DP noise ``--snr_gamma`` (its objective is the plain per-sample MSE) and a
+    ``--privacy_fraction`` below 1 (every sample gets its own term).
+    """
+    method = privacy_method(args)
+    opts = dp_options(method, noise_multiplier=option(args, "privacy_noise_multiplier"),
+                      max_grad_norm=option(args, "privacy_max_grad_norm"),
+                      target_epsilon=option(args, "privacy_target_epsilon"),
+                      delta=option(args, "privacy_dp_delta"), accountant=option(args, "privacy_dp_accountant", "rdp"),
+                      seed=privacy_seed(args), flag="--privacy_")
+    if opts is None:
+        return None
+    if METHODS[method] is None and method not in DP_ONLY:
+        raise DPError("--privacy_noise_multiplier / --privacy_target_epsilon need a privacy method: --privacy dpsgd "
+                      "(DP-SGD alone) or --privacy smplora / mplora (that objective under DP noise).")
+    check_mixed_precision(option(args, "mixed_precision", "no"))
+    for name, what in (("with_prior_preservation", "class images share the batch, so a per-sample gradient is not "
+                                                   "one training image's"),
+                       ("train_text_encoder", "the text encoder's LoRA is a second network the mechanism does not "
+                                              "clip")):
+        if option(args, name):
+            raise DPError(f"--{name} with DP noise is not supported: {what}. Drop --{name}, or train without "
+                          "--privacy_noise_multiplier / --privacy_target_epsilon.")
+    if METHODS[method] is not None:
+        if option(args, "snr_gamma") is not None:
+            raise DPError(f"--snr_gamma with --privacy {method} and DP noise is not supported: the per-sample "
+                          "objective is each image's plain MSE of model_pred and target, and min-SNR weighting would "
+                          "not be in it. Drop --snr_gamma (or use --privacy dpsgd, which trains the script's loss as "
+                          "it is).")
+        fraction = option(args, "privacy_fraction")
+        if fraction is not None and fraction != 1:
+            raise DPError(f"--privacy_fraction {fraction:g} does not apply under DP noise: every sample of the batch "
+                          "gets its own SMP-LoRA term. Drop --privacy_fraction.")
+    return opts
+
+
 def privacy_config_from_args(args: argparse.Namespace, device: Optional[Union[str, torch.device]] = None
                              ) -> Optional[PrivacyConfig]:
     """The :class:`PrivacyConfig` selected by ``--privacy*`` options; ``None`` for ``--privacy none``.
 
     Starts from ``--privacy_preset`` (default ``paper``) and applies the ``--privacy_*`` values that
-    were given (not ``None``). Raises :class:`~smplora_plugin.errors.ConfigError` for an unknown
-    ``--privacy`` method or invalid values, and :class:`~smplora_plugin.errors.HoldoutError` when a
-    privacy method is chosen without ``--privacy_holdout_dir``.
+    were given (not ``None``); ``None`` for ``--privacy dpsgd`` too (DP-SGD alone has no regulariser).
+    Raises :class:`~smplora_plugin.errors.ConfigError` for an unknown ``--privacy`` method or invalid
+    values, :class:`~smplora_plugin.dp.DPError` for bad DP options (:func:`dp_options_from_args`), and
+    :class:`~smplora_plugin.errors.HoldoutError` when a privacy method is chosen without
+    ``--privacy_holdout_dir``.
     """
-    method = str(option(args, "privacy", "none")).lower()
-    if method not in METHODS:
-        raise ConfigError(f"--privacy {method!r} is unknown; choose one of {', '.join(METHODS)} "
-                          "(smp and mp are short for smplora and mplora).")
+    method = privacy_method(args)
+    dp_options_from_args(args)        # the DP options too, so that every entry point refuses them first
     objective = METHODS[method]
     if objective is None:
         return None

@@ -14,6 +14,7 @@ import torch
 from smplora_plugin.errors import HoldoutError, StateError
 from smplora_plugin.holdout import check_disjoint
 from smplora_plugin.integrations._common import IMAGE_EXTENSIONS, list_images
+from smplora_plugin.integrations._common import verify_images as _verify_images
 
 from .args import option, privacy_config_from_args, privacy_seed
 
@@ -212,19 +213,3 @@ class HoldoutImages:
         """Restore the cursor (validated first)."""
         self.check_state(state)
         self.epoch, self.position, self.draws = int(state["epoch"]), int(state["position"]), int(state.get("draws", 0))
-
-
-def _verify_images(files: Sequence[Path]) -> None:
-    from PIL import Image
-
-    bad = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-        except Exception as exc:  # PIL raises many types for corrupt data; OSError for permissions
-            bad.append(f"{f} ({type(exc).__name__}: {exc})")
-    if bad:
-        shown = "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
-        raise HoldoutError(f"{len(bad)} holdout image(s) cannot be read: {shown}. Fix their permissions, "
-                           "re-export them or remove them from the holdout folder.")

@@ -83,6 +83,7 @@ class Captured(NamedTuple):
     target: torch.Tensor
     timesteps: Any
     reference: Optional[torch.Tensor]   # the base prediction (calibrated features), else None
+    weighting: Any = None               # the forward's loss weighting (SD3 / FLUX), for per-sample losses under DP
 
 
 class Forward:
@@ -139,7 +140,8 @@ class Capture:
               else nullcontext()):
             out = call(*a, **kw)
         reference = None if base is None else check_replay(trainer, base, out, bound.arguments.get("batch"), inputs)
-        forward.captured = Captured(out[0], out[1], out[2] if len(out) > 2 else None, reference)
+        forward.captured = Captured(out[0], out[1], out[2] if len(out) > 2 else None, reference,
+                                    out[3] if len(out) > 3 else None)
         return out
 
     def base_rows(self, batch: Any, size: int, is_train: bool) -> List[int]:

@@ -2,20 +2,27 @@
 
 - :func:`state_to_continue` / :func:`resume`: the state a run continues (``--privacy_attacker_state FILE``, else
   the one in the ``--resume`` folder), refused when it was saved with other privacy settings;
+- :func:`dp_state_to_continue`: with DP noise, the DP state (accountant, noise generator) of the ``--resume``
+  folder, refused before anything is built when it was saved with another sigma, clip, accountant or delta, and
+  required (a resumed DP run without it would count its epsilon from step 0);
 - :class:`Checkpoints` (built at the first training step): the state next to each LoRA checkpoint
   (``name.smplora_state`` next to ``name.safetensors``: safetensors format, without a ``.safetensors`` suffix so
-  that LoRA pickers do not list it) and in each ``--save_state`` folder (``smplora_state.safetensors``), and
-  kohya's ``ss_*`` header in each saved LoRA as without the holdout block (:func:`.header.restore`).
+  that LoRA pickers do not list it; with DP noise also ``name.smplora_dp``) and in each ``--save_state`` folder
+  (``smplora_state.safetensors``, ``smplora_dp_state.safetensors``), and kohya's ``ss_*`` header in each saved
+  LoRA as without the holdout block (:func:`.header.restore`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from smplora_plugin import PrivacyRegularizer
+from smplora_plugin.dp import DPError, DPOptions, DPTraining, save_dp_state
+from smplora_plugin.dp import read_dp_state as read_dp_state_file
 from smplora_plugin.errors import StateError
 from smplora_plugin.state import config_from_state, read_state
 
@@ -26,6 +33,8 @@ logger = logging.getLogger("smplora.kohya")
 
 STATE_DIR_FILE = "smplora_state.safetensors"   # inside a kohya --save_state folder
 STATE_SUFFIX = ".smplora_state"                # next to each LoRA checkpoint
+DP_STATE_DIR_FILE = "smplora_dp_state.safetensors"   # the DP state (accountant, noise generator), same places
+DP_STATE_SUFFIX = ".smplora_dp"
 CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt")
 
 
@@ -33,6 +42,71 @@ def state_path_for_checkpoint(ckpt_file: str) -> Path:
     """Where the attacker state of a LoRA checkpoint is saved: ``<ckpt without ext>.smplora_state``."""
     p = Path(ckpt_file)
     return p.with_name(p.stem + STATE_SUFFIX)
+
+
+def dp_state_path_for_checkpoint(ckpt_file: str) -> Path:
+    """Where the DP state of a LoRA checkpoint is saved: ``<ckpt without ext>.smplora_dp``."""
+    p = Path(ckpt_file)
+    return p.with_name(p.stem + DP_STATE_SUFFIX)
+
+
+def write_dp_state(dpt: DPTraining, path: Path) -> Path:
+    """``dpt.state_dict()`` as a safetensors file, atomically (the core's ``save_dp_state``)."""
+    return save_dp_state(dpt, path)
+
+
+def read_dp_state(path: Path) -> Dict[str, Any]:
+    """The state dict of :func:`write_dp_state` (not yet checked against a run: ``DPTraining.load_state_dict``)."""
+    return read_dp_state_file(path, "Resume from another --save_state folder, or start a new run.")
+
+
+def dp_state_to_continue(settings: KohyaPrivacySettings, args: Any) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The DP state of kohya's ``--resume`` folder, checked against the run's DP options as far as they are known
+    before training (sigma, clip, accountant, delta; the rest when it is loaded at the first step); ``None`` for a
+    run that does not resume, or has no DP noise (a warning when the folder holds a DP state)."""
+    resume_dir = getattr(args, "resume", None)
+    if not resume_dir:
+        return None
+    opts = settings.dp
+    candidate = Path(resume_dir) / DP_STATE_DIR_FILE
+    if opts is None:
+        if candidate.is_file():
+            logger.warning(f"SMP-LoRA: --resume {resume_dir} was saved by a run with DP noise; this run adds none, "
+                           f"so the LoRA it continues is no longer covered by that run's epsilon.")
+        return None
+    if getattr(args, "resume_from_huggingface", False):
+        raise DPError("DP noise with --resume_from_huggingface: the DP state (accountant, noise generator) is read "
+                      f"from the local --resume folder ({DP_STATE_DIR_FILE}); download the folder and pass --resume "
+                      "DIR.")
+    if not candidate.is_file():
+        raise DPError(f"--resume {resume_dir} holds no {DP_STATE_DIR_FILE}: the accountant would start at step 0 "
+                      "and the epsilon would not count the steps that trained the LoRA being resumed. Resume from "
+                      "a --save_state folder of a DP run of smplora-kohya, or start a new run without --resume.")
+    state = read_dp_state(candidate)
+    check_dp_resume(opts, state, candidate)
+    return candidate, state
+
+
+def check_dp_resume(opts: DPOptions, state: Dict[str, Any], source: Path) -> None:
+    """Refuse a resume with another sigma, clip, accountant or delta than the saved state's, naming the flags."""
+    meta = json.loads(state["dp.meta"])
+    acc = meta["accountant"]
+    if opts.target_epsilon is not None:
+        raise DPError(f"--privacy_target_epsilon with --resume: sigma would be chosen again for this run's steps "
+                      f"alone, while the accountant in {source} continues. Pass the saved sigma instead: "
+                      f"--privacy_noise_multiplier {meta.get('sigma')!r}.")
+    differ = [("noise_multiplier", meta.get("sigma"), opts.noise_multiplier),
+              ("max_grad_norm", meta.get("clip"), opts.max_grad_norm),
+              ("dp_accountant", acc.get("mechanism"), opts.accountant)]
+    if opts.delta is not None:
+        differ.append(("dp_delta", acc.get("delta"), opts.delta))
+    differ = [(name, saved, mine) for name, saved, mine in differ if saved != mine]
+    if differ:
+        flags = ", ".join(f"--privacy_{name} {saved} (this run: --privacy_{name} {mine})"
+                          for name, saved, mine in differ)
+        raise DPError(f"the DP state {source} was saved with other DP settings: a resumed run must keep them, or its "
+                      f"epsilon is wrong. To continue it, pass {flags}; or start a new run without --resume. "
+                      "Nothing was trained.")
 
 
 def state_to_continue(settings: KohyaPrivacySettings, args: Any) -> Optional[Path]:
@@ -72,12 +146,14 @@ def resume(reg: PrivacyRegularizer, state_file: Path) -> int:
 
 
 class Checkpoints:
-    """What each save of a kohya run gets: the attacker state next to each LoRA checkpoint (:meth:`saved`) and in
-    each ``--save_state`` folder (:meth:`save_state_hook`), the LoRA's header restored (:meth:`restore_header`)."""
+    """What each save of a kohya run gets: the attacker state (``reg``) and the DP state (``dp``), when the run has
+    them, next to each LoRA checkpoint (:meth:`saved`) and in each ``--save_state`` folder (:meth:`save_state_hook`),
+    the LoRA's header restored (:meth:`restore_header`)."""
 
-    def __init__(self, reg: PrivacyRegularizer, args: Any, *, is_main: bool, num_processes: int,
-                 header_plan: Optional[header.HeaderPlan]):
+    def __init__(self, reg: Optional[PrivacyRegularizer], args: Any, *, is_main: bool, num_processes: int,
+                 header_plan: Optional[header.HeaderPlan], dp: Optional[DPTraining] = None):
         self.reg = reg
+        self.dp = dp
         self.args = args
         self.is_main = is_main
         self.num_processes = num_processes
@@ -93,21 +169,34 @@ class Checkpoints:
         checkpoint kohya has removed (``--save_last_n_steps`` / ``--save_last_n_epochs``) are dropped."""
         if not self.is_main:
             return
-        path = state_path_for_checkpoint(ckpt_file)
-        self.save(path)
-        m = self.reg.metrics()
-        logger.info(f"SMP-LoRA: attacker state saved to {path} (step {int(m['step'])}, attacker CE on members "
-                    f"{m.get('attacker_ce_member', float('nan')):.4f}, attacker accuracy "
-                    f"{m.get('attacker_acc', float('nan')):.3f})")
-        for old in path.parent.glob(f"*{STATE_SUFFIX}"):
-            stem = old.name[: -len(STATE_SUFFIX)]
-            if old != path and not any((old.parent / f"{stem}{ext}").exists() for ext in CHECKPOINT_EXTS):
-                old.unlink(missing_ok=True)
+        kept = []
+        if self.reg is not None:
+            path = state_path_for_checkpoint(ckpt_file)
+            self.save(path)
+            kept.append(path)
+            m = self.reg.metrics()
+            logger.info(f"SMP-LoRA: attacker state saved to {path} (step {int(m['step'])}, attacker CE on members "
+                        f"{m.get('attacker_ce_member', float('nan')):.4f}, attacker accuracy "
+                        f"{m.get('attacker_acc', float('nan')):.3f})")
+        if self.dp is not None:
+            path = write_dp_state(self.dp, dp_state_path_for_checkpoint(ckpt_file))
+            kept.append(path)
+            logger.info(f"SMP-LoRA: DP state saved to {path} ({self.dp.summary()})")
+        for path in kept:
+            suffix = STATE_SUFFIX if path.name.endswith(STATE_SUFFIX) else DP_STATE_SUFFIX
+            for old in path.parent.glob(f"*{suffix}"):
+                stem = old.name[: -len(suffix)]
+                if old != path and not any((old.parent / f"{stem}{ext}").exists() for ext in CHECKPOINT_EXTS):
+                    old.unlink(missing_ok=True)
 
     def save_state_hook(self, models: Any, weights: Any, output_dir: str) -> None:
-        """accelerate's save-state pre-hook: the attacker state in kohya's ``--save_state`` folder."""
-        if self.is_main:
+        """accelerate's save-state pre-hook: the attacker and DP states in kohya's ``--save_state`` folder."""
+        if not self.is_main:
+            return
+        if self.reg is not None:
             self.save(Path(output_dir) / STATE_DIR_FILE)
+        if self.dp is not None:
+            write_dp_state(self.dp, Path(output_dir) / DP_STATE_DIR_FILE)
 
     def save(self, path: Path) -> None:
         """Save the attacker state to ``path``; when the same state (same step and attacker counters) was just

@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from smplora_plugin._io import atomic_write
+from smplora_plugin._rng import rng_restore, rng_snapshot  # noqa: F401 (the shim's names)
 from smplora_plugin.errors import HoldoutError
 from smplora_plugin.holdout import check_disjoint, write_manifest
 
@@ -222,13 +223,14 @@ def first_rows(value: Any, n: int, batch_size: int) -> Any:
 
 
 def check_and_record(train_group, val_group, *, manifest: Optional[Path], seed: int, source: str,
-                     extra: Optional[Dict[str, Any]] = None) -> Dict[str, List[str]]:
+                     extra: Optional[Dict[str, Any]] = None, require_nonmembers: bool = True) -> Dict[str, List[str]]:
     """Check members/reg vs non-members are disjoint by content; write the manifest (unless ``manifest``
-    is ``None``: the caller writes it later with :func:`record`). Returns the sets."""
+    is ``None``: the caller writes it later with :func:`record`). Returns the sets. Non-members are optional
+    only with ``require_nonmembers=False`` (DP-SGD alone trains no attacker)."""
     members, regs = group_images(train_group)
     nonmembers, val_regs = group_images(val_group)
     nonmembers = sorted(set(nonmembers) | set(val_regs))
-    if not nonmembers:
+    if not nonmembers and require_nonmembers:
         raise HoldoutError(
             "SMP-LoRA needs non-member images (never trained on) for its proxy attacker, and this run has none. "
             "Add --privacy_holdout_dir DIR (kohya folder layout, e.g. DIR/1_mychar/*.png, images NOT in the "
@@ -299,32 +301,6 @@ def forked_rng(seed: int, device: Optional[torch.device] = None) -> Iterator[Non
             yield
         finally:
             random.setstate(py_state)
-
-
-def rng_snapshot(device: Optional[torch.device] = None) -> Dict[str, Any]:
-    """The trainer's global RNG streams (torch CPU and ``device``, Python, NumPy), for :func:`rng_restore`."""
-    import numpy as np
-
-    snap: Dict[str, Any] = {"cpu": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if device is not None and torch.device(device).type == "cuda":
-        snap["cuda"] = (torch.device(device), torch.cuda.get_rng_state(device))
-    elif device is not None and torch.device(device).type == "mps":
-        snap["mps"] = torch.mps.get_rng_state()
-    return snap
-
-
-def rng_restore(snap: Dict[str, Any]) -> None:
-    """Put the streams of :func:`rng_snapshot` back, so a replayed call draws the same noise and timesteps."""
-    import numpy as np
-
-    torch.set_rng_state(snap["cpu"])
-    random.setstate(snap["python"])
-    np.random.set_state(snap["numpy"])
-    if "cuda" in snap:
-        device, state = snap["cuda"]
-        torch.cuda.set_rng_state(state, device)
-    if "mps" in snap:
-        torch.mps.set_rng_state(snap["mps"])
 
 
 def describe(paths: Sequence[str], limit: int = 3) -> str:

@@ -33,19 +33,21 @@ from .trainer import private_trainer_class
 USAGE = """usage: smplora-kohya [--sd_scripts DIR] SCRIPT [kohya arguments ...] --privacy smplora [--privacy_* ...]
 
 Run a kohya sd-scripts LoRA trainer (train_network.py, sdxl_train_network.py, flux_train_network.py,
-sd3_train_network.py, ...) with the SMP-LoRA membership-inference defense.
+sd3_train_network.py, ...) with the SMP-LoRA membership-inference defense, DP-SGD, or both.
 
   --sd_scripts DIR   your sd-scripts checkout (default: $SD_SCRIPTS_DIR, the script's folder, or the
                      current folder); needs sd-scripts v0.10.0 or newer
   SCRIPT             the trainer script, by name or path (e.g. train_network.py)
 
 Privacy options (also accepted in the --config_file TOML, e.g. in a [smplora] section):
-  --privacy {none,smplora,mplora}  --privacy_preset {paper,robust}  --[no-]privacy_calibrated
+  --privacy {none,smplora,mplora,dpsgd}  --privacy_preset {paper,robust}  --[no-]privacy_calibrated
   --privacy_alpha A  --privacy_beta B  --privacy_delta D
   --privacy_k_steps K  --privacy_attacker_lr LR  --privacy_attacker_weight_decay WD
   --privacy_attacker_hidden 512,256  --privacy_attacker_dropout P  --privacy_feature_grid 16
   --privacy_nonmember_every N  --privacy_fraction F  --privacy_seed S  --privacy_holdout_dir DIR
   --privacy_manifest FILE  --privacy_attacker_state FILE
+DP noise (--privacy dpsgd alone, or with smplora / mplora): --privacy_noise_multiplier SIGMA
+  --privacy_target_epsilon EPS  --privacy_max_grad_norm C  --privacy_dp_delta D  --privacy_dp_accountant {rdp,prv}
 Non-members come from --privacy_holdout_dir (kohya folder layout) or kohya's validation split.
 `smplora-kohya SCRIPT --help` lists every option of the script, the privacy ones included.
 """

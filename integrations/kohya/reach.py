@@ -26,7 +26,12 @@ Piece by piece (48d368fa / v0.11):
   (#2355; it now calls ``on_step_start`` before assigning timesteps, which the shim does not depend on);
 - :func:`save_state_hook`: accelerate's ``register_save_state_pre_hook`` / the same;
 - :func:`steps_progress_bar`: tqdm's bar ``desc="steps"`` / the same. The one piece that only warns when it is
-  missing: losing ``mia_ce`` / ``mia_acc`` on the bar is not worth refusing a run (the trackers still get them).
+  missing: losing ``mia_ce`` / ``mia_acc`` / ``eps`` on the bar is not worth refusing a run (the trackers still get
+  them);
+- with DP noise: :func:`dataset_counts`, the training group's ``num_train_images`` (images x repeats) and its
+  datasets' ``batch_size``; :func:`training_optimizer`, the optimiser accelerate prepared for the network
+  (``accelerator._optimizers``, private: kohya keeps its optimiser in a local of ``train()`` and passes it to no
+  hook).
 
 Patches, the shim's only changes to sd-scripts' objects (each made once the lookups above have passed):
 
@@ -273,6 +278,45 @@ def batch_roles(batch, key: str) -> None:
                      "images could not be told from members")
 
 
+def dataset_counts(train_group) -> Tuple[int, int]:
+    """``(rows, batch)`` of kohya's training group, as kohya counts them: ``num_train_images`` (member images x
+    repeats, regularisation images not counted; kohya's "num train images * repeats") and the largest
+    ``batch_size`` of its datasets (the batch of one process's step). DP noise accounts with them."""
+    rows = getattr(train_group, "num_train_images", None)
+    sizes = [getattr(ds, "batch_size", None) for ds in list(getattr(train_group, "datasets", None) or [])]
+    if isinstance(rows, bool) or not isinstance(rows, int) or not sizes or \
+            not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
+        raise refuse(f"kohya's training {type(train_group).__name__}", "it has no num_train_images count or its "
+                     "datasets no batch_size, which DP noise needs for its sampling rate (batch / rows)")
+    return rows, max(sizes)
+
+
+def training_optimizer(accelerator, params: Sequence[Any]) -> Any:
+    """The optimiser accelerate prepared that trains ``params`` (the LoRA's): found among
+    ``accelerator._optimizers``, since kohya's ``train()`` hands it to no hook. Refused when there is not exactly one
+    (DP noise is written into the gradients by a pre-hook on that optimiser's step)."""
+    prepared = getattr(accelerator, "_optimizers", None)
+    if not isinstance(prepared, (list, tuple)):
+        raise refuse("accelerator._optimizers", f"{type(accelerator).__name__} keeps no list of the optimisers it "
+                     "prepared, so the DP step cannot be attached to kohya's optimiser")
+    mine = {id(p) for p in params}
+
+    def trains_mine(opt) -> bool:
+        inner = opt
+        for _ in range(8):     # accelerate's AcceleratedOptimizer (.optimizer) and similar wrappers
+            groups = getattr(inner, "param_groups", None)
+            if groups is not None:
+                return any(id(p) in mine for g in groups for p in g.get("params", []))
+            inner = getattr(inner, "optimizer", None)
+        return False
+
+    found = [opt for opt in prepared if trains_mine(opt)]
+    if len(found) != 1:
+        raise refuse("kohya's optimiser", f"accelerate prepared {len(found)} optimisers that train the LoRA network "
+                     "(expected one), so the DP step cannot be attached")
+    return found[0]
+
+
 # ---------------------------------------------------------------------------------------------- options, state, display
 def validation_switch(args) -> None:
     """kohya's ``--validate_every_n_epochs``, which the launcher sets to keep kohya's epoch validation pass off the
@@ -370,13 +414,13 @@ def wrap_save_weights(saver: Saver, restore_header: Optional[Callable[[Dict[str,
     saver.net.save_weights = save_weights
 
 
-def add_to_progress_bar(accelerator, postfix: Callable[[], Dict[str, str]]) -> None:
+def add_to_progress_bar(accelerator, postfix: Callable[[], Dict[str, str]], shown: str = "mia_ce / mia_acc") -> None:
     """From now on, kohya's progress bar (:func:`steps_progress_bar`) shows ``postfix()`` next to its own postfix; a
-    warning when the bar is not found (the trackers still get the metrics)."""
+    warning when the bar is not found (the trackers still get the metrics ``shown``)."""
     bar, missing = steps_progress_bar(accelerator)
     if bar is None:
         if missing:
-            logger.warning(f"SMP-LoRA: kohya's progress bar was not found ({missing}); mia_ce / mia_acc are "
+            logger.warning(f"SMP-LoRA: kohya's progress bar was not found ({missing}); {shown} are "
                            "logged to kohya's trackers only")
         return
     original = bar.set_postfix

@@ -50,8 +50,9 @@ def make_private_trainer(trainer_cls: type, config: Union[PrivacyConfig, Dict[st
 
     ``config`` is a :class:`~smplora_plugin.PrivacyConfig`, or a mapping of its fields
     (``alpha``, ``k_steps``...) and/or kohya option names (``privacy_alpha``,
-    ``privacy_holdout_dir``...); ``None`` reads the ``privacy*`` attributes of ``args`` at
-    ``train(args)`` time (then ``args.privacy`` must be ``"smplora"`` or ``"mplora"``).
+    ``privacy_holdout_dir``, ``privacy_noise_multiplier``...; ``{"privacy": "dpsgd",
+    "privacy_noise_multiplier": 1.0}`` is DP-SGD alone); ``None`` reads the ``privacy*`` attributes of
+    ``args`` at ``train(args)`` time (then ``args.privacy`` must be ``"smplora"``, ``"mplora"`` or ``"dpsgd"``).
     Invalid values raise :class:`~smplora_plugin.errors.ConfigError` here, before training.
     """
     cls = private_trainer_class(trainer_cls)

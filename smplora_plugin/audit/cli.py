@@ -147,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
     for path in (Path(args.base_model), Path(args.lora)):
         if not path.exists():
             raise AuditError(f"{path} does not exist.")
+    from .training_dp import read_training_dp
+
+    read_training_dp(args.lora)  # a malformed smplora.dp entry fails here, before the model loads
 
     from .target import load_lora_target
 
@@ -162,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
               attacks=None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()],
               info={"base_model": str(args.base_model), "lora": str(args.lora), "resolution": size,
                     **architecture_info(target)},
-              title=f"Membership-inference audit of {Path(args.lora).name}", references=references)
+              title=f"Membership-inference audit of {Path(args.lora).name}", references=references,
+              lora_file=args.lora)
 
     def audit(tgt, **over):
         k = {**kw, **over}
@@ -178,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         from .baseline_cli import BaseModelTarget, attach, audit_base, paired_block, write_with_baseline
 
         base_target = BaseModelTarget(target)
-        base = audit_base(lambda names: audit(base_target, attacks=names, title=f"Membership-inference audit of the "
+        base = audit_base(lambda names: audit(base_target, attacks=names, lora_file=None,
+                                              title=f"Membership-inference audit of the "
                                               f"base model of {Path(args.lora).name} (LoRA switched off)"),
                           report, base_target)
         attach(report, paired_block(report, base, n_permutations=args.permutations, seed=cfg.seed))
@@ -231,12 +236,12 @@ def _run_pooled(args: argparse.Namespace) -> int:
         info = {"lora": str(lora), "resolution": size, **architecture_info(target)}
         if "members" in s:
             runs.append(AuditRun(target, s["members"], s["nonmembers"], calibration_fraction=args.calibration_fraction,
-                                 name=name, info=info, references=references))
+                                 name=name, info=info, references=references, lora_file=lora))
         else:
             runs.append(AuditRun(target, s["member_eval"], s["nonmember_eval"],
                                  calibration_members=s["member_calibration"],
                                  calibration_nonmembers=s["nonmember_calibration"], name=name, info=info,
-                                 references=references))
+                                 references=references, lora_file=lora))
     pool_kw = dict(config=cfg, progress=not args.no_progress, num_threads=args.threads,
                    n_permutations=args.permutations)
     report = run_audit_pooled(
@@ -248,7 +253,7 @@ def _run_pooled(args: argparse.Namespace) -> int:
 
         from .baseline_cli import BaseModelTarget, attach, audit_base, paired_block, write_with_baseline
 
-        base_runs = [dataclasses.replace(r, target=BaseModelTarget(r.target)) for r in runs]
+        base_runs = [dataclasses.replace(r, target=BaseModelTarget(r.target), lora_file=None) for r in runs]
         base = audit_base(lambda names: run_audit_pooled(
             base_runs, out_dir=None, attacks=names, **pool_kw,
             title=f"Membership-inference audit of the base model pooled over {len(runs)} runs (LoRAs switched off)"),

@@ -134,6 +134,27 @@ class AuditConfig:
             self.options(name)
 
 
+@register_options("exposure")
+@dataclass
+class ExposureOptions:
+    """The report's exposure ranking (:mod:`.exposure`): ``top_k`` members shown in report.md and exposure.png,
+    and ``near_copy_quantile``, the share of calibration non-members whose nearest-generated distance sets
+    the near-copy threshold (its lower quantile). Set with ``attack_options={"exposure": {"top_k": 4}}``."""
+
+    top_k: int = 8
+    near_copy_quantile: float = 0.01
+
+    def validate(self) -> None:
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise AuditError(f"exposure top_k={k!r} must be a whole number >= 1 (the most exposed members listed in "
+                             'report.md and drawn in exposure.png; default 8), e.g. {"exposure": {"top_k": 8}}.')
+        q = self.near_copy_quantile
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < 0.5:
+            raise AuditError(f"exposure near_copy_quantile={q!r} must be in (0, 0.5) (the share of calibration "
+                             "non-members below the near-copy threshold; default 0.01).")
+
+
 def as_config(config: Union[AuditConfig, Mapping[str, Any], None]) -> AuditConfig:
     """``config`` (an :class:`AuditConfig`, a mapping of its fields, or ``None``) as a validated AuditConfig."""
     cfg = config if isinstance(config, AuditConfig) else AuditConfig.from_dict(dict(config or {}))

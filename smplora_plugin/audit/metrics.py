@@ -70,8 +70,8 @@ def _midranks(x: np.ndarray) -> np.ndarray:
     ranks = np.empty(x.size, dtype=np.float64)
     starts = np.r_[0, np.nonzero(np.diff(xs))[0] + 1]
     ends = np.r_[starts[1:], x.size]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0  # mean of 1-based ranks s+1..e
+    # every member of a tie group [s, e) gets the mean of the 1-based ranks s+1..e
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
     return ranks
 
 

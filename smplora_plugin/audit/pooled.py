@@ -20,8 +20,10 @@ import numpy as np
 
 from . import metrics as M
 from .config import AuditConfig, as_config
+from .exposure import attach_exposure
 from .protocol import run_audit
 from .scoring import attack_metrics, upper_envelope
+from .training_dp import pooled_training_dp, read_training_dp
 from .types import AuditError, AuditReport, SamplesLike
 from .verdict import AttackScores, VerdictSettings, assess
 
@@ -35,7 +37,7 @@ class AuditRun:
     ``references``: the run's reference models for reference-based attacks, passed through to
     :func:`~.protocol.run_audit` as ``references=`` (``None``: not passed). ``name`` labels the
     run in the report and names its sub-folder; ``info`` / ``utility`` / ``manifest_sets`` are as
-    in :func:`~.protocol.run_audit`.
+    in :func:`~.protocol.run_audit`, and so is ``lora_file``.
     """
 
     target: Any
@@ -49,6 +51,7 @@ class AuditRun:
     info: Optional[Mapping[str, Any]] = None
     utility: Optional[Mapping[str, Any]] = None
     manifest_sets: Optional[Mapping[str, Sequence[str]]] = None
+    lora_file: Optional[Union[str, Path]] = None  # its smplora.dp header entry is shown (run_audit's lora_file)
 
 
 def standardise(scores: np.ndarray, cal_scores: np.ndarray, cal_labels: np.ndarray) -> np.ndarray:
@@ -60,6 +63,22 @@ def standardise(scores: np.ndarray, cal_scores: np.ndarray, cal_labels: np.ndarr
     if not np.isfinite(sd) or sd <= 1e-12 * max(1.0, abs(mu)):
         sd = 1.0  # constant calibration scores: centre only
     return (np.asarray(scores, dtype=np.float64) - mu) / sd
+
+
+def pool_scores(runs: Sequence[Mapping[str, AttackScores]], attacks: Sequence[str]) -> Dict[str, AttackScores]:
+    """Per attack, every run's scores standardised with its calibration non-members (:func:`standardise`), then
+    concatenated in run order (evaluation and calibration alike)."""
+    pooled: Dict[str, AttackScores] = {}
+    for a in attacks:
+        ev, cal, cal_lab = [], [], []
+        for scores in runs:
+            sc = scores[a]
+            ev.append(standardise(sc.eval_scores, sc.cal_scores, sc.cal_labels))
+            cal.append(standardise(sc.cal_scores, sc.cal_scores, sc.cal_labels))
+            cal_lab.append(sc.cal_labels)
+        pooled[a] = AttackScores(np.concatenate(ev), np.concatenate(cal), np.concatenate(cal_lab),
+                                 uses_model=runs[0][a].uses_model)
+    return pooled
 
 
 def run_audit_pooled(
@@ -93,6 +112,9 @@ def run_audit_pooled(
     cfg = as_config(config)
     vset = VerdictSettings(n_permutations=int(n_permutations))
     vset.validate()
+    for r in runs:  # every header checked before any run is scored
+        if r.lora_file is not None:
+            read_training_dp(r.lora_file)
     t0 = time.time()
     reports: List[AuditReport] = []
     for name, r in zip(names, runs):
@@ -101,8 +123,11 @@ def run_audit_pooled(
             calibration_nonmembers=r.calibration_nonmembers, calibration_fraction=r.calibration_fraction,
             attacks=attacks, config=cfg, out_dir=None, utility=r.utility, manifest_sets=r.manifest_sets,
             info={"run": name, **dict(r.info or {})}, title=f"{title}: {name}", progress=progress,
-            load_plugins=load_plugins, num_threads=num_threads, n_permutations=n_permutations, references=r.references))
+            load_plugins=load_plugins, num_threads=num_threads, n_permutations=n_permutations, references=r.references,
+            lora_file=r.lora_file))
     report = pool_reports(reports, names, config=cfg, title=title, settings=vset)
+    attach_exposure(report)  # ranked per run (each run's report has its own ranking and exposure.png)
+    report.training_dp = pooled_training_dp([r.training_dp for r in reports], names)
     report.seconds = round(time.time() - t0, 2)
     if out_dir is not None:
         report.write(out_dir)
@@ -120,19 +145,11 @@ def pool_reports(reports: Sequence[AuditReport], names: Sequence[str], *, config
         raise AuditError("the runs share no attack; run the same attacks on every run.")
     labels = np.concatenate([r.eval_labels for r in reports]).astype(int)
     strata = np.concatenate([np.full(r.eval_labels.size, i) for i, r in enumerate(reports)])
-    pooled: Dict[str, AttackScores] = {}
+    pooled = pool_scores([r.scores for r in reports], common)
     results: Dict[str, Dict[str, Any]] = {}
     roc: Dict[str, Tuple[List[float], List[float]]] = {}
     for a in common:
-        ev, cal, cal_lab = [], [], []
-        for r in reports:
-            sc = r.scores[a]
-            ev.append(standardise(sc.eval_scores, sc.cal_scores, sc.cal_labels))
-            cal.append(standardise(sc.cal_scores, sc.cal_scores, sc.cal_labels))
-            cal_lab.append(sc.cal_labels)
-        ps = AttackScores(np.concatenate(ev), np.concatenate(cal), np.concatenate(cal_lab),
-                          uses_model=reports[0].scores[a].uses_model)
-        pooled[a] = ps
+        ps = pooled[a]
         cm, cn = ps.cal_scores[ps.cal_labels == 1], ps.cal_scores[ps.cal_labels == 0]
         thr, cal_bacc = M.best_threshold(cm, cn)
         em, en = ps.eval_scores[labels == 1], ps.eval_scores[labels == 0]

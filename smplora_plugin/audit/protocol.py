@@ -20,13 +20,16 @@ import torch.nn.functional as F
 from ..holdout import split_by_identity
 from . import metrics as M
 from .attacks import Attack, AttackOutput, resolve_attacks
+from .attacks.generation import kept_nearest
 from .config import AuditConfig, as_config
 from .engine import ScoreContext, cpu_settings
+from .exposure import attach_exposure
 from .progress import warn
 from .references import ReferenceView, check_compatible, match, select_attacks
 from .report import run_folder
 from .scoring import ENVELOPE_LABEL, attack_metrics, upper_envelope
 from .target import check_target
+from .training_dp import read_training_dp
 from .types import AuditError, AuditReport, AuditSamples, SamplesLike, as_samples
 from .verdict import AttackScores, VerdictSettings, assess
 
@@ -57,6 +60,7 @@ def run_audit(
     num_threads: Optional[int] = None,
     n_permutations: int = 1000,
     references: Optional[Any] = None,
+    lora_file: Optional[Union[str, Path]] = None,
 ) -> AuditReport:
     """Audit ``target`` (an :class:`~.target.AuditTarget`) on member / non-member samples.
 
@@ -77,7 +81,11 @@ def run_audit(
     permutation null, power, sample sizes needed, warnings and the empirical epsilon lower bound
     (see :mod:`.verdict`). Several LoRAs: :func:`run_audit_pooled`. ``references``: reference models
     (:class:`~.references.References`) for LiRA / RMIA, which then join the default suite.
+    ``lora_file``: the audited LoRA's ``.safetensors`` file; when its header has a ``smplora.dp`` entry (trained
+    with DP noise), the report's ``training_dp`` block shows that formal epsilon beside the empirical lower bound
+    (:mod:`.training_dp`).
     """
+    training_dp = None if lora_file is None else read_training_dp(lora_file)  # a bad entry fails before any work
     plan = _plan(target, members, nonmembers, calibration_members=calibration_members,
                  calibration_nonmembers=calibration_nonmembers, calibration_fraction=calibration_fraction,
                  attacks=attacks, config=config, manifest_sets=manifest_sets, load_plugins=load_plugins,
@@ -87,6 +95,7 @@ def run_audit(
         ctx = plan.context(target, progress)
         scored = _score_attacks(ctx, plan)
     report = _assemble(plan, ctx, scored, title=title, utility=utility, info=info, t0=t0)
+    report.training_dp = training_dp
     if out_dir is not None:
         report.write(out_dir)
     return report
@@ -331,7 +340,7 @@ def _assemble(plan: _Plan, ctx: ScoreContext, scored: _Scored, *, title: str,
     run_info = {**dict(info or {}), **({"references": plan.references.summary()} if plan.references else {}),
                 **({"warnings": plan.warnings} if plan.warnings else {}),
                 **({"skipped_attacks": plan.skipped} if plan.skipped else {})}
-    return AuditReport(
+    report = AuditReport(
         title=title,
         verdict=verdict,
         attacks=scored.results,
@@ -350,7 +359,9 @@ def _assemble(plan: _Plan, ctx: ScoreContext, scored: _Scored, *, title: str,
         manifest_extra={**plan.manifest_extra, "seed": cfg.seed},
         scores=scored.kept,
         eval_labels=ev_labels,
+        generated=kept_nearest(ctx),  # the generation attack's nearest LoRA samples (None when it did not run)
     )
+    return attach_exposure(report)  # the members ranked by the headline attack, near-copy flags (exposure.png)
 
 
 def _utility(ctx: ScoreContext, labels: np.ndarray, eval_index: np.ndarray) -> Dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Writing an audit report: report.json, report.md (verdict first, then one table) and the ROC plot."""
+"""Writing an audit report: report.json, report.md (verdict first, then one table), the ROC plot and exposure.png."""
 
 from __future__ import annotations
 
@@ -56,10 +56,12 @@ def _tpr_cell(r: Mapping[str, Any], key: str) -> str:
     return text + (" (low rel.)" if lf.get("low_reliability") else "")
 
 
-def render_verdict(v: Optional[Mapping[str, Any]]) -> List[str]:
-    """The opening lines of report.md: the verdict in words and the evidence behind it."""
+def render_verdict(v: Optional[Mapping[str, Any]], training_dp: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """The opening lines of report.md: the verdict in words and the evidence behind it; with ``training_dp`` (the
+    LoRA's ``smplora.dp`` header, :mod:`.training_dp`) the training's DP epsilon beside the empirical lower bound."""
     if not v or v.get("verdict") is None:
-        return ["**Verdict: none** (no model-using attack was run)."]
+        return ["**Verdict: none** (no model-using attack was run)."] + (
+            ["", *render_training_dp(training_dp, None)] if training_dp else [])
     h, e, pw = v["headline"], v["upper_envelope"], v["power"]
     lines = [f"**Verdict: {v['verdict']}.**", ""]
     lines.append(f"- Headline attack (chosen on the calibration split): **{_cell(h['title'])}**, calibration AUC "
@@ -88,6 +90,7 @@ def render_verdict(v: Optional[Mapping[str, Any]]) -> List[str]:
                      f"{eps['delta']:g}); {h['attack']} at a threshold fixed on calibration: {eps['tp']} members and "
                      f"{eps['fp']} non-members above it, TPR >= {eps['tpr_lower']:.3f}, FPR <= {eps['fpr_upper']:.3f} "
                      "(one-sided 95% Clopper-Pearson each).")
+    lines += render_training_dp(training_dp, eps)
     sh = v.get("shift_check")
     if sh:
         lines.append(f"- Shift check: loss AUC {sh['loss_auc']:.3f} [{sh['loss_auc_ci95'][0]:.3f}, "
@@ -99,12 +102,105 @@ def render_verdict(v: Optional[Mapping[str, Any]]) -> List[str]:
     return lines
 
 
+DP_KEY = "smplora.dp"  # the header entry of a LoRA trained with DP noise (read by .training_dp)
+LOWER_BOUND_LABEL = "what the attacks refute, a lower bound (not a guarantee)"
+
+
+def training_dp_line(block: Mapping[str, Any]) -> str:
+    """One sentence: the training's epsilon at its delta, with the accountant and sampling assumption."""
+    text = (f"Training DP epsilon (from the LoRA's {DP_KEY} header; {block['label']}): epsilon "
+            f"{block['epsilon']:.4g} at delta {block['delta']:.3g}, {block['accountant']} accountant")
+    extra = [f"{k} {block[k]:g}" for k in ("sigma", "clip") if isinstance(block.get(k), (int, float))]
+    if isinstance(block.get("steps"), int):
+        extra.append(f"{block['steps']} steps")
+    if extra:
+        text += ", " + ", ".join(extra)
+    text += "."
+    if block.get("caveat"):
+        text += f" {block['caveat']}"
+    return text
+
+
+def render_training_dp(block: Optional[Mapping[str, Any]], empirical: Optional[Mapping[str, Any]]) -> List[str]:
+    """report.md lines that set the training's epsilon beside the audit's lower bound (nothing without a block)."""
+    if not block:
+        return []
+    if "runs" in block:
+        lines = [f"- Training DP epsilon per run (from each LoRA's {DP_KEY} header, "
+                 "each labelled with the sampling its accountant assumed):"]
+        for b in block["runs"]:
+            lines.append(f"  - {b['run']}: " + training_dp_line(b))
+        if block.get("runs_without"):
+            lines.append(f"  - no {DP_KEY} entry: " + ", ".join(block["runs_without"]))
+        return lines
+    lines = ["- " + training_dp_line(block)]
+    if empirical:
+        lines.append(f"  Beside it, the audit's empirical epsilon >= {empirical['epsilon']:.2f} at delta = 0 "
+                     f"({empirical['epsilon_at_delta']:.2f} at delta = {empirical['delta']:g}) is "
+                     f"{LOWER_BOUND_LABEL}. A lower bound below the training epsilon is expected; one above it (at a "
+                     "comparable delta) would contradict the guarantee: check the accounting and the sampling.")
+    return lines
+
+
+EXPOSURE_FILE = "exposure.png"
+_SPACE = {"pixels": "pixel", "latents": "latent"}  # the exposure block's distance space, as an adjective
+
+
+def render_exposure(block: Optional[Mapping[str, Any]]) -> List[str]:
+    """report.md's "Exposure" section from report.json's ``exposure`` block (nothing without one)."""
+    if not block:
+        return []
+    lines = ["", "## Exposure: the most exposed members", ""]
+    if "runs" in block:
+        lines.append("Ranked per run: each member against the non-members of its own run (the LoRA that trained "
+                     f"on it); each run's report.md and {EXPOSURE_FILE} hold its ranking.")
+        lines += ["", "| run | most exposed member | rank among non-members | near-copy |", "|---|---|---|---|"]
+        for r in block["runs"]:
+            m = r.get("most_exposed")
+            lines.append(f"| {_cell(r['run'])} | n/a | | |" if m is None else
+                         f"| {_cell(r['run'])} | `{_cell(m['id'])}` | {m['rank_text']} | {_flag(m)} |")
+        return lines
+    top = block["members"][:block["top_k"]]
+    lines.append(f"The {len(top)} of {len(block['members'])} evaluation members that the headline attack, "
+                 f"**{_cell(block['title'])}** (`{block['attack']}`), scores most member-like. Rank among non-members: "
+                 f"the share of the {block['n_nonmember']} evaluation non-members that score lower (ties count half; "
+                 "its mean over all members is the attack's AUC). Calibrated score: the score standardised with the "
+                 "calibration non-members' mean and standard deviation (0 = a typical non-member). Calibration "
+                 "members are not ranked: they chose the attack.")
+    lines += ["", "| # | file | calibrated score | rank among non-members | nearest generated (MSE) | near-copy |",
+              "|---|---|---|---|---|---|"]
+    for m in top:
+        dist = "n/a" if m["distance"] is None else f"{m['distance']:.4g}"
+        lines.append(f"| {m['rank']} | `{_cell(m['id'])}` | {m['calibrated_score']:+.2f} | {m['rank_text']} | {dist} "
+                     f"| {_flag(m)} |")
+    lines.append("")
+    if block["threshold"] is not None:
+        lines.append(f"Near-copy flag (a heuristic, not a proof of copying): the mean squared "
+                     f"{_SPACE.get(block['distance_space'], block['distance_space'])} difference to the nearest of "
+                     "the LoRA's "
+                     f"{block['generated_per_caption']} samples generated at the member's caption is below "
+                     f"{block['threshold']:.4g}, the {100 * block['quantile']:g}% quantile (lower) of the same "
+                     f"distance over the {block['n_calibration_nonmember']} calibration non-members. At this threshold "
+                     f"**{block['nonmembers_flagged']} of {block['n_nonmember']} evaluation non-members are flagged "
+                     f"({_pct(block['nonmember_flag_share'])})**, and {block['members_flagged']} of "
+                     f"{len(block['members'])} evaluation members. `{EXPOSURE_FILE}` shows each member beside its "
+                     "nearest generated sample.")
+    else:
+        lines.append(f"No near-copy check: {block['no_distance_reason']}. `{EXPOSURE_FILE}` shows the members with "
+                     "their ranks only.")
+    return lines
+
+
+def _flag(m: Mapping[str, Any]) -> str:
+    return "n/a" if m.get("near_copy") is None else ("**NEAR-COPY**" if m["near_copy"] else "no")
+
+
 def render_markdown(d: Mapping[str, Any]) -> str:
     """The report as Markdown: the verdict, one table, the blind-baseline check, utility, details, runs."""
     sp = d["splits"]
     lo, hi = d["null_band_auc95"]
     lines: List[str] = [f"# {d['title']}", ""]
-    lines += render_verdict(d.get("verdict"))
+    lines += render_verdict(d.get("verdict"), d.get("training_dp"))
     if d.get("pooling"):
         pl = d["pooling"]
         lines += ["", f"Pooled over {pl['n_runs']} runs: {pl['method']}.", "", "| run | verdict | headline attack | "
@@ -150,6 +246,7 @@ def render_markdown(d: Mapping[str, Any]) -> str:
                        f"**WARNING: the blind baseline (no model access) reaches AUC {r['auc']:.3f}, CI "
                        f"[{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] excludes 0.5: members and non-members differ "
                        "in distribution, so every attack above may be inflated. Draw both from one pool.**")]
+    lines += render_exposure(d.get("exposure"))
     util = d.get("utility") or {}
     if util:
         lines += ["", "## Utility", ""]
@@ -292,7 +389,11 @@ def plot_timestep_auc(attacks: Mapping[str, Mapping[str, Any]], path: Union[str,
 
 
 def write_report(report: Any, out_dir: Union[str, Path]) -> Dict[str, Path]:
-    """Write report.json, report.md, roc.png (and per_timestep_auc.png) into ``out_dir``."""
+    """Write report.json, report.md, roc.png (and per_timestep_auc.png, exposure.png) into ``out_dir``.
+
+    ``exposure.png`` is drawn by the report's exposure ranking (``report.exposure.plot``, see
+    :mod:`.exposure`) when it has one: single-run reports with a headline attack.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     d = report.to_dict()
@@ -306,6 +407,9 @@ def write_report(report: Any, out_dir: Union[str, Path]) -> Dict[str, Path]:
     pt = plot_timestep_auc(d["attacks"], out / "per_timestep_auc.png", d["null_band_auc95"])
     if pt is not None:
         paths["per_timestep"] = pt
+    exposure = getattr(report, "exposure", None)
+    if exposure is not None and hasattr(exposure, "plot"):
+        paths["exposure"] = exposure.plot(out / EXPOSURE_FILE, report)
     return paths
 
 

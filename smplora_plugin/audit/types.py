@@ -121,6 +121,12 @@ class AuditReport:
     eval_labels: Optional[np.ndarray] = field(default=None, repr=False)
     runs: Optional[List["AuditReport"]] = field(default=None, repr=False)  # pooled report: the per-run reports
     pooling: Optional[Dict[str, Any]] = None
+    # the generation attack's nearest generated samples (attacks.generation.NearestGenerated), for exposure.png
+    generated: Optional[Any] = field(default=None, repr=False, compare=False)
+    # the members ranked by exposure (exposure.Exposure, or exposure.PooledExposure), set by exposure.attach_exposure
+    exposure: Optional[Any] = field(default=None, repr=False, compare=False)
+    # the training's DP epsilon from the LoRA's smplora.dp header entry (training_dp.read_training_dp), if any
+    training_dp: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         try:
@@ -145,6 +151,10 @@ class AuditReport:
             "seconds": self.seconds,
             "manifest": self.manifest,
         }
+        if self.training_dp is not None:
+            d["training_dp"] = self.training_dp
+        if self.exposure is not None:
+            d["exposure"] = self.exposure.to_dict()
         if self.pooling is not None:
             d["pooling"] = self.pooling
         if self.runs is not None:
@@ -155,7 +165,7 @@ class AuditReport:
         return render_markdown(self.to_dict())
 
     def write(self, out_dir: Union[str, Path]) -> Dict[str, Path]:
-        """Write report.json, report.md, roc.png, per_timestep_auc.png and manifest.json to ``out_dir``."""
+        """Write report.json, report.md, roc.png, per_timestep_auc.png, exposure.png, manifest.json to ``out_dir``."""
         out = Path(out_dir)
         if self.manifest_sets is not None:
             extra = dict(self.manifest_extra or {})

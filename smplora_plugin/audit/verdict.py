@@ -15,6 +15,9 @@ scores each attack may threshold on) into the report's ``verdict`` block:
   ``detectable_bound``; otherwise ``"no evidence of leakage at this size"``;
 * the sample sizes needed for a target AUC and TPR@FPR, warnings (blind baseline, loss shift check)
   and the empirical epsilon lower bound of the headline attack (a lower bound, never a guarantee).
+
+The decision itself is :func:`leak_test` (the two p-values) and :func:`decide` (the words), which
+``benchmarks/pooled_null.py`` calls on redrawn null labels to measure the false-alarm rate.
 """
 
 from __future__ import annotations
@@ -99,35 +102,66 @@ def assess(scores: Mapping[str, AttackScores], eval_labels: np.ndarray, results:
 
     cal_auc = {k: float((results[k].get("calibration") or {}).get("calibration_auc", v.calibration_auc))
                for k, v in model.items()}
-    head = max(cal_auc, key=lambda k: (cal_auc[k], -list(model).index(k)))
-    names = list(model)
-    null = S.envelope_null({k: model[k].eval_scores for k in names}, y, n_perm=st.n_permutations, seed=seed + 9173,
-                           strata=strata, fprs=(st.target_fpr,))
-    col = names.index(head)
+    test = leak_test(model, y, {k: results[k]["auc"] for k in model}, cal_auc, seed=seed, strata=strata, settings=st)
+    head, p_head = test["headline"], test["p_headline"]
     r = results[head]
-    p_head = S.permutation_pvalue(r["auc"], null["auc"][:, col])
     out["headline"] = {
         "attack": head, "title": r.get("title", head), "calibration_auc": cal_auc[head], "auc": r["auc"],
         "auc_ci95": r["auc_ci95"], "p_value": p_head, "tpr_at_1pct_fpr": r.get("tpr_at_1pct_fpr"),
         "note": "attack chosen by its AUC on the calibration split; AUC and p-value (one-sided, label "
                 "permutations) on the evaluation split",
     }
-    env = _envelope(model, names, results, null, st)
+    env = _envelope(model, test["names"], results, test["null"], st)
     out["upper_envelope"] = env
-    p_env = env["auc"]["p_value"]
+    p_env = test["p_envelope"]  # = env["auc"]["p_value"]: the same statistic against the same null
     level = st.alpha / 2
-    if min(p_head, p_env) < level:
-        verdict = LEAKS
-    elif power["smallest_detectable_auc"] > st.detectable_bound:
-        verdict = TOO_FEW
-    else:
-        verdict = NO_EVIDENCE
+    verdict = decide(p_head, p_env, power["smallest_detectable_auc"], st)
     out["verdict"] = verdict
     out["p_values"] = {"headline": p_head, "upper_envelope_auc": p_env, "level_each": level}
     out["epsilon_lower_bound"] = _epsilon(model[head], y, st)
     out["warnings"] = warnings
     out["summary"] = _summary(verdict, out, st)
     return out
+
+
+def headline_attack(cal_auc: Mapping[str, float]) -> str:
+    """The attack with the highest calibration AUC (the first listed among equals)."""
+    names = list(cal_auc)
+    return max(names, key=lambda k: (cal_auc[k], -names.index(k)))
+
+
+def leak_test(scores: Mapping[str, AttackScores], eval_labels: np.ndarray, aucs: Mapping[str, float],
+              cal_auc: Mapping[str, float], *, seed: int = 0, strata: Optional[np.ndarray] = None,
+              settings: Optional[VerdictSettings] = None, tpr_null: bool = True) -> Dict[str, Any]:
+    """The two permutation tests behind ``"leaks"``: the headline attack's AUC and the maximum AUC over attacks.
+
+    ``scores``: the model-using attacks; ``aucs``: their evaluation AUCs; ``cal_auc``: their calibration
+    AUCs (which pick the headline). Returns ``headline``, ``p_headline``, ``p_envelope`` (max AUC),
+    ``names`` (column order) and ``null`` (:func:`~.stats.envelope_null`: the label permutations shared by
+    every attack, within ``strata``; with ``tpr_null`` also the TPR at ``target_fpr`` that the report's
+    envelope shows, which the verdict does not use).
+    """
+    st = settings or VerdictSettings()
+    y = np.asarray(eval_labels).astype(bool)
+    names = list(scores)
+    head = headline_attack({k: cal_auc[k] for k in names})
+    null = S.envelope_null({k: scores[k].eval_scores for k in names}, y, n_perm=st.n_permutations, seed=seed + 9173,
+                           strata=strata, fprs=(st.target_fpr,) if tpr_null else ())
+    obs = np.array([aucs[k] for k in names])
+    p_head = S.permutation_pvalue(float(aucs[head]), null["auc"][:, names.index(head)])
+    p_env = S.permutation_pvalue(float(obs.max()), null["auc"].max(1))
+    return {"headline": head, "p_headline": p_head, "p_envelope": p_env, "names": names, "null": null}
+
+
+def decide(p_headline: float, p_envelope: float, smallest_detectable_auc: float,
+           settings: Optional[VerdictSettings] = None) -> str:
+    """The verdict in words from the two p-values and the smallest AUC detectable at this size."""
+    st = settings or VerdictSettings()
+    if min(p_headline, p_envelope) < st.alpha / 2:
+        return LEAKS
+    if smallest_detectable_auc > st.detectable_bound:
+        return TOO_FEW
+    return NO_EVIDENCE
 
 
 def _envelope(model: Mapping[str, AttackScores], names: Sequence[str], results: Mapping[str, Mapping[str, Any]],

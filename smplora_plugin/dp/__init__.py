@@ -13,8 +13,10 @@ from .hooks import GradSampleHooks
 from .per_sample import clip_factors, per_sample_norms
 from .sampler import PoissonBatchSampler
 from .smp import smp_sample_loss
+from .state_file import read_dp_state, save_dp_state
 from .training import DPOptions, DPTraining, check_mixed_precision, dp_options
 
 __all__ = ["DPGradients", "DPTraining", "DPOptions", "dp_options", "check_mixed_precision", "GradSampleHooks",
            "DPAccountant", "PoissonBatchSampler", "DPError", "smp_sample_loss", "default_delta",
-           "noise_multiplier_for", "sampling_note", "clip_factors", "per_sample_norms"]
+           "noise_multiplier_for", "sampling_note", "clip_factors", "per_sample_norms", "save_dp_state",
+           "read_dp_state"]

@@ -69,6 +69,16 @@ class DPOptions:
         return asdict(self)
 
 
+def _method_flag(flag: str) -> str:
+    """How the trainer spells choosing DP-SGD: ``--privacy dpsgd`` style for ``--privacy_``, ``privacy.method: dpsgd``
+    for a config block (``privacy.``), ``<flag>objective dpsgd`` otherwise (ComfyUI's ``privacy_``)."""
+    if flag.endswith("."):
+        return f"{flag}method: dpsgd"
+    if flag.startswith("--"):
+        return f"{flag[:-1] if flag.endswith('_') else flag} dpsgd"
+    return f"{flag}objective dpsgd"
+
+
 def dp_options(method: str, *, noise_multiplier: Any = None, max_grad_norm: Any = None, target_epsilon: Any = None,
                delta: Any = None, accountant: Any = "rdp", seed: Any = 0,
                flag: str = "--privacy_") -> Optional[DPOptions]:
@@ -103,7 +113,7 @@ def dp_options(method: str, *, noise_multiplier: Any = None, max_grad_norm: Any 
         raise DPError(f"the DP noise seed must be an int, got {seed!r}.")
     noised = sigma is not None or target is not None
     if method in DP_ONLY and not noised:
-        raise DPError(f"{flag[:-1] if flag.endswith('_') else flag}=dpsgd needs a noise level: pass "
+        raise DPError(f"{_method_flag(flag)} needs a noise level: pass "
                       f"{flag}noise_multiplier (sigma, e.g. 1.0) or {flag}target_epsilon (e.g. 8).")
     if not noised:
         given = [n for n, v in (("max_grad_norm", clip), ("dp_delta", delta)) if v is not None]

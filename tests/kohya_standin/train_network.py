@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -104,6 +105,12 @@ class NetworkTrainer:
         return "standin_v1", [], None, TinyUNet()
 
     def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds, batch, weight_dtype, **kwargs):
+        if getattr(args, "gradient_checkpointing", False) and torch.is_grad_enabled():
+            # as sd-scripts' SD1 UNet: torch.utils.checkpoint with use_reentrant=False around the LoRA'd blocks
+            return torch.utils.checkpoint.checkpoint(self._denoise, unet, noisy_latents, timesteps, use_reentrant=False)
+        return self._denoise(unet, noisy_latents, timesteps)
+
+    def _denoise(self, unet, noisy_latents, timesteps):
         return unet(noisy_latents, timesteps) + self._network(noisy_latents)
 
     def post_process_network(self, args, accelerator, network, text_encoders, unet):
@@ -406,6 +413,7 @@ def setup_parser():
     # sd-scripts also offers fp16 / --full_fp16; accelerate's CPU autocast is bf16 only, so the stand-in is too
     p.add_argument("--mixed_precision", type=str, default="no", choices=["no", "bf16"])
     p.add_argument("--full_bf16", action="store_true")
+    p.add_argument("--gradient_checkpointing", action="store_true")
     return p
 
 

@@ -6,12 +6,17 @@ noise. The score is ``d_base - d_lora`` (high = member), where ``d`` is the dist
 candidate to its nearest generated sample, in one of three spaces chosen on the calibration
 split: pixels (decoded; latents when the target cannot decode), a fixed random-init conv net
 defined in code, and a low-frequency DCT descriptor. Nothing is downloaded.
+
+The attack also keeps, per audited sample, its nearest LoRA-generated sample and the mean squared
+difference to it (:class:`NearestGenerated`): the report's exposure view (:mod:`..exposure`)
+shows the most exposed members next to them.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -25,6 +30,36 @@ from .base import Attack
 PER_CAPTION = 8  # generated samples per distinct caption (per model)
 POOL = 64  # unconditional pool size when there are no captions
 STEPS = 10  # DDIM steps
+NEAREST_KEY = "generation:nearest"  # the score context's cache key of the kept NearestGenerated
+THUMBNAIL = 256  # kept images are area-pooled to at most this many pixels per side (for display only)
+
+
+@dataclass
+class NearestGenerated:
+    """Per audited sample (the score context's order): its nearest LoRA-generated sample at its caption.
+
+    ``space``: ``"pixels"`` (decoded, in [-1, 1]) or ``"latents"`` (the target cannot decode). ``mse``
+    ``(N,)``: the mean squared difference between the sample and its nearest LoRA sample in that space,
+    at the audit's resolution (the generation attack's pixel-space nearest neighbour). ``images``: the
+    audited images, ``nearest``: those LoRA samples, as uint8 thumbnails (:func:`thumbnail`); with
+    ``space == "latents"``, ``nearest`` holds the float latents. ``generated``: LoRA samples per
+    caption (or in the shared unconditional pool).
+    """
+
+    space: str
+    mse: np.ndarray
+    images: torch.Tensor
+    nearest: torch.Tensor
+    generated: int
+
+
+def thumbnail(x: torch.Tensor, side: int = THUMBNAIL) -> torch.Tensor:
+    """Images ``(N, C, H, W)`` in [-1, 1] as uint8 ``[0, 255]``, area-pooled to at most ``side`` per side."""
+    x = x.detach().float().cpu()
+    if x.ndim == 4 and max(x.shape[-2:]) > side:
+        f = max(x.shape[-2:]) / side
+        x = F.adaptive_avg_pool2d(x, (max(1, round(x.shape[-2] / f)), max(1, round(x.shape[-1] / f))))
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def ddim_sample(target: Any, noise: torch.Tensor, cond: Any, abar: torch.Tensor, steps: int, *, adapter: bool,
@@ -105,6 +140,8 @@ def generated_distances(ctx: ScoreContext, per_caption: int = PER_CAPTION, pool:
     decode = has_capability(target, "decode")
     space_name = "pixels" if decode else "latents"
 
+    kept: Dict[str, NearestGenerated] = {}
+
     def compute() -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
         real = ctx.images.float() if decode else ctx.latents
         if real.ndim != 4:
@@ -118,6 +155,8 @@ def generated_distances(ctx: ScoreContext, per_caption: int = PER_CAPTION, pool:
             groups.setdefault(c, []).append(i)
         n_gen = per_caption if ctx.captions is not None else pool
         out = {k: (np.zeros(ctx.n), np.zeros(ctx.n)) for k in spaces}
+        mse = np.zeros(ctx.n)
+        nearest: Optional[torch.Tensor] = None
         bar = ctx.bar(len(groups) * 2, "generation")
         for cap, idx in groups.items():
             g = torch.Generator().manual_seed(_group_seed(cap, ctx.config.seed))
@@ -131,12 +170,31 @@ def generated_distances(ctx: ScoreContext, per_caption: int = PER_CAPTION, pool:
                 for k, f in spaces.items():
                     d = torch.cdist(real_f[k][idx].double(), f(gen).double())  # (len(idx), n_gen)
                     out[k][j][idx] = d.min(1).values.numpy()
+                    if adapter and k == "pixels":  # the nearest LoRA sample, kept for the exposure view
+                        near = gen[d.argmin(1)]
+                        near = thumbnail(near) if decode else near.float().cpu()
+                        if nearest is None:
+                            nearest = torch.zeros((ctx.n, *near.shape[1:]), dtype=near.dtype)
+                        nearest[idx] = near
+                        mse[idx] = d.min(1).values.pow(2).numpy() / real_f[k].shape[1]
                 bar.update(1)
         bar.close()
+        kept["nearest"] = NearestGenerated("pixels" if decode else "latents", mse, thumbnail(ctx.images), nearest,
+                                           n_gen)
         ctx.passes["generation"] = ctx.passes.get("generation", 0) + 2 * len(groups) * n_gen * steps
         return {(space_name if k == "pixels" else k): v for k, v in out.items()}
 
-    return ctx.cached(f"generation:{per_caption}:{pool}:{steps}", compute)
+    # views=False: the generated samples do not depend on the mirrored view, and the distances are kept as one
+    # set (with flip_average the per-view dicts were not averageable)
+    out = ctx.cached(f"generation:{per_caption}:{pool}:{steps}", compute, views=False)
+    if kept:  # computed just now; the first settings computed are the ones kept
+        ctx.cached(NEAREST_KEY, lambda: kept["nearest"], views=False)
+    return out
+
+
+def kept_nearest(ctx: ScoreContext) -> Optional[NearestGenerated]:
+    """The :class:`NearestGenerated` the generation attack kept in ``ctx``, or ``None`` when it did not run."""
+    return ctx.cached(NEAREST_KEY, lambda: None, views=False) if ctx.is_cached(NEAREST_KEY) else None
 
 
 class GenerationAttack(Attack):
@@ -160,5 +218,5 @@ class GenerationAttack(Attack):
         return {"uncalibrated_lora_distance": {space: -d_lora for space, (d_lora, _) in d.items()}}
 
 
-__all__ = ["GenerationAttack", "RandomConvFeatures", "dct_descriptor", "dct_matrix", "ddim_sample",
-           "generated_distances"]
+__all__ = ["GenerationAttack", "NearestGenerated", "RandomConvFeatures", "dct_descriptor", "dct_matrix", "ddim_sample",
+           "generated_distances", "kept_nearest", "thumbnail"]

@@ -6,12 +6,16 @@ and ``Lbar_t`` the target's mean of it over the population samples (so a typical
 ``Pr`` near ``e^-1`` and every timestep weighs the same; ``Lbar`` plays the temperature).
 ``Pr(x)`` averages ``Pr(x | theta_r)`` over the references: all of them (online), or, offline,
 the paper's linear approximation from the OUT references ``((1 + a) Pr_out(x) + 1 - a) / 2``.
-The population samples ``z`` are the calibration non-members; the score of ``x`` is the fraction
-of ``z`` (other than ``x``) with ``LR(x) / LR(z) > gamma``, ``LR = Pr(. | theta) / Pr(.)``.
-``gamma`` (and ``a`` offline) are chosen on the calibration split. The score takes only
-``len(population) + 1`` values, so against a strong leak members tie at the top and the TPR at a low
-FPR can be 0 while the AUC is high (docs/audit.md); read TPR at low FPR from the report's upper
-envelope.
+The population samples ``z`` are the calibration non-members. The paper's score of ``x`` is the
+fraction of ``z`` (other than ``x``) with ``LR(x) / LR(z) > gamma``, ``LR = Pr(. | theta) / Pr(.)``; it
+takes only ``len(population) + 1`` values, so against a strong leak members tie at the top with a few
+non-members and the TPR at a low FPR cannot be resolved (0% at AUC 0.96 on the emoji frontier). The
+score used here refines it without changing it: within each step ``k / n`` the sample's position
+between the two population thresholds around its ``log LR(x)`` (linear; past the largest or below the
+smallest threshold a bounded rational tail, ``d / (d + s)``, with ``s`` the population's spread of
+``log LR``). A sample whose paper score is ``k / n`` scores in ``[k / n, (k + 1) / n]``, and for samples
+outside the population (every evaluation sample) the score is continuous and strictly increasing in
+``LR(x)``. ``gamma`` (and ``a`` offline) are chosen on the calibration split.
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ def rmia_probabilities(grid: np.ndarray, ref_grids: np.ndarray,
 
 
 def rmia_scores(pr_target: np.ndarray, pr_refs: np.ndarray, inside: np.ndarray, population: np.ndarray,
-                gamma: float, a: Optional[float] = None) -> np.ndarray:
+                gamma: float, a: Optional[float] = None, *, continuous: bool = True) -> np.ndarray:
     """RMIA scores ``(N,)``: fraction of population ``z != x`` with ``LR(x) / LR(z) > gamma``.
 
     ``a=None``: online ``Pr(x)`` (mean over all references); otherwise offline with parameter ``a``.
+    ``continuous=False``: the paper's fraction (``len(population) + 1`` values, ties at the top);
+    ``True`` (the attack's): the fraction plus the sample's position within its step (module docstring),
+    which breaks the ties: a sample whose fraction is ``k / n`` scores in ``[k / n, (k + 1) / n]``.
     """
     if a is None:
         px = pr_refs.mean(0)
@@ -50,12 +57,35 @@ def rmia_scores(pr_target: np.ndarray, pr_refs: np.ndarray, inside: np.ndarray, 
             raise AuditError("offline RMIA needs at least one OUT reference for every sample.")
         p_out = (pr_refs * out).sum(0) / out.sum(0)
         px = 0.5 * ((1 + a) * p_out + (1 - a))
-    lr = pr_target / np.maximum(px, 1e-300)
-    hits = lr[:, None] > gamma * lr[None, population] * (1 + 1e-9)  # (N, P); rounding is no evidence
-    self_hit = population[None, :] == np.arange(lr.size)[:, None]
-    hits &= ~self_hit
-    denom = population.size - self_hit.sum(1)
-    return hits.sum(1) / np.maximum(denom, 1)
+    ell = np.log(np.maximum(pr_target, 1e-300)) - np.log(np.maximum(px, 1e-300))  # log LR(x)
+    thr = ell[population] + np.log(gamma) + np.log1p(1e-9)  # (P,) LR(x) must beat gamma LR(z); rounding is no evidence
+    other = population[None, :] != np.arange(ell.size)[:, None]  # (N, P): z != x
+    above = (ell[:, None] > thr[None, :]) & other
+    count = above.sum(1)
+    n = np.maximum(other.sum(1), 1)
+    if not continuous:
+        return count / n
+    return (count + _position(ell, thr, above, other, count, n)) / n
+
+
+def _position(ell: np.ndarray, thr: np.ndarray, above: np.ndarray, other: np.ndarray, count: np.ndarray,
+              n: np.ndarray) -> np.ndarray:
+    """Each sample's position in ``[0, 1]`` between the population thresholds just below and above ``log LR(x)``."""
+    spread = float(np.std(thr)) if thr.size > 1 else 0.0
+    if not np.isfinite(spread) or spread <= 1e-12:
+        spread = max(float(np.std(ell)), 1e-12) if ell.size > 1 else 1.0
+    t = np.broadcast_to(thr[None, :], above.shape)
+    lo = np.where(above, t, -np.inf).max(1)  # the largest threshold x beats (-inf: none)
+    hi = np.where(other & ~above, t, np.inf).min(1)  # the smallest it does not beat (+inf: none)
+    pos = np.zeros(ell.size)
+    mid = (count > 0) & (count < n)
+    pos[mid] = (ell[mid] - lo[mid]) / (hi[mid] - lo[mid])
+    top = (count >= n) & np.isfinite(lo)
+    d = ell[top] - lo[top]
+    pos[top] = d / (d + spread)
+    low = (count == 0) & np.isfinite(hi)
+    pos[low] = spread / (spread + hi[low] - ell[low])
+    return np.clip(pos, 0.0, 1.0)
 
 
 class RMIAAttack(Attack):

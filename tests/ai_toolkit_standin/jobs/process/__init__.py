@@ -1,0 +1,1 @@
+from jobs.process.BaseSDTrainProcess import BaseSDTrainProcess  # noqa: F401
