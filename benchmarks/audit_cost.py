@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-from ._common import header, write_section
+from ._common import header, status_kib, write_section
 from .dp_cost import LORA_RANK, LORA_TARGETS, build_unet, sd15_scheduler, unet_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,14 +242,6 @@ def phase_count(args) -> Dict[str, Any]:
 # timing passes at SD1.5 size
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measured(fn: Callable[[], Any]) -> Tuple[float, float]:
     """``(seconds, peak resident MiB)`` of ``fn()``, the high-water mark reset just before."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -257,7 +249,7 @@ def measured(fn: Callable[[], Any]) -> Tuple[float, float]:
     t0 = time.perf_counter()
     fn()
     s = time.perf_counter() - t0
-    return s, max(_status_kib("VmHWM"), _status_kib("VmRSS")) / 1024
+    return s, max(status_kib("VmHWM"), status_kib("VmRSS")) / 1024
 
 
 def phase_time(args, target: Any, side: int) -> Dict[str, Any]:

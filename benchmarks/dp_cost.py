@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._common import header, write_section
+from ._common import header, status_kib, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "dp_cost"
@@ -228,14 +228,6 @@ def time_variants(bench: Bench, batches: Sequence[int], precisions: Sequence[str
 # memory, one variant per fresh child process
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(quick: bool, latent: int, variant: str, b: int, precision: str, steps: int) -> Dict[str, int]:
     """Peak resident memory (VmHWM) of ``steps`` steps of one variant, the model's build not counted."""
     import gc
@@ -244,11 +236,11 @@ def memory_child(quick: bool, latent: int, variant: str, b: int, precision: str,
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current resident size
         f.write("5")
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     for _ in range(steps):
         bench.step(variant, b, precision)
     # the kernel syncs its per-thread RSS counters lazily, so VmHWM can trail an RSS already read
-    peak = max(_status_kib("VmHWM"), _status_kib("VmRSS"), before)
+    peak = max(status_kib("VmHWM"), status_kib("VmRSS"), before)
     return {"before_kib": before, "peak_kib": peak}
 
 

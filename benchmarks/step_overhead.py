@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from smplora_plugin import PrivacyConfig, PrivacyRegularizer
 
-from ._common import header, write_section
+from ._common import header, status_kib, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,11 +312,11 @@ def memory_child(size_name: str, variant: str, steps: int) -> dict:
 
     gc.collect()
     _reset_peak_rss()
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     for _ in range(steps):
         runner.step()
     # the kernel syncs its per-thread RSS counters lazily, so VmHWM can trail an RSS already read
-    peak = max(_status_kib("VmHWM"), _status_kib("VmRSS"), before)
+    peak = max(status_kib("VmHWM"), status_kib("VmRSS"), before)
     return {"before_kib": before, "peak_kib": peak}
 
 
@@ -324,14 +324,6 @@ def _reset_peak_rss() -> None:
     """Reset the kernel's resident high-water mark (VmHWM) so construction peaks don't count."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure_memory(size_name: str, steps: int, variants=VARIANTS, threads: int = 0) -> dict:
