@@ -50,6 +50,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
+from smplora_plugin.audit.attacks import FAST_ATTACKS
+from smplora_plugin.audit.references import REFERENCE_ATTACKS  # need reference LoRAs: not in the default suite
+
 from ._common import header, status_kib, write_section
 from .dp_cost import LORA_RANK, LORA_TARGETS, build_unet, sd15_scheduler, unet_config
 
@@ -59,10 +62,8 @@ SECTION = "audit_cost"
 PHASES = ("count", "time", "validate", "report")
 KINDS = ("unet_nograd", "unet_grad", "encode", "decode")
 CONTEXT, VERDICT = "context (encode)", "verdict + report"
-REFERENCE_ATTACKS = ("lira_online", "lira_offline", "rmia")  # need reference LoRAs: not in the default suite
-#: the proposed ``--fast`` subset: the default suite without GSA and the generation attack
-FAST = ("loss", "loss_calibrated", "loss_best_t", "sima", "secmi", "pia", "clid", "clid_vec", "mlp", "logreg",
-        "gboost", "blind", "quantile")
+#: ``smplora audit --fast``'s suite (the default suite without GSA and the generation attack)
+FAST = FAST_ATTACKS
 
 #: Stable Diffusion 1.5's VAE (``vae/config.json``) and CLIP ViT-L/14 text encoder (``text_encoder/config.json``)
 SD15_VAE: Dict[str, Any] = dict(
@@ -452,7 +453,7 @@ def report(args, this_run: Dict[str, Dict[str, Any]]) -> str:
             f"decode {pr['decode']:.2f} s per image. **Seconds per sample and hours are an extrapolation: counted "
             "passes x measured seconds per row.** The sklearn fits, bootstrap and permutations (no model) are "
             "not in it; the validation below measures them.\n", cost_table(count, timing, args.extrapolate),
-            "\nThe proposed `--fast` subset (counted by an audit of the subset alone, same samples):\n",
+            "\n`smplora audit --fast` (FAST_ATTACKS; counted by an audit of the subset alone, same samples):\n",
             fast_table(count, timing, args.extrapolate), "\nSeconds per operation at SD1.5 size:\n",
             timing_table(timing)]
     if val is not None:

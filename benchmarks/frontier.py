@@ -82,6 +82,10 @@ HERE = Path(__file__).resolve().parent
 #: Bump when a change to this harness or to the code it calls changes what a cached result would be.
 #: 2: RMIA's score breaks the ties of the paper's fraction (issue 27), so cached audit scores are stale.
 FRONTIER_VERSION = 2
+#: Bump when a change to the audit (not to training) changes what a cached audit would be: it keys the audits only,
+#: so the trained LoRAs and references are kept. 1: RMIA's audited samples meet P - 1 population samples, as the
+#: calibration non-members do (the tie-break had ranked the latter higher under no signal; issue 27).
+AUDIT_VERSION = 1
 ROWS_JSONL = HERE / "frontier_rows.jsonl"
 PNG = HERE / "frontier.png"
 DEFENSE_NONMEMBERS = 64
@@ -239,7 +243,7 @@ def lora_settings(rc: Recipe, spec: Mapping[str, Any], run: int, *, reference: O
 def audit_settings(rc: Recipe, spec: Mapping[str, Any], run: int) -> Dict[str, Any]:
     """Everything that determines one run's audit scores and utility."""
     refs = [settings_key(lora_settings(rc, {"kind": "plain"}, 0, reference=r)) for r in range(rc.references)]
-    d = {"lora": settings_key(lora_settings(rc, spec, run)), "audit": dict(rc.audit),
+    d = {"lora": settings_key(lora_settings(rc, spec, run)), "audit": dict(rc.audit), "audit_version": AUDIT_VERSION,
          "attacks": None if rc.attacks is None else list(rc.attacks), "references": refs,
          "per_label": rc.per_label, "sample_steps": rc.sample_steps}
     if rc.audited < rc.members:  # only where the cap binds, so the keys of smaller points stay what they were

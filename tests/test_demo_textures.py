@@ -78,11 +78,13 @@ def test_shipped_assets_load_for_each_dataset(name):
 
 
 @pytest.mark.slow
-def test_quick_demo_on_textures(tmp_path):
-    from smplora_plugin.cli import main
+def test_demo_pipeline_on_textures(tmp_path):
+    from smplora_plugin.demo.pipeline import run_demo
 
-    rc = main(["demo", "--quick", "--dataset", "textures", "--out", str(tmp_path), "--no-progress", "--steps", "120"])
-    assert rc == 0
+    # the data set's path through the demo (tests/test_demo_cli.py runs every attack and column on digits)
+    cfg = DemoConfig.quick(dataset="textures", steps=120, variants=("plain", "smp-robust"),
+                           attacks=("loss", "loss_calibrated", "quantile"))
+    run_demo(cfg, tmp_path, progress=False, log=lambda *a: None)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["dataset"] == "textures" and summary["base"].startswith("shipped weights")
     assert "(textures)" in (tmp_path / "summary.md").read_text()

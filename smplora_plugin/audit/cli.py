@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from smplora_plugin._io import IMAGE_EXTENSIONS
 
@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (the files it gets are listed below)")
     p.add_argument("--attacks", default=None, help="comma-separated attack names (default: the whole suite; "
                    "see --list-attacks)")
+    p.add_argument("--fast", action="store_true",
+                   help="the fast suite: every default attack except GSA and the generation attack (the two "
+                        "costliest at SD1.5 size; exposure.png then has no generated samples), plus LiRA / RMIA "
+                        "with references")
     p.add_argument("--calibration-fraction", type=float, default=0.5,
                    help="share of each side used for attack training / calibration (default 0.5)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
@@ -102,18 +106,28 @@ def add_reference_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def list_attacks() -> str:
-    from .attacks import DEFAULT_ATTACKS, available_attacks
+    from .attacks import DEFAULT_ATTACKS, FAST_ATTACKS, available_attacks
     from .references import REFERENCE_ATTACKS
 
     reg = available_attacks()
-    tag = lambda n: "" if n in DEFAULT_ATTACKS else "  (needs --reference)" if n in REFERENCE_ATTACKS else "  (plugin)"  # noqa: E731
+    tag = lambda n: ("" if n in FAST_ATTACKS else "  (not in --fast)") if n in DEFAULT_ATTACKS else \
+        "  (needs --reference)" if n in REFERENCE_ATTACKS else "  (plugin)"  # noqa: E731
     return "\n".join(f"{n:16s} {reg[n].title or ''}{tag(n)}" for n in reg)
+
+
+def _attacks(args: argparse.Namespace) -> Union[None, str, List[str]]:
+    """``run_audit``'s ``attacks`` from ``--attacks`` / ``--fast``: a list, the suite ``"fast"`` or ``None``."""
+    if args.fast:
+        return "fast"
+    return None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
     """Body of ``smplora audit``; raises :class:`AuditError` on bad input."""
     from .protocol import run_audit
 
+    if args.fast and args.attacks:
+        raise AuditError("--fast is a suite of attacks and --attacks a list: give one of them.")
     if args.permutations < 1000:
         raise AuditError(f"--permutations {args.permutations}: use at least 1000.")
     if args.threads is not None and args.threads < 1:
@@ -162,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     references = reference_models(ref_specs, args, size, channels)
     kw = dict(config=cfg, out_dir=None if args.baseline else args.out, progress=not args.no_progress,
               num_threads=args.threads, n_permutations=args.permutations,
-              attacks=None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()],
+              attacks=_attacks(args),
               info={"base_model": str(args.base_model), "lora": str(args.lora), "resolution": size,
                     **architecture_info(target)},
               title=f"Membership-inference audit of {Path(args.lora).name}", references=references,
@@ -246,7 +260,7 @@ def _run_pooled(args: argparse.Namespace) -> int:
                    n_permutations=args.permutations)
     report = run_audit_pooled(
         runs, out_dir=None if args.baseline else args.out, **pool_kw,
-        attacks=None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()],
+        attacks=_attacks(args),
         title=f"Membership-inference audit pooled over {len(runs)} LoRAs")
     if args.baseline:
         import dataclasses

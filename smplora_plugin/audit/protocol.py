@@ -21,6 +21,7 @@ from ..holdout import split_by_identity
 from . import metrics as M
 from .attacks import Attack, AttackOutput, resolve_attacks
 from .attacks.generation import kept_nearest
+from .attacks.registry import suite_name
 from .config import AuditConfig, as_config
 from .engine import ScoreContext, cpu_settings
 from .exposure import attach_exposure
@@ -48,7 +49,7 @@ def run_audit(
     calibration_members: Optional[SamplesLike] = None,
     calibration_nonmembers: Optional[SamplesLike] = None,
     calibration_fraction: float = 0.5,
-    attacks: Optional[Sequence[Any]] = None,
+    attacks: Union[None, str, Sequence[Any]] = None,
     config: Optional[Union[AuditConfig, Mapping[str, Any]]] = None,
     out_dir: Optional[Union[str, Path]] = None,
     utility: Optional[Mapping[str, Any]] = None,
@@ -68,10 +69,10 @@ def run_audit(
     are each split by identity into a calibration (attack-training) part and an evaluation part
     (``calibration_fraction``, seeded by ``config.seed``). Everything tuned (candidate timestep,
     sign, threshold, MLP checkpoint, classifier) uses the calibration part only; metrics use the
-    evaluation part only. ``attacks``: names, classes or instances (default: the whole suite;
-    CLiD only when captions exist). ``utility``: extra utility fields shown in the report (e.g.
-    ratio to plain LoRA, sample quality). ``manifest_sets``: extra named id lists (e.g. the
-    defense's ``member_defense`` / ``nonmember_defense``) recorded in, and checked for overlap by,
+    evaluation part only. ``attacks``: names, classes or instances, or a suite's name (default: the
+    whole suite; ``"fast"``: :data:`~.attacks.FAST_ATTACKS`; CLiD only when captions exist).
+    ``utility``: extra utility fields shown in the report (e.g. ratio to plain LoRA, sample quality).
+    ``manifest_sets``: extra named id lists (e.g. the defense's ``member_defense`` / ``nonmember_defense``) recorded in, and checked for overlap by,
     the manifest. ``info``: free-form run facts (steps per image, model, ...) for the report.
     With ``out_dir``, writes ``report.json``, ``report.md``, ``roc.png``, ``per_timestep_auc.png``
     and ``manifest.json``. ``num_threads``: torch CPU threads during the audit (restored
@@ -153,7 +154,8 @@ def _plan(target: Any, members: SamplesLike, nonmembers: SamplesLike, *,
     parts = _splits(members, nonmembers, calibration_members, calibration_nonmembers, calibration_fraction, cfg.seed)
     has_caps = all(p.captions is not None for p in parts.values())
     skipped: Dict[str, str] = {}
-    chosen = resolve_attacks(list(attacks) if attacks is not None else None, has_caps, load_plugins,
+    suite = suite_name(attacks)
+    chosen = resolve_attacks(suite if suite is not None else list(attacks), has_caps, load_plugins,
                              target=target, skipped=skipped)
     sets = _manifest_sets(parts, manifest_sets)
     warnings = check_pixel_overlap(parts, cfg.near_duplicate_mse)
@@ -163,7 +165,7 @@ def _plan(target: Any, members: SamplesLike, nonmembers: SamplesLike, *,
     if references is not None:  # matched in the order of the score context
         ref_view = match(references, AuditSamples.concat([parts[k] for k in ORDER]))
         check_compatible(ref_view, target, parts["member_calibration"].images)
-    chosen = select_attacks(chosen, attacks is None, ref_view)
+    chosen = select_attacks(chosen, suite is not None, ref_view)
     extra = {"calibration_fraction": calibration_fraction if calibration_members is None else None}
     return _Plan(cfg, vset, threads, parts, has_caps, chosen, skipped, sets, extra, warnings, ref_view)
 

@@ -18,13 +18,22 @@ from .loss import BestTimestepLossAttack, CalibratedLossAttack, LossAttack
 from .mlp import MLPAttack, MLPOptions
 from .pia import PIAAttack, PIAOptions
 from .quantile import QuantileRegressionAttack
-from .registry import BUILTIN_ATTACKS, DEFAULT_ATTACKS, available_attacks, register_attack, resolve_attacks
+from .registry import (
+    BUILTIN_ATTACKS,
+    DEFAULT_ATTACKS,
+    FAST_ATTACKS,
+    SUITES,
+    available_attacks,
+    register_attack,
+    resolve_attacks,
+)
 from .secmi import SecMIAttack, SecMIOptions
 from .sima import SimAAttack, SimAOptions
 from .stacked import GradientBoostingAttack, LogRegAttack, scalar_features
 
 __all__ = [
-    "Attack", "AttackOutput", "BUILTIN_ATTACKS", "DEFAULT_ATTACKS", "BestTimestepLossAttack", "BlindBaseline",
+    "Attack", "AttackOutput", "BUILTIN_ATTACKS", "DEFAULT_ATTACKS", "FAST_ATTACKS", "SUITES",
+    "BestTimestepLossAttack", "BlindBaseline",
     "CLiDAttack", "CLiDVecAttack", "CalibratedLossAttack", "GradientBoostingAttack", "LogRegAttack", "LossAttack",
     "MLPAttack",
     "PIAAttack", "SecMIAttack", "SimAAttack", "available_attacks", "register_attack",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 from ..target import AuditError, missing_capabilities
 from .base import Attack
@@ -30,6 +30,26 @@ _EXTRA: Dict[str, Type[Attack]] = {}
 
 DEFAULT_ATTACKS = ("loss", "loss_calibrated", "loss_best_t", "sima", "secmi", "pia", "clid", "clid_vec", "mlp",
                    "logreg", "gboost", "blind", "quantile", "gsa", "generation")
+#: ``smplora audit --fast`` (``attacks="fast"``): the default suite without its two costliest attacks, GSA (a
+#: backward pass per sample) and the generation attack (DDIM sampling per distinct caption); it keeps every
+#: attack that headed a frontier row (benchmarks/RESULTS.md, "Audit cost"). Without the generation attack,
+#: ``exposure.png`` has no nearest generated sample.
+FAST_ATTACKS = tuple(a for a in DEFAULT_ATTACKS if a not in ("gsa", "generation"))
+#: suites by name: what ``attacks="default"`` / ``"fast"`` stand for (reference attacks are added to either
+#: when the audit has reference models, as to the default suite)
+SUITES: Dict[str, Tuple[str, ...]] = {"default": DEFAULT_ATTACKS, "fast": FAST_ATTACKS}
+
+
+def suite_name(attacks: Any) -> Optional[str]:
+    """``"default"`` for ``None``, the name for a suite name, ``None`` for an explicit list of attacks."""
+    if attacks is None:
+        return "default"
+    if isinstance(attacks, str):
+        if attacks not in SUITES:
+            raise AuditError(f"attacks={attacks!r}: a suite name is one of {sorted(SUITES)}; pass a list for "
+                             "named attacks.")
+        return attacks
+    return None
 
 
 def register_attack(name: str, cls: Type[Attack]) -> None:
@@ -60,15 +80,19 @@ def available_attacks(load_plugins: bool = True, plugins: Optional[List[object]]
 
 def resolve_attacks(attacks: Optional[List[Any]], has_captions: bool, load_plugins: bool = True, *,
                     target: Any = None, skipped: Optional[Dict[str, str]] = None) -> List[Attack]:
-    """Turn names / classes / instances into attack instances; ``None`` = the default suite.
+    """Turn names / classes / instances into attack instances; ``None`` = the default suite, a name of
+    :data:`SUITES` (``"fast"``) that suite (its attacks skipped, not refused, where they cannot run).
 
     With ``target``, an attack whose ``requires`` lists a capability the target lacks (see
     :data:`~smplora_plugin.audit.target.CAPABILITIES`) is left out of the default suite, with the
     reason in ``skipped``, and raises :class:`AuditError` when asked for explicitly.
     """
+    suite = suite_name(attacks)
+    if suite is not None:
+        attacks = None
     registry = available_attacks(load_plugins) if attacks is None or any(isinstance(a, str) for a in attacks) \
         else dict(BUILTIN_ATTACKS)
-    chosen = list(DEFAULT_ATTACKS) + sorted(_EXTRA) if attacks is None else list(attacks)
+    chosen = list(SUITES[suite]) + sorted(_EXTRA) if suite is not None else list(attacks)
     out: List[Attack] = []
     for a in chosen:
         if isinstance(a, str):

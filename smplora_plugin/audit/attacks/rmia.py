@@ -13,9 +13,11 @@ non-members and the TPR at a low FPR cannot be resolved (0% at AUC 0.96 on the e
 score used here refines it without changing it: within each step ``k / n`` the sample's position
 between the two population thresholds around its ``log LR(x)`` (linear; past the largest or below the
 smallest threshold a bounded rational tail, ``d / (d + s)``, with ``s`` the population's spread of
-``log LR``). A sample whose paper score is ``k / n`` scores in ``[k / n, (k + 1) / n]``, and for samples
-outside the population (every evaluation sample) the score is continuous and strictly increasing in
-``LR(x)``. ``gamma`` (and ``a`` offline) are chosen on the calibration split.
+``log LR``). A population sample meets the other ``P - 1``; a sample outside the population (every audited
+one but the calibration non-members) scores the mean over ``z`` of its refined score against the population
+less ``z``, so that both meet ``P - 1`` and read alike under no signal. A sample whose paper score is
+``k / n`` scores in ``[k / n, k / n + 1 / (P - 1)]``, and outside the population the score is continuous and
+strictly increasing in ``LR(x)``. ``gamma`` (and ``a`` offline) are chosen on the calibration split.
 """
 
 from __future__ import annotations
@@ -65,19 +67,27 @@ def rmia_scores(pr_target: np.ndarray, pr_refs: np.ndarray, inside: np.ndarray, 
     n = np.maximum(other.sum(1), 1)
     if not continuous:
         return count / n
-    return (count + _position(ell, thr, above, other, count, n)) / n
-
-
-def _position(ell: np.ndarray, thr: np.ndarray, above: np.ndarray, other: np.ndarray, count: np.ndarray,
-              n: np.ndarray) -> np.ndarray:
-    """Each sample's position in ``[0, 1]`` between the population thresholds just below and above ``log LR(x)``."""
     spread = float(np.std(thr)) if thr.size > 1 else 0.0
     if not np.isfinite(spread) or spread <= 1e-12:
         spread = max(float(np.std(ell)), 1e-12) if ell.size > 1 else 1.0
     t = np.broadcast_to(thr[None, :], above.shape)
-    lo = np.where(above, t, -np.inf).max(1)  # the largest threshold x beats (-inf: none)
-    hi = np.where(other & ~above, t, np.inf).min(1)  # the smallest it does not beat (+inf: none)
-    pos = np.zeros(ell.size)
+    lo = np.where(above, t, -np.inf)  # (N, P): the thresholds x beats
+    hi = np.where(other & ~above, t, np.inf)  # the ones it does not beat
+    score = (count + _position(ell, lo.max(1), hi.min(1), count, n, spread)) / n
+    outside = other.all(1)  # samples that are not in the population: every audited one but the calibration non-members
+    if population.size > 1 and outside.any():
+        score[outside] = _leave_one_out(ell[outside], lo[outside], hi[outside], count[outside], population.size,
+                                        spread)
+    return score
+
+
+def _position(ell: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.ndarray, n: np.ndarray,
+              spread: float) -> np.ndarray:
+    """Each sample's position in ``[0, 1]`` between the population thresholds just below (``lo``, ``-inf``: none) and
+    just above (``hi``, ``+inf``: none) its ``log LR(x)``; ``count`` thresholds beaten of ``n`` (any shapes that
+    broadcast)."""
+    ell, lo, hi, count, n = np.broadcast_arrays(ell, lo, hi, count, n)
+    pos = np.zeros(ell.shape)
     mid = (count > 0) & (count < n)
     pos[mid] = (ell[mid] - lo[mid]) / (hi[mid] - lo[mid])
     top = (count >= n) & np.isfinite(lo)
@@ -86,6 +96,33 @@ def _position(ell: np.ndarray, thr: np.ndarray, above: np.ndarray, other: np.nda
     low = (count == 0) & np.isfinite(hi)
     pos[low] = spread / (spread + hi[low] - ell[low])
     return np.clip(pos, 0.0, 1.0)
+
+
+def _leave_one_out(ell: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.ndarray, n_pop: int,
+                   spread: float) -> np.ndarray:
+    """The scores of samples outside the population ``(M,)``, each the mean over the population of its score against
+    the population less one sample (``lo`` / ``hi``: ``(M, P)``, its beaten / unbeaten thresholds).
+
+    A calibration non-member is scored against the other ``P - 1`` population samples; scored against all ``P``,
+    an audited sample's ``1 / n`` steps were finer, and where the log-LR spread is small beside ``log gamma`` (no
+    sample beats any threshold, only the position counts) the calibration non-members outscored the calibration
+    members under no signal at all: a calibration AUC near 0, read as 1 after the sign flip. Against ``P - 1``
+    each, both sides score alike; the mean over the left-out sample keeps the score strictly increasing in
+    ``LR(x)`` (a mean of increasing functions)."""
+    beats = np.isfinite(lo)  # (M, P)
+    count_z = count[:, None] - beats  # (M, P): thresholds beaten without z
+    m = np.arange(ell.size)[:, None]
+
+    def without(a: np.ndarray, largest: bool) -> np.ndarray:
+        # the extreme of each row without column z: the row's extreme, or its runner-up in the extreme's column
+        order = np.argsort(a, axis=1)
+        first, second = (order[:, -1], order[:, -2]) if largest else (order[:, 0], order[:, 1])
+        out = np.broadcast_to(a[m[:, 0], first][:, None], a.shape).copy()
+        out[m[:, 0], first] = a[m[:, 0], second]
+        return out
+
+    pos = _position(ell[:, None], without(lo, True), without(hi, False), count_z, n_pop - 1, spread)
+    return ((count_z + pos) / (n_pop - 1)).mean(1)
 
 
 class RMIAAttack(Attack):
