@@ -1234,6 +1234,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pp.add_argument("--out-rows", default=str(ROWS_JSONL))
     pp.add_argument("--png", default=str(PNG))
     pp.add_argument("--write", action="store_true", help="write RESULTS.md's section, the PNG and the rows jsonl")
+    pp.add_argument("--section", default="frontier_v2",
+                    help="RESULTS.md section --write replaces (another name: a section of its own, e.g. for the "
+                         "canary recipe, so that the tables of runs not in this cache stay)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.cmd == "run" and args.jobs < 1:
@@ -1289,7 +1292,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plot(points, Path(args.png))
             figure = f"\n![frontier]({Path(args.png).name})\n"
         cmd_note = "run: `python -m benchmarks.frontier run --dataset D --members M --rows ... --runs 8 --jobs 2`"
-        write_section("frontier_v2", "## Privacy-utility frontier, audit v2 (issue 11)\n\n" + header() +
+        title = ("Privacy-utility frontier, audit v2 (issue 11)" if args.section == "frontier_v2" else
+                 f"Privacy-utility frontier: {args.section} (issue 23)")
+        write_section(args.section, f"## {title}\n\n" + header() +
                       f"- {cmd_note}; the cache is outside the repository\n" + text + figure)
     return 0
 
