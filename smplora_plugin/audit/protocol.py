@@ -72,8 +72,9 @@ def run_audit(
     evaluation part only. ``attacks``: names, classes or instances, or a suite's name (default: the
     whole suite; ``"fast"``: :data:`~.attacks.FAST_ATTACKS`; CLiD only when captions exist).
     ``utility``: extra utility fields shown in the report (e.g. ratio to plain LoRA, sample quality).
-    ``manifest_sets``: extra named id lists (e.g. the defense's ``member_defense`` / ``nonmember_defense``) recorded in, and checked for overlap by,
-    the manifest. ``info``: free-form run facts (steps per image, model, ...) for the report.
+    ``manifest_sets``: extra named id lists (e.g. the defense's ``member_defense`` /
+    ``nonmember_defense``) recorded in, and checked for overlap by, the manifest. ``info``: free-form
+    run facts (steps per image, model, ...) for the report.
     With ``out_dir``, writes ``report.json``, ``report.md``, ``roc.png``, ``per_timestep_auc.png``
     and ``manifest.json``. ``num_threads``: torch CPU threads during the audit (restored
     afterwards); ``None`` means 1, which is fastest on a busy machine, where spinning OpenMP threads
