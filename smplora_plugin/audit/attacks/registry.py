@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 from ..target import AuditError, missing_capabilities
 from .base import Attack
@@ -78,7 +78,7 @@ def available_attacks(load_plugins: bool = True, plugins: Optional[List[object]]
     return {**BUILTIN_ATTACKS, **_EXTRA}
 
 
-def resolve_attacks(attacks: Optional[List[Any]], has_captions: bool, load_plugins: bool = True, *,
+def resolve_attacks(attacks: Union[None, str, List[Any]], has_captions: bool, load_plugins: bool = True, *,
                     target: Any = None, skipped: Optional[Dict[str, str]] = None) -> List[Attack]:
     """Turn names / classes / instances into attack instances; ``None`` = the default suite, a name of
     :data:`SUITES` (``"fast"``) that suite (its attacks skipped, not refused, where they cannot run).
