@@ -31,7 +31,8 @@ Design (per data set and member count ``M``):
 - **Kinds.** ``untouched``, ``plain``, ``smp`` / ``mp`` / ``robust`` (the demo's ``train_lora`` with a
   regulariser), ``dpsgd`` (Opacus per-sample gradients: sigma ``noise``, clip ``clip``, noise multiplicity
   ``noise_mult``, ``flip``), ``smp_dp`` (the ``robust`` preset under the core's DP-SGD, ``DPTraining`` with
-  ``reg.step_per_sample``), ``floor``; every DP row records its epsilon (delta 1e-5, RDP).
+  ``reg.step_per_sample``), ``floor``, ``distill`` (issue 23: a student LoRA trained against teacher LoRAs'
+  predictions, :func:`train_distilled`); every DP row records its epsilon (delta 1e-5, RDP).
 - **Utility.** The data set's classifier on generated samples (accuracy; for textures the share of
   samples of the captioned class), Fréchet distance in its feature space, held-out denoising loss.
   The style / concept **gain kept** is ``(acc - acc_untouched) / (acc_plain - acc_untouched)``.
@@ -148,9 +149,17 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "robust flip dp s0.1 c0.2": ("smp + dp", {"kind": "smp_dp", "noise": 0.1, "clip": 0.2, "flip": True}),
     "robust whole-batch dp s0.3 c0.05": ("smp + dp", {"kind": "smp_dp", "noise": 0.3, "clip": 0.05,
                                                       "privacy_fraction": 1.0}),
+    # issue 23: disjoint-shard distillation (benchmarks/distill.py): S plain teachers on disjoint shards of the
+    # members (exact copies share a shard), the student trained on every member against the mean prediction of
+    # the teachers that never saw it
+    "distill s2": ("distill", {"kind": "distill", "shards": 2}),
+    # the student never sees a member: one plain teacher on all members, the student trained on the defense's
+    # held-out images (the set SMP-LoRA's proxy uses) against the teacher's predictions at their noisy inputs
+    "distill holdout": ("distill", {"kind": "distill", "inputs": "holdout"}),
 }
-FAMILY_ORDER = ("untouched", "plain", "smp paper", "robust", "mp", "dp-sgd", "loss floor", "clipping", "smp + dp")
-KINDS = ("untouched", "plain", "smp", "robust", "mp", "dpsgd", "floor", "smp_dp")
+FAMILY_ORDER = ("untouched", "plain", "smp paper", "robust", "mp", "dp-sgd", "loss floor", "clipping", "smp + dp",
+                "distill")
+KINDS = ("untouched", "plain", "smp", "robust", "mp", "dpsgd", "floor", "smp_dp", "distill")
 #: issue 23's most exposed members, cycled over a run's canaries: the image twice in the training set, the image
 #: colour-inverted or rotated by 90 degrees (out of distribution, with its own caption), the image with another
 #: image's caption
@@ -488,7 +497,7 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
     grid = _grid(cfg, spec)
     spec.pop("grid", None)
     flip = bool(spec.pop("flip", False))
-    if flip and kind not in ("plain", "smp", "mp", "robust", "dpsgd", "smp_dp"):
+    if flip and kind not in ("plain", "smp", "mp", "robust", "dpsgd", "smp_dp", "distill"):
         raise ConfigError(f"flip augmentation is not wired for row kind {kind!r}.")
     if "hidden" in spec:
         spec["hidden"] = tuple(spec["hidden"])
@@ -514,6 +523,9 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
                                  plugins=plugins, load_entry_points=False)
         facts["epsilon"], facts["final_loss"] = train_smp_dp(model, members, defense, steps=steps, lr=rc.lora_lr,
                                                              bs=rc.batch_size, seed=seed, reg=reg, flip=flip, **dp)
+    elif kind == "distill":
+        facts["final_loss"] = train_distilled(model, members, defense, rc=rc, cfg=cfg, base_sd=base_sd, seed=seed,
+                                              steps=steps, flip=flip, **spec)
     elif kind == "floor":
         train_floor(model, members, defense, steps=steps, lr=rc.lora_lr, bs=rc.batch_size, seed=seed)
     elif kind != "untouched":
@@ -530,6 +542,43 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
     facts["train_seconds"] = round(time.time() - t0, 1)
     model.requires_grad_(False)
     return model, facts
+
+
+def train_distilled(model, members, defense, *, rc: Recipe, cfg, base_sd, seed: int, steps: int, flip: bool,
+                    shards: int = 2, inputs: str = "members") -> float:
+    """Distillation into ``model``'s LoRA; every LoRA at the row's steps, lr and batch size.
+
+    ``inputs="members"``: ``shards`` plain teachers (seeds ``seed + 10007 s``) on the members dealt by content
+    (:func:`benchmarks.distill.assign_shards`), the student on every member against
+    :class:`~benchmarks.distill.ShardTargets`. ``inputs="holdout"``: one plain teacher on every member, the
+    student on the defense's held-out images against that teacher's predictions (it never sees a member).
+    Returns the student's mean distillation loss over its last 100 steps.
+    """
+    from smplora_plugin.demo.train import train_lora
+
+    from .distill import ShardTargets, assign_shards, content_key
+
+    def teacher(rows, s):
+        t = _new_model(cfg, base_sd, rc.lora_rank, seed + 10_007 * (s + 1))
+        train_lora(t, rows, steps=steps, lr=rc.lora_lr, batch_size=rc.batch_size, seed=seed + 10_007 * (s + 1),
+                   name=f"teacher {s}", progress=False, flip=flip)
+        t.requires_grad_(False)
+        return t.predict
+
+    if inputs == "holdout":
+        if defense is None or len(defense) == 0:
+            raise ConfigError("distillation on held-out inputs needs the defense's non-member images.")
+        only = teacher(members, 0)
+        student_rows, targets = defense, lambda idx, z, t, c: only(z, t, c).detach()
+    elif inputs == "members":
+        shard_of = assign_shards([content_key(x) for x in members.images], shards, seed)
+        teachers = [teacher(members.subset([i for i, x in enumerate(shard_of) if x == s]), s) for s in range(shards)]
+        student_rows, targets = members, ShardTargets(teachers, shard_of)
+    else:
+        raise ConfigError(f"distill inputs must be 'members' or 'holdout', got {inputs!r}.")
+    res = train_lora(model, student_rows, steps=steps, lr=rc.lora_lr, batch_size=rc.batch_size, seed=seed,
+                     name="student", progress=False, flip=flip, targets=targets)
+    return res.summary()["adaptation_loss_last"]
 
 
 def ensure_lora(cache: Cache, rc: Recipe, spec: Mapping[str, Any], run: int, *, reference: Optional[int] = None,

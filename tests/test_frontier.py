@@ -525,3 +525,9 @@ def test_smp_dp_rows_train_with_the_cores_dp_sgd_and_record_epsilon(fr, setup):
         fr.train_one(rc, {"kind": "smp_dp", "clip": 0.05}, members, defense, 0, cfg, sd)
     with pytest.raises(ValueError, match="does not take"):
         fr.train_one(rc, {"kind": "dpsgd", "noise": 1.0, "clip": 0.05, "alpha": 2.0}, members, None, 0, cfg, sd)
+
+
+def test_distill_rows_train_a_student_from_disjoint_teachers(fr):
+    err = _two_rows_differ(fr, "plain", "distill s2", refused={"kind": "distill", "shards": 1})
+    assert "shards must be an integer >= 2" in err
+    assert fr.ROWS["distill s2"][0] == "distill" and "distill" in fr.FAMILY_ORDER

@@ -8,7 +8,7 @@ generator, so plain LoRA and SMP-LoRA see exactly the same member batches, times
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,8 @@ def _base_pred(model: TinyLDM, reg: Any, z_t: torch.Tensor, t: torch.Tensor, con
 
 def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batch_size: int, seed: int,
                reg: Optional[Any] = None, nonmembers: Optional[DigitSet] = None, name: str = "lora",
-               progress: bool = True, flip: bool = False) -> LoRAResult:
+               progress: bool = True, flip: bool = False,
+               targets: Optional[Callable[..., torch.Tensor]] = None) -> LoRAResult:
     """Fine-tune the LoRA already added to ``model`` (``model.add_lora``) on ``members``.
 
     With ``reg`` (a :class:`smplora_plugin.PrivacyRegularizer`), every step also runs a no-grad
@@ -107,6 +108,8 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
     ``reg.nonmember_rows(batch)``. ``flip``: each member is mirrored left-right with probability
     1/2 per draw (kohya's ``--flip_aug``, diffusers' ``--random_flip``); the coins come from their
     own generator, so batches, timesteps and noise are those of the same run without ``flip``.
+    ``targets`` (distillation, e.g. ``benchmarks/distill.py``'s ``ShardTargets``): the loss is taken against
+    ``targets(idx, z_t, t, cond)`` (the batch's member indices and the model's inputs) in place of the noise.
     """
     import time
 
@@ -114,6 +117,8 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
         raise InputError("the model has no LoRA: call model.add_lora(...) first.")
     if reg is not None and nonmembers is None:
         raise HoldoutError("SMP-LoRA needs the defense's non-member set (nonmembers=...).")
+    if reg is not None and targets is not None:
+        raise ConfigError("shard distillation (targets=...) and SMP-LoRA (reg=...) do not combine here; pass one.")
     t_start = time.time()
     g = torch.Generator().manual_seed(seed)             # member batches, t, noise: same with and without reg
     g_nm = torch.Generator().manual_seed(seed + 7919)    # non-member draws of the defense
@@ -140,7 +145,7 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
         t = torch.randint(0, T, (bs,), generator=g)
         z_t = model.add_noise(z0, t, noise)
         pred = model.predict(z_t, t, c_m[idx])
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, noise if targets is None else targets(idx, z_t, t, c_m[idx]))
         res.losses.append(loss.item())
         pb = reg.privacy_rows(bs) if reg is not None else 0
         if reg is not None and pb == 0:
