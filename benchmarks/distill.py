@@ -1,6 +1,6 @@
 """Disjoint-shard distillation (DistillMD, Tran et al., arXiv 2410.16657): a frontier lever of issue 23,
 measured by ``benchmarks/frontier.py`` (rows ``distill ...``) and not moved into the library: its students
-leak (benchmarks/RESULTS.md, section ``frontier_distill``).
+leak (benchmarks/RESULTS.md, section ``frontier_candidates``).
 
 The members are split into ``S`` disjoint shards, one plain teacher LoRA is trained per shard, and the
 LoRA that ships (the student) is trained on every member with the teachers' noise predictions as its
@@ -16,22 +16,22 @@ This is an empirical defense: it carries no epsilon.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, Hashable, List, Sequence
 
 import torch
 
 from smplora_plugin.errors import ConfigError, InputError
+from smplora_plugin.holdout import content_hash
 
 Teacher = Callable[..., torch.Tensor]
 
 
 def content_key(image: torch.Tensor) -> str:
-    """A hash of an image's values (its dtype, shape and bytes): equal images get equal keys."""
+    """:func:`smplora_plugin.holdout.content_hash` of an image's dtype, shape and values: equal images get equal
+    keys."""
     t = image.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
+    values = (t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes()  # numpy has no bfloat16
+    return content_hash(f"{t.dtype}{tuple(t.shape)}".encode() + values)
 
 
 def assign_shards(keys: Sequence[Hashable], shards: int, seed: int) -> List[int]:

@@ -6,9 +6,7 @@ noised at each timestep of ``--timesteps`` with ``--draws`` seeded noise draws, 
 row. A sample's score is its loss under the untouched model less its loss under the row's LoRA, on the
 same draws (the calibrated loss: a raw loss mostly measures how hard an image is); the table gives, per
 timestep, the AUC of that score (members gain more: above 0.5) and its mean gap (members less
-non-members). A distilled student whose teachers' members leak
-through the targets at high noise shows its signal there; one that only overfits its own inputs shows
-it at low noise.
+non-members).
 
   python -m benchmarks.distill_timesteps --runs 0,1 --rows "untouched,plain,distill s2,distill holdout" --write
 """
@@ -17,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -43,20 +41,23 @@ def per_sample_losses(model, images: torch.Tensor, captions: Sequence[str], time
     return out
 
 
+Table = Dict[str, Dict[int, List[float]]]
+
+
 def measure(rc: fr.Recipe, rows: Sequence[str], runs: Sequence[int], timesteps: Sequence[int],
-            draws: int) -> Dict[str, Dict[int, List[float]]]:
+            draws: int) -> Tuple[Table, Table]:
     """``{row: {t: [AUC per run]}}`` and ``{row: {t: [gap per run]}}`` as ``(aucs, gaps)``; the first row must be
     ``untouched`` (the calibration) and is not in them."""
+    if rows[0] != "untouched":
+        raise SystemExit("the first row must be 'untouched': the other rows' losses are calibrated against it.")
     cache = fr.Cache(fr.default_cache())
     setup = fr._setup(rc.dataset)
     pool, _ = fr.audited_pool(rc.dataset, rc.members)
-    aucs: Dict[str, Dict[int, List[float]]] = {r: {t: [] for t in timesteps} for r in rows[1:]}
-    gaps: Dict[str, Dict[int, List[float]]] = {r: {t: [] for t in timesteps} for r in rows[1:]}
-    if rows[0] != "untouched":
-        raise SystemExit("the first row must be 'untouched': the other rows' losses are calibrated against it.")
+    aucs: Table = {r: {t: [] for t in timesteps} for r in rows[1:]}
+    gaps: Table = {r: {t: [] for t in timesteps} for r in rows[1:]}
     for run in runs:
         draw = fr.run_draw(len(pool), rc.members, run)
-        members = [i for i in draw["member"]]
+        members = draw["member"]
         nonmembers = sorted(draw["nonmember_cal"] + draw["nonmember_eval"])
         for row in rows:
             spec = fr.row_spec(row)

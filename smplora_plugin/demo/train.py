@@ -118,7 +118,7 @@ def train_lora(model: TinyLDM, members: DigitSet, *, steps: int, lr: float, batc
     if reg is not None and nonmembers is None:
         raise HoldoutError("SMP-LoRA needs the defense's non-member set (nonmembers=...).")
     if reg is not None and targets is not None:
-        raise ConfigError("shard distillation (targets=...) and SMP-LoRA (reg=...) do not combine here; pass one.")
+        raise ConfigError("distillation targets (targets=...) and SMP-LoRA (reg=...) do not combine here; pass one.")
     t_start = time.time()
     g = torch.Generator().manual_seed(seed)             # member batches, t, noise: same with and without reg
     g_nm = torch.Generator().manual_seed(seed + 7919)    # non-member draws of the defense
