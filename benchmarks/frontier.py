@@ -139,6 +139,7 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "dp-sgd s0.1 flip": ("dp-sgd", {"kind": "dpsgd", "noise": 0.1, "clip": 0.05, "flip": True}),
     "dp-sgd s0.1 K4 flip": ("dp-sgd", {"kind": "dpsgd", "noise": 0.1, "clip": 0.05, "noise_mult": 4, "flip": True}),
     "dp-sgd s0.3 K4 flip": ("dp-sgd", {"kind": "dpsgd", "noise": 0.3, "clip": 0.05, "noise_mult": 4, "flip": True}),
+    "dp-sgd s0.2 K4 flip": ("dp-sgd", {"kind": "dpsgd", "noise": 0.2, "clip": 0.05, "noise_mult": 4, "flip": True}),
     "dp-sgd s0.05 c1 K8 flip": ("dp-sgd", {"kind": "dpsgd", "noise": 0.05, "clip": 1.0, "noise_mult": 8,
                                             "flip": True}),
     # issue 23: SMP-LoRA (robust preset) under per-sample clipping and small noise, trained with the core's DP-SGD
@@ -156,10 +157,17 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     # the student never sees a member: one plain teacher on all members, the student trained on the defense's
     # held-out images (the set SMP-LoRA's proxy uses) against the teacher's predictions at their noisy inputs
     "distill holdout": ("distill", {"kind": "distill", "inputs": "holdout"}),
+    # issue 23: aggregate of shard LoRAs (benchmarks/shard_aggregate.py): S plain LoRAs on disjoint shards dealt
+    # by content hash, the mean of their weight deltas refactored to the LoRA's rank; "dp agg" clips each shard's
+    # deltas to a total norm and noises the mean once (one Gaussian release). The shard LoRAs are cached apart,
+    # so rows that differ only in clip and noise share them
+    "shard avg s4": ("shard aggregate", {"kind": "shard_agg", "shards": 4}),
+    "shard avg s8": ("shard aggregate", {"kind": "shard_agg", "shards": 8}),
+    "shard avg s16": ("shard aggregate", {"kind": "shard_agg", "shards": 16}),
 }
 FAMILY_ORDER = ("untouched", "plain", "smp paper", "robust", "mp", "dp-sgd", "loss floor", "clipping", "smp + dp",
-                "distill")
-KINDS = ("untouched", "plain", "smp", "robust", "mp", "dpsgd", "floor", "smp_dp", "distill")
+                "distill", "shard aggregate")
+KINDS = ("untouched", "plain", "smp", "robust", "mp", "dpsgd", "floor", "smp_dp", "distill", "shard_agg")
 #: issue 23's most exposed members, cycled over a run's canaries: the image twice in the training set, the image
 #: colour-inverted or rotated by 90 degrees (out of distribution, with its own caption), the image with another
 #: image's caption
@@ -478,8 +486,9 @@ def _grid(cfg, spec: Mapping[str, Any]) -> int:
 
 
 def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, cfg,
-              base_sd) -> Tuple[Any, Dict[str, Any]]:
-    """Train one LoRA per ``spec`` on ``members``; returns the model and facts (seconds, epsilon)."""
+              base_sd, *, memo: Optional["ShardMemo"] = None) -> Tuple[Any, Dict[str, Any]]:
+    """Train one LoRA per ``spec`` on ``members``; returns the model and facts (seconds, epsilon). ``memo``: where
+    a ``shard_agg`` row keeps its shard LoRAs (none: they are trained and dropped)."""
     from smplora_plugin import PrivacyConfig, PrivacyRegularizer
     from smplora_plugin.demo.train import train_lora
 
@@ -497,7 +506,7 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
     grid = _grid(cfg, spec)
     spec.pop("grid", None)
     flip = bool(spec.pop("flip", False))
-    if flip and kind not in ("plain", "smp", "mp", "robust", "dpsgd", "smp_dp", "distill"):
+    if flip and kind not in ("plain", "smp", "mp", "robust", "dpsgd", "smp_dp", "distill", "shard_agg"):
         raise ConfigError(f"flip augmentation is not wired for row kind {kind!r}.")
     if "hidden" in spec:
         spec["hidden"] = tuple(spec["hidden"])
@@ -526,6 +535,9 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
     elif kind == "distill":
         facts["final_loss"] = train_distilled(model, members, defense, rc=rc, cfg=cfg, base_sd=base_sd, seed=seed,
                                               steps=steps, flip=flip, **spec)
+    elif kind == "shard_agg":
+        facts.update(train_shard_aggregate(model, members, rc=rc, cfg=cfg, base_sd=base_sd, seed=seed, steps=steps,
+                                           flip=flip, memo=memo, **spec))
     elif kind == "floor":
         train_floor(model, members, defense, steps=steps, lr=rc.lora_lr, bs=rc.batch_size, seed=seed)
     elif kind != "untouched":
@@ -581,6 +593,65 @@ def train_distilled(model, members, defense, *, rc: Recipe, cfg, base_sd, seed: 
     return res.summary()["adaptation_loss_last"]
 
 
+class ShardMemo:
+    """The cache entries (kind ``shard``) of one row run's shard LoRAs, keyed by the run's LoRA settings with the
+    row's spec cut to what the shards depend on (so rows that differ only in how they aggregate share them)."""
+
+    def __init__(self, cache: Cache, settings: Mapping[str, Any]):
+        self.cache, self.settings = cache, dict(settings)
+
+    def key(self, shard_spec: Mapping[str, Any], shard: int) -> str:
+        return settings_key({**self.settings, "spec": dict(shard_spec), "shard": shard})
+
+    def get(self, shard_spec: Mapping[str, Any], shard: int) -> Optional[Dict[str, torch.Tensor]]:
+        key = self.key(shard_spec, shard)
+        return self.cache.read("shard", key)[1] if self.cache.done("shard", key) else None
+
+    def put(self, shard_spec: Mapping[str, Any], shard: int, state: Mapping[str, torch.Tensor],
+            meta: Mapping[str, Any]) -> None:
+        self.cache.write("shard", self.key(shard_spec, shard), dict(meta), state)
+
+
+def shard_lora_spec(shards: int, *, flip: bool, steps: int) -> Dict[str, Any]:
+    """What a ``shard_agg`` row's shard LoRAs depend on (their :class:`ShardMemo` spec)."""
+    return {"kind": "shard", "shards": shards, "assign": "content-hash", "flip": flip, "steps": steps}
+
+
+def train_shard_aggregate(model, members, *, rc: Recipe, cfg, base_sd, seed: int, steps: int, flip: bool,
+                          shards: int, clip: Optional[float] = None, noise: float = 0.0,
+                          memo: Optional[ShardMemo] = None) -> Dict[str, Any]:
+    """Load into ``model``'s LoRA the aggregate of ``shards`` plain LoRAs (:mod:`benchmarks.shard_aggregate`),
+    each trained on its shard (seeds ``seed + 10007 s``) at the row's steps, lr and batch size (at most the shard's
+    size). Returns facts: the epsilon (one Gaussian release; ``None`` without noise), shard sizes and seconds."""
+    from smplora_plugin.demo.train import train_lora
+
+    from .distill import content_key
+    from .shard_aggregate import aggregate, gaussian_epsilon, hash_shards, lora_deltas, to_lora_state
+
+    if noise and clip is None:
+        raise ConfigError("a noised shard aggregate needs a clip (the noise is scaled to it).")
+    shard_of = hash_shards([content_key(x) for x in members.images], shards)
+    shard_spec = shard_lora_spec(shards, flip=flip, steps=steps)
+    deltas, sizes, seconds = [], [], 0.0
+    for s in range(shards):
+        rows = members.subset([i for i, x in enumerate(shard_of) if x == s])
+        sizes.append(len(rows))
+        state = memo.get(shard_spec, s) if memo is not None else None
+        if state is None:
+            t0 = time.time()
+            t = _new_model(cfg, base_sd, rc.lora_rank, seed + 10_007 * (s + 1))
+            train_lora(t, rows, steps=steps, lr=rc.lora_lr, batch_size=rc.batch_size, seed=seed + 10_007 * (s + 1),
+                       name=f"shard {s}", progress=False, flip=flip)
+            state, dt = t.lora_state_dict(), time.time() - t0
+            seconds += dt
+            if memo is not None:
+                memo.put(shard_spec, s, state, {"shard": s, "size": len(rows), "train_seconds": round(dt, 1)})
+        deltas.append(lora_deltas(state))
+    mean, agg = aggregate(deltas, clip=clip, noise=noise, generator=torch.Generator().manual_seed(seed + 77_003))
+    model.load_lora_state_dict(to_lora_state(mean, rc.lora_rank))
+    return {"epsilon": gaussian_epsilon(noise), "shard_sizes": sizes, "shard_train_seconds": round(seconds, 1), **agg}
+
+
 def ensure_lora(cache: Cache, rc: Recipe, spec: Mapping[str, Any], run: int, *, reference: Optional[int] = None,
                 setup=None):
     """The trained LoRA (from the cache, or trained now and cached); returns (model, meta)."""
@@ -598,7 +669,7 @@ def ensure_lora(cache: Cache, rc: Recipe, spec: Mapping[str, Any], run: int, *, 
             model.load_lora_state_dict(state)
         model.requires_grad_(False)
         return model, meta
-    model, facts = train_one(rc, spec, train, defense, seed, cfg, base_sd)
+    model, facts = train_one(rc, spec, train, defense, seed, cfg, base_sd, memo=ShardMemo(cache, settings))
     meta = {"settings": settings, "key": key, "trained_ids": list(train.ids), **facts}
     cache.write("lora", key, meta, model.lora_state_dict())
     return model, meta

@@ -531,3 +531,21 @@ def test_distill_rows_train_a_student_from_disjoint_teachers(fr):
     err = _two_rows_differ(fr, "plain", "distill s2", refused={"kind": "distill", "shards": 1})
     assert "shards must be an integer >= 2" in err
     assert fr.ROWS["distill s2"][0] == "distill" and "distill" in fr.FAMILY_ORDER
+
+
+def test_shard_aggregate_rows_average_shard_loras_and_share_them(fr, tmp_path):
+    err = _two_rows_differ(fr, "plain", "shard avg s4", refused={"kind": "shard_agg", "shards": 4, "noise": 1.0})
+    assert "needs a clip" in err
+    cfg, base, _ = fr._setup("textures")
+    members, _ = fr.audited_pool("textures", 8)
+    rc = fr.Recipe(**{**TINY, "steps": 2})
+    memo = fr.ShardMemo(fr.Cache(tmp_path), {"run": 0})
+    sd = base.base_state_dict()
+    m1, f1 = fr.train_one(rc, {"kind": "shard_agg", "shards": 2}, members, None, 0, cfg, sd, memo=memo)
+    assert sum(f1["shard_sizes"]) == len(members) and f1["epsilon"] is None and f1["shard_train_seconds"] > 0
+    pytest.importorskip("opacus")
+    spec = {"kind": "shard_agg", "shards": 2, "clip": 0.01, "noise": 1.0}
+    m2, f2 = fr.train_one(rc, spec, members, None, 0, cfg, sd, memo=memo)
+    assert f2["shard_train_seconds"] == 0 and f2["noise_std"] == pytest.approx(0.01) and f2["epsilon"] > 0
+    a, b = m1.lora_state_dict(), m2.lora_state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
