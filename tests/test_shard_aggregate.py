@@ -4,8 +4,15 @@ the refactoring to rank and the one-release epsilon."""
 import pytest
 import torch
 
-from benchmarks.shard_aggregate import (aggregate, gaussian_epsilon, hash_shards, lora_deltas, refactor,
-                                        to_lora_state, total_norm)
+from benchmarks.shard_aggregate import (
+    aggregate,
+    gaussian_epsilon,
+    hash_shards,
+    lora_deltas,
+    refactor,
+    to_lora_state,
+    total_norm,
+)
 from smplora_plugin.errors import ConfigError, InputError
 
 
