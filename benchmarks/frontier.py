@@ -158,9 +158,9 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     # held-out images (the set SMP-LoRA's proxy uses) against the teacher's predictions at their noisy inputs
     "distill holdout": ("distill", {"kind": "distill", "inputs": "holdout"}),
     # issue 23: aggregate of shard LoRAs (benchmarks/shard_aggregate.py): S plain LoRAs on disjoint shards dealt
-    # by content hash, the mean of their weight deltas refactored to the LoRA's rank; "dp agg" clips each shard's
-    # deltas to a total norm and noises the mean once (one Gaussian release). The shard LoRAs are cached apart,
-    # so rows that differ only in clip and noise share them
+    # by content hash, the mean of their weight deltas refactored to the LoRA's rank (a spec with clip and noise
+    # clips each shard's deltas and noises the mean once; `python -m benchmarks.shard_aggregate` measures what that
+    # noise does). The shard LoRAs are cached apart, so specs that differ only in clip and noise share them
     "shard avg s4": ("shard aggregate", {"kind": "shard_agg", "shards": 4}),
     "shard avg s8": ("shard aggregate", {"kind": "shard_agg", "shards": 8}),
     "shard avg s16": ("shard aggregate", {"kind": "shard_agg", "shards": 16}),

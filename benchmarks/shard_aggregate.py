@@ -1,6 +1,7 @@
 """Aggregate of shard LoRAs (subsample-and-aggregate; cf. DPAgg-TI, Peetathawatchai et al., SaTML 2026): a
-frontier lever of issue 23, measured by ``benchmarks/frontier.py`` (rows ``shard avg ...`` and ``dp agg ...``)
-and not moved into the library.
+frontier lever of issue 23, measured by ``benchmarks/frontier.py`` (rows ``shard avg ...``; the noise by this
+module's probe, RESULTS.md section ``shard_noise``) and not moved into the library: the averages leak and
+the noise drowns them.
 
 The members are dealt to ``S`` disjoint shards by their content (:func:`hash_shards`: a fixed function of each
 image, so adding or removing one member changes one shard only, and exact copies share a shard). One plain
