@@ -117,6 +117,11 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "robust flip t-feature": ("robust", {"kind": "robust", "flip": True, "tfeat": True}),
     "robust flip k2": ("robust", {"kind": "robust", "flip": True, "k_steps": 2}),
     "robust flip k5": ("robust", {"kind": "robust", "flip": True, "k_steps": 5}),
+    # issue 23: SMP with noise multiplicity in the privacy term (each privacy row's features the mean over 4 noise /
+    # timestep draws) and caption randomisation (each caption empty with probability 0.3, members and the defense's
+    # non-members alike), on `robust` + flip
+    "robust flip K4 cap0.3": ("robust", {"kind": "robust", "flip": True, "privacy_draws": 4,
+                                         "caption_dropout": 0.3}),
     "mp a0.05": ("mp", {"kind": "mp", "alpha": 0.05, "attacker_lr": 1e-3, "grid": 64}),
     "dp-sgd s0.5": ("dp-sgd", {"kind": "dpsgd", "noise": 0.5, "clip": 0.05}),
     "dp-sgd s1": ("dp-sgd", {"kind": "dpsgd", "noise": 1.0, "clip": 0.05}),
@@ -508,6 +513,9 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
     flip = bool(spec.pop("flip", False))
     if flip and kind not in ("plain", "smp", "mp", "robust", "dpsgd", "smp_dp", "distill", "shard_agg"):
         raise ConfigError(f"flip augmentation is not wired for row kind {kind!r}.")
+    levers = {k: spec.pop(k) for k in ("caption_dropout", "privacy_draws") if k in spec}
+    if levers and kind not in ("plain", "smp", "mp", "robust"):
+        raise ConfigError(f"caption_dropout / privacy_draws are wired for plain and SMP rows, not {kind!r}.")
     if "hidden" in spec:
         spec["hidden"] = tuple(spec["hidden"])
     plugins = [TimestepChannels(cfg.data.model_config.num_train_timesteps)] if spec.pop("tfeat", False) else None
@@ -549,7 +557,7 @@ def train_one(rc: Recipe, spec: Mapping[str, Any], members, defense, seed: int, 
             reg = PrivacyRegularizer(objective=kind, feature_grid=grid, seed=seed, plugins=plugins,
                                      load_entry_points=False, **spec)
         res = train_lora(model, members, steps=steps, lr=rc.lora_lr, batch_size=rc.batch_size, seed=seed, reg=reg,
-                         nonmembers=defense, name=kind, progress=False, flip=flip)
+                         nonmembers=defense, name=kind, progress=False, flip=flip, **levers)
         facts["final_loss"] = res.summary()["adaptation_loss_last"]
     facts["train_seconds"] = round(time.time() - t0, 1)
     model.requires_grad_(False)

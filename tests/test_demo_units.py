@@ -168,6 +168,45 @@ def test_shipped_assets_match_the_demo():
     assert acc > 0.9
 
 
+def test_caption_dropout_and_privacy_draws_change_only_their_own_draws():
+    from smplora_plugin import PrivacyConfig, PrivacyRegularizer
+    from smplora_plugin.demo.train import train_lora
+    from smplora_plugin.errors import ConfigError
+
+    sp = make_splits(SIZES, seed=0)
+    members, defense = sp["member"], sp["nonmember_defense"]
+
+    def trained(smp=False, **levers):
+        m = TinyLDM(TinyLDMConfig(), seed=0)
+        m.add_lora(4, seed=1)
+        reg = PrivacyRegularizer(PrivacyConfig.preset("robust", feature_grid=2, seed=0),
+                                 load_entry_points=False) if smp else None
+        res = train_lora(m, members, steps=3, lr=1e-2, batch_size=4, seed=0, progress=False, reg=reg,
+                         nonmembers=defense, **levers)
+        return m.lora_state_dict(), res
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    base, res0 = trained()
+    # the defaults are the original path, draw for draw; dropout 0 draws no coin
+    assert same(base, trained(caption_dropout=0.0)[0])
+    dropped, res1 = trained(caption_dropout=0.5)
+    assert not same(base, dropped)
+    assert res1.losses[0] != res0.losses[0]  # the first step's members already see empty captions
+    smp, _ = trained(smp=True)
+    assert same(smp, trained(smp=True, privacy_draws=1)[0])
+    averaged, res_k = trained(smp=True, privacy_draws=3)
+    assert not same(smp, averaged)
+    assert res_k.losses[0] == pytest.approx(trained(smp=True)[1].losses[0])  # the adaptation loss is its own draw
+    for bad, match in (({"caption_dropout": 1.0}, "probability"), ({"caption_dropout": True}, "probability"),
+                       ({"privacy_draws": 0}, "whole number"), ({"privacy_draws": 2.0}, "whole number")):
+        with pytest.raises(ConfigError, match=match):
+            trained(smp=True, **bad)
+    with pytest.raises(ConfigError, match="needs reg="):
+        trained(privacy_draws=2)
+
+
 def test_flip_augmentation_mirrors_members_and_keeps_the_other_draws():
     from smplora_plugin.demo.data import DigitSet
     from smplora_plugin.demo.train import train_lora

@@ -195,6 +195,14 @@ def test_flip_rows_train_with_mirrored_members(fr):
     assert fr.row_spec("robust flip") == {"kind": "robust", "flip": True}
 
 
+def test_multiplicity_and_caption_rows_pass_their_levers_to_the_lora_loop(fr):
+    assert fr.row_spec("robust flip K4 cap0.3") == {"kind": "robust", "flip": True, "privacy_draws": 4,
+                                                    "caption_dropout": 0.3}
+    msg = _two_rows_differ(fr, "robust flip", "robust flip K4 cap0.3",
+                           refused={"kind": "dpsgd", "noise": 0.3, "clip": 0.05, "caption_dropout": 0.3})
+    assert "caption_dropout" in msg
+
+
 def test_timestep_features_add_t_channels_and_train(fr):
     from smplora_plugin import PrivacyConfig, PrivacyRegularizer
 
