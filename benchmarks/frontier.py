@@ -119,9 +119,10 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "robust flip k5": ("robust", {"kind": "robust", "flip": True, "k_steps": 5}),
     # issue 23: SMP with noise multiplicity in the privacy term (each privacy row's features the mean over 4 noise /
     # timestep draws) and caption randomisation (each caption empty with probability 0.3, members and the defense's
-    # non-members alike), on `robust` + flip
+    # non-members alike), on `robust` + flip; and the multiplicity alone
     "robust flip K4 cap0.3": ("robust", {"kind": "robust", "flip": True, "privacy_draws": 4,
                                          "caption_dropout": 0.3}),
+    "robust flip K4": ("robust", {"kind": "robust", "flip": True, "privacy_draws": 4}),
     "mp a0.05": ("mp", {"kind": "mp", "alpha": 0.05, "attacker_lr": 1e-3, "grid": 64}),
     "dp-sgd s0.5": ("dp-sgd", {"kind": "dpsgd", "noise": 0.5, "clip": 0.05}),
     "dp-sgd s1": ("dp-sgd", {"kind": "dpsgd", "noise": 1.0, "clip": 0.05}),
